@@ -1,0 +1,304 @@
+"""Settings of one CVFP run: model shape, the two training phases and the engine.
+
+Every default is the reference value of ``shared/reference/cvfp.md``. These dataclasses are
+pure data (no torch, no Optuna, no Ray): a space file, a search parameter or a ``key=value``
+override sets their fields by name, and :func:`run_config_from_dict` reports every problem
+at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from archsearch.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 6
+    """L: layers of the ContextBlock and of the TokenBlock."""
+    context_dim: int = 768
+    """C: width of the context vector."""
+    num_input_tokens: int = 1
+    """k: how many recent tokens make the token vector (width E*k)."""
+    init_std: float = 0.1
+    """Standard deviation of the normal init of every Linear weight."""
+    init_bias_std: float = 0.01
+    """Standard deviation of the normal init of every Linear bias."""
+    layernorm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (embed_norm, context and token layers)."""
+
+
+@dataclass
+class Phase1Config:
+    lr: float = 0.002
+    """Adam learning rate of the ContextBlock."""
+    noise_std: float = 0.1
+    """Gaussian noise added to every input context."""
+    dist_reg_weight: float = 0.8
+    """w: weight of the diversity term; the fixed-point (MSE) term gets 1 - w."""
+    batch_size: int = 8000
+    """Consecutive positions per batch (gradients accumulate over all batches)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip before the single optimiser step of an iteration."""
+    max_iterations: int = 40
+    """Upper bound on fixed-point iterations (iteration 1 trains nothing)."""
+    min_iterations: int = 5
+    """No convergence stop before this iteration."""
+    convergence_threshold: float = 0.03
+    """A position has converged when mean((out - prev)^2) over dims is below this."""
+    min_converged_fraction: float = 0.99
+    """Stop once this fraction of positions has converged."""
+    init_context_std: float = 0.01
+    """Scale of the random contexts of iteration 1."""
+
+
+@dataclass
+class Phase2Config:
+    lr: float = 0.001
+    """Adam learning rate of the TokenBlock."""
+    batch_size: int = 4096
+    """Consecutive positions per step, in stream order (not shuffled)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip of every step."""
+    max_epochs: int = 10
+    """Upper bound on epochs."""
+    patience: int = 1
+    """Stop after this many epochs without a lower validation loss."""
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@dataclass
+class EngineConfig:
+    precision: str = "fp32"
+    """fp32 | tf32 (TF32 matmuls) | bf16 (bf16 autocast, fp32 master weights and losses).
+    What is computed is the same; only the arithmetic of the matrix products changes."""
+    er_max_rows: int = 10_000
+    """Effective rank uses at most this many random rows of a context matrix."""
+    phase1_chunk_batches: int = 8
+    """Phase-1 batches evaluated together in one forward/backward (speed only: the loss is
+    still defined per batch of ``phase1.batch_size``)."""
+    eval_batch_size: int = 4096
+    """Positions per evaluation step (speed and memory only)."""
+    val_graph: bool = True
+    """Replay the recurrent validation step as a CUDA graph on GPUs (speed only)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides what one run computes, but the data, size and seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """Stable hash of everything that changes the computed numbers (run-cache key part).
+
+        Engine fields that only change speed (chunking, graphs, eval batch) are left out."""
+        d = self.to_dict()
+        d["engine"] = {"precision": self.engine.precision, "er_max_rows": self.engine.er_max_rows}
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def replace(self, **dotted: Any) -> "RunConfig":
+        """A copy with fields set by dotted name (``num_layers`` or ``phase1.lr``)."""
+        d = self.to_dict()
+        for name, value in dotted.items():
+            section, key = resolve_field(name)
+            d[section][key] = value
+        return run_config_from_dict(d)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "phase1": Phase1Config,
+    "phase2": Phase2Config,
+    "engine": EngineConfig,
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def resolve_field(name: str) -> tuple[str, str]:
+    """``num_layers`` / ``model.num_layers`` -> ("model", "num_layers"); ``phase1.lr`` -> ...
+
+    Bare names are allowed for model fields only (they are what a search usually varies)."""
+    if "." in name:
+        section, _, key = name.partition(".")
+        if section not in SECTIONS:
+            raise KeyError(f"unknown section {section!r} in {name!r} (one of {', '.join(SECTIONS)})")
+        if key not in _field_types(SECTIONS[section]):
+            raise KeyError(f"unknown field {key!r} in {section!r} (fields: {', '.join(_field_types(SECTIONS[section]))})")
+        return section, key
+    if name in _field_types(ModelConfig):
+        return "model", name
+    raise KeyError(
+        f"unknown field {name!r}: model fields are {', '.join(_field_types(ModelConfig))}; "
+        "training fields are written with their section, e.g. phase1.lr"
+    )
+
+
+def canonical_name(name: str) -> str:
+    """The name a searched field carries in a study: bare for model fields, dotted otherwise."""
+    section, key = resolve_field(name)
+    return key if section == "model" else f"{section}.{key}"
+
+
+def _check_type(where: str, value: Any, typ: str, problems: list[str]) -> Any:
+    """Coerce ``value`` to ``typ`` (int | float | str | bool) or record a problem."""
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return None
+    if typ == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+            return None
+        return int(value)
+    if typ == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return None
+        return float(value)
+    if typ == "str":
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+            return None
+        return value
+    raise AssertionError(typ)
+
+
+# (lower bound, strict?) for each numeric field; None = no bound.
+_BOUNDS: dict[str, tuple[float, bool]] = {
+    "model.num_layers": (1, False),
+    "model.context_dim": (1, False),
+    "model.num_input_tokens": (1, False),
+    "model.init_std": (0, False),
+    "model.init_bias_std": (0, False),
+    "model.layernorm_eps": (0, True),
+    "phase1.lr": (0, True),
+    "phase1.noise_std": (0, False),
+    "phase1.batch_size": (1, False),
+    "phase1.grad_clip": (0, True),
+    "phase1.max_iterations": (1, False),
+    "phase1.min_iterations": (1, False),
+    "phase1.convergence_threshold": (0, True),
+    "phase1.init_context_std": (0, False),
+    "phase2.lr": (0, True),
+    "phase2.batch_size": (1, False),
+    "phase2.grad_clip": (0, True),
+    "phase2.max_epochs": (1, False),
+    "phase2.patience": (1, False),
+    "engine.er_max_rows": (1, False),
+    "engine.phase1_chunk_batches": (1, False),
+    "engine.eval_batch_size": (1, False),
+}
+
+
+def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig:
+    """Build a RunConfig from ``{"model": {...}, "phase1": {...}, ...}`` (missing = default).
+
+    Raises one ConfigError listing every unknown key, wrong type and out-of-range value."""
+    problems: list[str] = []
+    d = d or {}
+    prefix = f"{where}." if where else ""
+    built: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        raw = d.get(section) or {}
+        if not isinstance(raw, dict):
+            problems.append(f"{prefix}{section}: expected a mapping of fields, got {raw!r}")
+            raw = {}
+        types = _field_types(cls)
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            loc = f"{prefix}{section}.{key}"
+            if key not in types:
+                problems.append(f"{loc}: unknown field (fields of {section}: {', '.join(types)})")
+                continue
+            typ = types[key]
+            v = _check_type(loc, value, typ, problems)
+            if v is None:
+                continue
+            bound = _BOUNDS.get(f"{section}.{key}")
+            if bound is not None:
+                low, strict = bound
+                if (strict and not v > low) or (not strict and not v >= low):
+                    problems.append(f"{loc}: must be {'>' if strict else '>='} {low:g}, got {value!r}")
+                    continue
+            values[key] = v
+        try:
+            built[section] = cls(**values)
+        except TypeError as e:  # pragma: no cover - guarded above
+            problems.append(f"{prefix}{section}: {e}")
+    for key in d:
+        if key not in SECTIONS:
+            problems.append(f"{prefix}{key}: unknown section (one of {', '.join(SECTIONS)})")
+    if not problems:
+        cfg = RunConfig(**built)
+        problems.extend(_cross_checks(cfg, prefix))
+        if not problems:
+            return cfg
+    raise ConfigError(problems)
+
+
+def _cross_checks(cfg: RunConfig, prefix: str) -> list[str]:
+    problems = []
+    p1, e = cfg.phase1, cfg.engine
+    if not 0.0 <= p1.dist_reg_weight <= 1.0:
+        problems.append(f"{prefix}phase1.dist_reg_weight: must lie in [0, 1], got {p1.dist_reg_weight}")
+    if not 0.0 < p1.min_converged_fraction <= 1.0:
+        problems.append(f"{prefix}phase1.min_converged_fraction: must lie in (0, 1], got {p1.min_converged_fraction}")
+    if p1.min_iterations > p1.max_iterations:
+        problems.append(
+            f"{prefix}phase1.min_iterations: {p1.min_iterations} is above phase1.max_iterations ({p1.max_iterations})"
+        )
+    if e.precision not in PRECISIONS:
+        problems.append(f"{prefix}engine.precision: must be one of {', '.join(PRECISIONS)}, got {e.precision!r}")
+    return problems
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+
+def token_widths(embed_dim: int, num_input_tokens: int, num_layers: int) -> list[int]:
+    """d_i = E*k - ((E*k - E) * i) // L for i = 0..L: the TokenBlock's widths, shrinking to E."""
+    ek = embed_dim * num_input_tokens
+    return [ek - ((ek - embed_dim) * i) // num_layers for i in range(num_layers + 1)]
+
+
+def phase1_params(model: ModelConfig, embed_dim: int) -> int:
+    """Trainable parameters of the ContextBlock (the report's "Phase1 Params")."""
+    c, ek = model.context_dim, embed_dim * model.num_input_tokens
+    return model.num_layers * ((c + ek) * c + c + 2 * c)
+
+
+def phase2_params(model: ModelConfig, embed_dim: int) -> int:
+    """Trainable parameters of the TokenBlock (the tied head is frozen and not counted)."""
+    c = model.context_dim
+    widths = token_widths(embed_dim, model.num_input_tokens, model.num_layers)
+    total = 0
+    for d_in, d_out in zip(widths[:-1], widths[1:]):
+        total += (c + d_in) * d_out + d_out  # delta Linear
+        if d_in != d_out:
+            total += d_in * d_out + d_out  # residual projection
+        total += 2 * d_out  # LayerNorm
+    return total
+
+
+def param_counts(model: ModelConfig, embed_dim: int) -> dict[str, int]:
+    p1, p2 = phase1_params(model, embed_dim), phase2_params(model, embed_dim)
+    return {"phase1_params": p1, "phase2_params": p2, "total_params": p1 + p2}

@@ -1,0 +1,386 @@
+"""One CVFP run: phase 1, the phase-2 context caches, phase 2 and the metrics (cvfp.md 4-7).
+
+Pure PyTorch. All data stays on the run's device; token windows are gathered by indexing,
+phase-1 batches are evaluated several at a time, and only the recurrent validation pass
+loops over positions (its token half of every layer is computed for all positions at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from archsearch.config import RunConfig, param_counts
+from archsearch.cvfp.metrics import effective_rank
+from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding, init_parameters
+from archsearch.errors import NonFiniteLoss
+
+Progress = Callable[..., None]
+
+
+def _noop(*_: Any, **__: Any) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device):
+    """fp32: plain float32. tf32: float32 tensors, TF32 matrix units. bf16: autocast."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32":
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+    else:
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- phase 1
+
+
+@dataclass
+class Phase1Result:
+    contexts: torch.Tensor
+    """(N, C) final training contexts: the last ``prev``."""
+    iterations: int
+    convergence_rate: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _phase1_batch_losses(out: torch.Tensor, target: torch.Tensor, batch: int, w: float) -> torch.Tensor:
+    """Per-batch losses of ``out``/``target`` (n, C), n a multiple of ``batch`` or one partial
+    batch: (1 - w) * MSE(out, prev) + w * (-||out - mean(out)||_F / batch_len)."""
+    n, c = out.shape
+    nb = max(1, n // batch) if n % batch == 0 else 1
+    o = out.float().view(nb, n // nb, c)  # (nb, b, C)
+    t = target.float().view(nb, n // nb, c)
+    cvfp = (o - t).pow(2).mean(dim=(1, 2))  # (nb,)
+    div = -torch.linalg.vector_norm(o - o.mean(dim=1, keepdim=True), dim=(1, 2)) / o.shape[1]  # (nb,)
+    return (1.0 - w) * cvfp + w * div, cvfp, div
+
+
+def train_phase1(
+    block: ContextBlock,
+    emb: TokenEmbedding,
+    windows: torch.Tensor,
+    cfg: RunConfig,
+    generator: torch.Generator,
+    progress: Progress = _noop,
+) -> Phase1Result:
+    """Fixed-point training of the ContextBlock over the training stream (cvfp.md 4)."""
+    p1, eng = cfg.phase1, cfg.engine
+    device = windows.device
+    N, C, B = windows.shape[0], block.context_dim, p1.batch_size
+    num_batches = math.ceil(N / B)
+    # chunks of whole batches evaluated together, then the partial last batch alone
+    chunk = B * eng.phase1_chunk_batches
+    full_end = (N // B) * B
+    spans = [(s, min(s + chunk, full_end)) for s in range(0, full_end, chunk)]
+    if full_end < N:
+        spans.append((full_end, N))
+
+    opt = torch.optim.Adam(block.parameters(), lr=p1.lr)
+    prev = torch.randn(N, C, generator=generator, device=device) * p1.init_context_std  # (N, C)
+    history = [{"iteration": 1, "loss": math.nan, "cvfp": math.nan, "diversity": math.nan, "convergence_rate": 0.0}]
+    rate, iteration = 0.0, 1
+    progress("phase1", iteration=1, max_iterations=p1.max_iterations, convergence_rate=0.0)
+    for iteration in range(2, p1.max_iterations + 1):
+        noise = torch.randn(N, C, generator=generator, device=device) * p1.noise_std
+        inputs = torch.roll(prev, shifts=1, dims=0) + noise  # position i reads prev[i-1]; 0 reads prev[N-1]
+        out_all = torch.empty_like(prev)
+        opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, device=device)  # loss, cvfp, diversity summed over finite batches
+        for s, e in spans:
+            sums += _phase1_span(block, emb, windows, inputs, prev, out_all, s, e, B, p1.dist_reg_weight, num_batches, cfg)
+        torch.nn.utils.clip_grad_norm_(block.parameters(), p1.grad_clip)
+        opt.step()
+        rate = float(((out_all - prev).pow(2).mean(dim=1) < p1.convergence_threshold).float().mean())
+        prev = out_all
+        loss, cvfp, div = (sums / num_batches).tolist()
+        history.append({"iteration": iteration, "loss": loss, "cvfp": cvfp, "diversity": div, "convergence_rate": rate})
+        progress("phase1", iteration=iteration, max_iterations=p1.max_iterations, convergence_rate=rate, loss=loss)
+        if iteration >= p1.min_iterations and rate >= p1.min_converged_fraction:
+            break
+    if not torch.isfinite(prev).all():
+        raise NonFiniteLoss(f"phase 1: contexts became NaN/Inf by iteration {iteration}")
+    return Phase1Result(prev, iteration, rate, history)
+
+
+def _phase1_span(block, emb, windows, inputs, prev, out_all, s, e, B, w, num_batches, cfg) -> torch.Tensor:
+    """Forward/backward of positions s..e (whole batches, or the last partial one).
+
+    Returns the summed (loss, cvfp, diversity) of its finite batches. A batch whose loss is
+    NaN/Inf is skipped (cvfp.md 4); then the span is redone batch by batch so that the bad
+    batch's activations cannot leak NaN into the accumulated gradients."""
+    device = windows.device
+    with precision_scope(cfg.engine.precision, device):
+        out = block(inputs[s:e], emb.vectors(windows[s:e]))  # (n, C)
+    losses, cvfp, div = _phase1_batch_losses(out, prev[s:e], B, w)
+    finite = torch.isfinite(losses)
+    if len(losses) == 1 or bool(finite.all()):
+        if bool(finite.all()):
+            (losses.sum() / num_batches).backward()
+            out_all[s:e] = out.detach()
+            return torch.stack([losses.sum(), cvfp.sum(), div.sum()]).detach()
+        out_all[s:e] = out.detach()
+        return torch.zeros(3, device=device)
+    total = torch.zeros(3, device=device)
+    for bs in range(s, e, B):
+        total += _phase1_span(block, emb, windows, inputs, prev, out_all, bs, bs + B, B, w, num_batches, cfg)
+    return total
+
+
+# --------------------------------------------------------------------------- contexts for phase 2
+
+
+@torch.no_grad()
+def train_context_cache(
+    block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, contexts: torch.Tensor, cfg: RunConfig
+) -> torch.Tensor:
+    """(L, N-1, C) layer outputs for positions 0..N-2 in one parallel, noise-free pass:
+    position 0 reads a zero context, position t the final phase-1 context of t-1."""
+    N, C = contexts.shape
+    L = len(block.layers)
+    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+    inputs = torch.cat([contexts.new_zeros(1, C), contexts[: N - 2]])  # (N-1, C)
+    cache = torch.empty(L, N - 1, C, device=contexts.device, dtype=dtype)
+    step = cfg.engine.eval_batch_size * 4
+    with precision_scope(cfg.engine.precision, contexts.device):
+        for s in range(0, N - 1, step):
+            e = min(s + step, N - 1)
+            outs = block(inputs[s:e], emb.vectors(windows[s:e]), return_all=True)
+            for i, o in enumerate(outs):
+                cache[i, s:e] = o
+    return cache
+
+
+@torch.no_grad()
+def val_context_cache(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """(L, M-1, C) layer outputs of the truly recurrent validation pass over positions 0..M-2:
+    the context starts at zero and each step's last-layer output is the next step's context."""
+    from archsearch.cvfp.recurrent import recurrent_pass
+
+    return recurrent_pass(block, emb, windows[:-1], cfg)
+
+
+# --------------------------------------------------------------------------- phase 2
+
+
+@dataclass
+class Phase2Result:
+    best_epoch: int
+    stopped_epoch: int
+    val_loss: float
+    val_ppl: float
+    val_acc: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(
+    tblock: TokenBlock, emb: TokenEmbedding, windows: torch.Tensor, targets: torch.Tensor, cache: torch.Tensor, cfg: RunConfig
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (argmax == target) over every position."""
+    n = targets.shape[0]
+    ce_sum = torch.zeros((), device=targets.device, dtype=torch.float64)
+    correct = torch.zeros((), device=targets.device, dtype=torch.int64)
+    B = cfg.engine.eval_batch_size
+    with precision_scope(cfg.engine.precision, targets.device):
+        for s in range(0, n, B):
+            e = min(s + B, n)
+            logits = emb.logits(tblock(cache[:, s:e], emb.vectors(windows[s:e])))  # (b, V)
+            ce_sum += F.cross_entropy(logits.float(), targets[s:e], reduction="sum").double()
+            correct += (logits.argmax(dim=-1) == targets[s:e]).sum()
+    return float(ce_sum) / n, int(correct) / n
+
+
+def train_phase2(
+    tblock: TokenBlock,
+    emb: TokenEmbedding,
+    train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cfg: RunConfig,
+    progress: Progress = _noop,
+) -> Phase2Result:
+    """Next-token training of the TokenBlock with early stopping on validation loss (cvfp.md 7).
+
+    ``train``/``val``: (windows (n, k), targets (n,), context cache (L, n, C))."""
+    p2 = cfg.phase2
+    windows, targets, cache = train
+    n = targets.shape[0]
+    device = targets.device
+    opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr)
+    best = Phase2Result(0, 0, math.inf, math.inf, 0.0)
+    history: list[dict[str, float]] = []
+    bad_epochs, epoch = 0, 0
+    for epoch in range(1, p2.max_epochs + 1):
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for s in range(0, n, p2.batch_size):
+            e = min(s + p2.batch_size, n)
+            with precision_scope(cfg.engine.precision, device):
+                logits = emb.logits(tblock(cache[:, s:e], emb.vectors(windows[s:e])))  # (b, V)
+            loss = F.cross_entropy(logits.float(), targets[s:e])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tblock.parameters(), p2.grad_clip)
+            opt.step()
+            loss_sum += loss.detach().double() * (e - s)
+        train_loss = float(loss_sum) / n
+        val_loss, val_acc = evaluate(tblock, emb, *val, cfg)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise NonFiniteLoss(f"phase 2: loss became NaN/Inf in epoch {epoch} (train {train_loss}, validation {val_loss})")
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_acc": val_acc})
+        progress("phase2", epoch=epoch, max_epochs=p2.max_epochs, val_ppl=math.exp(val_loss), val_acc=val_acc)
+        if val_loss < best.val_loss:
+            best = Phase2Result(epoch, epoch, val_loss, math.exp(val_loss), val_acc)
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= p2.patience:
+                break
+    best.stopped_epoch = epoch
+    best.history = history
+    return best
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def train_run(
+    cfg: RunConfig,
+    embedding: torch.Tensor,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    seed: int,
+    device: str | torch.device = "cpu",
+    progress: Progress = _noop,
+    keep_tensors: bool = False,
+) -> dict[str, Any]:
+    """Train one architecture on one training stream and return its metrics (cvfp.md 4-7).
+
+    ``embedding`` (V, E) is the frozen pretrained matrix; ``train_ids`` (N,) and ``val_ids``
+    (M,) are token-id streams. Deterministic for a given seed on a given device.
+    ``keep_tensors`` adds the final contexts and both caches under "tensors" (for tests)."""
+    device = torch.device(device)
+    N, M = int(train_ids.shape[0]), int(val_ids.shape[0])
+    if N < 3 or M < 2:
+        raise ValueError(f"a run needs at least 3 training and 2 validation tokens, got {N} and {M}")
+    seed_everything(seed)
+    m = cfg.model
+    E = int(embedding.shape[1])
+    t_start = time.perf_counter()
+
+    emb = TokenEmbedding(embedding, m.num_input_tokens, m.layernorm_eps).to(device)
+    g_init = torch.Generator().manual_seed(seed)
+    cblock, tblock = ContextBlock(m, E), TokenBlock(m, E)
+    init_parameters(cblock, m, g_init)
+    init_parameters(tblock, m, g_init)
+    cblock.to(device), tblock.to(device)
+    g_run = torch.Generator(device=device).manual_seed(seed)
+    g_er = torch.Generator().manual_seed(seed)
+
+    train_ids = train_ids.to(device=device, dtype=torch.long)
+    val_ids = val_ids.to(device=device, dtype=torch.long)
+    train_win, val_win = emb.windows(train_ids), emb.windows(val_ids)  # (N, k), (M, k)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    p1 = train_phase1(cblock, emb, train_win, cfg, g_run, progress)
+    _sync(device)
+    t1 = time.perf_counter()
+
+    cblock.requires_grad_(False)
+    progress("contexts")
+    train_cache = train_context_cache(cblock, emb, train_win, p1.contexts, cfg)  # (L, N-1, C)
+    _sync(device)
+    t_val = time.perf_counter()
+    val_cache = val_context_cache(cblock, emb, val_win, cfg)  # (L, M-1, C)
+    _sync(device)
+    t2 = time.perf_counter()
+    train_er = effective_rank(p1.contexts, cfg.engine.er_max_rows, g_er)
+    val_er = effective_rank(val_cache[-1], cfg.engine.er_max_rows, g_er)
+    tensors = {"contexts": p1.contexts, "train_cache": train_cache, "val_cache": val_cache} if keep_tensors else None
+    del p1.contexts
+
+    p2 = train_phase2(
+        tblock,
+        emb,
+        (train_win[:-1], train_ids[1:], train_cache),
+        (val_win[:-1], val_ids[1:], val_cache),
+        cfg,
+        progress,
+    )
+    _sync(device)
+    t3 = time.perf_counter()
+
+    p1_secs, cache_secs, p2_secs = t1 - t0, t2 - t1, t3 - t2
+    counts = param_counts(m, E)
+    result = {
+        "train_tokens": N,
+        "val_tokens": M,
+        "val_ppl": p2.val_ppl,
+        "val_loss": p2.val_loss,
+        "val_acc": p2.val_acc,
+        "train_er": train_er,
+        "val_er": val_er,
+        "phase1_iterations": p1.iterations,
+        "phase1_convergence_rate": p1.convergence_rate,
+        "phase2_best_epoch": p2.best_epoch,
+        "phase2_stopped_epoch": p2.stopped_epoch,
+        "phase1_seconds": p1_secs,
+        "phase1_tokens_per_s": N * (p1.iterations - 1) / p1_secs if p1_secs > 0 else math.nan,
+        "contexts_seconds": cache_secs,
+        "val_step_us": (t2 - t_val) / (M - 1) * 1e6,
+        "phase2_seconds": p2_secs,
+        "phase2_tokens_per_s": (N - 1 + M - 1) * p2.stopped_epoch / p2_secs if p2_secs > 0 else math.nan,
+        "seconds": time.perf_counter() - t_start,
+        **counts,
+        "embed_dim": E,
+        "vocab_size": int(embedding.shape[0]),
+        "device": device_name(device),
+        "precision": cfg.engine.precision,
+        "seed": seed,
+        "phase1_history": p1.history,
+        "phase2_history": p2.history,
+    }
+    if tensors is not None:
+        result["tensors"] = tensors
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type

@@ -1,0 +1,122 @@
+"""The CVFP model (shared/reference/cvfp.md sections 1-3), as small nn.Modules.
+
+Shapes: B positions in a batch, C context width, E embedding width, k input tokens,
+L layers, V vocabulary. Every Linear is initialised N(0, init_std) (weights) and
+N(0, init_bias_std) (biases) from one explicit generator, in module order, so the slow
+reference implementation (reference.py) can draw the same parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archsearch.config import ModelConfig, token_widths
+
+
+class TokenEmbedding(nn.Module):
+    """The frozen pretrained embedding W (V, E): token vectors in, tied-head logits out."""
+
+    def __init__(self, weight: torch.Tensor, num_input_tokens: int, eps: float = 1e-5):
+        super().__init__()
+        V, E = weight.shape
+        self.vocab_size, self.embed_dim, self.k = V, E, num_input_tokens
+        self.register_buffer("weight", weight.detach().float(), persistent=False)  # (V, E)
+        # embed_norm is a LayerNorm(E) at its initial state (weight 1, bias 0) and is never
+        # trained, so LN(W) is a fixed table; row V is the zero vector of "before the stream".
+        normed = F.layer_norm(self.weight, (E,), eps=eps)
+        self.register_buffer("normed", torch.cat([normed, normed.new_zeros(1, E)]), persistent=False)  # (V+1, E)
+
+    def windows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N,) token ids -> (N, k) ids of tokens t-k+1 .. t, oldest first; V before the start."""
+        pad = ids.new_full((self.k - 1,), self.vocab_size)
+        return torch.cat([pad, ids]).unfold(0, self.k, 1)  # (N, k)
+
+    def vectors(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, k) window ids -> (B, E*k) concatenated normalised embeddings."""
+        return self.normed[windows].flatten(1)  # (B, k, E) -> (B, E*k)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, E) -> (B, V): the tied, frozen, bias-free output head."""
+        return h @ self.weight.to(h.dtype).T
+
+
+class ContextLayer(nn.Module):
+    """(context[C], token_vector[E*k]) -> context[C]: LN(context + ReLU(Linear(concat)))."""
+
+    def __init__(self, context_dim: int, token_dim: int, eps: float):
+        super().__init__()
+        self.fc = nn.Linear(context_dim + token_dim, context_dim)
+        self.norm = nn.LayerNorm(context_dim, eps=eps)
+
+    def forward(self, context: torch.Tensor, token_vec: torch.Tensor) -> torch.Tensor:
+        delta = F.relu(self.fc(torch.cat([context, token_vec], dim=-1)))  # (B, C)
+        return self.norm(context + delta)  # (B, C)
+
+
+class ContextBlock(nn.Module):
+    """L ContextLayers; every layer sees the same token vector."""
+
+    def __init__(self, cfg: ModelConfig, embed_dim: int):
+        super().__init__()
+        token_dim = embed_dim * cfg.num_input_tokens
+        self.context_dim = cfg.context_dim
+        self.layers = nn.ModuleList(
+            ContextLayer(cfg.context_dim, token_dim, cfg.layernorm_eps) for _ in range(cfg.num_layers)
+        )
+
+    def forward(self, context: torch.Tensor, token_vec: torch.Tensor, return_all: bool = False):
+        """(B, C), (B, E*k) -> (B, C), or the list of the L layer outputs with return_all."""
+        outs = []
+        for layer in self.layers:
+            context = layer(context, token_vec)  # (B, C)
+            outs.append(context)
+        return outs if return_all else context
+
+
+class TokenLayer(nn.Module):
+    """(context_i[C], token[d_in]) -> token[d_out], with a projected residual when widths differ."""
+
+    def __init__(self, context_dim: int, d_in: int, d_out: int, eps: float):
+        super().__init__()
+        self.fc = nn.Linear(context_dim + d_in, d_out)
+        self.proj = nn.Linear(d_in, d_out) if d_in != d_out else None
+        self.norm = nn.LayerNorm(d_out, eps=eps)
+
+    def forward(self, context: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        delta = F.relu(self.fc(torch.cat([context, token], dim=-1)))  # (B, d_out)
+        residual = token if self.proj is None else self.proj(token)  # (B, d_out)
+        return self.norm(residual + delta)  # (B, d_out)
+
+
+class TokenBlock(nn.Module):
+    """L TokenLayers; layer i reads ContextBlock layer i's output; widths shrink E*k -> E."""
+
+    def __init__(self, cfg: ModelConfig, embed_dim: int):
+        super().__init__()
+        widths = token_widths(embed_dim, cfg.num_input_tokens, cfg.num_layers)
+        self.layers = nn.ModuleList(
+            TokenLayer(cfg.context_dim, d_in, d_out, cfg.layernorm_eps) for d_in, d_out in zip(widths[:-1], widths[1:])
+        )
+
+    def forward(self, contexts: torch.Tensor, token_vec: torch.Tensor) -> torch.Tensor:
+        """(L, B, C) per-layer contexts, (B, E*k) -> (B, E)."""
+        h = token_vec
+        for layer, context in zip(self.layers, contexts):
+            h = layer(context, h)  # (B, d_{i+1})
+        return h
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, cfg: ModelConfig, generator: torch.Generator) -> None:
+    """N(0, init_std) weights and N(0, init_bias_std) biases for every Linear, in module order;
+    LayerNorms at weight 1, bias 0. Draws on ``generator`` (a CPU generator)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.copy_(torch.empty(m.weight.shape).normal_(0.0, cfg.init_std, generator=generator))
+            if m.bias is not None:
+                m.bias.copy_(torch.empty(m.bias.shape).normal_(0.0, cfg.init_bias_std, generator=generator))
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,93 @@
+"""The truly recurrent validation pass (cvfp.md 5): inherently sequential, so it is latency.
+
+Each ContextLayer is ``LN(c + ReLU(W_c c + W_t x + b))``. The token half ``W_t x + b`` does
+not depend on the recurrence, so it is computed for every position in one batched product;
+the sequential loop then does, per step and layer, one (C x C) matrix-vector product, the
+residual and the LayerNorm. On CUDA the loop is captured once as a graph of ``GRAPH_STEPS``
+steps and replayed, which removes the per-kernel launch cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from archsearch.config import RunConfig
+from archsearch.cvfp.model import ContextBlock, TokenEmbedding
+
+GRAPH_STEPS = 64
+
+
+def _token_half(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, batch: int) -> torch.Tensor:
+    """(L, T, C): W_t x_t + b for every layer and position, in float32."""
+    C = block.context_dim
+    T = windows.shape[0]
+    out = torch.empty(len(block.layers), T, C, device=windows.device)
+    for s in range(0, T, batch):
+        x = emb.vectors(windows[s : s + batch])  # (b, E*k)
+        for i, layer in enumerate(block.layers):
+            out[i, s : s + batch] = F.linear(x, layer.fc.weight[:, C:], layer.fc.bias)
+    return out
+
+
+def _steps(ctx, P, Wc, norms, out, eps):
+    """Advance the recurrence over P.shape[1] steps. ctx (C,) is updated in place."""
+    for t in range(P.shape[1]):
+        c = ctx
+        for i, (w, (g, b)) in enumerate(zip(Wc, norms)):
+            h = torch.addmv(P[i, t], w, c)  # (C,) = W_c c + (W_t x + b)
+            c = F.layer_norm(c + torch.relu(h), (c.shape[0],), g, b, eps)
+            out[i, t] = c
+        ctx.copy_(c)
+
+
+@torch.no_grad()
+def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """(L, T, C) layer outputs for T positions, the context starting at zero, in float32."""
+    C = block.context_dim
+    T = windows.shape[0]
+    device = windows.device
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        P = _token_half(block, emb, windows, cfg.engine.eval_batch_size)  # (L, T, C)
+        Wc = [layer.fc.weight[:, :C].contiguous() for layer in block.layers]  # (C, C) each
+        norms = [(layer.norm.weight, layer.norm.bias) for layer in block.layers]
+        eps = block.layers[0].norm.eps
+        out = torch.empty_like(P)
+        ctx = torch.zeros(C, device=device)
+        if device.type == "cuda" and cfg.engine.val_graph and T >= GRAPH_STEPS:
+            _graph_pass(ctx, P, Wc, norms, out, eps)
+        else:
+            _steps(ctx, P, Wc, norms, out, eps)
+        return out
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _graph_pass(ctx, P, Wc, norms, out, eps) -> None:
+    """Replay one captured graph of GRAPH_STEPS steps; the tail runs eagerly."""
+    L, T, C = P.shape
+    S = GRAPH_STEPS
+    static_P = torch.empty(L, S, C, device=P.device)
+    static_out = torch.empty(L, S, C, device=P.device)
+    static_ctx = ctx.clone()
+    static_P.copy_(P[:, :S])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture, as CUDA graphs require
+        warm = static_ctx.clone()
+        _steps(warm, static_P, Wc, norms, static_out, eps)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _steps(static_ctx, static_P, Wc, norms, static_out, eps)
+    full = (T // S) * S
+    static_ctx.copy_(ctx)
+    for s in range(0, full, S):
+        static_P.copy_(P[:, s : s + S])
+        graph.replay()
+        out[:, s : s + S].copy_(static_out)
+    ctx.copy_(static_ctx)
+    if full < T:
+        _steps(ctx, P[:, full:], Wc, norms, out[:, full:], eps)
