@@ -122,9 +122,9 @@ class Reference:
                 cvfp = ((out - prev[idx]) ** 2).mean()
                 div = -torch.sqrt(((out - out.mean(0, keepdim=True)) ** 2).sum()) / len(idx)
                 loss = (1 - p1.dist_reg_weight) * cvfp + p1.dist_reg_weight * div
-                if math.isfinite(float(loss)):
+                if math.isfinite(float(loss.detach())):
                     (loss / num_batches).backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 outs.append(out.detach())
             self.clip(params, p1.grad_clip)
             opt.step()

@@ -1,0 +1,428 @@
+"""``archsearch`` command line: thin commands over the library.
+
+Every command that takes a space file also takes dotted ``key=value`` overrides. Usage and
+config errors print one message naming every problem and exit with 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from archsearch.console import console, err_console, fit_lines, fmt_count, sizes_table
+from archsearch.errors import ConfigError, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Architecture search with scaling-law objectives for the CVFP language model.",
+)
+
+RUN_SECTIONS = ("model", "phase1", "phase2", "engine")
+OverridesArg = typer.Argument(None, help="dotted key=value overrides of the space file, e.g. model.num_layers=3")
+
+
+def _write_json(path: Path | None, payload: Any) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def _run_overrides(overrides: list[str]) -> dict[str, Any]:
+    """The overrides that set run fields (model./phase1./phase2./engine.), parsed."""
+    from archsearch.config import canonical_name
+    from archsearch.space import parse_value
+
+    out = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.split(".")[0] in RUN_SECTIONS:
+            out[canonical_name(key)] = parse_value(value)
+    return out
+
+
+# --------------------------------------------------------------------------- trial
+
+
+@app.command()
+def trial(
+    space: Path = typer.Argument(..., help="space file (YAML)"),
+    overrides: Optional[list[str]] = OverridesArg,
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="named config of the space (default: the first)"),
+    device: str = typer.Option("auto", help="auto (cuda when available), cpu, cuda, cuda:N"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the trial's result record here"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="train every run even if the run cache has it"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress, only the result"),
+) -> None:
+    """Train one architecture across the space's sizes and fit its scaling law."""
+    from archsearch import paths
+    from archsearch.config import param_counts
+    from archsearch.space import load_space
+    from archsearch.trial import TrialPlan, prepare_space_data
+
+    overrides = overrides or []
+    sp = load_space(space, overrides)
+    if config is not None and config not in sp.configs:
+        raise ConfigError(f"--config {config!r}: the space has {', '.join(sp.configs) or 'no named configs'}")
+    name = config or next(iter(sp.configs), "base")
+    params = dict(sp.configs.get(name, {}))
+    try:
+        params.update(_run_overrides(overrides))
+        cfg = sp.run_config(params)
+    except (ConfigError, KeyError) as e:
+        raise ConfigError(e.problems if isinstance(e, ConfigError) else [str(e)], str(space)) from None
+    dev = resolve_device(device)
+    data = prepare_space_data(sp, quiet)
+    plan = TrialPlan(
+        params=params,
+        config=cfg.to_dict(),
+        sizes=sp.data.sizes,
+        size_unit=sp.data.size_unit,
+        seeds=sp.seeds,
+        objectives=[o.__dict__ for o in sp.objectives],
+        data_path=str(data.path),
+        cache_dir=None if no_cache else str(paths.run_cache_dir()),
+        device=dev,
+        name=name,
+    )
+    counts = param_counts(cfg.model, data.embed_dim)
+    if not quiet:
+        err_console.print(
+            f"trial [bold]{name}[/bold] {params}: phase 1 {fmt_count(counts['phase1_params'])}, "
+            f"phase 2 {fmt_count(counts['phase2_params'])} params; {len(sp.data.sizes)} sizes x {len(sp.seeds)} seeds on {dev}"
+        )
+    result = _run_with_progress(plan, quiet)
+    console.print(sizes_table(result["sizes"], title=f"{name}: {sp.data.source}, {data.embed_dim}-d embeddings"))
+    for line in fit_lines(result["fit"]):
+        console.print(line)
+    objective_text = ", ".join(f"{k} = {v:.4g}" if v is not None else f"{k} = -" for k, v in result["objectives"].items())
+    console.print(f"objective: {objective_text};  {result['seconds']:.1f} s on {result['device']}")
+    _write_json(json_path, result)
+
+
+def _run_with_progress(plan, quiet: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from archsearch.trial import run_trial
+
+    if quiet:
+        return run_trial(plan)
+    n = len(plan.sizes)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("starting", total=n)
+
+        def progress(event, size, size_index, seed, **info):
+            head = f"size {size_index + 1}/{n} ({size:,} {plan.size_unit}, seed {seed})"
+            if event == "phase1":
+                text = f"{head}: phase 1 iteration {info['iteration']}/{info['max_iterations']}, converged {100 * info['convergence_rate']:.0f}%"
+            elif event == "contexts":
+                text = f"{head}: context caches (recurrent validation pass)"
+            elif event == "phase2":
+                text = f"{head}: phase 2 epoch {info['epoch']}/{info['max_epochs']}, val PPL {info['val_ppl']:.1f}"
+            elif event == "cached":
+                text = f"{head}: from the run cache"
+            else:
+                text = f"{head}: {event}"
+            bar.update(task, description=text, completed=size_index)
+
+        def on_size(record, partial):
+            bar.update(task, completed=len(partial["sizes"]))
+            bar.console.print(
+                f"  {record['size']:,} {plan.size_unit}: val PPL {record['val_ppl']:.1f}, acc {100 * record['val_acc']:.1f}%"
+                + (" (cached)" if record.get("cached") else f" ({record['seconds']:.1f} s)")
+            )
+
+        return run_trial(plan, on_size=on_size, progress=progress)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@app.command()
+def fit(
+    csv_path: Path = typer.Argument(..., metavar="FILE.csv", help="columns tokens,ppl (a header row)"),
+    target_tokens: Optional[float] = typer.Option(None, "--target-tokens", "-t", help="extrapolate PPL to this many tokens"),
+    level: float = typer.Option(0.95, help="confidence level of the interval"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the fit here"),
+) -> None:
+    """Fit PPL = A * tokens^alpha to a CSV of (tokens, ppl)."""
+    from archsearch.scaling import fit_power_law
+
+    tokens, ppl = read_fit_csv(csv_path)
+    result = fit_power_law(tokens, ppl, level=level)
+    d = result.to_dict(target_tokens)
+    for line in fit_lines(d):
+        console.print(line)
+    _write_json(json_path, d)
+
+
+def read_fit_csv(path: Path) -> tuple[list[float], list[float]]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows or rows[0] is None:
+        raise ConfigError(f"{path}: no data rows (expected a header 'tokens,ppl' and one row per size)")
+    header = [h.strip().lower() for h in (rows[0].keys() if rows else [])]
+    missing = [c for c in ("tokens", "ppl") if c not in header]
+    if missing:
+        raise ConfigError(f"{path}: missing column(s) {', '.join(missing)} (header is {', '.join(header)})")
+    tokens, ppl, problems = [], [], []
+    for i, row in enumerate(rows, start=2):
+        row = {k.strip().lower(): v for k, v in row.items() if k}
+        try:
+            tokens.append(float(str(row["tokens"]).replace(",", "").replace("_", "")))
+            ppl.append(float(row["ppl"]))
+        except (TypeError, ValueError):
+            problems.append(f"{path}:{i}: not a number in {row}")
+    if problems:
+        raise ConfigError(problems)
+    return tokens, ppl
+
+
+# --------------------------------------------------------------------------- validate
+
+
+@app.command()
+def validate(
+    space: Path = typer.Argument(..., help="space file (YAML)"),
+    overrides: Optional[list[str]] = OverridesArg,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the resolved space and its configs here"),
+) -> None:
+    """Check a space file without running it; list its configs and parameter counts."""
+    from rich.table import Table
+
+    from archsearch.config import param_counts
+    from archsearch.space import known_embed_dim, load_space
+
+    sp = load_space(space, overrides or [])
+    E = known_embed_dim(sp.data)
+    console.print(f"[green]ok[/green] {space}: study [bold]{sp.study_name}[/bold], sampler {sp.sampler}, "
+                  f"objective {', '.join(f'{o.label} ({o.direction})' for o in sp.objectives)}")
+    d = sp.data
+    console.print(f"data: {d.source} ({d.tokenizer or 'default tokenizer'}), sizes {', '.join(f'{s:,}' for s in d.sizes)} {d.size_unit}; "
+                  f"seeds {sp.seeds}; {'auto' if sp.gpus is None else fmt_count(sp.gpus)} GPU / {fmt_count(sp.cpus)} CPU per trial, {sp.max_concurrent} at once")
+    rows = []
+    table = Table(title=f"configs (E = {E if E else 'unknown until the data is prepared'})")
+    for col in ("config", "L", "C", "k", "other", "phase-1 params", "phase-2 params", "total"):
+        table.add_column(col, justify="right" if col not in ("config", "other") else "left")
+    for name, params in sp.configs.items():
+        cfg = sp.run_config(params)
+        counts = param_counts(cfg.model, E) if E else {}
+        other = {k: v for k, v in params.items() if "." in k}
+        rows.append({"name": name, "params": params, **counts})
+        table.add_row(
+            name, str(cfg.model.num_layers), str(cfg.model.context_dim), str(cfg.model.num_input_tokens),
+            ", ".join(f"{k}={v}" for k, v in other.items()),
+            fmt_count(counts.get("phase1_params")), fmt_count(counts.get("phase2_params")), fmt_count(counts.get("total_params")),
+        )  # fmt: skip
+    if sp.configs:
+        console.print(table)
+    if sp.parameters:
+        console.print("searched parameters: " + "; ".join(f"{k}: {v.to_dict()}" for k, v in sp.parameters.items()))
+        console.print(f"n_trials: {sp.n_trials} (beyond the {len(sp.configs)} warm-start configs)")
+    _write_json(json_path, {"study": sp.study_name, "sampler": sp.sampler, "embed_dim": E, "configs": rows,
+                            "objectives": [o.__dict__ for o in sp.objectives]})
+
+
+# --------------------------------------------------------------------------- run
+
+
+@app.command()
+def run(
+    space: Path = typer.Argument(..., help="space file (YAML)"),
+    overrides: Optional[list[str]] = OverridesArg,
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: the space's, else sqlite:///studies/archsearch.db)"),
+    study: Optional[str] = typer.Option(None, "--study", help="study name (default: the space's study.name)"),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", help="new trials a search adds (default: the space's n_trials)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: an embedded local Ray)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the trials that would run and exit; writes nothing"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the run's summary here"),
+) -> None:
+    """Run a study: every config of the space (and/or new search trials) on Ray Tune."""
+    from archsearch.space import load_space
+
+    sp = load_space(space, overrides or [])
+    if dry_run:
+        _print_dry_run(sp, storage, study, n_trials, json_path)
+        return
+    from archsearch.search.runner import run_search
+
+    summary = run_search(sp, storage=storage, study_name=study, n_trials=n_trials, address=address,
+                         view_mode="quiet" if quiet else "auto")  # fmt: skip
+    _print_summary(sp, summary)
+    _write_json(json_path, {
+        "study": summary.study_name, "storage": summary.storage, "seconds": summary.seconds,
+        "interrupted": summary.interrupted, "counts": summary.counts, "queued": summary.queued,
+        "failed_stale": summary.failed_stale,
+        "trials": [o.__dict__ for o in summary.outcomes],
+    })  # fmt: skip
+    if summary.interrupted:
+        err_console.print(f"[yellow]interrupted[/yellow]: the study is consistent; run the same command again to resume "
+                          f"(unfinished trials are queued first).")
+        raise SystemExit(130)
+    if summary.failed:
+        raise SystemExit(1)
+
+
+def _print_dry_run(sp, storage, study, n_trials, json_path) -> None:
+    from rich.table import Table
+
+    from archsearch.config import param_counts
+    from archsearch.search.runner import dry_run
+
+    d = dry_run(sp, storage=storage, study_name=study, n_trials=n_trials)
+    E = d.embed_dim
+    console.print(f"study [bold]{d.study_name}[/bold] on {d.storage}: " + ("exists" if d.exists else "would be created")
+                  + (f"; {len(d.done)} config(s) already done" if d.done else "")
+                  + (f"; {len(d.stale)} stale RUNNING trial(s) would be failed and retried" if d.stale else ""))  # fmt: skip
+    table = Table(title=f"trials that would run: {len(d.to_run)} config(s)" + (f" + {d.n_new} new {sp.sampler} trial(s)" if d.n_new else ""))
+    for col in ("config", "params", "sizes", "seeds", "phase-1 params", "phase-2 params"):
+        table.add_column(col)
+    sizes = ", ".join(f"{s:,}" for s in sp.data.sizes) + f" {sp.data.size_unit}"
+    rows = []
+    for name, params in d.to_run:
+        counts = param_counts(sp.run_config(params).model, E) if E else {}
+        rows.append({"name": name, "params": params, **counts})
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in params.items()), sizes, str(sp.seeds),
+                      fmt_count(counts.get("phase1_params")), fmt_count(counts.get("phase2_params")))  # fmt: skip
+    for i in range(d.n_new):
+        table.add_row(f"new {i + 1}", f"sampled by {sp.sampler} during the run", sizes, str(sp.seeds), "-", "-")
+    console.print(table)
+    console.print(f"runs: {(len(d.to_run) + d.n_new) * len(sp.data.sizes) * len(sp.seeds)} (config x size x seed), before run-cache hits")
+    _write_json(json_path, {"study": d.study_name, "exists": d.exists, "to_run": rows, "done": d.done, "stale": d.stale, "n_new": d.n_new})
+
+
+def _print_summary(sp, summary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"study {summary.study_name}: this run ({summary.seconds:.0f} s)")
+    for col in ("#", "config", "state", *(o.label for o in sp.objectives), "cached", "note"):
+        table.add_column(col)
+    for o in sorted(summary.outcomes, key=lambda o: o.number):
+        vals = [f"{v:.4g}" for v in o.values] if o.values else ["-"] * len(sp.objectives)
+        table.add_row(str(o.number), o.name, o.state, *vals, "yes" if o.cached else "", (o.reason or "")[:60])
+    if summary.outcomes:
+        console.print(table)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
+    console.print(f"study {summary.study_name} now holds {counts or 'no trials'}"
+                  + (f"; {len(summary.failed_stale)} stale trial(s) of a killed run were failed and retried" if summary.failed_stale else ""))
+    console.print(f"view it: archsearch dashboard --storage {summary.storage}")
+
+
+# --------------------------------------------------------------------------- dashboard, studies
+
+
+@app.command()
+def dashboard(
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8080, help="port"),
+    artifact_dir: Optional[Path] = typer.Option(None, help="trial artifacts (default: beside the storage)"),
+) -> None:
+    """Serve optuna-dashboard on a study storage."""
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from archsearch.search import storage as stg
+
+    url = stg.resolve_url(storage)
+    try:
+        opt_storage = stg.open_storage(url, create=False)
+    except FileNotFoundError:
+        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage (run a study first)") from None
+    art = artifact_dir or stg.artifact_dir_for(url)
+    art.mkdir(parents=True, exist_ok=True)
+    err_console.print(f"optuna-dashboard on http://{host}:{port}/ for {stg.mask_url(url)} (artifacts: {art}); Ctrl-C stops it")
+    optuna_dashboard.run_server(opt_storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(art)))
+
+
+@app.command()
+def studies(
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the list here"),
+) -> None:
+    """List the studies of a storage with trial counts and best values."""
+    from collections import Counter
+
+    import optuna
+    from rich.table import Table
+
+    from archsearch.search import storage as stg
+
+    url = stg.resolve_url(storage)
+    try:
+        opt_storage = stg.open_storage(url, create=False)
+    except FileNotFoundError:
+        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    table = Table(title=f"studies in {stg.mask_url(url)}")
+    for col in ("study", "objectives", "trials", "COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING", "best"):
+        table.add_column(col)
+    rows = []
+    for s in optuna.get_all_study_summaries(opt_storage, include_best_trial=False):
+        study = optuna.load_study(study_name=s.study_name, storage=opt_storage)
+        trials = study.get_trials(deepcopy=False)
+        counts = Counter(t.state.name for t in trials)
+        labels = study.user_attrs.get("objectives") or [d.name.lower() for d in study.directions]
+        best = []
+        if counts.get("COMPLETE"):
+            for t in (study.best_trials if len(study.directions) > 1 else [study.best_trial])[:3]:
+                best.append({"number": t.number, "config": t.user_attrs.get("config_name"), "values": t.values})
+        rows.append({"study": s.study_name, "objectives": labels, "trials": len(trials), **counts, "best": best})
+        best_text = "; ".join(f"#{b['number']} {b['config']}: " + ", ".join(f"{v:.4g}" for v in b["values"]) for b in best) or "-"
+        table.add_row(s.study_name, ", ".join(labels), str(len(trials)),
+                      *(str(counts.get(k, 0)) for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")), best_text)  # fmt: skip
+    console.print(table)
+    _write_json(json_path, rows)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Terminal rendering shared by the commands (rich tables, progress)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fmt_count(n: float | int | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    n = float(n)
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:g}"
+
+
+def fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def sizes_table(records: list[dict[str, Any]], title: str | None = None) -> Table:
+    unit = records[0]["size_unit"] if records else "tokens"
+    t = Table(title=title)
+    for col in (unit.capitalize(), "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "P1 it", "P1 conv", "P2 best/stop", "P1 s", "P2 s", "Cached"):
+        t.add_column(col, justify="right")
+    for r in records:
+        t.add_row(
+            f"{r['size']:,}",
+            f"{r['train_tokens']:,}",
+            f"{r['val_ppl']:.1f}",
+            f"{100 * r['val_acc']:.1f}%",
+            f"{100 * r['train_er']:.1f}%",
+            f"{100 * r['val_er']:.1f}%",
+            f"{r['phase1_iterations']:g}",
+            f"{100 * r['phase1_convergence_rate']:.1f}%",
+            f"{r['phase2_best_epoch']:g}/{r['phase2_stopped_epoch']:g}",
+            f"{r['phase1_seconds']:.1f}",
+            f"{r['phase2_seconds']:.1f}",
+            "yes" if r.get("cached") else "",
+        )
+    return t
+
+
+def fit_lines(fit: dict[str, Any] | None) -> list[str]:
+    if not fit:
+        return ["scaling law: needs at least two sizes"]
+    lines = [
+        f"scaling law: PPL = {fit['A']:.4g} * tokens^{fit['alpha']:.4f}   (R^2 = {fit['r2']:.4f}, n = {fit['n_sizes']})",
+        f"alpha = {fit['alpha']:.4f} +- {fmt(fit['alpha_se'], '.4f')} (OLS s.e.);  "
+        f"{100 * fit['level']:.0f}% interval [{fmt(fit['alpha_low'], '.4f')}, {fmt(fit['alpha_high'], '.4f')}] ({fit['ci_method']})",
+        f"10x more tokens multiplies PPL by {10 ** fit['alpha']:.3f}",
+    ]
+    if fit.get("target_tokens"):
+        lines.append(
+            f"PPL at {fmt_count(fit['target_tokens'])} tokens: {fit['ppl_at_target']:.1f} "
+            f"[{fmt(fit['ppl_at_target_low'], '.1f')}, {fmt(fit['ppl_at_target_high'], '.1f')}]"
+        )
+    return lines

@@ -1,0 +1,82 @@
+"""The run cache: one computed (architecture + hyperparameters, data, size, seed) run, reused.
+
+A run's key hashes everything that decides its numbers: the RunConfig's computing fields,
+the fingerprint of the exact training prefix + validation stream + embedding, the seed and
+the engine version. Entries are small JSON files under ``<root>/<key[:2]>/<key>.json``
+written atomically (temp file + rename), each carrying a sha256 of its record: a corrupted
+or truncated entry is reported, removed and recomputed, never used. Works for any number
+of processes on one (shared) filesystem; the last writer of identical content wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from archsearch.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = 1
+"""Bump when the engine's computation changes, so older cached runs are not reused."""
+
+
+def run_key(cfg: RunConfig, stream_fingerprint: str, seed: int) -> str:
+    blob = json.dumps(
+        {"config": cfg.key(), "data": stream_fingerprint, "seed": int(seed), "engine": ENGINE_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _digest(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+class RunCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self._path(key)
+        try:
+            entry = json.loads(path.read_text())
+            record = entry["record"]
+            if entry.get("key") != key or entry.get("sha256") != _digest(record):
+                raise ValueError("checksum mismatch")
+            return record
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            log.warning("run cache entry %s is corrupted (%s); removing it and recomputing", path, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"key": key, "sha256": _digest(record), "record": record}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entry, f, allow_nan=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0

@@ -1,0 +1,361 @@
+"""Optuna study <-> Ray Tune: who asks, who reports, who decides, who tells.
+
+Replaces Ray's ``OptunaSearch``, which (read its source) tells a scheduler-stopped trial
+COMPLETE with a low-fidelity value, re-enqueues ``points_to_evaluate`` on every start,
+writes no user attributes, and gets no heartbeat from Optuna for ask/tell trials. Here:
+
+- :class:`StudySearcher` (a Ray ``Searcher``) takes queued trials first (grid points, warm
+  starts, retries; each popped atomically), then asks the sampler for new ones up to the
+  run's budget; it tells every finished trial with the right state: COMPLETE with its
+  objective(s), PRUNED when the pruner stopped it, FAIL with the cause when it raised.
+- :class:`PrunerScheduler` (a Ray FIFO scheduler) is the one component that decides early
+  stopping: after each size it reports the partial-fit objective to the Optuna trial
+  (step = cumulative training tokens) and asks the study's pruner.
+- a heartbeat thread stamps every live trial, so a later run can tell a dead driver's
+  RUNNING trials from another driver's live ones (see study.fail_stale).
+Only the driver writes to storage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from archsearch.errors import UserError
+from archsearch.search import study as st
+from archsearch.search.distributions import search_distributions, suggest_all
+from archsearch.space import Space
+from archsearch.trial import TrialPlan
+
+MAX_INFEASIBLE = 200
+
+
+@dataclass
+class LiveTrial:
+    trial: optuna.Trial
+    name: str
+    params: dict[str, Any]
+    started: float = field(default_factory=time.time)
+    seq: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    partial: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    pruned: str | None = None
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+@dataclass
+class Outcome:
+    number: int
+    name: str
+    params: dict[str, Any]
+    state: str
+    values: list[float] | None
+    reason: str | None = None
+    cached: bool = False
+
+
+class StudyBridge:
+    def __init__(self, study: optuna.Study, space: Space, plan: dict[str, Any], n_new: int, embed_dim: int,
+                 artifact_dir: Path | None = None, view=None):  # fmt: skip
+        self.study = study
+        self.space = space
+        self.plan = plan
+        self.n_new = n_new
+        self.embed_dim = embed_dim
+        self.artifact_dir = artifact_dir
+        self.view = view
+        self.dists = search_distributions(space)
+        self.live: dict[str, LiveTrial] = {}
+        self.outcomes: list[Outcome] = []
+        self.asked_new = 0
+        self.failures: Counter[str] = Counter()
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="archsearch-heartbeat", daemon=True)
+        self._beat.start()
+
+    # -- heartbeat -----------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(st.HEARTBEAT_S):
+            with self.lock:
+                ids = [lt.trial._trial_id for lt in self.live.values()]
+            for tid in ids:
+                try:
+                    self.study._storage.set_trial_system_attr(tid, st.A_HEARTBEAT, time.time())
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass
+                except Exception:  # a storage hiccup must not kill the heartbeat
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- suggest -------------------------------------------------------------------------
+    def suggest(self, ray_id: str) -> dict[str, Any] | str | None:
+        with self.lock:
+            trial = st.pop_waiting(self.study)
+            if trial is None:
+                if self.asked_new >= self.n_new:
+                    return None if self.live else Searcher.FINISHED
+                trial = self._ask_feasible()
+                self.asked_new += 1
+            params = suggest_all(trial, self.dists)
+            name = trial.user_attrs.get("config_name") or f"trial_{trial.number}"
+            if "config_name" not in trial.user_attrs:
+                trial.set_user_attr("config_name", name)
+            storage = self.study._storage
+            storage.set_trial_system_attr(trial._trial_id, st.A_OWNER, st.owner_record())
+            storage.set_trial_system_attr(trial._trial_id, st.A_HEARTBEAT, time.time())
+            self.live[ray_id] = LiveTrial(trial, name, params)
+            plan = dict(self.plan, params=params, config=self.space.run_config(params).to_dict(), name=name)
+            self._view("start", self.live[ray_id])
+            return {"plan": plan, "gpus": self.plan_gpus, "cpus": self.space.cpus, "optuna_trial": trial.number}
+
+    plan_gpus: float = 0.0
+
+    def _ask_feasible(self) -> optuna.Trial:
+        for _ in range(MAX_INFEASIBLE):
+            trial = self.study.ask()
+            params = suggest_all(trial, self.dists)
+            problems = self.space.constraint_violations(params, self.embed_dim)
+            if not problems:
+                return trial
+            trial.set_user_attr("pruned_reason", "infeasible: " + "; ".join(problems))
+            trial.set_user_attr("config_name", f"trial_{trial.number}")
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.outcomes.append(Outcome(trial.number, f"trial_{trial.number}", params, "PRUNED", None, "infeasible: " + "; ".join(problems)))
+        raise UserError(f"constraints: {MAX_INFEASIBLE} proposals in a row violated {self.space.constraints}; widen the constraints or narrow the parameters")
+
+    # -- results -------------------------------------------------------------------------
+    def on_result(self, ray_id: str, result: dict[str, Any]) -> bool:
+        """Record one reported event; True when the trial should stop (pruned)."""
+        with self.lock:
+            lt = self.live.get(ray_id)
+            if lt is None or result.get("seq", 0) <= lt.seq:
+                return False  # a repeated final result
+            lt.seq = result["seq"]
+            event = result.get("archsearch_event")
+            payload = json.loads(result.get("payload") or "{}")
+            if event == "failed":
+                lt.error = payload
+                return False
+            if event == "final":
+                lt.result = payload
+                return False
+            if event != "size":
+                return False
+            lt.records.append(payload["record"])
+            lt.partial = payload["partial"]
+            trial = lt.trial
+            trial.set_user_attr("sizes", lt.records)
+            trial.set_user_attr("sizes_done", len(lt.records))
+            self._view("size", lt)
+            value = result.get("objective")
+            last = len(lt.records) >= len(self.space.data.sizes)
+            if len(self.study.directions) > 1 or value is None or not math.isfinite(value):
+                return False
+            trial.report(float(value), step=int(result["step"]))
+            if not last and trial.should_prune():
+                lt.pruned = f"the {self.space.early_stopping['pruner']} pruner stopped it after {len(lt.records)} of {len(self.space.data.sizes)} sizes (objective {value:.4g} at {int(result['step']):,} cumulative tokens)"
+                return True
+            return False
+
+    def on_error(self, ray_id: str, text: str | None) -> None:
+        with self.lock:
+            lt = self.live.get(ray_id)
+            if lt is not None and lt.error is None:
+                lines = (text or "").strip().splitlines()
+                lt.error = {"error": (lines[-1] if lines else "the Ray worker died"), "kind": "worker_died", "traceback": (text or "")[-4000:]}
+
+    def on_complete(self, ray_id: str, error: bool = False) -> None:
+        with self.lock:
+            lt = self.live.pop(ray_id, None)
+            if lt is None:
+                return
+            try:
+                self._finish(lt, error)
+            except Exception as e:  # never leave a trial RUNNING because telling it failed
+                try:
+                    lt.trial.set_user_attr("error", f"archsearch could not record the result: {e}")
+                    self.study.tell(lt.trial, state=TrialState.FAIL)
+                except Exception:
+                    pass
+                self.outcomes.append(Outcome(lt.number, lt.name, lt.params, "FAIL", None, str(e)))
+
+    def _finish(self, lt: LiveTrial, error: bool) -> None:
+        trial = lt.trial
+        records = (lt.result or lt.partial or {}).get("sizes") or lt.records
+        if records:
+            trial.set_user_attr("sizes", records)
+        cached = bool(records) and all(r.get("cached") for r in records)
+        if lt.pruned:
+            self._attrs(trial, lt.partial)
+            trial.set_user_attr("pruned_reason", lt.pruned)
+            self._artifacts(lt, lt.partial)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self._done(lt, "PRUNED", None, lt.pruned, cached)
+            return
+        if lt.result is not None and lt.result.get("complete"):
+            values = [lt.result["objectives"].get(o.label) for o in self.space.objectives]
+            if all(v is not None and math.isfinite(v) for v in values):
+                self._attrs(trial, lt.result)
+                self._artifacts(lt, lt.result)
+                self.study.tell(trial, values=values)
+                self._done(lt, "COMPLETE", values, None, cached)
+                return
+            lt.error = {"error": f"objective is not finite: {values}", "kind": "non_finite"}
+        if lt.error is None:
+            lt.error = {"error": "the trial stopped before it finished (interrupted)" if not error else "the Ray worker died", "kind": "interrupted" if not error else "worker_died"}
+        self._attrs(trial, lt.partial)
+        trial.set_user_attr("error", lt.error.get("error"))
+        trial.set_user_attr("error_kind", lt.error.get("kind"))
+        if lt.error.get("traceback"):
+            trial.set_user_attr("traceback", lt.error["traceback"])
+        self.study.tell(trial, state=TrialState.FAIL)
+        self._done(lt, "FAIL", None, lt.error.get("error"), cached)
+        key = st.params_key(lt.params)
+        self.failures[key] += 1
+        if lt.error.get("kind") == "interrupted" or self.failures[key] <= self.space.max_failures:
+            st.enqueue(self.study, lt.name, lt.params, retry_of=lt.number)
+
+    def _done(self, lt, state, values, reason, cached) -> None:
+        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached))
+        self._view("end", lt, state=state, values=values, reason=reason)
+
+    def _attrs(self, trial: optuna.Trial, result: dict[str, Any] | None) -> None:
+        if not result:
+            return
+        fit = result.get("fit") or {}
+        for k in ("alpha", "A", "r2", "alpha_se", "alpha_low", "alpha_high", "ci_method", "target_tokens", "ppl_at_target", "ppl_at_target_low", "ppl_at_target_high"):
+            if fit.get(k) is not None:
+                trial.set_user_attr(k, fit[k])
+        if fit:
+            trial.set_user_attr("fit", {k: v for k, v in fit.items() if k not in ("loo_alphas", "loo_intercepts")} | {
+                "loo_alphas": fit.get("loo_alphas"), "loo_intercepts": fit.get("loo_intercepts")})
+        sizes = result.get("sizes") or []
+        if sizes:
+            last = sizes[-1]
+            trial.set_user_attr("final_ppl", last["val_ppl"])
+            trial.set_user_attr("final_acc", last["val_acc"])
+            trial.set_user_attr("val_er", last["val_er"])
+            trial.set_user_attr("cache_hits", sum(1 for r in sizes if r.get("cached")))
+        for k in ("phase1_params", "phase2_params", "total_params", "device"):
+            if result.get(k) is not None:
+                trial.set_user_attr(k, result[k])
+        trial.set_user_attr("wall_seconds", result.get("seconds"))
+        trial.set_user_attr("objectives", result.get("objectives"))
+
+    def _artifacts(self, lt: LiveTrial, result: dict[str, Any] | None) -> None:
+        """Log-log plot (PNG) and per-size table (CSV), shown by optuna-dashboard."""
+        if self.artifact_dir is None or not result or not result.get("sizes"):
+            return
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        from archsearch.report.plots import ScalingSeries, plot_scaling
+
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        store = FileSystemArtifactStore(str(self.artifact_dir))
+        sizes = result["sizes"]
+        fit = result.get("fit") or {}
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / f"trial_{lt.number}_{lt.name}_scaling.png"
+            series = ScalingSeries(lt.name, [r["train_tokens"] for r in sizes], [r["val_ppl"] for r in sizes],
+                                   fit.get("alpha"), fit.get("A"), fit.get("alpha_low"), fit.get("alpha_high"),
+                                   fit.get("loo_alphas") or (), fit.get("loo_intercepts") or ())  # fmt: skip
+            plot_scaling([series], png, title=f"trial {lt.number}: {lt.name}")
+            upload_artifact(artifact_store=store, file_path=str(png), study_or_trial=lt.trial, mimetype="image/png")
+            table = Path(tmp) / f"trial_{lt.number}_{lt.name}_sizes.csv"
+            cols = [c for c in sizes[0] if not isinstance(sizes[0][c], (list, dict))]
+            with table.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(sizes)
+            upload_artifact(artifact_store=store, file_path=str(table), study_or_trial=lt.trial, mimetype="text/csv")
+
+    def fail_unfinished(self, reason: str) -> list[int]:
+        """After an interrupted run: fail what is still live and queue it again."""
+        with self.lock:
+            ids = list(self.live)
+        for ray_id in ids:
+            lt = self.live.get(ray_id)
+            if lt is not None and lt.error is None:
+                lt.error = {"error": reason, "kind": "interrupted"}
+            self.on_complete(ray_id, error=False)
+        return [o.number for o in self.outcomes if o.reason == reason]
+
+    def _view(self, event: str, lt: LiveTrial, **info: Any) -> None:
+        if self.view is not None:
+            try:
+                self.view.update(event, lt, **info)
+            except Exception:
+                pass
+
+
+class _Unpicklable:
+    """Ray pickles its search algorithm and scheduler for Tuner.restore, which archsearch does
+    not use (the study is the state). The bridge (locks, threads, storage) stays out."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["bridge"] = None
+        return state
+
+
+class StudySearcher(_Unpicklable, Searcher):
+    def __init__(self, bridge: StudyBridge):
+        super().__init__()
+        self.bridge = bridge
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        return self.bridge.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass  # the scheduler records results (it sees them first, including the final one)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.bridge.on_complete(trial_id, error=error)
+
+
+class PrunerScheduler(_Unpicklable, FIFOScheduler):
+    def __init__(self, bridge: StudyBridge):
+        super().__init__()
+        self.bridge = bridge
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return TrialScheduler.STOP if self.bridge.on_result(trial.trial_id, result) else TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if result:
+            self.bridge.on_result(trial.trial_id, result)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        text = None
+        try:
+            text = trial.get_error()  # the plain-text trace Ray saved; nothing is unpickled
+        except Exception:
+            pass
+        self.bridge.on_error(trial.trial_id, text if isinstance(text, str) else None)

@@ -1,0 +1,226 @@
+"""``archsearch run``: a space file -> trials on Ray Tune -> an Optuna study.
+
+Order matters for "bad input writes nothing": the space, the storage URL, the data and
+the cluster's resources are all checked before the study is created or touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from archsearch import paths
+from archsearch.errors import ConfigError
+from archsearch.space import Space, known_embed_dim
+from archsearch.trial import prepare_space_data
+
+
+@dataclass
+class RunSummary:
+    study_name: str
+    storage: str
+    outcomes: list[Any] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
+    done_before: list[str] = field(default_factory=list)
+    failed_stale: list[int] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    artifact_dir: str | None = None
+
+    @property
+    def failed(self) -> list[Any]:
+        return [o for o in self.outcomes if o.state == "FAIL"]
+
+
+def init_ray(address: str | None, quiet: bool = True):
+    """Connect to a cluster (``--address``) or start an embedded local Ray (dashboard off)."""
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "ERROR", "configure_logging": True}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]})") from None
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+    return ray
+
+
+def trial_resources(space: Space, ray) -> tuple[float, float]:
+    cluster = ray.cluster_resources()
+    have_gpus, have_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
+    gpus = space.gpus if space.gpus is not None else (1.0 if have_gpus >= 1 else 0.0)
+    problems = []
+    if gpus > have_gpus:
+        problems.append(f"resources.gpus: {gpus:g} GPU per trial, but the Ray cluster has {have_gpus:g} (set resources.gpus=0 to run on CPU)")
+    if space.cpus > have_cpus:
+        problems.append(f"resources.cpus: {space.cpus:g} CPU per trial, but the Ray cluster has {have_cpus:g}")
+    if problems:
+        raise ConfigError(problems)
+    return gpus, space.cpus
+
+
+def run_search(
+    space: Space,
+    *,
+    storage: str | None = None,
+    study_name: str | None = None,
+    n_trials: int | None = None,
+    address: str | None = None,
+    view_mode: str = "auto",
+) -> RunSummary:
+    import optuna
+
+    from archsearch.search import storage as stg
+    from archsearch.search import study as st
+    from archsearch.search.bridge import StudyBridge
+    from archsearch.search.trainable import cvfp_trainable
+    from archsearch.search.view import LiveView
+
+    t0 = time.time()
+    url = stg.resolve_url(storage or space.storage)
+    name = study_name or space.study_name
+    n_new = _n_new(space, n_trials)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with stg.writer_lock(url):
+        data = prepare_space_data(space, quiet=view_mode == "quiet")
+        ray = init_ray(address, quiet=True)
+        gpus, cpus = trial_resources(space, ray)
+        opt_storage = stg.open_storage(url)
+        study = st.create_or_load(space, opt_storage, name)
+        with stg.study_lock(opt_storage, url, name):
+            rec = st.reconcile(study, space)
+        summary = RunSummary(name, stg.mask_url(url), queued=rec.queued, done_before=rec.done, failed_stale=rec.failed_stale)
+        art = stg.artifact_dir_for(url)
+        summary.artifact_dir = str(art)
+        plan = {
+            "sizes": space.data.sizes,
+            "size_unit": space.data.size_unit,
+            "seeds": space.seeds,
+            "objectives": [o.__dict__ for o in space.objectives],
+            "data_path": str(data.path),
+            "cache_dir": str(paths.run_cache_dir()),
+        }
+        view = LiveView(len(space.data.sizes), space.data.size_unit, [o.label for o in space.objectives], view_mode)
+        bridge = StudyBridge(study, space, plan, n_new, data.embed_dim, artifact_dir=art, view=view)
+        bridge.plan_gpus = gpus
+        results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
+        try:
+            with view:
+                _fit(ray, cvfp_trainable, bridge, space, gpus, cpus, results_dir)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            left = bridge.fail_unfinished("interrupted before it finished; queued again for the next run")
+            summary.interrupted = summary.interrupted or bool(left)
+            bridge.close()
+            shutil.rmtree(results_dir, ignore_errors=True)
+        summary.outcomes = bridge.outcomes
+        summary.counts = _counts(study)
+        summary.seconds = time.time() - t0
+        return summary
+
+
+def _n_new(space: Space, n_trials: int | None) -> int:
+    if space.is_grid:
+        if n_trials:
+            raise ConfigError("--n-trials: a grid runs exactly its configs; --n-trials is for search samplers (tpe, random, cmaes, nsga2)")
+        return 0
+    if n_trials is not None and n_trials < 0:
+        raise ConfigError(f"--n-trials: expected a number >= 0, got {n_trials}")
+    return space.n_trials if n_trials is None else n_trials
+
+
+def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results_dir: Path) -> None:
+    from ray import tune
+
+    from archsearch.search.bridge import PrunerScheduler, StudySearcher
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
+        tune_config=tune.TuneConfig(
+            search_alg=StudySearcher(bridge),
+            scheduler=PrunerScheduler(bridge),
+            num_samples=-1,
+            max_concurrent_trials=space.max_concurrent,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=results_dir.name,
+            storage_path=str(results_dir.parent),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+            log_to_file=False,
+        ),
+    )
+    tuner.fit()
+
+
+def _counts(study) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(t.state.name for t in study.get_trials(deepcopy=False)))
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+@dataclass
+class DryRun:
+    study_name: str
+    storage: str
+    exists: bool
+    to_run: list[tuple[str, dict[str, Any]]]
+    done: list[str]
+    stale: list[int]
+    n_new: int
+    embed_dim: int | None
+
+
+def dry_run(space: Space, *, storage: str | None = None, study_name: str | None = None, n_trials: int | None = None) -> DryRun:
+    """What ``run`` would do, without writing anything (no study, no data, no cache)."""
+    import optuna
+
+    from archsearch.search import storage as stg
+    from archsearch.search import study as st
+    from archsearch.search.distributions import full_params
+
+    url = stg.resolve_url(storage or space.storage)
+    name = study_name or space.study_name
+    n_new = _n_new(space, n_trials)
+    wanted = {n: full_params(space, p) for n, p in space.configs.items()}
+    present: dict[str, Any] = {}
+    stale: list[int] = []
+    exists = False
+    try:
+        opt_storage = stg.open_storage(url, create=False)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=name, storage=opt_storage)
+        exists = True
+        now = time.time()
+        for t in study.get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.RUNNING and not st.owner_alive(t.system_attrs.get(st.A_OWNER), t.system_attrs.get(st.A_HEARTBEAT), now):
+                stale.append(t.number)
+                continue
+            if t.state != optuna.trial.TrialState.FAIL:
+                present.setdefault(st.trial_key(t), t.state.name)
+    except (FileNotFoundError, KeyError):
+        pass
+    except Exception as e:  # a storage that does not exist yet (no tables) is "no study"
+        if "no such table" not in str(e).lower() and "does not exist" not in str(e).lower():
+            raise
+    to_run = [(n, p) for n, p in wanted.items() if st.params_key(p) not in present]
+    done = [n for n, p in wanted.items() if st.params_key(p) in present]
+    return DryRun(name, stg.mask_url(url), exists, to_run, done, stale, n_new, known_embed_dim(space.data))

@@ -1,0 +1,213 @@
+"""Study bookkeeping: create/continue a study, fail stale trials, queue missing configs.
+
+What a re-run of the same command on the same storage does:
+- COMPLETE and PRUNED trials are kept and not recomputed;
+- RUNNING trials whose driver is gone (same host: the process is dead; other host: no
+  heartbeat for ``GRACE_S``) are failed with the reason, and their configs queued again;
+- grid configs (and a search's warm-start configs) that have no COMPLETE, PRUNED, WAITING
+  or live RUNNING trial are queued, each once;
+- a search then adds ``n_trials`` new trials.
+All of it happens under :func:`~archsearch.search.storage.study_lock`, so two processes on
+one study never queue a config twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from archsearch.errors import ConfigError
+from archsearch.search.distributions import full_params, make_pruner, make_sampler
+from archsearch.space import Space
+
+HEARTBEAT_S = float(os.environ.get("ARCHSEARCH_HEARTBEAT_S", 10))
+GRACE_S = float(os.environ.get("ARCHSEARCH_GRACE_S", 60))
+
+A_OWNER = "archsearch:owner"
+A_HEARTBEAT = "archsearch:heartbeat"
+A_SIGNATURE = "archsearch:signature"
+
+
+def params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def trial_key(t: FrozenTrial) -> str:
+    """Identity of a trial's config: its queued params, else its sampled params."""
+    return params_key(t.system_attrs.get("fixed_params") or t.params)
+
+
+def signature(space: Space) -> dict[str, Any]:
+    """What must agree between runs of one study for its trials to be comparable."""
+    data = dict(space.data.__dict__)
+    data.pop("cache_dir", None)
+    return {
+        "objectives": [o.__dict__ for o in space.objectives],
+        "data": data,
+        "seeds": space.seeds,
+        "base": space.base.to_dict() | {"engine": {"precision": space.base.engine.precision}},
+    }
+
+
+def signature_hash(sig: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _proc_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_record() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _proc_start(pid)}
+
+
+def owner_alive(owner: dict[str, Any] | None, heartbeat: float | None, now: float) -> bool:
+    """Is the driver that runs this trial alive? Exact on this host, by heartbeat elsewhere."""
+    if owner and owner.get("host") == socket.gethostname():
+        pid = int(owner.get("pid", -1))
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        start = _proc_start(pid)
+        return start is None or owner.get("start") in (None, start)
+    return heartbeat is not None and now - heartbeat < GRACE_S
+
+
+@dataclass
+class Reconciled:
+    failed_stale: list[int] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    gave_up: list[str] = field(default_factory=list)
+
+
+def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
+    """Create the study, or load it and check it was made for the same objectives/data."""
+    try:
+        sampler, pruner = make_sampler(space), make_pruner(space)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampler/early_stopping: {e}") from None
+    sig = signature(space)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if study_name in existing:
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        if [d.name.lower() for d in study.directions] != space.directions:
+            raise ConfigError(
+                f"study {study_name!r} exists with directions {[d.name.lower() for d in study.directions]}, "
+                f"the space asks for {space.directions}; use another --study name"
+            )
+        stored = study.user_attrs.get(A_SIGNATURE)
+        if stored and stored.get("hash") != signature_hash(sig):
+            diff = [k for k in sig if json.dumps(sig[k], sort_keys=True, default=str) != json.dumps(stored["value"].get(k), sort_keys=True, default=str)]
+            raise ConfigError(
+                f"study {study_name!r} was made with other {', '.join(diff)} than this space file; its trials would "
+                "not be comparable. Use another --study name (or the space the study was made with)."
+            )
+        return study
+    study = optuna.create_study(study_name=study_name, storage=storage, directions=space.directions, sampler=sampler, pruner=pruner)
+    study.set_user_attr(A_SIGNATURE, {"hash": signature_hash(sig), "value": sig})
+    study.set_user_attr("objectives", [o.label for o in space.objectives])
+    study.set_user_attr("sizes", space.data.sizes)
+    study.set_user_attr("size_unit", space.data.size_unit)
+    study.set_user_attr("data_source", space.data.source)
+    study.set_user_attr("sampler", space.sampler)
+    try:
+        import optuna_dashboard
+
+        optuna_dashboard.set_objective_names(study, [o.label for o in space.objectives])
+    except ImportError:  # pragma: no cover - a dependency, but the dashboard is optional at run time
+        pass
+    return study
+
+
+def fail_stale(study: optuna.Study, now: float | None = None) -> list[FrozenTrial]:
+    """Fail RUNNING trials whose driver is gone; return them (their configs get re-queued)."""
+    now = time.time() if now is None else now
+    storage = study._storage
+    stale = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.system_attrs.get(A_OWNER)
+        beat = t.system_attrs.get(A_HEARTBEAT)
+        if owner is None and beat is None:
+            # not ours (a plain optuna optimize() of another tool, or pre-bookkeeping)
+            beat = t.datetime_start.timestamp() if t.datetime_start else None
+        if owner_alive(owner, beat, now):
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "stale: its driver process died or stopped sending heartbeats")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            stale.append(t)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process finished or failed it meanwhile
+    return stale
+
+
+def reconcile(study: optuna.Study, space: Space, max_failures: int | None = None) -> Reconciled:
+    """Fail stale trials and queue every config (grid / warm start / stale retry) that has no
+    COMPLETE, PRUNED, WAITING or live RUNNING trial. Call under study_lock."""
+    out = Reconciled()
+    stale = fail_stale(study)
+    out.failed_stale = [t.number for t in stale]
+    trials = study.get_trials(deepcopy=False)
+    present = {}
+    for t in trials:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING):
+            present.setdefault(trial_key(t), t.state)
+    wanted: dict[str, dict[str, Any]] = {name: full_params(space, p) for name, p in space.configs.items()}
+    # stale trials of sampled configs are retried too
+    for t in stale:
+        name = t.user_attrs.get("config_name") or f"retry_of_{t.number}"
+        params = t.system_attrs.get("fixed_params") or t.params
+        if params:
+            wanted.setdefault(name, dict(params))
+    for name, params in wanted.items():
+        key = params_key(params)
+        state = present.get(key)
+        if state in (TrialState.COMPLETE, TrialState.PRUNED):
+            out.done.append(name)
+        elif state in (TrialState.WAITING, TrialState.RUNNING):
+            out.pending.append(name)
+        else:
+            enqueue(study, name, params)
+            present[key] = TrialState.WAITING
+            out.queued.append(name)
+    return out
+
+
+def enqueue(study: optuna.Study, name: str, params: dict[str, Any], retry_of: int | None = None) -> None:
+    attrs: dict[str, Any] = {"config_name": name}
+    if retry_of is not None:
+        attrs["retry_of"] = retry_of
+    study.enqueue_trial(params, user_attrs=attrs)
+
+
+def pop_waiting(study: optuna.Study) -> optuna.Trial | None:
+    """Take a queued trial (atomically: another process cannot take the same one)."""
+    storage = study._storage
+    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        return optuna.Trial(study, t._trial_id)
+    return None

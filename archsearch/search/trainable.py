@@ -1,0 +1,61 @@
+"""The Ray Tune function trainable: one Optuna trial = one architecture across the sizes.
+
+It runs in a Ray worker, reads the prepared data and the run cache from their (absolute,
+shared) paths, and reports once per size. It never touches the study: the driver alone
+writes to storage (which keeps SQLite safe and lets workers on other nodes run without a
+database connection). A Python exception in the trial is reported as a ``failed`` event
+with its cause; a crash of the worker itself reaches the driver through Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from typing import Any
+
+from archsearch.trial import TrialPlan, run_trial
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy (NaN/Inf become None)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def cvfp_trainable(config: dict[str, Any]) -> None:
+    import torch
+    from ray import tune
+
+    plan = TrialPlan(**config["plan"])
+    plan.device = "cuda" if config.get("gpus", 0) > 0 and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, int(config.get("cpus", 1))))
+    seq = 0
+    cum_tokens = 0
+
+    def report(event: str, payload: dict[str, Any], **extra: Any) -> None:
+        nonlocal seq
+        seq += 1
+        tune.report({"archsearch_event": event, "seq": seq, "payload": json.dumps(_clean(payload)), **extra})
+
+    def on_size(record: dict[str, Any], partial: dict[str, Any]) -> None:
+        nonlocal cum_tokens
+        cum_tokens += int(record["train_tokens"])
+        values = list(partial["objectives"].values())
+        report("size", {"record": record, "partial": partial}, size_index=len(partial["sizes"]) - 1, step=cum_tokens,
+               objective=values[0] if values and values[0] is not None else float("nan"))
+
+    try:
+        result = run_trial(plan, on_size=on_size)
+    except Exception as e:  # the trial failed; the study goes on
+        tb = traceback.format_exc(limit=8)
+        oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+        kind = "out_of_memory" if isinstance(e, oom) else type(e).__name__
+        report("failed", {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]})
+        return
+    report("final", result)

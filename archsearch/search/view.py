@@ -1,0 +1,77 @@
+"""The live view of a run: each trial's config, current size and results so far.
+
+On a terminal it is a rich table redrawn in place; in a log (not a TTY) or with --quiet it
+prints one line per event; ``--json`` consumers get the final summary instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.live import Live
+from rich.table import Table
+
+from archsearch.console import err_console
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    short = {"num_layers": "L", "context_dim": "C", "num_input_tokens": "k"}
+    return " ".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}" for k, v in params.items())
+
+
+class LiveView:
+    def __init__(self, n_sizes: int, unit: str, objective_labels: list[str], mode: str = "auto"):
+        self.n_sizes, self.unit, self.labels = n_sizes, unit, objective_labels
+        self.rows: dict[int, dict[str, Any]] = {}
+        interactive = err_console.is_terminal if mode == "auto" else mode == "live"
+        self.mode = "quiet" if mode == "quiet" else ("live" if interactive else "lines")
+        self._live: Live | None = None
+        self.t0 = time.time()
+
+    def __enter__(self) -> "LiveView":
+        if self.mode == "live":
+            self._live = Live(self._table(), console=err_console, refresh_per_second=2, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.__exit__(*exc)
+
+    def update(self, event: str, lt, state: str | None = None, values=None, reason: str | None = None) -> None:
+        row = self.rows.setdefault(lt.number, {"name": lt.name, "params": lt.params, "state": "RUNNING", "ppl": [], "value": None, "started": time.time()})
+        if event == "size":
+            rec = lt.records[-1]
+            row["ppl"].append(rec["val_ppl"])
+            vals = list((lt.partial or {}).get("objectives", {}).values())
+            row["value"] = vals[0] if vals else None
+            row["cached"] = rec.get("cached")
+            line = (f"trial {lt.number} {lt.name}: size {len(lt.records)}/{self.n_sizes} ({rec['size']:,} {self.unit}) "
+                    f"PPL {rec['val_ppl']:.1f}" + (" (cached)" if rec.get("cached") else f" in {rec['seconds']:.1f} s"))  # fmt: skip
+        elif event == "end":
+            row["state"] = state
+            if values:
+                row["value"] = values[0]
+            row["reason"] = reason
+            line = f"trial {lt.number} {lt.name}: {state}" + (f" {', '.join(f'{v:.4g}' for v in values)}" if values else "") + (f" ({reason})" if reason else "")
+        else:
+            line = f"trial {lt.number} {lt.name}: started ({_params_text(lt.params)})"
+        if self.mode == "lines":
+            print(line, file=sys.stderr, flush=True)
+        elif self._live is not None:
+            self._live.update(self._table())
+
+    def _table(self) -> Table:
+        t = Table(title=f"archsearch: {len(self.rows)} trials, {time.time() - self.t0:.0f} s", title_justify="left")
+        for col in ("#", "config", "params", "state", "sizes", "PPL by size", self.labels[0] if self.labels else "objective"):
+            t.add_column(col)
+        for number, r in sorted(self.rows.items()):
+            t.add_row(
+                str(number), r["name"], _params_text(r["params"]), r["state"] if not r.get("reason") or r["state"] == "COMPLETE" else f"{r['state']}: {r['reason'][:40]}",
+                f"{len(r['ppl'])}/{self.n_sizes}", " ".join(f"{p:.0f}" for p in r["ppl"]),
+                "-" if r["value"] is None else f"{r['value']:.4g}",
+            )  # fmt: skip
+        return t

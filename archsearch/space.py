@@ -1,0 +1,727 @@
+"""Space files: what to search, on which data, how to score it (pure: no Optuna, no Ray).
+
+A space file is YAML. Every section is optional but ``data``; see ``spaces/*.yaml`` for
+commented examples and the README for the reference of every key. Parsing gathers every
+problem of a file (unknown keys, wrong types, out-of-range values, ...) and raises one
+:class:`~archsearch.errors.ConfigError` naming each key. Optuna distributions are built from
+the pure specs here by :mod:`archsearch.search.distributions`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from archsearch.config import RunConfig, canonical_name, param_counts, resolve_field, run_config_from_dict
+from archsearch.errors import ConfigError
+
+# objective name -> (default direction, needs a fit across sizes)
+OBJECTIVES: dict[str, tuple[str, bool]] = {
+    "alpha": ("minimize", True),
+    "ppl_at": ("minimize", True),
+    "final_ppl": ("minimize", False),
+    "final_acc": ("maximize", False),
+    "val_er": ("maximize", False),
+    "phase1_params": ("minimize", False),
+    "phase2_params": ("minimize", False),
+    "total_params": ("minimize", False),
+}
+SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2")
+PRUNERS = ("none", "median", "percentile", "threshold", "successive_halving", "hyperband")
+DEFAULT_TARGET_TOKENS = 10_000_000
+TOP_LEVEL = (
+    "study", "objective", "sampler", "parameters", "warm_start", "n_trials", "model", "phase1", "phase2",
+    "engine", "data", "seeds", "resources", "max_concurrent", "early_stopping", "constraints", "max_failures",
+)  # fmt: skip
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: str
+    target_tokens: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Name shown in the dashboard and reports."""
+        if self.name == "ppl_at":
+            return f"ppl_at_{_short_count(self.target_tokens)}"
+        return self.name
+
+
+def _short_count(n: float | None) -> str:
+    n = float(n or 0)
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:g}{suffix}"
+    return f"{n:g}"
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Optuna's distribution short form: int / float (low, high, step, log) or categorical."""
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def grid_values(self) -> list:
+        """Every value of a finite distribution (for Cartesian grids)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.type == "float" and self.step:
+            n = int(round((self.high - self.low) / self.step))
+            return [self.low + i * self.step for i in range(n + 1)]
+        raise ValueError("a continuous float has no grid")
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.step:
+            k = (value - self.low) / self.step
+            return abs(k - round(k)) < 1e-9
+        return self.type == "float" or float(value).is_integer()
+
+    def to_dict(self) -> dict:
+        if self.type == "categorical":
+            return {"type": "categorical", "choices": list(self.choices)}
+        d = {"type": self.type, "low": self.low, "high": self.high}
+        if self.step is not None:
+            d["step"] = self.step
+        if self.log:
+            d["log"] = True
+        return d
+
+
+@dataclass
+class Space:
+    """A parsed, validated space file."""
+
+    path: str
+    raw: dict[str, Any]
+    study_name: str
+    storage: str | None
+    objectives: list[Objective]
+    sampler: str
+    sampler_options: dict[str, Any]
+    configs: dict[str, dict[str, Any]]
+    """Named configs to evaluate first (grid points, or a search's warm start), canonical keys."""
+    parameters: dict[str, Distribution]
+    n_trials: int
+    base: RunConfig
+    data: Any  # archsearch.data.DataSpec
+    seeds: list[int]
+    gpus: float | None
+    """GPUs per trial (fractions share a GPU); None = auto (1 where the cluster has GPUs, else 0)."""
+    cpus: float
+    max_concurrent: int
+    early_stopping: dict[str, Any]
+    constraints: dict[str, float]
+    max_failures: int
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def is_grid(self) -> bool:
+        return self.sampler == "grid"
+
+    @property
+    def searched_fields(self) -> list[str]:
+        """Canonical names of the fields a trial's params hold."""
+        names = list(self.parameters)
+        for cfg in self.configs.values():
+            names += [k for k in cfg if k not in names]
+        return names
+
+    def run_config(self, params: dict[str, Any]) -> RunConfig:
+        return self.base.replace(**params) if params else self.base
+
+    def constraint_violations(self, params: dict[str, Any], embed_dim: int | None) -> list[str]:
+        """Problems of ``params`` with the space's constraints (param counts need E)."""
+        if not self.constraints or embed_dim is None:
+            return []
+        counts = param_counts(self.run_config(params).model, embed_dim)
+        out = []
+        for key, limit in self.constraints.items():
+            count = counts[key.removeprefix("max_")]
+            if count > limit:
+                out.append(f"{key.removeprefix('max_')} = {count:,} exceeds {key} = {limit:,.0f}")
+        return out
+
+
+# --------------------------------------------------------------------------- YAML + overrides
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """safe_load, plus a clear error for duplicate keys (a common, silent YAML mistake)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in keys:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        keys.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+# YAML 1.1 reads 1e-3 (no dot) as a string; read it as the number everyone means.
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """One YAML scalar/flow value, as in a space file."""
+    return yaml.load(text, Loader=_SafeLoader)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a space file with a safe loader (no object construction from tags)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no such space file: {p}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read space file {p}: {e.strerror}") from None
+    try:
+        doc = yaml.load(text, Loader=_SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"YAML syntax error{where}: {problem}", str(p)) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"a space file must be a mapping of sections, got {type(doc).__name__}", str(p))
+    return doc
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """``a.b.c=value`` strings set nested keys of a copy of ``raw`` (values parsed as YAML)."""
+    out = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected dotted.key=value")
+            continue
+        try:
+            parsed = parse_value(value) if value.strip() else None
+        except yaml.YAMLError:
+            problems.append(f"override {item!r}: value is not valid YAML")
+            continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                if part in node and node[part] is not None:
+                    problems.append(f"override {item!r}: {part!r} is not a mapping")
+                    break
+                node[part] = {}
+            node = node[part]
+        else:
+            node[parts[-1]] = parsed
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_space(path: str | Path, overrides: Iterable[str] = ()) -> Space:
+    """Read, override and validate a space file."""
+    raw = load_yaml(path)
+    try:
+        raw = apply_overrides(raw, overrides)
+        return parse_space(raw, str(path))
+    except ConfigError as e:
+        raise e.with_source(str(path)) from None
+
+
+def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
+    """Validate a space dict; one ConfigError lists every problem."""
+    from archsearch.data import data_spec_from_dict  # data imports nothing heavy at module level
+
+    problems: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"{key}: unknown section (known: {', '.join(TOP_LEVEL)})")
+
+    study = _mapping(raw, "study", problems)
+    _unknown(study, "study", ("name", "storage", "directions"), problems)
+    default_name = Path(path).stem if path and not path.startswith("<") else "archsearch"
+    study_name = study.get("name", default_name)
+    if not isinstance(study_name, str) or not _NAME.match(study_name):
+        problems.append(f"study.name: must be letters, digits, '_', '-', '.', got {study_name!r}")
+    storage = study.get("storage")
+    if storage is not None and not isinstance(storage, str):
+        problems.append(f"study.storage: expected a storage URL string, got {storage!r}")
+
+    objectives = _objectives(raw.get("objective", "alpha"), study.get("directions"), problems)
+
+    # base run config: model / phase1 / phase2 / engine
+    base = RunConfig()
+    try:
+        base = run_config_from_dict({k: raw[k] for k in ("model", "phase1", "phase2", "engine") if k in raw})
+    except ConfigError as e:
+        problems += e.problems
+
+    sampler_raw = raw.get("sampler", "grid")
+    if isinstance(sampler_raw, str):
+        sampler_raw = {"type": sampler_raw}
+    if not isinstance(sampler_raw, dict):
+        problems.append(f"sampler: expected a sampler name or a mapping, got {sampler_raw!r}")
+        sampler_raw = {"type": "grid"}
+    sampler = sampler_raw.get("type", "grid")
+    if sampler not in SAMPLERS:
+        problems.append(f"sampler.type: unknown sampler {sampler!r} (one of {', '.join(SAMPLERS)})")
+    options = {k: v for k, v in sampler_raw.items() if k not in ("type", "configs")}
+
+    parameters = _parameters(raw.get("parameters"), problems)
+    configs = _configs(sampler_raw.get("configs"), "sampler.configs", base, problems)
+    warm = _mapping(raw, "warm_start", problems)
+    _unknown(warm, "warm_start", ("configs",), problems)
+    warm_configs = _configs(warm.get("configs"), "warm_start.configs", base, problems)
+    if sampler == "grid":
+        if warm_configs:
+            problems.append("warm_start: a grid evaluates its configs already; warm_start is for search samplers")
+        if configs and parameters:
+            problems.append("sampler.configs and parameters: a grid takes either named configs or a Cartesian product of parameters, not both")
+        elif not configs and parameters:
+            configs = _cartesian(parameters, base, problems)
+            parameters = {}
+        elif not configs and not parameters:
+            configs = {"base": {}}
+        if options:
+            problems.append(f"sampler: the grid sampler takes no options (got {', '.join(options)})")
+    else:
+        if configs:
+            problems.append(f"sampler.configs: named configs belong to the grid sampler; for {sampler}, put them under warm_start.configs")
+        if not parameters:
+            problems.append(f"parameters: the {sampler} sampler needs at least one parameter to search")
+        configs = warm_configs
+        for name, cfg in configs.items():
+            extra = [k for k in cfg if k not in parameters]
+            if extra:
+                problems.append(f"warm_start.configs.{name}: {', '.join(extra)} not among the searched parameters")
+            for k, v in cfg.items():
+                if k in parameters and not parameters[k].contains(v):
+                    problems.append(f"warm_start.configs.{name}.{k}: {v!r} is outside parameters.{k} {parameters[k].to_dict()}")
+        if sampler == "cmaes" and len(objectives) > 1:
+            problems.append("sampler.type: cmaes optimises one objective; use nsga2 or tpe for several")
+        _sampler_options(sampler, options, problems)
+
+    n_trials = raw.get("n_trials", 0 if sampler == "grid" else 20)
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
+        problems.append(f"n_trials: expected an integer >= 0, got {n_trials!r}")
+        n_trials = 0
+
+    data = None
+    try:
+        data = data_spec_from_dict(raw.get("data"), "data")
+    except ConfigError as e:
+        problems += e.problems
+    if data is not None:
+        needs_fit = any(OBJECTIVES[o.name][1] for o in objectives if o.name in OBJECTIVES)
+        if needs_fit and len(data.sizes) < 2:
+            problems.append(f"data.sizes: objective {objectives[0].name!r} fits a law across sizes and needs at least two, got {len(data.sizes)}")
+
+    seeds = raw.get("seeds", [42])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        problems.append(f"seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+        seeds = [42]
+    elif len(set(seeds)) != len(seeds):
+        problems.append(f"seeds: duplicate seeds in {seeds}")
+
+    res = _mapping(raw, "resources", problems)
+    _unknown(res, "resources", ("gpus", "cpus"), problems)
+    gpus: float | None = None  # "auto": one GPU per trial where the cluster has GPUs, else none
+    if res.get("gpus", "auto") != "auto":
+        gpus = _number(res, "gpus", 0.0, "resources", problems, low=0.0)
+        if gpus > 1 and not float(gpus).is_integer():
+            problems.append(f"resources.gpus: above 1 a trial takes whole GPUs, got {gpus}")
+    cpus = _number(res, "cpus", 1.0, "resources", problems, low=0.0, strict=True)
+    max_concurrent = raw.get("max_concurrent", 1)
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
+        problems.append(f"max_concurrent: expected an integer >= 1, got {max_concurrent!r}")
+        max_concurrent = 1
+    max_failures = raw.get("max_failures", 0)
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        problems.append(f"max_failures: expected an integer >= 0, got {max_failures!r}")
+        max_failures = 0
+
+    early = _early_stopping(raw.get("early_stopping"), objectives, problems)
+    constraints = _constraints(raw.get("constraints"), problems)
+
+    if problems:
+        raise ConfigError(problems)
+    space = Space(
+        path=path, raw=raw, study_name=study_name, storage=storage, objectives=objectives, sampler=sampler,
+        sampler_options=options, configs=configs, parameters=parameters, n_trials=n_trials, base=base, data=data,
+        seeds=seeds, gpus=gpus, cpus=cpus, max_concurrent=max_concurrent, early_stopping=early,
+        constraints=constraints, max_failures=max_failures,
+    )  # fmt: skip
+    e = known_embed_dim(data)
+    bad = [f"{where}.{name}: {'; '.join(v)}" for where, name, v in (
+        ("sampler.configs" if space.is_grid else "warm_start.configs", n, space.constraint_violations(c, e))
+        for n, c in configs.items()) if v]  # fmt: skip
+    if bad:
+        raise ConfigError([f"{b} (constraints)" for b in bad])
+    return space
+
+
+def known_embed_dim(data) -> int | None:
+    """E of the embedding source when it is known without reading any file."""
+    from archsearch.data.known import known_embedding_shape
+
+    shape = known_embedding_shape(data) if data is not None else None
+    return shape[1] if shape else None
+
+
+# --------------------------------------------------------------------------- section helpers
+
+
+def _mapping(raw: dict, key: str, problems: list[str]) -> dict:
+    v = raw.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        problems.append(f"{key}: expected a mapping, got {v!r}")
+        return {}
+    return v
+
+
+def _unknown(d: dict, where: str, known: Iterable[str], problems: list[str]) -> None:
+    known = tuple(known)
+    for k in d:
+        if k not in known:
+            problems.append(f"{where}.{k}: unknown key (known: {', '.join(known)})")
+
+
+def _number(d, key, default, where, problems, low=None, strict=False):
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        problems.append(f"{where}.{key}: expected a number, got {v!r}")
+        return default
+    if low is not None and (v <= low if strict else v < low):
+        problems.append(f"{where}.{key}: must be {'>' if strict else '>='} {low:g}, got {v!r}")
+        return default
+    return float(v)
+
+
+def _objectives(raw, directions, problems) -> list[Objective]:
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        problems.append("objective: expected at least one objective")
+        return [Objective("alpha", "minimize")]
+    out = []
+    for i, item in enumerate(items):
+        where = "objective" if not isinstance(raw, list) else f"objective[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected an objective name or mapping, got {item!r}")
+            continue
+        _unknown(item, where, ("name", "target_tokens", "direction"), problems)
+        name = item.get("name")
+        if name not in OBJECTIVES:
+            problems.append(f"{where}: unknown objective {name!r} (one of {', '.join(OBJECTIVES)})")
+            continue
+        target = item.get("target_tokens")
+        if name == "ppl_at":
+            target = DEFAULT_TARGET_TOKENS if target is None else target
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+                problems.append(f"{where}.target_tokens: expected a positive token count, got {target!r}")
+                continue
+        elif target is not None:
+            problems.append(f"{where}.target_tokens: only the ppl_at objective takes a target")
+        direction = item.get("direction", OBJECTIVES[name][0])
+        if direction not in ("minimize", "maximize"):
+            problems.append(f"{where}.direction: expected minimize or maximize, got {direction!r}")
+            continue
+        out.append(Objective(name, direction, float(target) if target is not None else None))
+    if directions is not None:
+        if not isinstance(directions, list) or len(directions) != len(out) or any(d not in ("minimize", "maximize") for d in directions):
+            problems.append(f"study.directions: expected {len(out)} of minimize/maximize (one per objective), got {directions!r}")
+        else:
+            out = [Objective(o.name, d, o.target_tokens) for o, d in zip(out, directions)]
+    labels = [o.label for o in out]
+    if len(set(labels)) != len(labels):
+        problems.append(f"objective: the same objective twice ({labels})")
+    return out or [Objective("alpha", "minimize")]
+
+
+def parse_distribution(spec: Any, where: str, problems: list[str]) -> Distribution | None:
+    """Optuna's short form. A plain list is a categorical."""
+    if isinstance(spec, list):
+        spec = {"type": "categorical", "choices": spec}
+    if not isinstance(spec, dict):
+        problems.append(f"{where}: expected a distribution like {{type: int, low: 1, high: 12}}, got {spec!r}")
+        return None
+    t = spec.get("type")
+    if t == "categorical":
+        _unknown(spec, where, ("type", "choices"), problems)
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            problems.append(f"{where}.choices: expected a non-empty list, got {choices!r}")
+            return None
+        if any(not isinstance(c, (int, float, str, bool)) or c is None for c in choices):
+            problems.append(f"{where}.choices: values must be numbers, strings or booleans")
+            return None
+        if len(set(map(repr, choices))) != len(choices):
+            problems.append(f"{where}.choices: duplicate choices in {choices}")
+            return None
+        return Distribution("categorical", choices=tuple(choices))
+    if t not in ("int", "float"):
+        problems.append(f"{where}.type: expected int, float or categorical, got {t!r}")
+        return None
+    _unknown(spec, where, ("type", "low", "high", "step", "log"), problems)
+    n = len(problems)
+    vals = {}
+    for key in ("low", "high", "step"):
+        v = spec.get(key)
+        if v is None and key == "step":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            problems.append(f"{where}.{key}: expected a number, got {v!r}")
+            continue
+        if t == "int" and not float(v).is_integer():
+            problems.append(f"{where}.{key}: an int distribution needs integers, got {v!r}")
+            continue
+        vals[key] = v
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        problems.append(f"{where}.log: expected true/false, got {log!r}")
+    if len(problems) > n:
+        return None
+    low, high, step = vals["low"], vals["high"], vals.get("step")
+    if low > high:
+        problems.append(f"{where}: low ({low}) is above high ({high})")
+    if step is not None and step <= 0:
+        problems.append(f"{where}.step: must be > 0, got {step}")
+    if log and low <= 0:
+        problems.append(f"{where}: a log distribution needs low > 0, got {low}")
+    if log and step is not None and not (t == "int" and step == 1):
+        problems.append(f"{where}: log and step cannot be combined")
+    if len(problems) > n:
+        return None
+    if t == "int":
+        return Distribution("int", int(low), int(high), int(step) if step is not None else None, log)
+    return Distribution("float", float(low), float(high), float(step) if step is not None else None, log)
+
+
+def _parameters(raw, problems) -> dict[str, Distribution]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"parameters: expected a mapping of field: distribution, got {raw!r}")
+        return {}
+    out: dict[str, Distribution] = {}
+    for name, spec in raw.items():
+        where = f"parameters.{name}"
+        try:
+            canon = canonical_name(str(name))
+        except KeyError as e:
+            problems.append(f"{where}: {e.args[0]}")
+            continue
+        if canon in out:
+            problems.append(f"{where}: {canon} is given twice")
+            continue
+        dist = parse_distribution(spec, where, problems)
+        if dist is None:
+            continue
+        # every end of the range must itself be a valid value of the field
+        probes = list(dist.choices) if dist.type == "categorical" else [dist.low, dist.high]
+        for probe in probes:
+            if not _check_field(canon, probe, where, problems):
+                break
+        out[canon] = dist
+    return out
+
+
+def _check_field(canon: str, value: Any, where: str, problems: list[str]) -> bool:
+    section, key = resolve_field(canon)
+    try:
+        run_config_from_dict({section: {key: value}})
+    except ConfigError as e:
+        problems += [f"{where}: {p}" for p in e.problems]
+        return False
+    return True
+
+
+def _configs(raw, where, base: RunConfig, problems) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if isinstance(raw, list):  # [{name: ..., num_layers: ...}, ...] is accepted too
+        named = {}
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict) or "name" not in item:
+                problems.append(f"{where}[{i}]: expected a mapping with a name")
+                continue
+            item = dict(item)
+            named[str(item.pop("name"))] = item
+        raw = named
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"{where}: expected a non-empty mapping of name: {{field: value}}")
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    seen: dict[str, str] = {}
+    for name, fields in raw.items():
+        loc = f"{where}.{name}"
+        if not _NAME.match(str(name)):
+            problems.append(f"{loc}: config names are letters, digits, '_', '-', '.'")
+            continue
+        if fields is None:
+            fields = {}
+        if not isinstance(fields, dict):
+            problems.append(f"{loc}: expected a mapping of field: value, got {fields!r}")
+            continue
+        params = {}
+        for key, value in fields.items():
+            try:
+                canon = canonical_name(str(key))
+            except KeyError as e:
+                problems.append(f"{loc}.{key}: {e.args[0]}")
+                continue
+            if _check_field(canon, value, f"{loc}", problems):
+                params[canon] = value
+        n = len(problems)
+        try:
+            base.replace(**params)
+        except ConfigError as e:
+            problems += [f"{loc}: {p}" for p in e.problems]
+        if len(problems) > n:
+            continue
+        key = repr(sorted(params.items()))
+        if key in seen:
+            problems.append(f"{loc}: same settings as {seen[key]!r}")
+            continue
+        seen[key] = str(name)
+        out[str(name)] = params
+    return out
+
+
+def _cartesian(parameters: dict[str, Distribution], base, problems) -> dict[str, dict[str, Any]]:
+    names, values = [], []
+    for name, dist in parameters.items():
+        try:
+            vals = dist.grid_values()
+        except ValueError:
+            problems.append(f"parameters.{name}: a grid needs finite values (categorical, int, or float with step)")
+            return {}
+        names.append(name)
+        values.append(vals)
+    out = {}
+    for combo in itertools.product(*values):
+        params = dict(zip(names, combo))
+        label = ",".join(f"{k}={v}" for k, v in params.items())
+        out[label] = params
+    if len(out) > 10_000:
+        problems.append(f"parameters: the Cartesian grid has {len(out):,} points (limit 10,000)")
+        return {}
+    return out
+
+
+_SAMPLER_OPTIONS = {
+    "tpe": ("seed", "n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar", "consider_endpoints", "prior_weight"),
+    "random": ("seed",),
+    "cmaes": ("seed", "n_startup_trials", "sigma0", "restart_strategy", "popsize", "with_margin"),
+    "nsga2": ("seed", "population_size", "mutation_prob", "crossover_prob", "swapping_prob"),
+}
+
+
+def _sampler_options(sampler: str, options: dict, problems: list[str]) -> None:
+    allowed = _SAMPLER_OPTIONS.get(sampler, ())
+    for k in options:
+        if k not in allowed:
+            problems.append(f"sampler.{k}: unknown option of the {sampler} sampler (known: {', '.join(allowed)})")
+
+
+def _early_stopping(raw, objectives, problems) -> dict[str, Any]:
+    if raw is None or raw is False:
+        return {"pruner": "none"}
+    if isinstance(raw, str):
+        raw = {"pruner": raw}
+    if not isinstance(raw, dict):
+        problems.append(f"early_stopping: expected a pruner name or a mapping, got {raw!r}")
+        return {"pruner": "none"}
+    pruner = raw.get("pruner", "median")
+    if pruner not in PRUNERS:
+        problems.append(f"early_stopping.pruner: unknown pruner {pruner!r} (one of {', '.join(PRUNERS)})")
+        return {"pruner": "none"}
+    allowed = {
+        "none": (),
+        "median": ("n_startup_trials", "n_warmup_steps", "n_min_trials"),
+        "percentile": ("percentile", "n_startup_trials", "n_warmup_steps", "n_min_trials"),
+        "threshold": ("lower", "upper", "n_warmup_steps"),
+        "successive_halving": ("min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"),
+        "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count"),
+    }[pruner]
+    for k, v in raw.items():
+        if k == "pruner":
+            continue
+        if k not in allowed:
+            problems.append(f"early_stopping.{k}: unknown option of the {pruner} pruner (known: {', '.join(allowed) or 'none'})")
+        elif isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            problems.append(f"early_stopping.{k}: expected a number, got {v!r}")
+    if pruner == "percentile" and "percentile" not in raw:
+        problems.append("early_stopping.percentile: the percentile pruner needs a percentile (0-100)")
+    if pruner == "threshold" and "lower" not in raw and "upper" not in raw:
+        problems.append("early_stopping: the threshold pruner needs lower and/or upper")
+    if pruner != "none" and len(objectives) > 1:
+        problems.append("early_stopping: Optuna cannot prune a multi-objective study; drop early_stopping or use one objective")
+    return dict(raw, pruner=pruner)
+
+
+def _constraints(raw, problems) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"constraints: expected a mapping, got {raw!r}")
+        return {}
+    known = ("max_phase1_params", "max_phase2_params", "max_total_params")
+    out = {}
+    for k, v in raw.items():
+        if k not in known:
+            problems.append(f"constraints.{k}: unknown constraint (known: {', '.join(known)})")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            problems.append(f"constraints.{k}: expected a positive number, got {v!r}")
+        else:
+            out[k] = float(v)
+    return out

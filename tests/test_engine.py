@@ -1,0 +1,118 @@
+"""The engine computes exactly what cvfp.md describes: checked against the slow reference."""
+
+import math
+
+import pytest
+import torch
+
+from archsearch.config import param_counts, run_config_from_dict, token_widths
+from archsearch.cvfp.engine import train_run
+from archsearch.cvfp.model import TokenEmbedding
+from archsearch.cvfp.reference import reference_run
+
+TIMING = {"phase1_seconds", "phase1_tokens_per_s", "contexts_seconds", "val_step_us", "phase2_seconds", "phase2_tokens_per_s", "seconds"}
+
+
+def tiny_cfg(k, L, **engine):
+    return run_config_from_dict({
+        "model": {"num_layers": L, "context_dim": 6, "num_input_tokens": k},
+        # several phase-1 batches with a partial last one; convergence reachable in a few iterations
+        "phase1": {"batch_size": 16, "max_iterations": 7, "min_iterations": 3, "min_converged_fraction": 0.5},
+        "phase2": {"batch_size": 8, "max_epochs": 4, "lr": 0.01},
+        "engine": {"phase1_chunk_batches": 2, "eval_batch_size": 7, "er_max_rows": 30, **engine},
+    })
+
+
+def tiny_data(seed=0, V=50, E=8, N=45, M=21):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(V, E, generator=g), torch.randint(0, V, (N,), generator=g), torch.randint(0, V, (M,), generator=g)
+
+
+def close(a, b, tol=2e-5):
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_engine_matches_reference(k, L):
+    cfg = tiny_cfg(k, L)
+    W, train, val = tiny_data()
+    e = train_run(cfg, W, train, val, seed=3, keep_tensors=True)
+    r = reference_run(cfg, W, train, val, seed=3)
+    t = e["tensors"]
+    assert close(t["contexts"], r["contexts"])
+    assert t["train_cache"].shape == (L, len(train) - 1, 6)
+    assert t["val_cache"].shape == (L, len(val) - 1, 6)
+    assert close(t["train_cache"], r["train_cache"])
+    assert close(t["val_cache"], r["val_cache"])
+    assert e["phase1_iterations"] == r["phase1_iterations"]
+    for he, hr in zip(e["phase1_history"][1:], r["phase1_history"][1:]):
+        assert he["loss"] == pytest.approx(hr["loss"], rel=1e-5, abs=1e-6)
+        assert he["convergence_rate"] == hr["convergence_rate"]
+    assert [h["val_loss"] for h in e["phase2_history"]] == pytest.approx([h["val_loss"] for h in r["phase2_history"]], rel=1e-5)
+    assert e["val_ppl"] == pytest.approx(r["val_ppl"], rel=1e-5)
+    assert e["val_acc"] == pytest.approx(r["val_acc"], abs=1e-6)
+    assert e["train_er"] == pytest.approx(r["train_er"], rel=1e-5)
+    assert e["val_er"] == pytest.approx(r["val_er"], rel=1e-5)
+    assert (e["phase2_best_epoch"], e["phase2_stopped_epoch"]) == (r["best_epoch"], r["stopped_epoch"])
+
+
+def test_phase1_chunking_changes_nothing():
+    W, train, val = tiny_data(1)
+    a = train_run(tiny_cfg(2, 2, phase1_chunk_batches=1), W, train, val, seed=5)
+    b = train_run(tiny_cfg(2, 2, phase1_chunk_batches=64), W, train, val, seed=5)
+    assert a["val_ppl"] == pytest.approx(b["val_ppl"], rel=1e-5)
+    assert a["phase1_iterations"] == b["phase1_iterations"]
+
+
+def test_same_seed_identical_metrics_different_seed_not():
+    W, train, val = tiny_data(2)
+    cfg = tiny_cfg(1, 2)
+    a = train_run(cfg, W, train, val, seed=11)
+    b = train_run(cfg, W, train, val, seed=11)
+    c = train_run(cfg, W, train, val, seed=12)
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}
+    assert strip(a) == strip(b)
+    assert a["val_ppl"] != c["val_ppl"]
+
+
+def test_windows_are_oldest_first_with_zero_padding():
+    W = torch.randn(10, 4)
+    emb = TokenEmbedding(W, num_input_tokens=3)
+    ids = torch.tensor([4, 7, 2])
+    win = emb.windows(ids)
+    assert win.tolist() == [[10, 10, 4], [10, 4, 7], [4, 7, 2]]  # 10 = V = the zero row
+    vec = emb.vectors(win)
+    assert vec.shape == (3, 12)
+    assert torch.equal(vec[0, :8], torch.zeros(8))
+    normed = torch.nn.functional.layer_norm(W, (4,))
+    assert torch.allclose(vec[2], torch.cat([normed[4], normed[7], normed[2]]))
+
+
+def test_parameter_counts_match_the_modules():
+    from archsearch.cvfp.model import ContextBlock, TokenBlock
+
+    for k, L, C in [(1, 6, 32), (2, 3, 16), (3, 5, 8), (4, 2, 12)]:
+        cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k}})
+        E = 24
+        counts = param_counts(cfg.model, E)
+        assert counts["phase1_params"] == sum(p.numel() for p in ContextBlock(cfg.model, E).parameters())
+        assert counts["phase2_params"] == sum(p.numel() for p in TokenBlock(cfg.model, E).parameters())
+        widths = token_widths(E, k, L)
+        assert widths[0] == E * k and widths[-1] == E
+
+
+def test_report_phase1_parameter_counts_at_e768():
+    expected = {(6, 768, 1): 7.09e6, (6, 768, 2): 10.63e6, (6, 1152, 1): 13.29e6, (9, 768, 1): 10.64e6}
+    for (L, C, k), n in expected.items():
+        cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k}})
+        assert round(param_counts(cfg.model, 768)["phase1_params"] / 1e6, 2) == n / 1e6
+
+
+def test_nonfinite_loss_raises():
+    from archsearch.errors import NonFiniteLoss
+
+    W, train, val = tiny_data(3)
+    W[train[5]] = float("nan")  # a poisoned embedding row makes every loss NaN
+    with pytest.raises(NonFiniteLoss):
+        train_run(tiny_cfg(1, 1), W, train, val, seed=0)

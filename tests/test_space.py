@@ -1,0 +1,95 @@
+"""Space files: shipped ones validate; bad ones name every problem; overrides work."""
+
+from pathlib import Path
+
+import pytest
+
+from archsearch.errors import ConfigError
+from archsearch.space import apply_overrides, load_space, parse_space
+
+SPACES = sorted((Path(__file__).parent.parent / "spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_shipped_space_files_validate(path):
+    sp = load_space(path)
+    assert sp.configs or sp.parameters
+    assert path.read_text().lstrip().startswith("#")
+    assert f"archsearch run spaces/{path.name}" in path.read_text()  # each opens with its command
+
+
+def test_grid_4arch_is_the_report_grid():
+    sp = load_space(Path(__file__).parent.parent / "spaces" / "grid_4arch.yaml")
+    assert sp.data.source == "ultrachat"
+    assert sp.data.size_unit == "samples" and sp.data.sizes == [50, 100, 200, 500]
+    assert sp.configs == {
+        "baseline": {"num_layers": 6, "context_dim": 768, "num_input_tokens": 1},
+        "input_tokens_2": {"num_layers": 6, "context_dim": 768, "num_input_tokens": 2},
+        "context_dim_1152": {"num_layers": 6, "context_dim": 1152, "num_input_tokens": 1},
+        "layers_9": {"num_layers": 9, "context_dim": 768, "num_input_tokens": 1},
+    }
+    assert sp.base.phase1.lr == 0.002 and sp.base.phase2.lr == 0.001 and sp.seeds == [42]
+
+
+def test_offline_grid_uses_report_token_counts():
+    sp = load_space(Path(__file__).parent.parent / "spaces" / "grid_4arch_offline.yaml")
+    assert sp.data.source == "wiki" and sp.data.size_unit == "tokens"
+    assert sp.data.sizes == [62891, 122795, 240132, 587970]
+
+
+def test_overrides_set_nested_keys_and_parse_yaml_values():
+    raw = {"model": {"num_layers": 6}, "data": {"source": "wiki", "sizes": {"tokens": [1, 2]}}}
+    out = apply_overrides(raw, ["model.num_layers=3", "phase1.lr=1e-3", "data.sizes={tokens: [10, 20]}"])
+    assert out["model"]["num_layers"] == 3
+    assert out["phase1"]["lr"] == 1e-3
+    assert out["data"]["sizes"] == {"tokens": [10, 20]}
+    assert raw["model"]["num_layers"] == 6  # the original is untouched
+
+
+def test_every_problem_is_reported_at_once():
+    raw = {
+        "model": {"num_layers": 0, "context_dim": "wide", "colour": 3},
+        "phase1": {"lr": -1},
+        "sampler": {"type": "annealing"},
+        "objective": "loss",
+        "data": {"source": "wiki", "sizes": {"tokens": [100, 50]}},
+        "bogus": 1,
+    }
+    with pytest.raises(ConfigError) as e:
+        parse_space(raw)
+    text = str(e.value)
+    for needle in ("model.num_layers", "model.context_dim", "model.colour", "phase1.lr", "sampler.type", "objective", "data.sizes", "bogus"):
+        assert needle in text, needle
+
+
+def test_tpe_space_with_warm_start_and_distributions():
+    raw = {
+        "sampler": {"type": "tpe", "seed": 1},
+        "parameters": {
+            "num_layers": {"type": "int", "low": 1, "high": 4},
+            "phase1.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "num_input_tokens": [1, 2],
+        },
+        "warm_start": {"configs": {"a": {"num_layers": 2, "num_input_tokens": 2}}},
+        "data": {"source": "wiki", "sizes": {"tokens": [100, 200]}},
+    }
+    sp = parse_space(raw)
+    assert set(sp.parameters) == {"num_layers", "phase1.lr", "num_input_tokens"}
+    assert sp.parameters["phase1.lr"].log
+    assert sp.configs == {"a": {"num_layers": 2, "num_input_tokens": 2}}
+    assert sp.n_trials == 20
+
+
+def test_cartesian_grid_expands_parameters():
+    raw = {"sampler": "grid", "parameters": {"num_layers": [1, 2], "context_dim": {"type": "int", "low": 8, "high": 16, "step": 8}},
+           "data": {"source": "wiki", "sizes": {"tokens": [100, 200]}}}
+    sp = parse_space(raw)
+    assert len(sp.configs) == 4 and not sp.parameters
+    assert {"num_layers": 2, "context_dim": 16} in sp.configs.values()
+
+
+def test_constraint_violations():
+    raw = {"sampler": {"type": "grid", "configs": {"big": {"num_layers": 12, "context_dim": 2048}}},
+           "constraints": {"max_phase1_params": 1e6}, "data": {"source": "wiki", "sizes": {"tokens": [100, 200]}}}
+    with pytest.raises(ConfigError, match="phase1_params"):
+        parse_space(raw)
