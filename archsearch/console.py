@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+# In a log or a pipe (no terminal), rich would wrap at 80 columns and split table cells.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def fmt_count(n: float | int | None) -> str:

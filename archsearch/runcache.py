@@ -78,5 +78,6 @@ class RunCache:
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
 
-    def __len__(self) -> int:
+    def count(self) -> int:
+        """Entries on disk."""
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0

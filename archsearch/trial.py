@@ -169,7 +169,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
         runs = []
         for seed in plan.seeds:
             key = run_key(cfg, data.stream_fingerprint(size, plan.size_unit), seed)
-            hit = cache.get(key) if cache else None
+            hit = cache.get(key) if cache is not None else None
             if hit is not None:
                 runs.append(dict(hit, cached=True))
                 if progress:
@@ -186,7 +186,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
             relay("start")
             metrics = train_run(cfg, embedding, train_ids, val_ids, seed, plan.device, relay)
             metrics.update(size=size, size_unit=plan.size_unit, key=key)
-            if cache:
+            if cache is not None:
                 cache.put(key, metrics)
             runs.append(dict(metrics, cached=False))
         records.append(combine_seeds(runs))

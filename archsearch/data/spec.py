@@ -72,7 +72,7 @@ class DataSpec:
 
     # wiki, and files without val_paths
     val_tokens: int = 30000
-    """Validation = whole documents held out from the END of the corpus until >= this many tokens."""
+    """Validation = the first val_tokens tokens of whole documents held out from the END of the corpus."""
     min_article_chars: int = 500
     """wiki: drop articles shorter than this after markup is stripped (redirects always dropped)."""
 

@@ -54,7 +54,8 @@ def init_ray(address: str | None, quiet: bool = True):
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]})") from None
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": a new embedded instance, never a cluster that `ray start` left on this machine
+        ray.init(address="local", include_dashboard=False, **kwargs)
     return ray
 
 
@@ -155,7 +156,7 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
             scheduler=PrunerScheduler(bridge),
             num_samples=-1,
             max_concurrent_trials=space.max_concurrent,
-            reuse_actors=False,
+            reuse_actors=True,  # a worker keeps torch imported between trials
         ),
         run_config=tune.RunConfig(
             name=results_dir.name,

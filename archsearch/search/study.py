@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,15 +79,13 @@ def owner_alive(owner: dict[str, Any] | None, heartbeat: float | None, now: floa
     """Is the driver that runs this trial alive? Exact on this host, by heartbeat elsewhere."""
     if owner and owner.get("host") == socket.gethostname():
         pid = int(owner.get("pid", -1))
-        if pid == os.getpid():
-            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
+        except (PermissionError, OverflowError):
             pass
-        start = _proc_start(pid)
+        start = _proc_start(pid)  # a recycled pid has another start time
         return start is None or owner.get("start") in (None, start)
     return heartbeat is not None and now - heartbeat < GRACE_S
 
@@ -130,12 +129,9 @@ def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
     study.set_user_attr("size_unit", space.data.size_unit)
     study.set_user_attr("data_source", space.data.source)
     study.set_user_attr("sampler", space.sampler)
-    try:
-        import optuna_dashboard
-
-        optuna_dashboard.set_objective_names(study, [o.label for o in space.objectives])
-    except ImportError:  # pragma: no cover - a dependency, but the dashboard is optional at run time
-        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.label for o in space.objectives])  # objective names in the dashboard
     return study
 
 

@@ -1,0 +1,139 @@
+"""archsearch run: real Ray (local, 2 CPUs) and real Optuna SQLite storage."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from helpers import tiny_space
+from optuna.trial import TrialState
+
+from archsearch.config import param_counts
+from archsearch.scaling import fit_power_law
+from archsearch.search.runner import run_search
+from archsearch.space import parse_space
+
+SIZES = [400, 800, 1600]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def run(space: dict, **kw):
+    return run_search(parse_space(space), view_mode="quiet", **kw)
+
+
+def load(home, name="tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'archsearch.db'}")
+
+
+def test_grid_study_gets_exactly_its_configs_complete_with_attributes(home, tiny_corpus, ray_local):
+    space = tiny_space(tiny_corpus)
+    summary = run(space)
+    assert not summary.failed and not summary.interrupted
+    study = load(home)
+    trials = study.get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    by_name = {t.user_attrs["config_name"]: t for t in trials}
+    assert set(by_name) == {"a", "b"}
+    for name, cfg in space["sampler"]["configs"].items():
+        t = by_name[name]
+        assert t.params == cfg  # params are exactly the searched fields
+        sizes = t.user_attrs["sizes"]
+        assert [s["train_tokens"] for s in sizes] == SIZES
+        fit = fit_power_law([s["train_tokens"] for s in sizes], [s["val_ppl"] for s in sizes])
+        assert t.values == [pytest.approx(fit.alpha)]
+        assert t.user_attrs["alpha"] == pytest.approx(fit.alpha)
+        assert t.user_attrs["r2"] == pytest.approx(fit.r2)
+        assert t.user_attrs["alpha_low"] < fit.alpha < t.user_attrs["alpha_high"]
+        assert t.user_attrs["A"] == pytest.approx(fit.A)
+        from archsearch.config import run_config_from_dict
+
+        counts = param_counts(run_config_from_dict({"model": cfg}).model, 8)
+        assert t.user_attrs["phase1_params"] == counts["phase1_params"]
+        assert t.user_attrs["total_params"] == counts["total_params"]
+        assert t.user_attrs["device"] == "cpu" and t.user_attrs["wall_seconds"] > 0
+        assert t.user_attrs["final_ppl"] == pytest.approx(sizes[-1]["val_ppl"])
+        # intermediate values: the partial-fit objective, step = cumulative training tokens
+        assert sorted(t.intermediate_values) == [SIZES[0] + SIZES[1], sum(SIZES)]
+        assert t.intermediate_values[sum(SIZES)] == pytest.approx(fit.alpha)
+        # artifacts the dashboard shows: the log-log plot and the per-size table
+        metas = optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
+        assert sorted(m.mimetype for m in metas) == ["image/png", "text/csv"]
+    assert study.metric_names == ["alpha"]
+
+
+def test_rerun_adds_no_trial(home, tiny_corpus, ray_local):
+    space = tiny_space(tiny_corpus)
+    run(space)
+    first = {t.number: t.values for t in load(home).get_trials()}
+    second = run(space)
+    assert second.outcomes == [] and set(second.done_before) == {"a", "b"}
+    assert {t.number: t.values for t in load(home).get_trials()} == first
+
+
+def test_run_cache_makes_a_repeated_config_free(home, tiny_corpus, ray_local):
+    run(tiny_space(tiny_corpus, study={"name": "one"}))
+    summary = run(tiny_space(tiny_corpus, study={"name": "two"}))
+    assert all(o.cached for o in summary.outcomes) and len(summary.outcomes) == 2
+    one, two = load(home, "one"), load(home, "two")
+    for t1, t2 in zip(one.get_trials(), two.get_trials()):
+        assert t2.user_attrs["cache_hits"] == len(SIZES)
+        assert all(s["cached"] for s in t2.user_attrs["sizes"])
+        assert t2.values == t1.values
+
+
+def test_tpe_adds_n_trials_beyond_the_warm_start(home, tiny_corpus, ray_local):
+    space = tiny_space(
+        tiny_corpus,
+        study={"name": "tpe"},
+        sampler={"type": "tpe", "seed": 0, "n_startup_trials": 2},
+        parameters={"num_layers": {"type": "int", "low": 1, "high": 3}, "context_dim": [4, 8, 12]},
+        warm_start={"configs": {"warm": {"num_layers": 2, "context_dim": 8}}},
+    )
+    run(space, n_trials=3)
+    trials = load(home, "tpe").get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert [t.user_attrs["config_name"] for t in trials].count("warm") == 1
+    run(space, n_trials=2)
+    trials = load(home, "tpe").get_trials()
+    assert len(trials) == 6  # the warm start is not queued again
+    assert [t.user_attrs["config_name"] for t in trials].count("warm") == 1
+
+
+def test_early_stopped_trial_is_pruned_never_complete(home, tiny_corpus, ray_local):
+    # alpha is never below -10: the threshold pruner stops every trial at its first report
+    space = tiny_space(tiny_corpus, early_stopping={"pruner": "threshold", "upper": -10.0})
+    run(space)
+    trials = load(home).get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    for t in trials:
+        # Optuna keeps a pruned trial's last intermediate value (the partial fit) as its value
+        assert t.values == [t.intermediate_values[SIZES[0] + SIZES[1]]]
+        assert t.user_attrs["sizes_done"] == 2 < len(SIZES)  # stopped after its second size
+        assert "pruner stopped it" in t.user_attrs["pruned_reason"]
+        assert list(t.intermediate_values) == [SIZES[0] + SIZES[1]]
+
+
+def test_raising_trial_fails_with_its_cause_and_the_study_goes_on(home, tiny_corpus, ray_local):
+    configs = {
+        "good": {"num_layers": 1, "context_dim": 8},
+        "nan": {"num_layers": 1, "context_dim": 8, "model.init_std": 1e30},  # overflows to NaN
+    }
+    summary = run(tiny_space(tiny_corpus, sampler={"type": "grid", "configs": configs}, max_failures=1))
+    states = {}
+    for t in load(home).get_trials():
+        states.setdefault(t.user_attrs["config_name"], []).append(t.state)
+        if t.state == TrialState.FAIL:
+            assert "NonFiniteLoss" in t.user_attrs["error"] and "NaN" in t.user_attrs["error"]
+            assert t.values is None
+    assert states == {"good": [TrialState.COMPLETE], "nan": [TrialState.FAIL, TrialState.FAIL]}  # one retry
+    assert [o.name for o in summary.failed] == ["nan", "nan"]
+    assert not any(math.isnan(s["val_ppl"]) for t in load(home).get_trials() for s in t.user_attrs.get("sizes", []))
