@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from archsearch.config import RunConfig, param_counts
+from archsearch.cvfp import head
 from archsearch.cvfp.metrics import effective_rank
 from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding, init_parameters
 from archsearch.errors import NonFiniteLoss
@@ -57,8 +57,9 @@ def precision_scope(precision: str, device: torch.device):
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for this run's GPU work (its stream only: other runs may share the GPU)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def seed_everything(seed: int) -> None:
@@ -111,7 +112,7 @@ def train_phase1(
     if full_end < N:
         spans.append((full_end, N))
 
-    opt = torch.optim.Adam(block.parameters(), lr=p1.lr)
+    opt = torch.optim.Adam(block.parameters(), lr=p1.lr, fused=device.type == "cuda")
     prev = torch.randn(N, C, generator=generator, device=device) * p1.init_context_std  # (N, C)
     history = [{"iteration": 1, "loss": math.nan, "cvfp": math.nan, "diversity": math.nan, "convergence_rate": 0.0}]
     rate, iteration = 0.0, 1
@@ -217,12 +218,14 @@ def evaluate(
     ce_sum = torch.zeros((), device=targets.device, dtype=torch.float64)
     correct = torch.zeros((), device=targets.device, dtype=torch.int64)
     B = cfg.engine.eval_batch_size
+    weight = head.head_weight(emb.weight, cfg.engine.precision)
     with precision_scope(cfg.engine.precision, targets.device):
         for s in range(0, n, B):
             e = min(s + B, n)
-            logits = emb.logits(tblock(cache[:, s:e], emb.vectors(windows[s:e])))  # (b, V)
-            ce_sum += F.cross_entropy(logits.float(), targets[s:e], reduction="sum").double()
-            correct += (logits.argmax(dim=-1) == targets[s:e]).sum()
+            h = tblock(cache[:, s:e], emb.vectors(windows[s:e]))  # (b, E)
+            ce, hits = head.eval_sums(h, weight, targets[s:e])
+            ce_sum += ce
+            correct += hits
     return float(ce_sum) / n, int(correct) / n
 
 
@@ -241,7 +244,8 @@ def train_phase2(
     windows, targets, cache = train
     n = targets.shape[0]
     device = targets.device
-    opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr)
+    opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr, fused=device.type == "cuda")
+    weight = head.head_weight(emb.weight, cfg.engine.precision)
     best = Phase2Result(0, 0, math.inf, math.inf, 0.0)
     history: list[dict[str, float]] = []
     bad_epochs, epoch = 0, 0
@@ -250,8 +254,8 @@ def train_phase2(
         for s in range(0, n, p2.batch_size):
             e = min(s + p2.batch_size, n)
             with precision_scope(cfg.engine.precision, device):
-                logits = emb.logits(tblock(cache[:, s:e], emb.vectors(windows[s:e])))  # (b, V)
-            loss = F.cross_entropy(logits.float(), targets[s:e])
+                h = tblock(cache[:, s:e], emb.vectors(windows[s:e]))  # (b, E)
+                loss = head.train_loss(h, weight, targets[s:e])  # mean CE of the tied head
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tblock.parameters(), p2.grad_clip)

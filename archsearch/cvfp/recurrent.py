@@ -15,7 +15,17 @@ import torch.nn.functional as F
 from archsearch.config import RunConfig
 from archsearch.cvfp.model import ContextBlock, TokenEmbedding
 
-GRAPH_STEPS = 64
+GRAPH_STEPS = 128  # steps per captured graph (even, see _triton_pass)
+
+
+def triton_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _token_half(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, batch: int) -> torch.Tensor:
@@ -56,6 +66,8 @@ def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tens
         eps = block.layers[0].norm.eps
         out = torch.empty_like(P)
         ctx = torch.zeros(C, device=device)
+        if device.type == "cuda" and cfg.engine.val_graph and triton_available(device):
+            return _triton_pass(P, Wc, norms, eps)
         if device.type == "cuda" and cfg.engine.val_graph and T >= GRAPH_STEPS:
             _graph_pass(ctx, P, Wc, norms, out, eps)
         else:
@@ -91,3 +103,55 @@ def _graph_pass(ctx, P, Wc, norms, out, eps) -> None:
     ctx.copy_(static_ctx)
     if full < T:
         _steps(ctx, P[:, full:], Wc, norms, out[:, full:], eps)
+
+
+def _triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True) -> torch.Tensor:
+    """The recurrence as one fused kernel per layer and step, replayed from a CUDA graph.
+
+    Global kernel k finishes layer (k-1) % L of step (k-1) // L and starts layer k % L of
+    step k // L; kernel 0 starts from the zero context. A graph holds S*L consecutive
+    kernels (S steps); the token halves P and the outputs go through static buffers."""
+    from archsearch.cvfp.kernels import recurrent_step
+
+    L, T, C = P.shape
+    S = GRAPH_STEPS
+    chunks = -(-T // S)
+    device = P.device
+    Ppad = torch.zeros(L, chunks * S + 1, C, device=device)
+    Ppad[:, :T] = P
+    W = torch.stack(Wc).contiguous()  # (L, C, C)
+    G = torch.stack([g for g, _ in norms]).contiguous()  # (L, C)
+    B = torch.stack([b for _, b in norms]).contiguous()
+    xb, hb = torch.zeros(2, C, device=device), torch.zeros(2, C, device=device)
+    out = torch.empty(L, chunks * S, C, device=device)
+    static_P = torch.empty(L, S + 1, C, device=device)
+    static_out = torch.empty(L, S, C, device=device)
+    scratch = torch.zeros(4, C, device=device)
+
+    def launch(kk: int) -> None:  # local kernel kk of a chunk (S*L is even: parities repeat)
+        j, i = kk % L, (kk + 1) % L
+        recurrent_step(xb[kk % 2], hb[kk % 2], xb[(kk + 1) % 2], hb[(kk + 1) % 2], G[j], B[j], W[i],
+                       static_P[i, (kk + 1) // L], static_out[j, kk // L], eps, rows=rows)  # fmt: skip
+
+    def chunk() -> None:
+        for kk in range(S * L):
+            launch(kk)
+
+    replay = chunk
+    if use_graph:
+        # compile both variants outside the capture, on scratch buffers
+        recurrent_step(scratch[0], scratch[1], scratch[2], scratch[3], G[0], B[0], W[0], P[0, 0], scratch[2], eps, first=True, rows=rows)
+        recurrent_step(scratch[0], scratch[1], scratch[2], scratch[3], G[0], B[0], W[0], P[0, 0], scratch[2], eps, rows=rows)
+        torch.cuda.current_stream(device).synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            chunk()
+        replay = graph.replay
+    # kernel 0: the zero context (xb[1] is still zero) starts layer 0 of step 0
+    recurrent_step(xb[1], hb[1], xb[0], hb[0], G[0], B[0], W[0], Ppad[0, 0], scratch[2], eps, first=True, rows=rows)
+    for r in range(chunks):
+        t0 = r * S
+        static_P.copy_(Ppad[:, t0 : t0 + S + 1])
+        replay()
+        out[:, t0 : t0 + S].copy_(static_out)
+    return out[:, :T]

@@ -23,36 +23,37 @@ def _layer_norm(x, gain, bias, eps):
     return (x - mu) / torch.sqrt(var + eps) * gain + bias
 
 
-def _linear(shape_out, shape_in, cfg, g):
-    w = torch.empty(shape_out, shape_in).normal_(0.0, cfg.model.init_std, generator=g).requires_grad_()
-    b = torch.empty(shape_out).normal_(0.0, cfg.model.init_bias_std, generator=g).requires_grad_()
+def _linear(shape_out, shape_in, cfg, g, device):
+    w = torch.empty(shape_out, shape_in).normal_(0.0, cfg.model.init_std, generator=g).to(device).requires_grad_()
+    b = torch.empty(shape_out).normal_(0.0, cfg.model.init_bias_std, generator=g).to(device).requires_grad_()
     return [w, b]
 
 
-def _norm(dim):
-    return [torch.ones(dim, requires_grad=True), torch.zeros(dim, requires_grad=True)]
+def _norm(dim, device):
+    return [torch.ones(dim, device=device, requires_grad=True), torch.zeros(dim, device=device, requires_grad=True)]
 
 
 class Reference:
-    def __init__(self, cfg: RunConfig, embedding: torch.Tensor, seed: int):
+    def __init__(self, cfg: RunConfig, embedding: torch.Tensor, seed: int, device: str | torch.device = "cpu"):
         self.cfg = cfg
         m = cfg.model
-        self.W = embedding.float()
+        self.device = d = torch.device(device)
+        self.W = embedding.float().to(d)
         V, E = self.W.shape
         self.V, self.E, self.k, self.L, self.C = V, E, m.num_input_tokens, m.num_layers, m.context_dim
         self.eps = m.layernorm_eps
         g = torch.Generator().manual_seed(seed)
         C, Ek = self.C, E * self.k
         # ContextBlock: per layer fc (C, C+Ek) and LayerNorm(C)
-        self.ctx_layers = [(_linear(C, C + Ek, cfg, g), _norm(C)) for _ in range(self.L)]
+        self.ctx_layers = [(_linear(C, C + Ek, cfg, g, d), _norm(C, d)) for _ in range(self.L)]
         # TokenBlock: per layer fc (d_out, C+d_in), optional proj (d_out, d_in), LayerNorm(d_out)
         widths = [Ek - ((Ek - E) * i) // self.L for i in range(self.L + 1)]
         self.tok_layers = []
         for i in range(self.L):
             d_in, d_out = widths[i], widths[i + 1]
-            fc = _linear(d_out, C + d_in, cfg, g)
-            proj = _linear(d_out, d_in, cfg, g) if d_in != d_out else None
-            self.tok_layers.append((fc, proj, _norm(d_out)))
+            fc = _linear(d_out, C + d_in, cfg, g, d)
+            proj = _linear(d_out, d_in, cfg, g, d) if d_in != d_out else None
+            self.tok_layers.append((fc, proj, _norm(d_out, d)))
 
     # -- pieces -----------------------------------------------------------------------
     def token_vector(self, ids: list[int], t: int) -> torch.Tensor:
@@ -60,10 +61,10 @@ class Reference:
         for j in range(self.k):
             pos = t - self.k + 1 + j
             if pos < 0:
-                parts.append(torch.zeros(self.E))
+                parts.append(torch.zeros(self.E, device=self.device))
             else:
                 e = self.W[ids[pos]]
-                parts.append(_layer_norm(e, torch.ones(self.E), torch.zeros(self.E), self.eps))
+                parts.append(_layer_norm(e, 1.0, 0.0, self.eps))
         return torch.cat(parts)
 
     def context_block(self, context: torch.Tensor, tokvec: torch.Tensor) -> list[torch.Tensor]:
@@ -107,11 +108,11 @@ class Reference:
         tok = torch.stack([self.token_vector(ids, t) for t in range(N)])
         params = self.ctx_params()
         opt = torch.optim.Adam(params, lr=p1.lr)
-        prev = torch.randn(N, C, generator=g) * p1.init_context_std
+        prev = torch.randn(N, C, generator=g, device=g.device) * p1.init_context_std
         history = [{"iteration": 1, "convergence_rate": 0.0}]
         num_batches = math.ceil(N / B)
         for it in range(2, p1.max_iterations + 1):
-            noise = torch.randn(N, C, generator=g) * p1.noise_std
+            noise = torch.randn(N, C, generator=g, device=g.device) * p1.noise_std
             for p in params:
                 p.grad = None
             outs, losses = [], []
@@ -141,13 +142,13 @@ class Reference:
         N = len(ids)
         rows = []
         for t in range(N - 1):
-            inp = torch.zeros(self.C) if t == 0 else contexts[t - 1]
+            inp = torch.zeros(self.C, device=self.device) if t == 0 else contexts[t - 1]
             rows.append(torch.stack(self.context_block(inp, self.token_vector(ids, t))))
         return torch.stack(rows, dim=1)  # (L, N-1, C)
 
     @torch.no_grad()
     def val_cache(self, ids: list[int]) -> torch.Tensor:
-        ctx = torch.zeros(self.C)
+        ctx = torch.zeros(self.C, device=self.device)
         rows = []
         for t in range(len(ids) - 1):
             outs = self.context_block(ctx, self.token_vector(ids, t))
@@ -159,9 +160,9 @@ class Reference:
         tok = torch.stack([self.token_vector(ids, t) for t in range(s, e)])
         h = self.token_block([cache[i, s:e] for i in range(self.L)], tok)
         logits = h @ self.W.T
-        targets = torch.tensor(ids[s + 1 : e + 1])
+        targets = torch.tensor(ids[s + 1 : e + 1], device=self.device)
         logp = logits - torch.logsumexp(logits, -1, keepdim=True)
-        ce = -logp[torch.arange(e - s), targets]
+        ce = -logp[torch.arange(e - s, device=self.device), targets]
         correct = (logits.argmax(-1) == targets).float()
         return ce, correct
 
@@ -201,18 +202,19 @@ class Reference:
     @staticmethod
     def effective_rank(x: torch.Tensor, max_rows: int, g: torch.Generator) -> float:
         if x.shape[0] > max_rows:
-            x = x[torch.randperm(x.shape[0], generator=g)[:max_rows]]
+            x = x[torch.randperm(x.shape[0], generator=g)[:max_rows].to(x.device)]
         s = torch.linalg.svdvals(x)
         p = s / s.sum()
         return float(torch.exp(-(p * torch.log(p + 1e-10)).sum())) / x.shape[1]
 
 
-def reference_run(cfg: RunConfig, embedding: torch.Tensor, train_ids, val_ids, seed: int) -> dict[str, Any]:
-    """Everything cvfp.md defines for one run, computed the slow way."""
+def reference_run(cfg: RunConfig, embedding: torch.Tensor, train_ids, val_ids, seed: int, device="cpu") -> dict[str, Any]:
+    """Everything cvfp.md defines for one run, computed the slow way (``device``: where its
+    tensors live; the phase-1 random numbers come from a generator on that device)."""
     torch.manual_seed(seed)
     train_ids, val_ids = [int(i) for i in train_ids], [int(i) for i in val_ids]
-    ref = Reference(cfg, embedding, seed)
-    contexts, p1_hist = ref.phase1(train_ids, torch.Generator().manual_seed(seed))
+    ref = Reference(cfg, embedding, seed, device)
+    contexts, p1_hist = ref.phase1(train_ids, torch.Generator(device=ref.device).manual_seed(seed))
     train_cache = ref.train_cache(train_ids, contexts)
     val_cache = ref.val_cache(val_ids)
     g_er = torch.Generator().manual_seed(seed)

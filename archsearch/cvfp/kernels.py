@@ -1,0 +1,105 @@
+"""Triton kernels for the two GPU hot spots (imported only where Triton is available).
+
+1. ``ce_rows``: cross-entropy of a (n, V) logits block against targets, fused with its
+   gradient. The tied head is frozen, so the only gradient phase 2 needs from the head is the
+   one w.r.t. its input: softmax(logits) - onehot, written over the logits in place. One pass
+   finds max / sum-exp / argmax online, a second writes the gradient: the logits are read
+   twice and written once, with no fp32 copy of the (n, 50257) matrix.
+
+2. ``recurrent_step``: one ContextLayer step of the truly recurrent validation pass. Kernel
+   k finishes layer k-1 (LayerNorm of x + ReLU(h), computed redundantly by every program
+   from the full vectors) and starts layer k (each program computes ROWS rows of W_c y + P).
+   The kernel boundary is the grid-wide barrier the LayerNorm needs, so a step of L layers is
+   L launches, replayed from a CUDA graph (see recurrent.py).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr, stride_row, targets_ptr, loss_ptr, argmax_ptr, grad_scale, V: tl.constexpr,
+    BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # running max per lane
+    s = tl.zeros([BLOCK_V], tl.float32)  # running sum of exp(x - m) per lane
+    best_i = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(m, x)
+        empty = new_m == float("-inf")  # a lane that has seen only padding so far
+        s = tl.where(empty, 0.0, s * tl.exp(m - new_m) + tl.exp(x - new_m))
+        best_i = tl.where(x > m, idx, best_i)
+        m = new_m
+    row_max = tl.max(m, axis=0)
+    total = tl.sum(s * tl.exp(m - row_max), axis=0)
+    lse = row_max + tl.log(total)
+    # first index holding the row max (argmax ties resolve to the lowest index, like torch)
+    cand = tl.where(m == row_max, best_i, V)
+    tl.store(argmax_ptr + row, tl.min(cand, axis=0))
+    target = tl.load(targets_ptr + row)
+    x_t = tl.load(base + target).to(tl.float32)
+    tl.store(loss_ptr + row, lse - x_t)
+    if WRITE_GRAD:
+        for start in range(0, V, BLOCK_V):
+            idx = start + offs
+            x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(idx == target, 1.0, 0.0)
+            tl.store(base + idx, (g * grad_scale).to(logits_ptr.dtype.element_ty), mask=idx < V)
+
+
+def ce_rows(logits, targets, loss, argmax, grad_scale: float = 1.0, write_grad: bool = True) -> None:
+    """Per-row CE into ``loss`` (fp32), argmax into ``argmax`` (int32); with ``write_grad``
+    the logits become grad_scale * (softmax - onehot). ``logits`` (n, V), rows contiguous."""
+    n, V = logits.shape
+    assert logits.stride(1) == 1
+    _ce_rows_kernel[(n,)](logits, logits.stride(0), targets, loss, argmax, grad_scale, V,
+                          BLOCK_V=2048, WRITE_GRAD=write_grad, num_warps=8)  # fmt: skip
+
+
+@triton.jit
+def _recurrent_step_kernel(
+    xin_ptr, hin_ptr, xout_ptr, hout_ptr, gamma_ptr, beta_ptr, w_ptr, p_ptr, out_ptr, eps,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    x = tl.load(xin_ptr + cols, mask=cmask, other=0.0)
+    if FIRST:
+        y = x  # the initial context: no layer to finish
+    else:
+        h = tl.load(hin_ptr + cols, mask=cmask, other=0.0)
+        z = x + tl.maximum(h, 0.0)
+        mean = tl.sum(z, axis=0) / C
+        d = tl.where(cmask, z - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / C
+        gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0)
+        beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0)
+        y = d * tl.rsqrt(var + eps) * gamma + beta
+    lo = pid * ROWS
+    mine = cmask & (cols >= lo) & (cols < lo + ROWS)
+    tl.store(xout_ptr + cols, y, mask=mine)  # every program writes its slice of y
+    if not FIRST:
+        tl.store(out_ptr + cols, y, mask=mine)
+    rows = lo + tl.arange(0, ROWS)
+    rmask = rows < C
+    w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    hnew = tl.sum(w * y[None, :], axis=1) + tl.load(p_ptr + rows, mask=rmask, other=0.0)
+    tl.store(hout_ptr + rows, hnew, mask=rmask)
+
+
+def recurrent_step(xin, hin, xout, hout, gamma, beta, w, p, out, eps: float, first: bool = False, rows: int = 8) -> None:
+    """Finish the previous layer into ``out``/``xout`` and start the next one into ``hout``."""
+    C = xin.shape[0]
+    block = triton.next_power_of_2(C)
+    grid = (triton.cdiv(C, rows),)
+    _recurrent_step_kernel[grid](xin, hin, xout, hout, gamma, beta, w, p, out, eps,
+                                 C=C, BLOCK_C=block, ROWS=rows, FIRST=first, num_warps=4)  # fmt: skip

@@ -1,0 +1,236 @@
+"""Benchmark of the report's whole workload: 4 configs x 4 sizes, phases timed, JSON out.
+
+    python scripts/bench_gpu.py --precision bf16 --concurrency 2 --out benchmarks/h100_bf16.json
+
+The report's shapes with random data (no data access needed): V = 50,257, E = 768, training
+streams of 62,891 / 122,795 / 240,132 / 587,970 tokens, a 31,024-token validation stream,
+fixed work (phase 1: 7 iterations, 10 for context_dim 1152; phase 2: 5 epochs). Per run and
+phase it reports seconds, tokens/s, achieved TFLOP/s and the fraction of the device's peak
+for the precision used; then the total wall time. ``--reference`` also times the plain
+reference implementation against the engine on a small subset, on the same device.
+Needs only PyTorch (and Triton on GPUs for the fused kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from archsearch.config import param_counts, run_config_from_dict, token_widths  # noqa: E402
+from archsearch.cvfp.engine import train_run  # noqa: E402
+
+REPORT_SIZES = [62_891, 122_795, 240_132, 587_970]
+VAL_TOKENS = 31_024
+V, E = 50_257, 768
+CONFIGS = {
+    "baseline": (6, 768, 1),
+    "input_tokens_2": (6, 768, 2),
+    "context_dim_1152": (6, 1152, 1),
+    "layers_9": (9, 768, 1),
+}
+# dense peak by datasheet (H100 SXM); the measured matmul rate is reported beside it
+PEAK_TFLOPS = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}
+
+
+def run_config(L: int, C: int, k: int, precision: str, iterations: int, epochs: int):
+    return run_config_from_dict({
+        "model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
+        "phase1": {"min_iterations": iterations, "max_iterations": iterations},
+        "phase2": {"max_epochs": epochs, "patience": epochs},
+        "engine": {"precision": precision},
+    })  # fmt: skip
+
+
+def flops(L: int, C: int, k: int, N: int, M: int, iterations: int, epochs: int) -> dict[str, float]:
+    """Matrix-product FLOPs of each phase (2 per multiply-add; LayerNorms etc. left out)."""
+    ek = E * k
+    ctx_layer = (C + ek) * C  # MACs per position per ContextLayer
+    widths = token_widths(E, k, L)
+    tok = sum((C + a) * b + (a * b if a != b else 0) for a, b in zip(widths[:-1], widths[1:]))
+    return {
+        "phase1": (iterations - 1) * N * L * 6 * ctx_layer,  # forward 2 + backward 4
+        "contexts": (N - 1) * L * 2 * ctx_layer + (M - 1) * L * 2 * ctx_layer,
+        "phase2": epochs * ((N - 1) * (6 * tok + 4 * E * V) + (M - 1) * (2 * tok + 2 * E * V)),  # frozen head: no weight grad
+    }
+
+
+def measured_matmul_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def one_run(job, W, train, val, device, precision, epochs):
+    name, (L, C, k), N = job
+    iterations = 10 if C == 1152 else 7
+    cfg = run_config(L, C, k, precision, iterations, epochs)
+    m = train_run(cfg, W, train[:N], val, seed=42, device=device)
+    f = flops(L, C, k, N, len(val), m["phase1_iterations"], m["phase2_stopped_epoch"])
+    peak = PEAK_TFLOPS[precision] if device.type == "cuda" else float("nan")
+    phases = {}
+    for phase, secs in (("phase1", m["phase1_seconds"]), ("contexts", m["contexts_seconds"]), ("phase2", m["phase2_seconds"])):
+        tflops = f[phase] / secs / 1e12
+        tokens = {"phase1": N * (m["phase1_iterations"] - 1), "contexts": N + len(val), "phase2": (N + len(val)) * m["phase2_stopped_epoch"]}[phase]
+        phases[phase] = {"seconds": secs, "tokens_per_s": tokens / secs, "tflops": tflops, "fraction_of_peak": tflops / peak, "flop": f[phase]}
+    return {
+        "config": name, "train_tokens": N, "val_tokens": len(val), "phase1_iterations": m["phase1_iterations"],
+        "phase2_epochs": m["phase2_stopped_epoch"], "seconds": m["seconds"], "val_step_us": m["val_step_us"],
+        "val_ppl": m["val_ppl"], "phases": phases, **param_counts(cfg.model, E),
+    }  # fmt: skip
+
+
+def reference_speedup(W, train, val, device, precision) -> dict:
+    """Engine vs the plain reference implementation on a small subset, same device."""
+    from archsearch.cvfp.reference import reference_run
+
+    N, M = 3000, 600
+    cfg = run_config_from_dict({
+        "model": {"num_layers": 6, "context_dim": 768, "num_input_tokens": 1},
+        "phase1": {"min_iterations": 3, "max_iterations": 3, "batch_size": 1000},
+        "phase2": {"max_epochs": 1, "patience": 1, "batch_size": 512},
+        "engine": {"precision": "fp32"},
+    })  # fmt: skip
+    t0 = time.perf_counter()
+    ref = reference_run(cfg, W, train[:N], val[:M], seed=0, device=device)
+    t_ref = time.perf_counter() - t0
+    train_run(cfg, W, train[:N], val[:M], seed=0, device=device)  # warm-up (kernel compilation)
+    t0 = time.perf_counter()
+    eng = train_run(cfg, W, train[:N], val[:M], seed=0, device=device)
+    t_eng = time.perf_counter() - t0
+    return {"subset": {"train_tokens": N, "val_tokens": M, "config": "baseline", "phase1_iterations": 3, "phase2_epochs": 1, "precision": "fp32"},
+            "reference_seconds": t_ref, "engine_seconds": t_eng, "speedup": t_ref / t_eng,
+            "val_ppl_reference": ref["val_ppl"], "val_ppl_engine": eng["val_ppl"]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="bf16", choices=list(PEAK_TFLOPS))
+    ap.add_argument("--concurrency", type=int, default=1, help="runs sharing the device at once (threads, one CUDA stream each)")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every size (for a quick smoke run)")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--reference", action="store_true", help="also time the reference implementation on a subset")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(V, E, generator=g) * 0.1
+    sizes = [max(64, int(s * args.scale)) for s in REPORT_SIZES]
+    train = torch.randint(0, V, (sizes[-1],), generator=g)
+    val = torch.randint(0, V, (max(64, int(VAL_TOKENS * min(1.0, args.scale))),), generator=g)
+    jobs = [(name, CONFIGS[name], N) for name in args.configs.split(",") for N in sizes]
+    jobs.sort(key=lambda j: -j[2] * j[1][0] * j[1][1])  # biggest first: better packing when concurrent
+
+    # warm-up: kernel compilation and cuBLAS handles stay out of the timings
+    one_run(("warmup", (2, 64, 2), 2048), W, train, val[:1024], device, args.precision, 1)
+    matmul = measured_matmul_tflops(device)
+
+    results, errors = [], []
+    todo: queue.Queue = queue.Queue()
+    for j in jobs:
+        todo.put(j)
+
+    def worker() -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        while True:
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        r = one_run(job, W, train, val, device, args.precision, args.epochs)
+                else:
+                    r = one_run(job, W, train, val, device, args.precision, args.epochs)
+                results.append(r)
+                p = r["phases"]
+                print(f"{r['config']:>17} {r['train_tokens']:>8,}: {r['seconds']:6.2f} s | phase 1 {p['phase1']['seconds']:5.2f} s "
+                      f"{p['phase1']['tflops']:6.1f} TF/s | contexts {p['contexts']['seconds']:5.2f} s ({r['val_step_us']:.1f} us/step) | "
+                      f"phase 2 {p['phase2']['seconds']:5.2f} s {p['phase2']['tflops']:6.1f} TF/s ({100 * p['phase2']['fraction_of_peak']:.0f}%)", flush=True)  # fmt: skip
+            except Exception as e:  # report, keep going
+                errors.append(f"{job[0]} {job[2]}: {type(e).__name__}: {e}")
+                print("ERROR", errors[-1], flush=True)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+
+    totals = {}
+    peak = PEAK_TFLOPS[args.precision] if device.type == "cuda" else math.nan
+    for phase in ("phase1", "contexts", "phase2"):
+        secs = sum(r["phases"][phase]["seconds"] for r in results)
+        fl = sum(r["phases"][phase]["flop"] for r in results)
+        totals[phase] = {"seconds": secs, "tflops": fl / secs / 1e12 if secs else math.nan, "fraction_of_peak": fl / secs / 1e12 / peak if secs else math.nan}
+    total_flop = sum(r["phases"][p]["flop"] for r in results for p in r["phases"])
+    base = [r for r in results if r["config"] == "baseline"]
+    out = {
+        "benchmark": "report workload (4 configs x 4 sizes)",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "concurrency": args.concurrency,
+        "scale": args.scale,
+        "runs": len(results),
+        "errors": errors,
+        "wall_seconds": wall,
+        "sum_of_run_seconds": sum(r["seconds"] for r in results),
+        "total_pflop": total_flop / 1e15,
+        "overall_tflops": total_flop / wall / 1e12,
+        "peak_tflops_datasheet": PEAK_TFLOPS[args.precision],
+        "measured_bf16_matmul_tflops": matmul,
+        "phase_totals": totals,
+        "val_step_us_baseline": sum(r["val_step_us"] for r in base) / len(base) if base else None,
+        "results": sorted(results, key=lambda r: (r["config"], r["train_tokens"])),
+    }
+    if args.reference:
+        out["reference"] = reference_speedup(W, train, val, device, args.precision)
+    print(f"\n{len(results)} runs, {args.precision}, concurrency {args.concurrency} on {out['device']}: wall {wall:.1f} s "
+          f"({out['total_pflop']:.2f} PFLOP, {out['overall_tflops']:.0f} TFLOP/s overall)")  # fmt: skip
+    for phase, t in totals.items():
+        print(f"  {phase:>8}: {t['seconds']:7.2f} s summed over runs, {t['tflops']:6.1f} TFLOP/s, {100 * t['fraction_of_peak']:.1f}% of {args.precision} peak")
+    print(f"  recurrent validation pass, baseline: {out['val_step_us_baseline']:.1f} us/step" if base else "")
+    if matmul:
+        print(f"  measured bf16 matmul: {matmul:.0f} TFLOP/s (datasheet {PEAK_TFLOPS['bf16']})")
+    if args.reference:
+        r = out["reference"]
+        print(f"  reference implementation on a subset: {r['reference_seconds']:.1f} s vs engine {r['engine_seconds']:.3f} s: {r['speedup']:.0f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""GPU paths against their plain counterparts (skipped without CUDA; run on the GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_engine_matches_reference_on_gpu_fp32():
+    from test_engine import close, tiny_cfg, tiny_data
+
+    from archsearch.cvfp.engine import train_run
+    from archsearch.cvfp.reference import reference_run
+
+    for k, L in ((1, 1), (2, 2), (3, 3)):
+        cfg = tiny_cfg(k, L)
+        W, train, val = tiny_data()
+        e = train_run(cfg, W, train, val, seed=3, device="cuda", keep_tensors=True)
+        r = reference_run(cfg, W, train, val, seed=3, device="cuda")
+        t = e["tensors"]
+        assert close(t["contexts"], r["contexts"], 1e-4)
+        assert close(t["train_cache"], r["train_cache"], 1e-4)
+        assert close(t["val_cache"], r["val_cache"], 1e-4)
+        assert e["val_ppl"] == pytest.approx(r["val_ppl"], rel=1e-4)
+        assert e["val_er"] == pytest.approx(r["val_er"], rel=1e-4)
+
+
+@pytest.mark.parametrize("L, C, T", [(1, 64, 300), (6, 768, 700), (9, 1152, 260)])
+def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
+    from archsearch.cvfp import recurrent as R
+
+    g = torch.Generator(device="cuda").manual_seed(L)
+    P = torch.randn(L, T, C, device="cuda", generator=g)
+    Wc = [torch.randn(C, C, device="cuda", generator=g) * C**-0.5 for _ in range(L)]
+    norms = [(torch.rand(C, device="cuda", generator=g) + 0.5, torch.randn(C, device="cuda", generator=g)) for _ in range(L)]
+    torch.set_float32_matmul_precision("highest")
+    ref = torch.empty(L, T, C, device="cuda")
+    R._steps(torch.zeros(C, device="cuda"), P, Wc, norms, ref, 1e-5)
+    out = R._triton_pass(P, Wc, norms, 1e-5)
+    assert out.shape == ref.shape
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_tied_cross_entropy_matches_torch(dtype):
+    import torch.nn.functional as F
+
+    from archsearch.cvfp.head import eval_sums, train_loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, E, V = 4096 + 37, 768, 50257
+    W = (torch.randn(V, E, device="cuda", generator=g) * 0.1).to(dtype)
+    h = torch.randn(n, E, device="cuda", generator=g, requires_grad=True)
+    t = torch.randint(0, V, (n,), device="cuda", generator=g)
+    loss = train_loss(h, W, t)
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2.to(dtype) @ W.T).float(), t)
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float(loss) == pytest.approx(float(ref), rel=tol)
+    assert float((h.grad - h2.grad).norm() / h2.grad.norm()) < (1e-4 if dtype == torch.float32 else 2e-2)
+    ce, hits = eval_sums(h.detach(), W, t)
+    assert float(ce) / n == pytest.approx(float(ref), rel=tol)
+    logits = (h.detach().to(dtype) @ W.T).float()
+    assert abs(int(hits) - int((logits.argmax(-1) == t).sum())) <= 2  # ties in bf16 may differ
+
+
+def test_bf16_run_is_close_to_fp32():
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.engine import train_run
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(2000, 64, generator=g) * 0.5
+    train, val = torch.randint(0, 2000, (20000,), generator=g), torch.randint(0, 2000, (3000,), generator=g)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 128, "num_input_tokens": 2},
+                                    "phase1": {"batch_size": 4000}, "phase2": {"batch_size": 512, "max_epochs": 3},
+                                    "engine": {"precision": precision}})  # fmt: skip
+        out[precision] = train_run(cfg, W, train, val, seed=1, device="cuda")
+    assert out["bf16"]["val_ppl"] == pytest.approx(out["fp32"]["val_ppl"], rel=0.02)
