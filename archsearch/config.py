@@ -72,6 +72,7 @@ class Phase2Config:
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+RECURRENT_MODES = ("auto", "persistent", "graph", "eager")
 
 
 @dataclass
@@ -86,8 +87,10 @@ class EngineConfig:
     still defined per batch of ``phase1.batch_size``)."""
     eval_batch_size: int = 4096
     """Positions per evaluation step (speed and memory only)."""
-    val_graph: bool = True
-    """Replay the recurrent validation step as a CUDA graph on GPUs (speed only)."""
+    recurrent: str = "auto"
+    """How the recurrent validation pass runs (speed only): auto (persistent on GPUs with
+    Triton, else eager) | persistent (one fused kernel for the whole pass) | graph (one
+    fused kernel per layer and step, replayed from a CUDA graph) | eager (PyTorch ops)."""
 
 
 @dataclass
@@ -266,6 +269,8 @@ def _cross_checks(cfg: RunConfig, prefix: str) -> list[str]:
         problems.append(
             f"{prefix}phase1.min_iterations: {p1.min_iterations} is above phase1.max_iterations ({p1.max_iterations})"
         )
+    if e.recurrent not in RECURRENT_MODES:
+        problems.append(f"{prefix}engine.recurrent: must be one of {', '.join(RECURRENT_MODES)}, got {e.recurrent!r}")
     if e.precision not in PRECISIONS:
         problems.append(f"{prefix}engine.precision: must be one of {', '.join(PRECISIONS)}, got {e.precision!r}")
     return problems

@@ -44,12 +44,15 @@ CONFIGS = {
 PEAK_TFLOPS = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}
 
 
+RECURRENT = "auto"
+
+
 def run_config(L: int, C: int, k: int, precision: str, iterations: int, epochs: int):
     return run_config_from_dict({
         "model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
         "phase1": {"min_iterations": iterations, "max_iterations": iterations},
         "phase2": {"max_epochs": epochs, "patience": epochs},
-        "engine": {"precision": precision},
+        "engine": {"precision": precision, "recurrent": RECURRENT},
     })  # fmt: skip
 
 
@@ -134,8 +137,11 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every size (for a quick smoke run)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--reference", action="store_true", help="also time the reference implementation on a subset")
+    ap.add_argument("--recurrent", default="auto", help="engine.recurrent: auto | persistent | graph | eager")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    global RECURRENT
+    RECURRENT = args.recurrent
 
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -202,6 +208,7 @@ def main() -> None:
         "torch": torch.__version__,
         "precision": args.precision,
         "concurrency": args.concurrency,
+        "recurrent": args.recurrent,
         "scale": args.scale,
         "runs": len(results),
         "errors": errors,

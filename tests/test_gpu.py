@@ -41,28 +41,36 @@ def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
     out = R._triton_pass(P, Wc, norms, 1e-5)
     assert out.shape == ref.shape
     assert float((out - ref).norm() / ref.norm()) < 1e-4
+    from archsearch.cvfp.kernels import recurrent_persistent
+
+    G = torch.stack([g for g, _ in norms]).contiguous()
+    B = torch.stack([b for _, b in norms]).contiguous()
+    out = recurrent_persistent(P, torch.stack(Wc).contiguous(), G, B, 1e-5)
+    assert out is not None and float((out - ref).norm() / ref.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_tied_cross_entropy_matches_torch(dtype):
     import torch.nn.functional as F
 
-    from archsearch.cvfp.head import eval_sums, train_loss
+    from archsearch.cvfp.head import eval_sums, head_weight, train_loss
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, E, V = 4096 + 37, 768, 50257
     W = (torch.randn(V, E, device="cuda", generator=g) * 0.1).to(dtype)
+    head = head_weight(W.float(), "bf16" if dtype == torch.bfloat16 else "fp32")
+    assert head.matrix.shape[0] % 64 == 0 and head.vocab_size == V
     h = torch.randn(n, E, device="cuda", generator=g, requires_grad=True)
     t = torch.randint(0, V, (n,), device="cuda", generator=g)
-    loss = train_loss(h, W, t)
+    loss = train_loss(h, head, t)
     loss.backward()
     h2 = h.detach().clone().requires_grad_()
     ref = F.cross_entropy((h2.to(dtype) @ W.T).float(), t)
     ref.backward()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert float(loss) == pytest.approx(float(ref), rel=tol)
+    assert float(loss.detach()) == pytest.approx(float(ref), rel=tol)
     assert float((h.grad - h2.grad).norm() / h2.grad.norm()) < (1e-4 if dtype == torch.float32 else 2e-2)
-    ce, hits = eval_sums(h.detach(), W, t)
+    ce, hits = eval_sums(h.detach(), head, t)
     assert float(ce) / n == pytest.approx(float(ref), rel=tol)
     logits = (h.detach().to(dtype) @ W.T).float()
     assert abs(int(hits) - int((logits.argmax(-1) == t).sum())) <= 2  # ties in bf16 may differ

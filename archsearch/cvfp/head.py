@@ -18,9 +18,30 @@ from archsearch.cvfp.recurrent import triton_available
 CHUNK_ROWS = 4096
 
 
-def head_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
-    """The head matrix in the dtype its matrix products use."""
-    return weight.to(torch.bfloat16) if precision == "bf16" else weight
+PAD_ROWS = 64
+
+
+class HeadWeight:
+    """The head matrix in the dtype its products use. For the fused GPU path its rows are
+    zero-padded to a multiple of 64: a (n, 50257) bf16 logits row is not 16-byte aligned,
+    which keeps cuBLAS off its fast kernels. Padded logits are never read (the kernel stops
+    at ``vocab_size``) and padded rows of W are zero, so they add nothing to d loss / d h."""
+
+    def __init__(self, weight: torch.Tensor, precision: str):
+        w = weight.to(torch.bfloat16) if precision == "bf16" else weight
+        self.vocab_size = w.shape[0]
+        self.fused = use_fused(w.device)
+        if self.fused and self.vocab_size % PAD_ROWS:
+            w = torch.cat([w, w.new_zeros(PAD_ROWS - self.vocab_size % PAD_ROWS, w.shape[1])])
+        self.matrix = w.contiguous()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+
+def head_weight(weight: torch.Tensor, precision: str) -> HeadWeight:
+    return HeadWeight(weight, precision)
 
 
 def use_fused(device: torch.device) -> bool:
@@ -29,7 +50,7 @@ def use_fused(device: torch.device) -> bool:
 
 class _FusedTiedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
         from archsearch.cvfp.kernels import ce_rows
 
         n = h.shape[0]
@@ -40,7 +61,7 @@ class _FusedTiedCE(torch.autograd.Function):
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
             logits = hw[s:e] @ weight.T  # (c, V)
-            ce_rows(logits, targets[s:e], loss[s:e], argmax[s:e], grad_scale=1.0 / n, write_grad=True)
+            ce_rows(logits, targets[s:e], loss[s:e], argmax[s:e], grad_scale=1.0 / n, write_grad=True, vocab_size=vocab_size)
             torch.matmul(logits, weight, out=grad_h[s:e])  # (c, E) = d mean-loss / d h
         ctx.save_for_backward(grad_h)
         ctx.h_dtype = h.dtype
@@ -49,22 +70,23 @@ class _FusedTiedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out).to(ctx.h_dtype), None, None
+        return (grad_h * grad_out).to(ctx.h_dtype), None, None, None
 
 
-def train_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def train_loss(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the tied head on ``h`` (n, E), differentiable w.r.t. ``h``."""
-    if use_fused(h.device):
-        return _FusedTiedCE.apply(h, weight, targets)
-    logits = h.to(weight.dtype) @ weight.T  # (n, V)
+    if head.fused:
+        return _FusedTiedCE.apply(h, head.matrix, targets, head.vocab_size)
+    logits = h.to(head.dtype) @ head.matrix.T  # (n, V)
     return F.cross_entropy(logits.float(), targets)
 
 
 @torch.no_grad()
-def eval_sums(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_sums(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropy as float64, number of argmax hits) over the rows of ``h``."""
+    weight = head.matrix
     hw = h.to(weight.dtype)
-    if use_fused(h.device):
+    if head.fused:
         from archsearch.cvfp.kernels import ce_rows
 
         n = h.shape[0]
@@ -72,7 +94,7 @@ def eval_sums(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> t
         argmax = torch.empty(n, device=h.device, dtype=torch.int32)
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
-            ce_rows(hw[s:e] @ weight.T, targets[s:e], loss[s:e], argmax[s:e], write_grad=False)
+            ce_rows(hw[s:e] @ weight.T, targets[s:e], loss[s:e], argmax[s:e], write_grad=False, vocab_size=head.vocab_size)
         return loss.double().sum(), (argmax.long() == targets).sum()
     logits = hw @ weight.T
     ce = F.cross_entropy(logits.float(), targets, reduction="sum").double()

@@ -55,10 +55,12 @@ def _ce_rows_kernel(
             tl.store(base + idx, (g * grad_scale).to(logits_ptr.dtype.element_ty), mask=idx < V)
 
 
-def ce_rows(logits, targets, loss, argmax, grad_scale: float = 1.0, write_grad: bool = True) -> None:
+def ce_rows(logits, targets, loss, argmax, grad_scale: float = 1.0, write_grad: bool = True, vocab_size: int | None = None) -> None:
     """Per-row CE into ``loss`` (fp32), argmax into ``argmax`` (int32); with ``write_grad``
-    the logits become grad_scale * (softmax - onehot). ``logits`` (n, V), rows contiguous."""
+    the logits become grad_scale * (softmax - onehot). ``logits`` (n, >= V), rows contiguous;
+    only the first ``vocab_size`` columns are read or written (the rest is padding)."""
     n, V = logits.shape
+    V = vocab_size or V
     assert logits.stride(1) == 1
     _ce_rows_kernel[(n,)](logits, logits.stride(0), targets, loss, argmax, grad_scale, V,
                           BLOCK_V=2048, WRITE_GRAD=write_grad, num_warps=8)  # fmt: skip
@@ -103,3 +105,64 @@ def recurrent_step(xin, hin, xout, hout, gamma, beta, w, p, out, eps: float, fir
     grid = (triton.cdiv(C, rows),)
     _recurrent_step_kernel[grid](xin, hin, xout, hout, gamma, beta, w, p, out, eps,
                                  C=C, BLOCK_C=block, ROWS=rows, FIRST=first, num_warps=4)  # fmt: skip
+
+
+@triton.jit
+def _recurrent_persistent_kernel(
+    p_ptr, w_ptr, g_ptr, b_ptr, out_ptr, hbuf_ptr, bar_ptr, T, eps,
+    L: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """The whole recurrence in one launch. Every program keeps the full context vector; per
+    layer it computes ROWS rows of W_c c + P, publishes them, waits at a grid-wide barrier
+    (an atomic counter), then reads the whole h and applies the residual and LayerNorm
+    itself. All programs must be resident at once (the caller checks the grid size)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < C
+    c = tl.zeros([BLOCK_C], tl.float32)
+    k = 0
+    for t in range(T):
+        for i in tl.static_range(L):
+            w = tl.load(w_ptr + i * C * C + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            h_rows = tl.sum(w * c[None, :], axis=1) + tl.load(p_ptr + (i * T + t) * C + rows, mask=rmask, other=0.0)
+            tl.store(hbuf_ptr + (k % 2) * C + rows, h_rows, mask=rmask)
+            k += 1
+            tl.debug_barrier()  # the whole program's stores precede the release below
+            tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+            target = k * nprog
+            while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
+                pass
+            tl.debug_barrier()
+            h = tl.load(hbuf_ptr + ((k - 1) % 2) * C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+            z = c + tl.maximum(h, 0.0)
+            mean = tl.sum(z, axis=0) / C
+            d = tl.where(cmask, z - mean, 0.0)
+            var = tl.sum(d * d, axis=0) / C
+            gamma = tl.load(g_ptr + i * C + cols, mask=cmask, other=0.0)
+            beta = tl.load(b_ptr + i * C + cols, mask=cmask, other=0.0)
+            c = tl.where(cmask, d * tl.rsqrt(var + eps) * gamma + beta, 0.0)
+            lo = pid * ROWS
+            tl.store(out_ptr + (i * T + t) * C + cols, c, mask=cmask & (cols >= lo) & (cols < lo + ROWS))
+
+
+def recurrent_persistent(P, W, G, B, eps: float):
+    """(L, T, C) layer outputs of the recurrence, context starting at zero; None when the
+    grid would not fit on the device at once (then the caller uses another path)."""
+    import torch
+
+    L, T, C = P.shape
+    block = triton.next_power_of_2(C)
+    sms = torch.cuda.get_device_properties(P.device).multi_processor_count
+    rows = next((r for r in (8, 16, 32) if triton.cdiv(C, r) <= sms), None)
+    if rows is None:  # at most one program per multiprocessor: co-residency is guaranteed
+        return None
+    grid = triton.cdiv(C, rows)
+    out = torch.empty_like(P)
+    hbuf = torch.zeros(2, C, device=P.device)
+    bar = torch.zeros(1, device=P.device, dtype=torch.int32)
+    _recurrent_persistent_kernel[(grid,)](P, W, G, B, out, hbuf, bar, T, eps, L=L, C=C, BLOCK_C=block, ROWS=rows,
+                                          num_warps=4 if block <= 1024 else 8)  # fmt: skip
+    return out

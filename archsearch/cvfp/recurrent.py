@@ -3,8 +3,9 @@
 Each ContextLayer is ``LN(c + ReLU(W_c c + W_t x + b))``. The token half ``W_t x + b`` does
 not depend on the recurrence, so it is computed for every position in one batched product;
 the sequential loop then does, per step and layer, one (C x C) matrix-vector product, the
-residual and the LayerNorm. On CUDA the loop is captured once as a graph of ``GRAPH_STEPS``
-steps and replayed, which removes the per-kernel launch cost.
+residual and the LayerNorm. On GPUs with Triton the whole loop is one persistent kernel
+(kernels.py) with a grid-wide barrier per layer; the fallback is one fused kernel per
+layer and step replayed from a CUDA graph of ``GRAPH_STEPS`` steps.
 """
 
 from __future__ import annotations
@@ -66,9 +67,19 @@ def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tens
         eps = block.layers[0].norm.eps
         out = torch.empty_like(P)
         ctx = torch.zeros(C, device=device)
-        if device.type == "cuda" and cfg.engine.val_graph and triton_available(device):
+        mode = cfg.engine.recurrent
+        fused = device.type == "cuda" and triton_available(device)
+        if mode in ("auto", "persistent") and fused:
+            from archsearch.cvfp.kernels import recurrent_persistent
+
+            G = torch.stack([g for g, _ in norms]).contiguous()
+            B = torch.stack([b for _, b in norms]).contiguous()
+            result = recurrent_persistent(P, torch.stack(Wc).contiguous(), G, B, eps)
+            if result is not None:
+                return result
+        if mode in ("auto", "persistent", "graph") and fused:
             return _triton_pass(P, Wc, norms, eps)
-        if device.type == "cuda" and cfg.engine.val_graph and T >= GRAPH_STEPS:
+        if mode == "graph" and device.type == "cuda" and T >= GRAPH_STEPS:
             _graph_pass(ctx, P, Wc, norms, out, eps)
         else:
             _steps(ctx, P, Wc, norms, out, eps)

@@ -1,0 +1,149 @@
+"""Where a run's GPU time goes: per-kernel profiles of phase-2 steps and a phase-1 iteration,
+and timings of the head's pieces and of the recurrent-pass variants. JSON + tables out.
+
+    python scripts/profile_gpu.py --out benchmarks/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from archsearch.config import run_config_from_dict  # noqa: E402
+from archsearch.cvfp import head  # noqa: E402
+from archsearch.cvfp.engine import _phase1_span, precision_scope  # noqa: E402
+from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding  # noqa: E402
+
+V, E = 50_257, 768
+
+
+def cuda_time(fn, reps: int = 10) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs (after two warm-ups)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def table(prof, n=18) -> str:
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    L, C, k = 6, 768, 1
+    cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k}, "engine": {"precision": args.precision}})
+    g = torch.Generator(device=dev).manual_seed(0)
+    W = torch.randn(V, E, device=dev, generator=g) * 0.1
+    emb = TokenEmbedding(W, k).to(dev)
+    N = 122_795
+    ids = torch.randint(0, V, (N,), device=dev, generator=g)
+    win = emb.windows(ids)
+
+    # ---- phase 2 steps
+    tblock = TokenBlock(cfg.model, E).to(dev)
+    cache = torch.randn(L, N, C, device=dev, generator=g).to(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    weight = head.head_weight(emb.weight, args.precision)
+    opt = torch.optim.Adam(tblock.parameters(), lr=1e-3, fused=True)
+    B = cfg.phase2.batch_size
+
+    def p2_step(s):
+        e = s + B
+        with precision_scope(args.precision, dev):
+            h = tblock(cache[:, s:e], emb.vectors(win[s:e]))
+            loss = head.train_loss(h, weight, ids[s + 1 : e + 1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tblock.parameters(), 1.0)
+        opt.step()
+
+    def p2_steps():
+        for i in range(8):
+            p2_step(i * B)
+
+    out["phase2_step_ms"] = cuda_time(p2_steps, 5) / 8
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        p2_steps()
+        torch.cuda.synchronize()
+    print("=== phase 2, 8 steps of 4096 positions ===")
+    print(table(prof))
+
+    # ---- the head's pieces
+    Wp = weight.matrix  # padded to a multiple of 64 rows
+    Wu = Wp[:V].contiguous()  # unpadded, for comparison
+    h = torch.randn(B, E, device=dev, generator=g).to(Wp.dtype)
+    t = ids[1 : B + 1]
+    logits = h @ Wp.T
+    from archsearch.cvfp.kernels import ce_rows
+
+    loss = torch.empty(B, device=dev)
+    am = torch.empty(B, device=dev, dtype=torch.int32)
+    out["head_logits_gemm_ms"] = cuda_time(lambda: h @ Wp.T)
+    out["head_logits_gemm_unpadded_ms"] = cuda_time(lambda: h @ Wu.T)
+    out["head_ce_kernel_ms"] = cuda_time(lambda: ce_rows(logits, t, loss, am, 1.0, True, vocab_size=V))
+    out["head_grad_gemm_ms"] = cuda_time(lambda: logits @ Wp)
+    lu = h @ Wu.T
+    out["head_grad_gemm_unpadded_ms"] = cuda_time(lambda: lu @ Wu)
+    out["head_torch_ce_ms"] = cuda_time(lambda: torch.nn.functional.cross_entropy(lu.float(), t))
+    print({k: round(v, 3) for k, v in out.items() if k.startswith("head") or k.startswith("phase2")})
+
+    # ---- a phase-1 chunk (8 batches of 8000) forward + backward
+    cblock = ContextBlock(cfg.model, E).to(dev)
+    prev = torch.randn(N, C, device=dev, generator=g)
+    inputs = torch.randn(N, C, device=dev, generator=g)
+    out_all = torch.empty_like(prev)
+
+    def p1_chunk():
+        _phase1_span(cblock, emb, win, inputs, prev, out_all, 0, 64_000, 8000, 0.8, 16, cfg)
+
+    out["phase1_chunk_64k_ms"] = cuda_time(p1_chunk, 5)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        p1_chunk()
+        torch.cuda.synchronize()
+    print("=== phase 1, one chunk of 64,000 positions ===")
+    print(table(prof))
+
+    # ---- recurrent variants
+    from archsearch.cvfp import recurrent as R
+    from archsearch.cvfp.kernels import recurrent_persistent
+
+    for L2, C2 in ((6, 768), (9, 768), (6, 1152)):
+        T = 4000
+        P = torch.randn(L2, T, C2, device=dev, generator=g)
+        Wc = [torch.randn(C2, C2, device=dev, generator=g) * C2**-0.5 for _ in range(L2)]
+        norms = [(torch.ones(C2, device=dev), torch.zeros(C2, device=dev)) for _ in range(L2)]
+        G = torch.stack([a for a, _ in norms])
+        Bt = torch.stack([b for _, b in norms])
+        Ws = torch.stack(Wc)
+        per = {}
+        per["persistent_us_per_step"] = cuda_time(lambda: recurrent_persistent(P, Ws, G, Bt, 1e-5), 3) * 1e3 / T
+        per["graph_us_per_step"] = cuda_time(lambda: R._triton_pass(P, Wc, norms, 1e-5), 3) * 1e3 / T
+        out[f"recurrent_L{L2}_C{C2}"] = per
+        print(f"recurrent L={L2} C={C2}: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()))
+    print(json.dumps({k: v for k, v in out.items()}, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
