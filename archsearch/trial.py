@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from archsearch.config import RunConfig, run_config_from_dict
+from archsearch.config import RunConfig, resolve_precision, run_config_from_dict
 from archsearch.runcache import RunCache, run_key
 from archsearch.scaling import ScalingFit, fit_power_law
 from archsearch.space import OBJECTIVES, Objective
@@ -160,6 +160,8 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     t0 = time.perf_counter()
     data = load_prepared(plan.data_path)
     cfg = plan.run_config
+    # the run-cache key holds the arithmetic actually used on this device
+    cfg = cfg.replace(**{"engine.precision": resolve_precision(cfg.engine.precision, torch.device(plan.device).type)})
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
     embedding = None
     val_ids = torch.from_numpy(np.asarray(data.val_tokens, dtype=np.int64))

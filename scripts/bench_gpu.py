@@ -130,7 +130,7 @@ def reference_speedup(W, train, val, device, precision) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="a device, or several separated by commas (cuda:0,cuda:1): runs are spread over them")
     ap.add_argument("--precision", default="bf16", choices=list(PEAK_TFLOPS))
     ap.add_argument("--concurrency", type=int, default=1, help="runs sharing the device at once (threads, one CUDA stream each)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -138,12 +138,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--reference", action="store_true", help="also time the reference implementation on a subset")
     ap.add_argument("--recurrent", default="auto", help="engine.recurrent: auto | persistent | graph | eager")
+    ap.add_argument("--hang-after", type=float, default=240, help="with concurrency: dump every thread's stack and exit after this many seconds")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     global RECURRENT
     RECURRENT = args.recurrent
 
-    device = torch.device(args.device)
+    devices = [torch.device(d) for d in args.device.split(",")]
+    device = devices[0]
     g = torch.Generator().manual_seed(0)
     W = torch.randn(V, E, generator=g) * 0.1
     sizes = [max(64, int(s * args.scale)) for s in REPORT_SIZES]
@@ -152,8 +154,14 @@ def main() -> None:
     jobs = [(name, CONFIGS[name], N) for name in args.configs.split(",") for N in sizes]
     jobs.sort(key=lambda j: -j[2] * j[1][0] * j[1][1])  # biggest first: better packing when concurrent
 
-    # warm-up: kernel compilation and cuBLAS handles stay out of the timings
-    one_run(("warmup", (2, 64, 2), 2048), W, train, val[:1024], device, args.precision, 1)
+    # warm-up: kernel compilation (one per model shape) and cuBLAS handles stay out of the timings
+    for d in devices:
+        for L, C, k in sorted({CONFIGS[name] for name in args.configs.split(",")}):
+            one_run(("warmup", (L, C, k), 4 * 4096 + 100), W, train, val[:600], d, args.precision, 1)
+    if args.concurrency > 1:  # a stuck run shows where it is stuck
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.hang_after, exit=True)
     matmul = measured_matmul_tflops(device)
 
     results, errors = [], []
@@ -161,7 +169,7 @@ def main() -> None:
     for j in jobs:
         todo.put(j)
 
-    def worker() -> None:
+    def worker(device: torch.device) -> None:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         while True:
             try:
@@ -184,14 +192,19 @@ def main() -> None:
                 print("ERROR", errors[-1], flush=True)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+    threads = [threading.Thread(target=worker, args=(d,)) for d in devices for _ in range(args.concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
     wall = time.perf_counter() - t0
+    if args.concurrency > 1:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
 
     totals = {}
     peak = PEAK_TFLOPS[args.precision] if device.type == "cuda" else math.nan
@@ -208,6 +221,7 @@ def main() -> None:
         "torch": torch.__version__,
         "precision": args.precision,
         "concurrency": args.concurrency,
+        "devices": [str(d) for d in devices],
         "recurrent": args.recurrent,
         "scale": args.scale,
         "runs": len(results),
@@ -224,7 +238,7 @@ def main() -> None:
     }
     if args.reference:
         out["reference"] = reference_speedup(W, train, val, device, args.precision)
-    print(f"\n{len(results)} runs, {args.precision}, concurrency {args.concurrency} on {out['device']}: wall {wall:.1f} s "
+    print(f"\n{len(results)} runs, {args.precision}, concurrency {args.concurrency} per device on {len(devices)} x {out['device']}: wall {wall:.1f} s "
           f"({out['total_pflop']:.2f} PFLOP, {out['overall_tflops']:.0f} TFLOP/s overall)")  # fmt: skip
     for phase, t in totals.items():
         print(f"  {phase:>8}: {t['seconds']:7.2f} s summed over runs, {t['tflops']:6.1f} TFLOP/s, {100 * t['fraction_of_peak']:.1f}% of {args.precision} peak")

@@ -90,3 +90,20 @@ def test_bf16_run_is_close_to_fp32():
                                     "engine": {"precision": precision}})  # fmt: skip
         out[precision] = train_run(cfg, W, train, val, seed=1, device="cuda")
     assert out["bf16"]["val_ppl"] == pytest.approx(out["fp32"]["val_ppl"], rel=0.02)
+
+
+def test_phase2_graph_replay_changes_nothing():
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.engine import train_run
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3000, 64, generator=g) * 0.5
+    train, val = torch.randint(0, 3000, (9000,), generator=g), torch.randint(0, 3000, (1500,), generator=g)
+    out = {}
+    for graph in (False, True):
+        cfg = run_config_from_dict({"model": {"num_layers": 2, "context_dim": 64, "num_input_tokens": 2},
+                                    "phase1": {"batch_size": 2000}, "phase2": {"batch_size": 1000, "max_epochs": 3},
+                                    "engine": {"precision": "fp32", "phase2_graph": graph}})  # fmt: skip
+        out[graph] = train_run(cfg, W, train, val, seed=1, device="cuda")  # 9 steps per epoch, a partial last one
+    assert [h["val_loss"] for h in out[True]["phase2_history"]] == pytest.approx([h["val_loss"] for h in out[False]["phase2_history"]], rel=1e-5)
+    assert out[True]["val_ppl"] == pytest.approx(out[False]["val_ppl"], rel=1e-5)

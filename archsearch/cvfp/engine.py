@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from archsearch.config import RunConfig, param_counts
+from archsearch.config import RunConfig, param_counts, resolve_precision
 from archsearch.cvfp import head
 from archsearch.cvfp.metrics import effective_rank
 from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding, init_parameters
@@ -34,11 +35,17 @@ def _noop(*_: Any, **__: Any) -> None:
 # --------------------------------------------------------------------------- precision
 
 
+CAPTURE_LOCK = threading.Lock()
+"""Held while a CUDA graph is captured and around calls that may synchronise the whole
+device (cuSOLVER's SVD): several runs may share a GPU from threads of one process."""
+
+
 @contextlib.contextmanager
-def precision_scope(precision: str, device: torch.device):
-    """fp32: plain float32. tf32: float32 tensors, TF32 matrix units. bf16: autocast."""
+def precision_scope(precision: str, device: torch.device, cache_enabled: bool = True):
+    """fp32: plain float32. tf32: float32 tensors, TF32 matrix units. bf16: autocast
+    (its cast cache is off inside a CUDA-graph capture, as graphs require)."""
     if precision == "bf16":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled):
             yield
     elif precision == "tf32":
         old = torch.get_float32_matmul_precision()
@@ -229,6 +236,53 @@ def evaluate(
     return float(ce_sum) / n, int(correct) / n
 
 
+class Phase2Step:
+    """One phase-2 optimiser step on positions s..e: forward, tied-head CE, backward, clip,
+    Adam. On a GPU a full-batch step is captured once as a CUDA graph and replayed (its
+    inputs are copied into static buffers): the same kernels on the same tensors, without
+    the ~200 kernel launches per step that otherwise make phase 2 CPU-bound."""
+
+    def __init__(self, tblock, emb, weight, opt, cfg: RunConfig, cache, windows, targets):
+        self.tblock, self.emb, self.weight, self.opt, self.cfg = tblock, emb, weight, opt, cfg
+        self.cache, self.windows, self.targets = cache, windows, targets
+        self.params = list(tblock.parameters())
+        self.loss_sum = torch.zeros((), device=targets.device, dtype=torch.float64)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _compute(self, ctx, win, tgt) -> None:
+        with precision_scope(self.cfg.engine.precision, tgt.device, cache_enabled=self.graph is None and not self._capturing):
+            h = self.tblock(ctx, self.emb.vectors(win))  # (b, E)
+            loss = head.train_loss(h, self.weight, tgt)  # mean CE of the tied head
+        self.opt.zero_grad(set_to_none=self.graph is None and not self._capturing)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.phase2.grad_clip)
+        self.opt.step()
+        self.loss_sum += loss.detach().double() * tgt.shape[0]
+
+    _capturing = False
+
+    def capture(self) -> None:
+        B = self.cfg.phase2.batch_size
+        self.static = (self.cache[:, :B].clone(), self.windows[:B].clone(), self.targets[:B].clone())
+        self._capturing = True
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._compute(*self.static)
+        self._capturing = False
+        self.graph = graph
+
+    def __call__(self, s: int, e: int) -> None:
+        if self.graph is not None and e - s == self.cfg.phase2.batch_size:
+            ctx, win, tgt = self.static
+            ctx.copy_(self.cache[:, s:e])
+            win.copy_(self.windows[s:e])
+            tgt.copy_(self.targets[s:e])
+            self.graph.replay()
+        else:
+            self._compute(self.cache[:, s:e], self.windows[s:e], self.targets[s:e])
+
+
 def train_phase2(
     tblock: TokenBlock,
     emb: TokenEmbedding,
@@ -244,23 +298,21 @@ def train_phase2(
     windows, targets, cache = train
     n = targets.shape[0]
     device = targets.device
-    opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr, fused=device.type == "cuda")
+    graphed = device.type == "cuda" and cfg.engine.phase2_graph and n >= 4 * p2.batch_size
+    opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr, fused=device.type == "cuda", capturable=graphed)
     weight = head.head_weight(emb.weight, cfg.engine.precision)
+    step = Phase2Step(tblock, emb, weight, opt, cfg, cache, windows, targets)
     best = Phase2Result(0, 0, math.inf, math.inf, 0.0)
     history: list[dict[str, float]] = []
     bad_epochs, epoch = 0, 0
     for epoch in range(1, p2.max_epochs + 1):
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        step.loss_sum.zero_()
         for s in range(0, n, p2.batch_size):
             e = min(s + p2.batch_size, n)
-            with precision_scope(cfg.engine.precision, device):
-                h = tblock(cache[:, s:e], emb.vectors(windows[s:e]))  # (b, E)
-                loss = head.train_loss(h, weight, targets[s:e])  # mean CE of the tied head
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tblock.parameters(), p2.grad_clip)
-            opt.step()
-            loss_sum += loss.detach().double() * (e - s)
+            if graphed and e - s == p2.batch_size and step.graph is None and epoch == 1 and s >= 3 * p2.batch_size:
+                step.capture()  # after three eager steps: CUDA's warm-up before a capture
+            step(s, e)
+        loss_sum = step.loss_sum
         train_loss = float(loss_sum) / n
         val_loss, val_acc = evaluate(tblock, emb, *val, cfg)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
@@ -306,6 +358,8 @@ def train_run(
     if N < 3 or M < 2:
         raise ValueError(f"a run needs at least 3 training and 2 validation tokens, got {N} and {M}")
     seed_everything(seed)
+    if cfg.engine.precision == "auto":
+        cfg = cfg.replace(**{"engine.precision": resolve_precision("auto", device.type)})
     m = cfg.model
     E = int(embedding.shape[1])
     t_start = time.perf_counter()
@@ -337,8 +391,9 @@ def train_run(
     val_cache = val_context_cache(cblock, emb, val_win, cfg)  # (L, M-1, C)
     _sync(device)
     t2 = time.perf_counter()
-    train_er = effective_rank(p1.contexts, cfg.engine.er_max_rows, g_er)
-    val_er = effective_rank(val_cache[-1], cfg.engine.er_max_rows, g_er)
+    with CAPTURE_LOCK if device.type == "cuda" else contextlib.nullcontext():
+        train_er = effective_rank(p1.contexts, cfg.engine.er_max_rows, g_er)
+        val_er = effective_rank(val_cache[-1], cfg.engine.er_max_rows, g_er)
     tensors = {"contexts": p1.contexts, "train_cache": train_cache, "val_cache": val_cache} if keep_tensors else None
     del p1.contexts
 

@@ -109,7 +109,7 @@ def recurrent_step(xin, hin, xout, hout, gamma, beta, w, p, out, eps: float, fir
 
 @triton.jit
 def _recurrent_persistent_kernel(
-    p_ptr, w_ptr, g_ptr, b_ptr, out_ptr, hbuf_ptr, bar_ptr, T, eps,
+    p_ptr, w_ptr, g_ptr, b_ptr, out_ptr, hbuf_ptr, bar_ptr, eps, T,
     L: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """The whole recurrence in one launch. Every program keeps the full context vector; per
@@ -122,13 +122,23 @@ def _recurrent_persistent_kernel(
     cmask = cols < C
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < C
+    wmask = rmask[:, None] & cmask[None, :]
+    wofs = rows[:, None] * C + cols[None, :]
+    lo = pid * ROWS
+    mine = cmask & (cols >= lo) & (cols < lo + ROWS)
     c = tl.zeros([BLOCK_C], tl.float32)
+    w = tl.load(w_ptr + wofs, mask=wmask, other=0.0)  # layer 0's rows
+    p = tl.load(p_ptr + rows, mask=rmask, other=0.0)  # P[0, 0]
     k = 0
     for t in range(T):
         for i in tl.static_range(L):
-            w = tl.load(w_ptr + i * C * C + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            h_rows = tl.sum(w * c[None, :], axis=1) + tl.load(p_ptr + (i * T + t) * C + rows, mask=rmask, other=0.0)
+            h_rows = tl.sum(w * c[None, :], axis=1) + p
             tl.store(hbuf_ptr + (k % 2) * C + rows, h_rows, mask=rmask)
+            # prefetch the next layer's rows of W_c and P: their latency hides behind the barrier
+            ni = (i + 1) % L
+            nt = t + 1 if i == L - 1 else t
+            w = tl.load(w_ptr + ni * C * C + wofs, mask=wmask, other=0.0)
+            p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (nt < T), other=0.0)
             k += 1
             tl.debug_barrier()  # the whole program's stores precede the release below
             tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
@@ -144,8 +154,7 @@ def _recurrent_persistent_kernel(
             gamma = tl.load(g_ptr + i * C + cols, mask=cmask, other=0.0)
             beta = tl.load(b_ptr + i * C + cols, mask=cmask, other=0.0)
             c = tl.where(cmask, d * tl.rsqrt(var + eps) * gamma + beta, 0.0)
-            lo = pid * ROWS
-            tl.store(out_ptr + (i * T + t) * C + cols, c, mask=cmask & (cols >= lo) & (cols < lo + ROWS))
+            tl.store(out_ptr + (i * T + t) * C + cols, c, mask=mine)
 
 
 def recurrent_persistent(P, W, G, B, eps: float):
@@ -163,6 +172,6 @@ def recurrent_persistent(P, W, G, B, eps: float):
     out = torch.empty_like(P)
     hbuf = torch.zeros(2, C, device=P.device)
     bar = torch.zeros(1, device=P.device, dtype=torch.int32)
-    _recurrent_persistent_kernel[(grid,)](P, W, G, B, out, hbuf, bar, T, eps, L=L, C=C, BLOCK_C=block, ROWS=rows,
+    _recurrent_persistent_kernel[(grid,)](P, W, G, B, out, hbuf, bar, eps, T, L=L, C=C, BLOCK_C=block, ROWS=rows,
                                           num_warps=4 if block <= 1024 else 8)  # fmt: skip
     return out

@@ -154,8 +154,10 @@ def _triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True) -> to
         recurrent_step(scratch[0], scratch[1], scratch[2], scratch[3], G[0], B[0], W[0], P[0, 0], scratch[2], eps, first=True, rows=rows)
         recurrent_step(scratch[0], scratch[1], scratch[2], scratch[3], G[0], B[0], W[0], P[0, 0], scratch[2], eps, rows=rows)
         torch.cuda.current_stream(device).synchronize()
+        from archsearch.cvfp.engine import CAPTURE_LOCK
+
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
             chunk()
         replay = graph.replay
     # kernel 0: the zero context (xb[1] is still zero) starts layer 0 of step 0
