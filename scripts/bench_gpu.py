@@ -156,6 +156,8 @@ def main() -> None:
 
     # warm-up: kernel compilation (one per model shape) and cuBLAS handles stay out of the timings
     for d in devices:
+        if d.type == "cuda":
+            torch.cuda.set_device(d)
         for L, C, k in sorted({CONFIGS[name] for name in args.configs.split(",")}):
             one_run(("warmup", (L, C, k), 4 * 4096 + 100), W, train, val[:600], d, args.precision, 1)
     if args.concurrency > 1:  # a stuck run shows where it is stuck
@@ -170,6 +172,8 @@ def main() -> None:
         todo.put(j)
 
     def worker(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton launches on the current device
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         while True:
             try:

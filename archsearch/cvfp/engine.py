@@ -350,6 +350,14 @@ def train_run(
     (M,) are token-id streams. Deterministic for a given seed on a given device.
     ``keep_tensors`` adds the final contexts and both caches under "tensors" (for tests)."""
     device = torch.device(device)
+    if device.type == "cuda":
+        # Triton kernels and CUDA graphs work on the current device: make it this run's
+        with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
+            return _train_run(cfg, embedding, train_ids, val_ids, seed, torch.device("cuda", torch.cuda.current_device()), progress, keep_tensors)
+    return _train_run(cfg, embedding, train_ids, val_ids, seed, device, progress, keep_tensors)
+
+
+def _train_run(cfg, embedding, train_ids, val_ids, seed, device, progress, keep_tensors) -> dict[str, Any]:
     if device.type == "cpu":
         # softmax gradients of a 30k-50k vocabulary are full of denormal floats, which make
         # CPU matrix products ~20x slower; flushing them to zero changes nothing measurable
