@@ -399,6 +399,78 @@ def studies(
     _write_json(json_path, rows)
 
 
+# --------------------------------------------------------------------------- report
+
+
+@app.command()
+def report(
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
+    study: Optional[str] = typer.Option(None, "--study", help="study name (default: the only study of the storage)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: $ARCHSEARCH_HOME/reports/<study>)"),
+    compare: Optional[str] = typer.Option(None, help="'reference' (the report's published numbers), a JSON file in that format, or another study's name"),
+    top: int = typer.Option(10, help="searches: configs shown in the tables"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the output paths"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write summary.json here"),
+) -> None:
+    """Write a study's report (report.md, summary.json, runs.csv, plots) and its dashboard views."""
+    import optuna
+
+    from archsearch import paths
+    from archsearch.report import build_report, publish_to_dashboard, study_report
+    from archsearch.report.render import write_report
+    from archsearch.report.sources import REFERENCE, from_reference
+    from archsearch.search import storage as stg
+
+    url = stg.resolve_url(storage)
+    try:
+        opt_storage = stg.open_storage(url, create=False)
+    except FileNotFoundError:
+        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [s.study_name for s in optuna.get_all_study_summaries(opt_storage, include_best_trial=False)]
+    if study is None:
+        if len(names) != 1:
+            raise ConfigError(f"--study: the storage holds {len(names)} studies ({', '.join(names) or 'none'}); name one")
+        study = names[0]
+    if study not in names:
+        raise ConfigError(f"--study {study!r}: not in {stg.mask_url(url)} (studies: {', '.join(names) or 'none'})")
+    st_obj = optuna.load_study(study_name=study, storage=opt_storage)
+    with err_console.status(f"building the report of {study}", spinner="dots") if not quiet else _nullcontext():
+        rep = study_report(st_obj, stg.mask_url(url), top)
+        if not rep.configs:
+            raise ConfigError(f"study {study!r} has no COMPLETE trial to report on")
+        ref, label = None, ""
+        if compare:
+            if compare == "reference":
+                ref_configs, ref_meta = from_reference(REFERENCE)
+                ref, label = build_report(ref_configs, meta=ref_meta), "the published report (000_31be7403ba81866a)"
+            elif Path(compare).is_file():
+                ref_configs, ref_meta = from_reference(compare)
+                ref, label = build_report(ref_configs, meta=ref_meta), compare
+            elif compare in names:
+                ref, label = study_report(optuna.load_study(study_name=compare, storage=opt_storage), stg.mask_url(url), top), f"study {compare}"
+            else:
+                raise ConfigError(f"--compare {compare!r}: not 'reference', a file, or a study of this storage")
+        folder = out or paths.home() / "reports" / study
+        written = write_report(rep, folder, st_obj, ref, label)
+        publish_to_dashboard(st_obj, rep)
+    if quiet:
+        for p in written:
+            console.print(str(p))
+    else:
+        console.print((folder / "report.md").read_text().split("## Settings")[0])
+        console.print(f"wrote {', '.join(p.name for p in written)} to {folder}; the summary is the study's note in optuna-dashboard")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text((folder / "summary.json").read_text())
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- entry point
 
 

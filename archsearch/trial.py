@@ -57,7 +57,8 @@ class TrialPlan:
 def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One per-size record from the runs of its seeds."""
     first = runs[0]
-    rec: dict[str, Any] = {k: first[k] for k in ("size", "size_unit", "device", "precision", "phase1_params", "phase2_params", "total_params")}
+    keep = ("size", "size_unit", "device", "precision", "phase1_params", "phase2_params", "total_params", "embed_dim", "vocab_size")
+    rec: dict[str, Any] = {k: first[k] for k in keep if k in first}
     for k in SIZE_METRICS:
         vals = [r[k] for r in runs]
         rec[k] = sum(vals) / len(vals)

@@ -130,8 +130,24 @@ def run_search(
             shutil.rmtree(results_dir, ignore_errors=True)
         summary.outcomes = bridge.outcomes
         summary.counts = _counts(study)
+        if summary.counts.get("COMPLETE"):
+            _publish(study, url)
         summary.seconds = time.time() - t0
         return summary
+
+
+def _publish(study, url: str) -> None:
+    """The study's summary as its note and its log-log plot as a study-level graph in
+    optuna-dashboard (a failure here must not fail the run)."""
+    import logging
+
+    from archsearch.report import publish_to_dashboard, study_report
+    from archsearch.search.storage import mask_url
+
+    try:
+        publish_to_dashboard(study, study_report(study, mask_url(url)))
+    except Exception as e:  # pragma: no cover - plotting/serialisation problems are reported, not raised
+        logging.getLogger(__name__).warning("could not write the dashboard views: %s", e)
 
 
 def _n_new(space: Space, n_trials: int | None) -> int:

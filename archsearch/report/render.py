@@ -1,0 +1,290 @@
+"""Drawing and writing a :class:`~archsearch.report.data.Report`: Markdown, JSON, CSV, PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from archsearch.report.data import GAP_TOKENS, Report, compare
+from archsearch.report.plots import ScalingSeries, _figure, plot_scaling
+
+
+def _f(v: Any, spec: str = ".4f", pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{100 * v:.1f}%" if pct else format(v, spec)
+
+
+def _iters(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return "/".join(f"{x:g}" for x in v) if v else "-"
+    return f"{v:g}"
+
+
+def _m(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}k"
+
+
+def _short(count: int) -> str:
+    return f"{count / 1e6:g}M" if count >= 1e6 else f"{count / 1e3:g}k"
+
+
+def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compare_label: str = "", plots: list[str] = ()) -> str:
+    m = rep.meta
+    out = [f"# {rep.title}", ""]
+    if m.get("kind") == "study":
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(m.get("trial_counts", {}).items()))
+        out += [
+            f"Study `{m['study']}` ({m.get('storage', '')}): {counts}. Sampler {m.get('sampler')}, objective "
+            f"{', '.join(f'{o} ({d})' for o, d in zip(m.get('objectives', []), m.get('directions', [])))}. "
+            f"Data: {m.get('data_source')}, sizes {', '.join(f'{s:,}' for s in m.get('sizes') or [])} {m.get('size_unit', '')}. "
+            f"Device: {', '.join(m.get('devices') or ['-'])}; {m.get('wall_seconds', 0):.0f} s of trial time in all.",
+            "",
+        ]
+    elif m.get("source"):
+        out += [f"Source: {m['source']}", ""]
+    if m.get("top"):
+        out += [f"A search: the tables show the {len(rep.summary)} best configs by alpha (of {m.get('n_configs')}).", ""]
+
+    out += ["## Summary", "", "| Config | Phase1 Params | α (slope) | R² | Best PPL | Best Acc | Val ER |", "|---|---|---|---|---|---|---|"]
+    best_alpha = min((r.alpha for r in rep.summary if r.alpha is not None), default=None)
+    best_ppl = min((r.best_ppl for r in rep.summary), default=None)
+    for r in rep.summary:
+        a = _f(r.alpha)
+        p = f"{r.best_ppl:.1f}"
+        out.append(f"| {r.config} | {_m(r.phase1_params)} | {'**' + a + '**' if r.alpha == best_alpha else a} | {_f(r.r2)} | "
+                   f"{'**' + p + '**' if r.best_ppl == best_ppl else p} | {_f(r.best_acc, pct=True)} | {_f(r.val_er, pct=True)} |")  # fmt: skip
+    out += ["", "## Settings", ""]
+    keys = [k for k in rep.settings[0] if k != "config"] if rep.settings else []
+    out += ["| Config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for s in rep.settings:
+        out.append(f"| {s['config']} | " + " | ".join("-" if s.get(k) is None else str(s[k]) for k in keys) + " |")
+
+    out += ["", "## Results per config", ""]
+    for i, c in enumerate(rep.configs, 1):
+        p = c.params
+        k = p.get("num_input_tokens")
+        shape = f" ({p.get('num_layers')} layers / {p.get('context_dim')} dim / {k} token{'s' if k != 1 else ''})" if p.get("num_layers") else ""
+        out += [f"### {i}. {c.name}{shape}", ""]
+        samples = any(s.samples is not None for s in c.sizes)
+        head = ("| Samples " if samples else "") + "| Tokens | Val PPL | Val Acc | Val ER |"
+        out += [head, "|---" * (head.count("|") - 1) + "|"]
+        for s in c.sizes:
+            out.append((f"| {s.samples} " if samples else "") + f"| {s.tokens:,} | {s.ppl:.1f} | {_f(s.acc, pct=True)} | {_f(s.val_er, pct=True)} |")
+        law = rep.laws.get(c.name)
+        if law:
+            out += ["", f"**Scaling law**: PPL = {law.A:.4g} × tokens^{law.alpha:.4f}, α = {law.alpha:.4f} "
+                        f"(95% interval [{_f(law.alpha_low)}, {_f(law.alpha_high)}], jackknife over sizes; s.e. {_f(law.alpha_se)}), R² = {law.r2:.4f}", ""]  # fmt: skip
+        else:
+            out.append("")
+
+    out += ["## What α means", "", "Scaling law: `PPL = A × tokens^α`; 10× more tokens multiplies PPL by 10^α.", ""]
+    for name, law in sorted(rep.laws.items(), key=lambda kv: kv[1].alpha):
+        out.append(f"- {name}: α = {law.alpha:.4f} → 10× tokens multiplies PPL by {law.factor_per_10x:.3f} (to {100 * law.factor_per_10x:.0f}%); "
+                   + ", ".join(f"PPL {law.ppl_at[t]:.1f} at {_short(t)} tokens" for t in GAP_TOKENS) + " by the fitted law")  # fmt: skip
+    for g in rep.gaps:
+        fitted = ", ".join(f"{100 * g.fitted[t]:+.1f}% at {_short(t)}" for t in GAP_TOKENS)
+        alone = ", ".join(f"{100 * g.alpha_only[t]:.1f}% at {_short(t)}" for t in GAP_TOKENS)
+        out += ["", f"**{g.a} vs {g.b}** (Δα = {g.d_alpha:+.4f}): their fitted laws put {g.a}'s PPL {fitted} relative to {g.b}'s. "
+                    f"The slope difference alone, from equal PPL at {g.anchor_tokens:,} tokens (the median size), opens a gap of {alone}; "
+                    "the gap grows with data."]  # fmt: skip
+
+    out += ["", "## Rankings", ""]
+    r = rep.rankings
+    if r.get("best_ppl"):
+        out.append("- Best absolute PPL: " + ", ".join(f"{x['config']} ({x['ppl']:.1f})" for x in r["best_ppl"]))
+    if r.get("best_alpha"):
+        out.append("- Best α: " + ", ".join(f"{x['config']} ({x['alpha']:.4f})" for x in r["best_alpha"]))
+    if r.get("ppl_per_parameter"):
+        ref = r["ppl_per_parameter"][0]["reference"]
+        out.append(f"- Best PPL per parameter (PPL gained per extra million phase-1 parameters over {ref}): "
+                   + ", ".join(f"{x['config']} ({x['ppl_gain_per_extra_mparam']:+.2f})" for x in r["ppl_per_parameter"]))  # fmt: skip
+    if rep.overlaps:
+        out.append("- Overlapping α intervals: " + ", ".join(f"{a} / {b}" for a, b in rep.overlaps))
+    out += ["", "## Recommendation", ""] + [f"- {x}" for x in rep.recommendation]
+
+    if comparison is not None and not comparison:
+        out += ["", f"## Comparison with {compare_label}", "", "No config of this study has a counterpart there (configs are matched by name)."]
+    if comparison:
+        out += ["", f"## Comparison with {compare_label}", "",
+                "| Config | α | α (ref) | Δα | R² | R² (ref) | Best PPL | Best PPL (ref) | ΔPPL | Best Acc | Best Acc (ref) | Val ER | Val ER (ref) | P1 iterations | P1 iterations (ref) |",
+                "|---" * 15 + "|"]  # fmt: skip
+        for c in comparison:
+            out.append(f"| {c['config']} | {_f(c['alpha'])} | {_f(c['alpha_ref'])} | {_f(c['d_alpha'], '+.4f')} | {_f(c['r2'])} | {_f(c['r2_ref'])} | "
+                       f"{c['best_ppl']:.1f} | {c['best_ppl_ref']:.1f} | {c['d_ppl']:+.1f} ({100 * c['d_ppl_rel']:+.1f}%) | "
+                       f"{_f(c['best_acc'], pct=True)} | {_f(c['best_acc_ref'], pct=True)} | {_f(c['val_er'], pct=True)} | {_f(c['val_er_ref'], pct=True)} | "
+                       f"{_iters(c['phase1_iterations'])} | {_iters(c['phase1_iterations_ref'])} |")  # fmt: skip
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def series(rep: Report) -> list[ScalingSeries]:
+    out = []
+    for c in rep.configs:
+        law = rep.laws.get(c.name)
+        from archsearch.report.data import law_of
+
+        lf = law_of(c)
+        fit = lf[1] if lf else None
+        out.append(ScalingSeries(c.name, [s.tokens for s in c.sizes], [s.ppl for s in c.sizes], law.alpha if law else None, law.A if law else None,
+                                 law.alpha_low if law else None, law.alpha_high if law else None,
+                                 fit.loo_alphas if fit else (), fit.loo_intercepts if fit else ()))  # fmt: skip
+    return out
+
+
+def plot_alpha_vs_params(rep: Report, path: Path) -> Path:
+    fig, ax = _figure()
+    for i, r in enumerate(rep.summary):
+        law = rep.laws.get(r.config)
+        if law is None or r.phase1_params is None:
+            continue
+        lo = law.alpha - law.alpha_low if math.isfinite(law.alpha_low) else 0
+        hi = law.alpha_high - law.alpha if math.isfinite(law.alpha_high) else 0
+        ax.errorbar([r.phase1_params / 1e6], [law.alpha], yerr=[[lo], [hi]], fmt="o", color=f"C{i % 10}", capsize=4, label=r.config)
+    ax.set_xlabel("phase-1 parameters (M)")
+    ax.set_ylabel("α (95% jackknife interval)")
+    ax.set_title("α against phase-1 parameters (lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(rep: Report, study, path: Path) -> Path | None:
+    """Multi-objective studies: every COMPLETE trial, the Pareto set highlighted."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(study.directions) != 2 or not trials:
+        return None
+    best = {t.number for t in study.best_trials}
+    names = rep.meta.get("objectives", ["objective 0", "objective 1"])
+    fig, ax = _figure()
+    xs = [t.values[0] for t in trials]
+    ys = [t.values[1] for t in trials]
+    ax.scatter(xs, ys, color="C7", label="trials")
+    px = [t.values[0] for t in trials if t.number in best]
+    py = [t.values[1] for t in trials if t.number in best]
+    ax.scatter(px, py, color="C3", label="Pareto set")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.set_title("Pareto front")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_search(study, out: Path) -> list[Path]:
+    """Optimisation history and parameter importances of a search (single objective)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    paths = []
+    if len(study.directions) != 1:
+        return paths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+            ax.figure.set_size_inches(6.4, 4.4)
+            ax.figure.tight_layout()
+            ax.figure.savefig(out / "history.png", dpi=110)
+            plt.close(ax.figure)
+            paths.append(out / "history.png")
+        except Exception:
+            pass
+        try:
+            ax = optuna.visualization.matplotlib.plot_param_importances(study)
+            ax.figure.set_size_inches(6.4, 4.4)
+            ax.figure.tight_layout()
+            ax.figure.savefig(out / "importances.png", dpi=110)
+            plt.close(ax.figure)
+            paths.append(out / "importances.png")
+        except Exception:  # too few finished trials, or a single varying parameter
+            pass
+    return paths
+
+
+def runs_rows(rep: Report) -> list[dict[str, Any]]:
+    rows = []
+    for c in rep.configs:
+        for s in c.sizes:
+            rows.append({"config": c.name, "trial": c.number, **{k: v for k, v in c.params.items()}, "phase1_params": c.phase1_params,
+                         "samples": s.samples, "tokens": s.tokens, "val_ppl": s.ppl, "val_acc": s.acc, "val_er": s.val_er,
+                         "train_er": s.train_er, "phase1_iterations": s.phase1_iterations})  # fmt: skip
+    return rows
+
+
+def write_report(rep: Report, out: Path, study=None, reference: Report | None = None, reference_label: str = "") -> list[Path]:
+    """report.md, summary.json, runs.csv and the PNG plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    plots = []
+    if rep.configs:
+        plots.append(plot_scaling(series(rep), out / "scaling.png", title="Validation PPL vs training tokens (fitted laws, jackknife bands)"))
+        plots.append(plot_alpha_vs_params(rep, out / "alpha_vs_params.png"))
+    if study is not None:
+        p = plot_pareto(rep, study, out / "pareto.png")
+        if p:
+            plots.append(p)
+        if rep.meta.get("sampler") not in (None, "grid"):
+            plots += plot_search(study, out)
+    comparison = compare(rep, reference) if reference is not None else None
+    (out / "report.md").write_text(markdown(rep, comparison, reference_label, [str(p) for p in plots]))
+    summary = rep.to_dict()
+    if comparison is not None:
+        summary["comparison"] = {"with": reference_label, "rows": comparison}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    rows = runs_rows(rep)
+    with (out / "runs.csv").open("w", newline="") as f:
+        cols = list(dict.fromkeys(k for r in rows for k in r)) or ["config"]
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    written += [out / "report.md", out / "summary.json", out / "runs.csv", *plots]
+    return written
+
+
+def plotly_scaling(rep: Report):
+    """The log-log plot as a plotly figure (a study-level graph in optuna-dashboard)."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, s in enumerate(series(rep)):
+        color = f"hsl({(i * 67) % 360},60%,45%)"
+        fig.add_trace(go.Scatter(x=list(s.tokens), y=list(s.ppl), mode="markers", name=s.label, marker={"color": color}))
+        if s.alpha is not None:
+            x = np.geomspace(min(s.tokens) / 1.3, max(s.tokens) * 1.3, 50)
+            fig.add_trace(go.Scatter(x=x, y=s.A * x**s.alpha, mode="lines", name=f"{s.label}: α = {s.alpha:.3f}", line={"color": color}))
+    fig.update_layout(title="Validation PPL vs training tokens", xaxis={"type": "log", "title": "training tokens"},
+                      yaxis={"type": "log", "title": "validation PPL"})  # fmt: skip
+    return fig
+
+
+def summary_note(rep: Report) -> str:
+    """The summary table (and recommendation) as a study note for optuna-dashboard."""
+    text = markdown(rep)
+    head = text.split("## Settings")[0]
+    return head + "\n## Recommendation\n\n" + "\n".join(f"- {x}" for x in rep.recommendation) + "\n"

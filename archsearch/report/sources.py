@@ -1,0 +1,78 @@
+"""Where report data comes from: a study (through Optuna) or a file of published numbers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from archsearch.report.data import ConfigResult, SizeRow
+
+REFERENCE = Path(__file__).resolve().parents[2] / "studies" / "reference" / "report_000.json"
+
+
+def from_reference(path: str | Path = REFERENCE) -> tuple[list[ConfigResult], dict[str, Any]]:
+    """The report's published per-size numbers (studies/reference/report_000.json)."""
+    doc = json.loads(Path(path).read_text())
+    configs = []
+    for name, rows in doc["sizes"].items():
+        summary = doc["summary"].get(name, {})
+        configs.append(ConfigResult(
+            name=name,
+            params=doc["configs"].get(name, {}),
+            phase1_params=round(summary["phase1_params_m"] * 1e6) if "phase1_params_m" in summary else None,
+            sizes=[SizeRow(tokens=r["tokens"], ppl=r["ppl"], acc=r.get("acc"), val_er=r.get("val_er"), samples=r.get("samples")) for r in rows],
+            embed_dim=doc.get("embed_dim"),
+            extra={"phase1_iterations": doc.get("phase1_iterations", {}).get(name)},
+        ))  # fmt: skip
+    return configs, {"title": doc.get("title"), "source": doc.get("source"), "kind": "published"}
+
+
+def from_study(study, storage_label: str = "") -> tuple[list[ConfigResult], dict[str, Any]]:
+    """The study's COMPLETE trials as configs (pruned and failed ones are counted in meta)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    configs, names = [], Counter()
+    for t in trials:
+        if t.state != TrialState.COMPLETE or not t.user_attrs.get("sizes"):
+            continue
+        name = t.user_attrs.get("config_name") or f"trial_{t.number}"
+        names[name] += 1
+        if names[name] > 1:
+            name = f"{name}#{t.number}"
+        sizes = t.user_attrs["sizes"]
+        unit = sizes[0].get("size_unit", "tokens")
+        configs.append(ConfigResult(
+            name=name,
+            params=dict(t.params),
+            phase1_params=t.user_attrs.get("phase1_params"),
+            phase2_params=t.user_attrs.get("phase2_params"),
+            sizes=[SizeRow(tokens=int(s["train_tokens"]), ppl=s["val_ppl"], acc=s.get("val_acc"), val_er=s.get("val_er"),
+                           samples=s["size"] if unit == "samples" else None, train_er=s.get("train_er"),
+                           phase1_iterations=s.get("phase1_iterations")) for s in sizes],  # fmt: skip
+            embed_dim=sizes[0].get("embed_dim"),
+            state="COMPLETE",
+            number=t.number,
+            values=list(t.values or []),
+            extra={k: t.user_attrs.get(k) for k in ("device", "wall_seconds", "alpha_low", "alpha_high")},
+        ))  # fmt: skip
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    meta = {
+        "kind": "study",
+        "study": study.study_name,
+        "storage": storage_label,
+        "objectives": study.user_attrs.get("objectives") or study.metric_names or [d.name.lower() for d in study.directions],
+        "directions": [d.name.lower() for d in study.directions],
+        "sampler": study.user_attrs.get("sampler"),
+        "data_source": study.user_attrs.get("data_source"),
+        "sizes": study.user_attrs.get("sizes"),
+        "size_unit": study.user_attrs.get("size_unit"),
+        "trial_counts": dict(counts),
+        "wall_seconds": sum(t.user_attrs.get("wall_seconds") or 0 for t in complete),
+        "devices": sorted({t.user_attrs.get("device") for t in complete if t.user_attrs.get("device")}),
+        "pareto": [t.number for t in study.best_trials] if len(study.directions) > 1 and complete else [],
+    }
+    return configs, meta
