@@ -265,9 +265,9 @@ def load_prepared(path: str | Path, verify: bool = True) -> PreparedData:
             raise DataCorrupted(f"{path}: {name} does not match its sha256 in {META} (damaged or modified)")
 
     try:
-        train = np.load(path / TRAIN_TOKENS, mmap_mode="r")
-        ends = np.load(path / TRAIN_DOC_ENDS, mmap_mode="r")
-        val = np.load(path / VAL_TOKENS, mmap_mode="r")
+        train = np.load(path / TRAIN_TOKENS, mmap_mode="r", allow_pickle=False)
+        ends = np.load(path / TRAIN_DOC_ENDS, mmap_mode="r", allow_pickle=False)
+        val = np.load(path / VAL_TOKENS, mmap_mode="r", allow_pickle=False)
     except ValueError as e:  # only reachable with verify=False: same size, garbled header
         raise DataCorrupted(f"{path}: a token file cannot be read ({e})") from e
     counts = meta["counts"]

@@ -70,6 +70,8 @@ class Outcome:
     values: list[float] | None
     reason: str | None = None
     cached: bool = False
+    kind: str | None = None
+    """For FAIL: what failed (the exception's type, out_of_memory, worker_died, interrupted)."""
 
 
 class StudyBridge:
@@ -152,6 +154,9 @@ class StudyBridge:
             if lt is None or result.get("seq", 0) <= lt.seq:
                 return False  # a repeated final result
             lt.seq = result["seq"]
+            if result.get("node") and "ray_node" not in lt.trial.user_attrs:
+                lt.trial.set_user_attr("ray_node", result["node"])  # which Ray node ran it
+                lt.trial.set_user_attr("worker_pid", result.get("pid"))
             event = result.get("archsearch_event")
             payload = json.loads(result.get("payload") or "{}")
             if event == "failed":
@@ -230,14 +235,14 @@ class StudyBridge:
         if lt.error.get("traceback"):
             trial.set_user_attr("traceback", lt.error["traceback"])
         self.study.tell(trial, state=TrialState.FAIL)
-        self._done(lt, "FAIL", None, lt.error.get("error"), cached)
+        self._done(lt, "FAIL", None, lt.error.get("error"), cached, lt.error.get("kind"))
         key = st.params_key(lt.params)
         self.failures[key] += 1
         if lt.error.get("kind") == "interrupted" or self.failures[key] <= self.space.max_failures:
             st.enqueue(self.study, lt.name, lt.params, retry_of=lt.number)
 
-    def _done(self, lt, state, values, reason, cached) -> None:
-        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached))
+    def _done(self, lt, state, values, reason, cached, kind=None) -> None:
+        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind))
         self._view("end", lt, state=state, values=values, reason=reason)
 
     def _attrs(self, trial: optuna.Trial, result: dict[str, Any] | None) -> None:

@@ -49,6 +49,7 @@ def init_ray(address: str | None, quiet: bool = True):
         return ray
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "ERROR", "configure_logging": True}
     if address:
+        _probe(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -57,6 +58,20 @@ def init_ray(address: str | None, quiet: bool = True):
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
         ray.init(address="local", include_dashboard=False, **kwargs)
     return ray
+
+
+def _probe(address: str) -> None:
+    """Fail fast on a host:port nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
 def trial_resources(space: Space, ray) -> tuple[float, float]:
@@ -95,10 +110,12 @@ def run_search(
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # every check first (space, storage URL, cluster resources, sizes against the data):
+    # a bad request writes nothing but, at most, a valid prepared-data folder
+    ray = init_ray(address, quiet=True)
+    gpus, cpus = trial_resources(space, ray)
+    data = prepare_space_data(space, quiet=view_mode == "quiet")
     with stg.writer_lock(url):
-        data = prepare_space_data(space, quiet=view_mode == "quiet")
-        ray = init_ray(address, quiet=True)
-        gpus, cpus = trial_resources(space, ray)
         opt_storage = stg.open_storage(url)
         study = st.create_or_load(space, opt_storage, name)
         with stg.study_lock(opt_storage, url, name):
@@ -129,6 +146,7 @@ def run_search(
             bridge.close()
             shutil.rmtree(results_dir, ignore_errors=True)
         summary.outcomes = bridge.outcomes
+        summary.interrupted = summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes)
         summary.counts = _counts(study)
         if summary.counts.get("COMPLETE"):
             _publish(study, url)

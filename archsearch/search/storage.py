@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,35 @@ def open_storage(url: str, create: bool = True):
             engine_kwargs = {"connect_args": {"timeout": 60}}
         else:
             engine_kwargs = {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+            url = _with_driver(url)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+            except Exception as e:
+                # two processes creating Optuna's tables in a fresh database at once: one wins,
+                # the other sees a duplicate; the tables exist on the next try
+                if attempt < 4 and ("duplicate key" in str(e) or "already exists" in str(e)):
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise
     except FileNotFoundError:
         raise
     except ImportError as e:
         raise UserError(f"storage {mask_url(url)}: a database driver is missing ({e}); for PostgreSQL: pip install psycopg2-binary") from None
     except Exception as e:  # connection refused, bad credentials, unknown database, ...
         raise UserError(f"cannot open storage {mask_url(url)}: {mask_url(str(e)).splitlines()[0]}") from None
+
+
+def _with_driver(url: str) -> str:
+    """A plain postgresql:// URL means SQLAlchemy's default driver, psycopg (3) since
+    SQLAlchemy 2.1; use psycopg2 where only that one is installed."""
+    import importlib.util
+
+    head, sep, rest = url.partition("://")
+    if head.lower() in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2{sep}{rest}"
+    return url
 
 
 def artifact_dir_for(url: str) -> Path:

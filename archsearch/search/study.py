@@ -122,7 +122,10 @@ def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
                 "not be comparable. Use another --study name (or the space the study was made with)."
             )
         return study
-    study = optuna.create_study(study_name=study_name, storage=storage, directions=space.directions, sampler=sampler, pruner=pruner)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, directions=space.directions, sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
+        return create_or_load(space, storage, study_name)
     study.set_user_attr(A_SIGNATURE, {"hash": signature_hash(sig), "value": sig})
     study.set_user_attr("objectives", [o.label for o in space.objectives])
     study.set_user_attr("sizes", space.data.sizes)

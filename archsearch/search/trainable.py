@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import traceback
 from typing import Any
 
@@ -28,20 +29,30 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM, Python MemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    import torch
+
+    oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+    return isinstance(e, oom) or "can't allocate memory" in str(e) or "out of memory" in str(e).lower()
+
+
 def cvfp_trainable(config: dict[str, Any]) -> None:
+    import ray
     import torch
     from ray import tune
 
     plan = TrialPlan(**config["plan"])
     plan.device = "cuda" if config.get("gpus", 0) > 0 and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, int(config.get("cpus", 1))))
+    node = ray.get_runtime_context().get_node_id()
     seq = 0
     cum_tokens = 0
 
     def report(event: str, payload: dict[str, Any], **extra: Any) -> None:
         nonlocal seq
         seq += 1
-        tune.report({"archsearch_event": event, "seq": seq, "payload": json.dumps(_clean(payload)), **extra})
+        tune.report({"archsearch_event": event, "seq": seq, "payload": json.dumps(_clean(payload)), "node": node or "", "pid": os.getpid(), **extra})
 
     def on_size(record: dict[str, Any], partial: dict[str, Any]) -> None:
         nonlocal cum_tokens
@@ -54,8 +65,7 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         result = run_trial(plan, on_size=on_size)
     except Exception as e:  # the trial failed; the study goes on
         tb = traceback.format_exc(limit=8)
-        oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
-        kind = "out_of_memory" if isinstance(e, oom) else type(e).__name__
+        kind = "out_of_memory" if is_out_of_memory(e) else type(e).__name__
         report("failed", {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]})
         return
     report("final", result)

@@ -1,0 +1,79 @@
+"""Trials that fail end as FAIL with their cause; the study goes on; caches are verified."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from helpers import tiny_space
+from optuna.trial import TrialState
+
+from archsearch.search import runner
+from archsearch.space import parse_space
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def trials_of(home, name="tiny"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'archsearch.db'}").get_trials()
+
+
+def test_out_of_memory_is_a_failed_trial_with_its_cause(home, tiny_corpus, ray_local):
+    configs = {"fits": {"num_layers": 1, "context_dim": 8}, "huge": {"num_layers": 1, "context_dim": 3_000_000}}  # 36 TB of weights
+    summary = runner.run_search(parse_space(tiny_space(tiny_corpus, sampler={"type": "grid", "configs": configs})), view_mode="quiet")
+    by = {t.user_attrs["config_name"]: t for t in trials_of(home)}
+    assert by["fits"].state == TrialState.COMPLETE
+    assert by["huge"].state == TrialState.FAIL
+    assert by["huge"].user_attrs["error_kind"] == "out_of_memory"
+    assert "allocate" in by["huge"].user_attrs["error"]
+    assert [o.kind for o in summary.failed] == ["out_of_memory"]
+
+
+def test_unreadable_data_is_a_failed_trial_naming_the_file(home, tiny_corpus, ray_local, monkeypatch, tmp_path):
+    real = runner.prepare_space_data
+
+    def corrupted(space, quiet=False):
+        data = real(space, quiet)
+        copy = tmp_path / "corrupted"
+        shutil.copytree(data.path, copy)
+        raw = bytearray((copy / "val_tokens.npy").read_bytes())
+        raw[-1] ^= 0xFF
+        (copy / "val_tokens.npy").write_bytes(raw)
+        return SimpleNamespace(path=copy, embed_dim=data.embed_dim)
+
+    monkeypatch.setattr(runner, "prepare_space_data", corrupted)
+    runner.run_search(parse_space(tiny_space(tiny_corpus)), view_mode="quiet")
+    trials = trials_of(home)
+    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    assert all("DataCorrupted" in t.user_attrs["error"] and "val_tokens.npy" in t.user_attrs["error"] for t in trials)
+
+
+def test_corrupted_run_cache_entry_is_detected_and_recomputed(home, tiny_corpus, ray_local):
+    space = tiny_space(tiny_corpus, sampler={"type": "grid", "configs": {"a": {"num_layers": 1, "context_dim": 8}}})
+    runner.run_search(parse_space(dict(space, study={"name": "first"})), view_mode="quiet")
+    entries = sorted((home / "runs").glob("*/*.json"))
+    assert len(entries) == 3  # one per size
+    entries[1].write_text(entries[1].read_text()[:-40])  # truncated
+    runner.run_search(parse_space(dict(space, study={"name": "second"})), view_mode="quiet")
+    first, second = trials_of(home, "first")[0], trials_of(home, "second")[0]
+    assert sorted(s["cached"] for s in second.user_attrs["sizes"]) == [False, True, True]
+    assert second.values == pytest.approx(first.values)  # recomputed, same numbers
+    assert len(list((home / "runs").glob("*/*.json"))) == 3  # the bad entry was replaced
+
+
+def test_nan_loss_is_never_recorded_as_a_ppl(home, tiny_corpus, ray_local):
+    configs = {"nan": {"num_layers": 1, "context_dim": 8, "model.init_std": 1e30}}
+    runner.run_search(parse_space(tiny_space(tiny_corpus, sampler={"type": "grid", "configs": configs})), view_mode="quiet")
+    (t,) = trials_of(home)
+    assert t.state == TrialState.FAIL and t.user_attrs["error_kind"] == "NonFiniteLoss"
+    assert "final_ppl" not in t.user_attrs and not t.user_attrs.get("sizes")
