@@ -335,6 +335,21 @@ def _print_summary(sp, summary) -> None:
 # --------------------------------------------------------------------------- dashboard, studies
 
 
+def _existing_storage(storage: str | None):
+    """(resolved URL, Optuna storage) of a storage that must exist already (nothing is created)."""
+    import optuna
+
+    from archsearch.search import storage as stg
+
+    url = stg.resolve_url(storage)
+    try:
+        opt_storage = stg.open_storage(url, create=False)
+    except FileNotFoundError:
+        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage (run a study first)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return url, opt_storage
+
+
 @app.command()
 def dashboard(
     storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
@@ -348,11 +363,7 @@ def dashboard(
 
     from archsearch.search import storage as stg
 
-    url = stg.resolve_url(storage)
-    try:
-        opt_storage = stg.open_storage(url, create=False)
-    except FileNotFoundError:
-        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage (run a study first)") from None
+    url, opt_storage = _existing_storage(storage)
     art = artifact_dir or stg.artifact_dir_for(url)
     art.mkdir(parents=True, exist_ok=True)
     err_console.print(f"optuna-dashboard on http://{host}:{port}/ for {stg.mask_url(url)} (artifacts: {art}); Ctrl-C stops it")
@@ -372,12 +383,7 @@ def studies(
 
     from archsearch.search import storage as stg
 
-    url = stg.resolve_url(storage)
-    try:
-        opt_storage = stg.open_storage(url, create=False)
-    except FileNotFoundError:
-        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, opt_storage = _existing_storage(storage)
     table = Table(title=f"studies in {stg.mask_url(url)}")
     for col in ("study", "objectives", "trials", "COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING", "best"):
         table.add_column(col)
@@ -421,12 +427,7 @@ def report(
     from archsearch.report.sources import REFERENCE, from_reference
     from archsearch.search import storage as stg
 
-    url = stg.resolve_url(storage)
-    try:
-        opt_storage = stg.open_storage(url, create=False)
-    except FileNotFoundError:
-        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, opt_storage = _existing_storage(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(opt_storage, include_best_trial=False)]
     if study is None:
         if len(names) != 1:

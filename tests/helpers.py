@@ -43,3 +43,13 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | N
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.run([sys.executable, "-m", "archsearch.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)  # fmt: skip
+
+
+def read_trials(db: Path, study: str):
+    """The trials of a SQLite study that another process may be creating: read-only (no
+    table creation that could race with the writer)."""
+    import optuna
+
+    from archsearch.search.storage import open_storage
+
+    return optuna.load_study(study_name=study, storage=open_storage(f"sqlite:///{db}", create=False)).get_trials()

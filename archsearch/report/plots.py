@@ -72,10 +72,15 @@ def plot_scaling(series: Sequence[ScalingSeries], path: str | Path, title: str =
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    return save(fig, path)
+
+
+def save(fig, path: str | Path) -> Path:
+    """Lay out, write and close a figure."""
     import matplotlib.pyplot as plt
 
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)
     return path

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from archsearch.report.data import GAP_TOKENS, Report, compare
-from archsearch.report.plots import ScalingSeries, _figure, plot_scaling
+from archsearch.report.plots import ScalingSeries, _figure, plot_scaling, save
 
 
 def _f(v: Any, spec: str = ".4f", pct: bool = False) -> str:
@@ -154,12 +154,7 @@ def plot_alpha_vs_params(rep: Report, path: Path) -> Path:
     ax.set_title("α against phase-1 parameters (lower is better)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_pareto(rep: Report, study, path: Path) -> Path | None:
@@ -182,12 +177,7 @@ def plot_pareto(rep: Report, study, path: Path) -> Path | None:
     ax.set_ylabel(names[1])
     ax.set_title("Pareto front")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_search(study, out: Path) -> list[Path]:
@@ -197,32 +187,22 @@ def plot_search(study, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
 
     paths = []
     if len(study.directions) != 1:
         return paths
+    plots = {"history.png": optuna.visualization.matplotlib.plot_optimization_history,
+             "importances.png": optuna.visualization.matplotlib.plot_param_importances}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+        for name, draw in plots.items():
+            try:
+                ax = draw(study)
+            except Exception:  # e.g. importances of too few finished trials
+                continue
             ax.figure.set_size_inches(6.4, 4.4)
-            ax.figure.tight_layout()
-            ax.figure.savefig(out / "history.png", dpi=110)
-            plt.close(ax.figure)
-            paths.append(out / "history.png")
-        except Exception:
-            pass
-        try:
-            ax = optuna.visualization.matplotlib.plot_param_importances(study)
-            ax.figure.set_size_inches(6.4, 4.4)
-            ax.figure.tight_layout()
-            ax.figure.savefig(out / "importances.png", dpi=110)
-            plt.close(ax.figure)
-            paths.append(out / "importances.png")
-        except Exception:  # too few finished trials, or a single varying parameter
-            pass
+            paths.append(save(ax.figure, out / name))
     return paths
 
 

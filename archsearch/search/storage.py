@@ -102,16 +102,17 @@ def open_storage(url: str, create: bool = True):
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
             except Exception as e:
-                # two processes creating Optuna's tables in a fresh database at once: one wins,
-                # the other sees a duplicate; the tables exist on the next try
-                if attempt < 4 and ("duplicate key" in str(e) or "already exists" in str(e)):
+                # two processes creating Optuna's tables in a fresh database at once (a run and a
+                # dashboard, two runs on PostgreSQL): one wins, the other sees a duplicate; the
+                # tables exist on the next try
+                if attempt < 4 and any(x in str(e) for x in ("duplicate key", "already exists", "UNIQUE constraint failed")):
                     time.sleep(0.5 * (attempt + 1))
                     continue
                 raise
     except FileNotFoundError:
         raise
     except ImportError as e:
-        raise UserError(f"storage {mask_url(url)}: a database driver is missing ({e}); for PostgreSQL: pip install psycopg2-binary") from None
+        raise UserError(f"storage {mask_url(url)}: a database driver is missing ({e}); for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as e:  # connection refused, bad credentials, unknown database, ...
         raise UserError(f"cannot open storage {mask_url(url)}: {mask_url(str(e)).splitlines()[0]}") from None
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 import optuna
 import pytest
-from helpers import ROOT, cli, tiny_space, write_space
+from helpers import ROOT, cli, read_trials, tiny_space, write_space
 from optuna.trial import TrialState
 
 CONFIGS = {f"c{i}": {"num_layers": 1 + i % 2, "context_dim": 8 * (1 + i // 2)} for i in range(4)}
@@ -39,7 +39,7 @@ def wait_mid_trial(home, proc, timeout=240) -> optuna.trial.FrozenTrial:
         if not db.exists():
             continue
         try:
-            trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}").get_trials()
+            trials = read_trials(db, "tiny")
         except Exception:
             continue
         running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("sizes_done", 0) >= 1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import ROOT, cli, tiny_space, write_space
+from helpers import ROOT, cli, read_trials, tiny_space, write_space
 from optuna.trial import TrialState
 
 
@@ -108,7 +108,7 @@ def test_sigkill_of_the_driver_mid_trial_then_rerun_finishes_the_study(tmp_path)
             if not db.exists():
                 continue
             try:
-                trials = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{db}").get_trials()
+                trials = read_trials(db, "quickstart")
             except Exception:
                 continue
             done = [t for t in trials if t.state == TrialState.COMPLETE]

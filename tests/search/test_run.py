@@ -137,3 +137,36 @@ def test_raising_trial_fails_with_its_cause_and_the_study_goes_on(home, tiny_cor
     assert states == {"good": [TrialState.COMPLETE], "nan": [TrialState.FAIL, TrialState.FAIL]}  # one retry
     assert [o.name for o in summary.failed] == ["nan", "nan"]
     assert not any(math.isnan(s["val_ppl"]) for t in load(home).get_trials() for s in t.user_attrs.get("sizes", []))
+
+
+def test_pareto_search_with_two_objectives(home, tiny_corpus, ray_local):
+    space = tiny_space(
+        tiny_corpus,
+        study={"name": "pareto"},
+        objective=[{"name": "ppl_at", "target_tokens": 1e6}, "phase1_params"],
+        sampler={"type": "nsga2", "seed": 0, "population_size": 4},
+        parameters={"num_layers": {"type": "int", "low": 1, "high": 3}, "context_dim": [4, 8, 16]},
+    )
+    run(space, n_trials=4)
+    study = load(home, "pareto")
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert study.metric_names == ["ppl_at_1M", "phase1_params"]
+    for t in trials:
+        assert t.values == [pytest.approx(t.user_attrs["ppl_at_target"]), t.user_attrs["phase1_params"]]
+        assert t.intermediate_values == {}  # Optuna cannot prune (or report for) several objectives
+    assert study.best_trials  # a Pareto set exists
+
+
+def test_search_report_has_history_and_importances(home, tiny_corpus, ray_local, tmp_path):
+    from helpers import cli
+
+    space = tiny_space(tiny_corpus, study={"name": "tpe2"}, sampler={"type": "tpe", "seed": 1, "n_startup_trials": 2},
+                       parameters={"num_layers": {"type": "int", "low": 1, "high": 3}, "context_dim": [4, 8, 16]})  # fmt: skip
+    run(space, n_trials=4)
+    r = cli("report", "--storage", f"sqlite:///{home / 'archsearch.db'}", "--study", "tpe2", "--out", str(tmp_path / "rep"),
+            "--top", "3", env={"ARCHSEARCH_HOME": str(home)})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rep" / "history.png").exists() and (tmp_path / "rep" / "importances.png").exists()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "the 3 best configs by alpha (of 4)" in md
