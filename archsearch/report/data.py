@@ -225,7 +225,8 @@ def _recommend(by_ppl, by_alpha, laws, overlaps, rankings) -> list[str]:
     if rankings.get("ppl_per_parameter"):
         r = rankings["ppl_per_parameter"][0]
         if r["ppl_gain"] > 0:
-            out.append(f"Best PPL per parameter: {r['config']} ({r['ppl_gain']:.1f} PPL better than {r['reference']} for {r['extra_mparams']:.2f}M more phase-1 parameters).")
+            extra = f"{r['extra_mparams']:.2f}M" if r["extra_mparams"] >= 1 else f"{1000 * r['extra_mparams']:.1f}k"
+            out.append(f"Best PPL per parameter: {r['config']} ({r['ppl_gain']:.1f} PPL better than {r['reference']} for {extra} more phase-1 parameters).")
     if by_ppl and by_alpha:
         if by_ppl[0].name == by_alpha[0].name:
             out.append(f"Recommendation: {by_ppl[0].name}, best both in PPL and in alpha.")

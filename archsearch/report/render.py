@@ -29,7 +29,7 @@ def _iters(v) -> str:
 def _m(n: int | None) -> str:
     if n is None:
         return "-"
-    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}k"
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k"
 
 
 def _short(count: int) -> str:
