@@ -165,6 +165,9 @@ class StudyBridge:
             if event == "final":
                 lt.result = payload
                 return False
+            if event == "progress":
+                self._view("progress", lt, reason=f"size {payload['size_index'] + 1}/{len(self.space.data.sizes)}: {payload['text']}")
+                return False
             if event != "size":
                 return False
             lt.records.append(payload["record"])

@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import traceback
 from typing import Any
 
 from archsearch.trial import TrialPlan, run_trial
+
+PROGRESS_S = 5.0
+"""Phase-level progress reaches the driver at most this often."""
 
 
 def _clean(x: Any) -> Any:
@@ -61,8 +65,24 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         report("size", {"record": record, "partial": partial}, size_index=len(partial["sizes"]) - 1, step=cum_tokens,
                objective=values[0] if values and values[0] is not None else float("nan"))
 
+    last_progress = [0.0]
+
+    def progress(event: str, size, size_index, seed, **info) -> None:
+        """Phase-level progress for the live view, at most every PROGRESS_S seconds."""
+        now = time.monotonic()
+        if now - last_progress[0] < PROGRESS_S or event not in ("phase1", "phase2", "contexts"):
+            return
+        last_progress[0] = now
+        if event == "phase1":
+            text = f"phase 1 iteration {info['iteration']}/{info['max_iterations']}"
+        elif event == "phase2":
+            text = f"phase 2 epoch {info['epoch']}/{info['max_epochs']}, val PPL {info['val_ppl']:.1f}"
+        else:
+            text = "validation contexts"
+        report("progress", {"size_index": size_index, "size": size, "text": text})
+
     try:
-        result = run_trial(plan, on_size=on_size)
+        result = run_trial(plan, on_size=on_size, progress=progress)
     except Exception as e:  # the trial failed; the study goes on
         tb = traceback.format_exc(limit=8)
         kind = "out_of_memory" if is_out_of_memory(e) else type(e).__name__

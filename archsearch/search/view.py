@@ -51,11 +51,15 @@ class LiveView:
             row["cached"] = rec.get("cached")
             line = (f"trial {lt.number} {lt.name}: size {len(lt.records)}/{self.n_sizes} ({rec['size']:,} {self.unit}) "
                     f"PPL {rec['val_ppl']:.1f}" + (" (cached)" if rec.get("cached") else f" in {rec['seconds']:.1f} s"))  # fmt: skip
+        elif event == "progress":
+            row["phase"] = reason
+            line = f"trial {lt.number} {lt.name}: {reason}"
         elif event == "end":
             row["state"] = state
             if values:
                 row["value"] = values[0]
             row["reason"] = reason
+            row.pop("phase", None)
             line = f"trial {lt.number} {lt.name}: {state}" + (f" {', '.join(f'{v:.4g}' for v in values)}" if values else "") + (f" ({reason})" if reason else "")
         else:
             line = f"trial {lt.number} {lt.name}: started ({_params_text(lt.params)})"
@@ -66,12 +70,12 @@ class LiveView:
 
     def _table(self) -> Table:
         t = Table(title=f"archsearch: {len(self.rows)} trials, {time.time() - self.t0:.0f} s", title_justify="left")
-        for col in ("#", "config", "params", "state", "sizes", "PPL by size", self.labels[0] if self.labels else "objective"):
+        for col in ("#", "config", "params", "state", "sizes", "now", "PPL by size", self.labels[0] if self.labels else "objective"):
             t.add_column(col)
         for number, r in sorted(self.rows.items()):
             t.add_row(
                 str(number), r["name"], _params_text(r["params"]), r["state"] if not r.get("reason") or r["state"] == "COMPLETE" else f"{r['state']}: {r['reason'][:40]}",
-                f"{len(r['ppl'])}/{self.n_sizes}", " ".join(f"{p:.0f}" for p in r["ppl"]),
+                f"{len(r['ppl'])}/{self.n_sizes}", r.get("phase", ""), " ".join(f"{p:.0f}" for p in r["ppl"]),
                 "-" if r["value"] is None else f"{r['value']:.4g}",
             )  # fmt: skip
         return t
