@@ -16,7 +16,8 @@ from archsearch.config import ModelConfig, token_widths
 
 
 class TokenEmbedding(nn.Module):
-    """The frozen pretrained embedding W (V, E): token vectors in, tied-head logits out."""
+    """The frozen pretrained embedding W (V, E) and its token vectors. The tied output head
+    (logits = h W^T) is in head.py, fused with its cross-entropy."""
 
     def __init__(self, weight: torch.Tensor, num_input_tokens: int, eps: float = 1e-5):
         super().__init__()
@@ -36,10 +37,6 @@ class TokenEmbedding(nn.Module):
     def vectors(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, k) window ids -> (B, E*k) concatenated normalised embeddings."""
         return self.normed[windows].flatten(1)  # (B, k, E) -> (B, E*k)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, E) -> (B, V): the tied, frozen, bias-free output head."""
-        return h @ self.weight.to(h.dtype).T
 
 
 class ContextLayer(nn.Module):

@@ -56,6 +56,9 @@ class Law:
     factor_per_10x: float
     """10^alpha: what 10x more tokens multiplies PPL by."""
     ppl_at: dict[int, float]
+    loo_alphas: list[float] = field(default_factory=list)
+    loo_intercepts: list[float] = field(default_factory=list)
+    """The leave-one-out fits behind the interval (for the plots' bands)."""
 
 
 @dataclass
@@ -117,7 +120,7 @@ def law_of(cfg: ConfigResult) -> tuple[Law, ScalingFit] | None:
         return None
     fit = fit_power_law([s.tokens for s in cfg.sizes], [s.ppl for s in cfg.sizes])
     law = Law(fit.alpha, fit.A, fit.r2, fit.alpha_se, fit.alpha_low, fit.alpha_high, fit.ppl_factor_per_decade(),
-              {t: fit.predict(t) for t in GAP_TOKENS})  # fmt: skip
+              {t: fit.predict(t) for t in GAP_TOKENS}, list(fit.loo_alphas), list(fit.loo_intercepts))  # fmt: skip
     return law, fit
 
 

@@ -130,13 +130,11 @@ def series(rep: Report) -> list[ScalingSeries]:
     out = []
     for c in rep.configs:
         law = rep.laws.get(c.name)
-        from archsearch.report.data import law_of
-
-        lf = law_of(c)
-        fit = lf[1] if lf else None
-        out.append(ScalingSeries(c.name, [s.tokens for s in c.sizes], [s.ppl for s in c.sizes], law.alpha if law else None, law.A if law else None,
-                                 law.alpha_low if law else None, law.alpha_high if law else None,
-                                 fit.loo_alphas if fit else (), fit.loo_intercepts if fit else ()))  # fmt: skip
+        tokens, ppl = [s.tokens for s in c.sizes], [s.ppl for s in c.sizes]
+        if law is None:
+            out.append(ScalingSeries(c.name, tokens, ppl))
+        else:
+            out.append(ScalingSeries(c.name, tokens, ppl, law.alpha, law.A, law.alpha_low, law.alpha_high, law.loo_alphas, law.loo_intercepts))
     return out
 
 
