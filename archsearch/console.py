@@ -31,13 +31,13 @@ def fmt(v: Any, spec: str = ".4g") -> str:
 
 
 def sizes_table(records: list[dict[str, Any]], title: str | None = None) -> Table:
-    unit = records[0]["size_unit"] if records else "tokens"
+    samples = bool(records) and records[0]["size_unit"] == "samples"
     t = Table(title=title)
-    for col in (unit.capitalize(), "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "P1 it", "P1 conv", "P2 best/stop", "P1 s", "P2 s", "Cached"):
+    for col in (*(("Samples",) if samples else ()), "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "P1 it", "P1 conv", "P2 best/stop", "P1 s", "P2 s", "Cached"):
         t.add_column(col, justify="right")
     for r in records:
         t.add_row(
-            f"{r['size']:,}",
+            *((f"{r['size']:,}",) if samples else ()),
             f"{r['train_tokens']:,}",
             f"{r['val_ppl']:.1f}",
             f"{100 * r['val_acc']:.1f}%",
