@@ -145,6 +145,7 @@ def main() -> None:
     RECURRENT = args.recurrent
 
     devices = [torch.device(d) for d in args.device.split(",")]
+    devices = [torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d for d in devices]
     device = devices[0]
     g = torch.Generator().manual_seed(0)
     W = torch.randn(V, E, generator=g) * 0.1

@@ -39,8 +39,8 @@ def cuda_time(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def table(prof, n=18) -> str:
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=60)
+def table(prof, n=30) -> str:
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=n, max_name_column_width=60)
 
 
 def main() -> None:
@@ -81,6 +81,25 @@ def main() -> None:
             p2_step(i * B)
 
     out["phase2_step_ms"] = cuda_time(p2_steps, 5) / 8
+
+    def graphed_step_ms() -> float:
+        """Milliseconds per phase-2 step as a run does it: replays of the captured step."""
+        from archsearch.cvfp.engine import Phase2Step
+
+        tb = TokenBlock(cfg.model, E).to(dev)
+        o = torch.optim.Adam(tb.parameters(), lr=1e-3, fused=True, capturable=True)
+        st = Phase2Step(tb, emb, weight, o, cfg, cache, win, ids[1:])
+        for i in range(3):
+            st(i * B, (i + 1) * B)
+        st.capture()
+        return cuda_time(lambda: [st(i * B, (i + 1) * B) for i in range(20)], 5) / 20
+
+    from archsearch.cvfp import model as M
+
+    for fused in (False, True):  # LN(residual + ReLU(z)) as one kernel each way, or as plain ops
+        M.FUSED_NORM = fused
+        out[f"phase2_graphed_step_ms_fused_norm_{fused}"] = graphed_step_ms()
+    print({k: round(v, 3) for k, v in out.items() if k.startswith("phase2")})
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         p2_steps()
         torch.cuda.synchronize()
@@ -104,7 +123,7 @@ def main() -> None:
     lu = h @ Wu.T
     out["head_grad_gemm_unpadded_ms"] = cuda_time(lambda: lu @ Wu)
     out["head_torch_ce_ms"] = cuda_time(lambda: torch.nn.functional.cross_entropy(lu.float(), t))
-    print({k: round(v, 3) for k, v in out.items() if k.startswith("head") or k.startswith("phase2")})
+    # (the cross-entropy kernel's variants were swept on 2026-11-28: see benchmarks/NOTES.md)
 
     # ---- a phase-1 chunk (8 batches of 8000) forward + backward
     cblock = ContextBlock(cfg.model, E).to(dev)
@@ -115,7 +134,9 @@ def main() -> None:
     def p1_chunk():
         _phase1_span(cblock, emb, win, inputs, prev, out_all, 0, 64_000, 8000, 0.8, 16, cfg)
 
-    out["phase1_chunk_64k_ms"] = cuda_time(p1_chunk, 5)
+    for fused in (False, True):
+        M.FUSED_NORM = fused
+        out[f"phase1_chunk_64k_ms_fused_norm_{fused}"] = cuda_time(p1_chunk, 5)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         p1_chunk()
         torch.cuda.synchronize()

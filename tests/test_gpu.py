@@ -15,7 +15,7 @@ def test_engine_matches_reference_on_gpu_fp32():
     from archsearch.cvfp.reference import reference_run
 
     for k, L in ((1, 1), (2, 2), (3, 3)):
-        cfg = tiny_cfg(k, L)
+        cfg = tiny_cfg(k, L, precision="fp32")  # "auto" would be bf16 on a GPU
         W, train, val = tiny_data()
         e = train_run(cfg, W, train, val, seed=3, device="cuda", keep_tensors=True)
         r = reference_run(cfg, W, train, val, seed=3, device="cuda")
@@ -107,3 +107,50 @@ def test_phase2_graph_replay_changes_nothing():
         out[graph] = train_run(cfg, W, train, val, seed=1, device="cuda")  # 9 steps per epoch, a partial last one
     assert [h["val_loss"] for h in out[True]["phase2_history"]] == pytest.approx([h["val_loss"] for h in out[False]["phase2_history"]], rel=1e-5)
     assert out[True]["val_ppl"] == pytest.approx(out[False]["val_ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("k, L, C", [(1, 3, 96), (3, 2, 64)])
+def test_fused_residual_relu_norm_matches_plain_layers(precision, k, L, C):
+    """The fused LN(residual + ReLU(z)) kernels give the same outputs and gradients as the
+    plain modules, for both blocks (with and without the TokenLayer's projected residual)."""
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp import model as M
+    from archsearch.cvfp.engine import precision_scope
+
+    cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k}})
+    E, n = 32, 1000
+    g = torch.Generator(device="cuda").manual_seed(k)
+    torch.manual_seed(k)
+    blocks = (M.ContextBlock(cfg.model, E).cuda(), M.TokenBlock(cfg.model, E).cuda())
+    ctx0 = torch.randn(n, C, device="cuda", generator=g)
+    contexts = torch.randn(L, n, C, device="cuda", generator=g)
+    tok = torch.randn(n, E * k, device="cuda", generator=g)
+    # a random linear read-out: LN(.)^2 summed would be nearly constant (gradients ~ 0)
+    rc, rh = torch.randn(n, C, device="cuda", generator=g), torch.randn(n, E, device="cuda", generator=g)
+
+    def outputs_and_grads(fused: bool, prec: str) -> list[torch.Tensor]:
+        M.FUSED_NORM = fused
+        try:
+            for b in blocks:
+                b.zero_grad(set_to_none=True)
+            with precision_scope(prec, torch.device("cuda")):
+                c = blocks[0](ctx0, tok)
+                h = blocks[1](contexts, tok)
+            assert c.dtype == h.dtype == torch.float32
+            ((c * rc).sum() + (h * rh).sum()).backward()
+            return [c.detach(), h.detach()] + [p.grad.clone() for b in blocks for p in b.parameters()]
+        finally:
+            M.FUSED_NORM = True
+
+    def rel(a, b):
+        assert torch.isfinite(a).all()
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    truth = outputs_and_grads(False, "fp32")
+    fused, plain = outputs_and_grads(True, precision), outputs_and_grads(False, precision)
+    for f, p, t in zip(fused, plain, truth):
+        if precision == "fp32":
+            assert rel(f, t) < 1e-5
+        else:  # bf16 rounds differently in the two paths: the fused one must be as close to fp32
+            assert rel(f, t) <= 1.5 * rel(p, t) + 1e-3

@@ -175,3 +175,102 @@ def recurrent_persistent(P, W, G, B, eps: float):
     _recurrent_persistent_kernel[(grid,)](P, W, G, B, out, hbuf, bar, eps, T, L=L, C=C, BLOCK_C=block, ROWS=rows,
                                           num_warps=4 if block <= 1024 else 8)  # fmt: skip
     return out
+
+
+# the row count varies from batch to batch: one compiled kernel for all of them
+@triton.jit(do_not_specialize=["n"])
+def _res_relu_ln_fwd_kernel(
+    z_ptr, r_ptr, g_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n, eps,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """y = LayerNorm(r + ReLU(z)) for ROWS rows, in fp32 whatever z and r are stored in."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < n)[:, None] & (cols < D)[None, :]
+    ofs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    z = tl.load(z_ptr + ofs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(r_ptr + ofs, mask=mask, other=0.0).to(tl.float32) + tl.maximum(z, 0.0)
+    mean = tl.sum(x, axis=1) / D
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(d * d, axis=1) / D + eps)
+    gamma = tl.load(g_ptr + cols, mask=cols < D, other=0.0)
+    beta = tl.load(b_ptr + cols, mask=cols < D, other=0.0)
+    tl.store(y_ptr + ofs, d * rstd[:, None] * gamma[None, :] + beta[None, :], mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rows < n)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n)
+
+
+@triton.jit(do_not_specialize=["n", "blocks_per_prog"])
+def _res_relu_ln_bwd_kernel(
+    dy_ptr, z_ptr, r_ptr, g_ptr, mean_ptr, rstd_ptr, dz_ptr, dr_ptr, dg_ptr, db_ptr, n, blocks_per_prog,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, WRITE_DR: tl.constexpr,
+):  # fmt: skip
+    """Gradients of y = LayerNorm(r + ReLU(z)): dz and dr per row, and this program's partial
+    sums of d gamma and d beta over its rows (summed over programs by the caller)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    gamma = tl.load(g_ptr + cols, mask=cmask, other=0.0)
+    acc_g = tl.zeros([BLOCK_D], tl.float32)
+    acc_b = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(blocks_per_prog):
+        rows = (pid * blocks_per_prog + i) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n
+        mask = rmask[:, None] & cmask[None, :]
+        ofs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        dy = tl.load(dy_ptr + ofs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + ofs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(r_ptr + ofs, mask=mask, other=0.0).to(tl.float32) + tl.maximum(z, 0.0)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        acc_g += tl.sum(dy * xhat, axis=0)
+        acc_b += tl.sum(dy, axis=0)
+        wdy = dy * gamma[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / D
+        c2 = tl.sum(wdy, axis=1) / D
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if WRITE_DR:
+            tl.store(dr_ptr + ofs, dx.to(dr_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + ofs, tl.where(z > 0.0, dx, 0.0).to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + pid * D + cols, acc_g, mask=cmask)
+    tl.store(db_ptr + pid * D + cols, acc_b, mask=cmask)
+
+
+def _ln_shape(D: int) -> tuple[int, int, int]:
+    block = triton.next_power_of_2(D)
+    rows = max(1, min(16, 4096 // block))  # about 4k elements per program
+    return block, rows, 4 if block * rows <= 4096 else 8
+
+
+def res_relu_ln_fwd(z, r, gamma, beta, eps: float):
+    """(y fp32, mean, rstd) of y = LayerNorm(r + ReLU(z)) over the last axis of (n, D) z, r."""
+    import torch
+
+    n, D = z.shape
+    block, rows, warps = _ln_shape(D)
+    y = torch.empty(n, D, device=z.device, dtype=torch.float32)
+    mean = torch.empty(n, device=z.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, r, gamma, beta, y, mean, rstd, n, eps, D=D, BLOCK_D=block, ROWS=rows,
+                                                     num_warps=warps)  # fmt: skip
+    return y, mean, rstd
+
+
+def res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, need_dr: bool = True):
+    """(dz in z's dtype, dr in r's dtype or None, d gamma, d beta) for res_relu_ln_fwd."""
+    import torch
+
+    n, D = z.shape
+    block, rows, warps = _ln_shape(D)
+    nblocks = triton.cdiv(n, rows)
+    progs = min(nblocks, 4 * torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 8)
+    per = triton.cdiv(nblocks, progs)
+    progs = triton.cdiv(nblocks, per)
+    dz = torch.empty_like(z)
+    dr = torch.empty_like(r) if need_dr else dz
+    dg = torch.empty(progs, D, device=z.device, dtype=torch.float32)
+    db = torch.empty_like(dg)
+    _res_relu_ln_bwd_kernel[(progs,)](dy, z, r, gamma, mean, rstd, dz, dr, dg, db, n, per, D=D, BLOCK_D=block, ROWS=rows,
+                                      WRITE_DR=need_dr, num_warps=warps)  # fmt: skip
+    return dz, (dr if need_dr else None), dg.sum(0), db.sum(0)

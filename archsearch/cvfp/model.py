@@ -8,11 +8,48 @@ reference implementation (reference.py) can draw the same parameters.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from archsearch.config import ModelConfig, token_widths
+
+
+# On a GPU with Triton, LN(residual + ReLU(z)) runs as one kernel forward and one backward
+# (kernels.res_relu_ln_*) instead of ~10 small ones; a switch for A/B measurements.
+FUSED_NORM = True
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+class _ResidualReluNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, residual, weight, bias, eps: float):
+        from archsearch.cvfp.kernels import res_relu_ln_fwd
+
+        shape = z.shape
+        z2, r2 = z.reshape(-1, shape[-1]).contiguous(), residual.reshape(-1, shape[-1]).contiguous()
+        y, mean, rstd = res_relu_ln_fwd(z2, r2, weight, bias, eps)
+        ctx.save_for_backward(z2, r2, weight, mean, rstd)
+        ctx.shapes = (z.shape, residual.shape)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from archsearch.cvfp.kernels import res_relu_ln_bwd
+
+        z2, r2, weight, mean, rstd = ctx.saved_tensors
+        need_dr = ctx.needs_input_grad[1]
+        dz, dr, dg, db = res_relu_ln_bwd(dy.reshape(z2.shape).contiguous(), z2, r2, weight, mean, rstd, need_dr)
+        return dz.view(ctx.shapes[0]), (dr.view(ctx.shapes[1]) if need_dr else None), dg, db, None
+
+
+def residual_relu_norm(z: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(residual + ReLU(z))``; the result is fp32 (as autocast's LayerNorm gives)."""
+    if FUSED_NORM and _HAVE_TRITON and z.is_cuda and z.shape == residual.shape:
+        return _ResidualReluNorm.apply(z, residual, norm.weight, norm.bias, norm.eps)
+    return norm(residual + F.relu(z))
 
 
 class TokenEmbedding(nn.Module):
@@ -48,8 +85,8 @@ class ContextLayer(nn.Module):
         self.norm = nn.LayerNorm(context_dim, eps=eps)
 
     def forward(self, context: torch.Tensor, token_vec: torch.Tensor) -> torch.Tensor:
-        delta = F.relu(self.fc(torch.cat([context, token_vec], dim=-1)))  # (B, C)
-        return self.norm(context + delta)  # (B, C)
+        z = self.fc(torch.cat([context, token_vec], dim=-1))  # (B, C)
+        return residual_relu_norm(z, context, self.norm)  # LN(context + ReLU(z)), (B, C)
 
 
 class ContextBlock(nn.Module):
@@ -82,9 +119,9 @@ class TokenLayer(nn.Module):
         self.norm = nn.LayerNorm(d_out, eps=eps)
 
     def forward(self, context: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        delta = F.relu(self.fc(torch.cat([context, token], dim=-1)))  # (B, d_out)
+        z = self.fc(torch.cat([context, token], dim=-1))  # (B, d_out)
         residual = token if self.proj is None else self.proj(token)  # (B, d_out)
-        return self.norm(residual + delta)  # (B, d_out)
+        return residual_relu_norm(z, residual, self.norm)  # LN(residual + ReLU(z)), (B, d_out)
 
 
 class TokenBlock(nn.Module):
