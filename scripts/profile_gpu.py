@@ -18,7 +18,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from archsearch.config import run_config_from_dict  # noqa: E402
 from archsearch.cvfp import head  # noqa: E402
-from archsearch.cvfp.engine import _phase1_span, precision_scope  # noqa: E402
+from archsearch.cvfp import model as M  # noqa: E402
+from archsearch.cvfp.engine import Phase2Step, _phase1_span, precision_scope  # noqa: E402
 from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding  # noqa: E402
 
 V, E = 50_257, 768
@@ -84,8 +85,6 @@ def main() -> None:
 
     def graphed_step_ms() -> float:
         """Milliseconds per phase-2 step as a run does it: replays of the captured step."""
-        from archsearch.cvfp.engine import Phase2Step
-
         tb = TokenBlock(cfg.model, E).to(dev)
         o = torch.optim.Adam(tb.parameters(), lr=1e-3, fused=True, capturable=True)
         st = Phase2Step(tb, emb, weight, o, cfg, cache, win, ids[1:])
@@ -93,8 +92,6 @@ def main() -> None:
             st(i * B, (i + 1) * B)
         st.capture()
         return cuda_time(lambda: [st(i * B, (i + 1) * B) for i in range(20)], 5) / 20
-
-    from archsearch.cvfp import model as M
 
     for fused in (False, True):  # LN(residual + ReLU(z)) as one kernel each way, or as plain ops
         M.FUSED_NORM = fused

@@ -32,7 +32,7 @@ class _ResidualReluNorm(torch.autograd.Function):
         z2, r2 = z.reshape(-1, shape[-1]).contiguous(), residual.reshape(-1, shape[-1]).contiguous()
         y, mean, rstd = res_relu_ln_fwd(z2, r2, weight, bias, eps)
         ctx.save_for_backward(z2, r2, weight, mean, rstd)
-        ctx.shapes = (z.shape, residual.shape)
+        ctx.shape = shape  # z and residual have the same shape (residual_relu_norm checks)
         return y.view(shape)
 
     @staticmethod
@@ -42,7 +42,7 @@ class _ResidualReluNorm(torch.autograd.Function):
         z2, r2, weight, mean, rstd = ctx.saved_tensors
         need_dr = ctx.needs_input_grad[1]
         dz, dr, dg, db = res_relu_ln_bwd(dy.reshape(z2.shape).contiguous(), z2, r2, weight, mean, rstd, need_dr)
-        return dz.view(ctx.shapes[0]), (dr.view(ctx.shapes[1]) if need_dr else None), dg, db, None
+        return dz.view(ctx.shape), (dr.view(ctx.shape) if need_dr else None), dg, db, None
 
 
 def residual_relu_norm(z: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
