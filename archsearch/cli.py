@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -280,8 +279,8 @@ def run(
         "trials": [o.__dict__ for o in summary.outcomes],
     })  # fmt: skip
     if summary.interrupted:
-        err_console.print(f"[yellow]interrupted[/yellow]: the study is consistent; run the same command again to resume "
-                          f"(unfinished trials are queued first).")
+        err_console.print("[yellow]interrupted[/yellow]: the study is consistent; run the same command again to resume "
+                          "(unfinished trials are queued first).")
         raise SystemExit(130)
     if summary.failed:
         raise SystemExit(1)

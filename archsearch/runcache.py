@@ -22,7 +22,7 @@ from archsearch.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: GPU bias added inside the fused norm (rounding), er_seconds in records
 """Bump when the engine's computation changes, so older cached runs are not reused."""
 
 

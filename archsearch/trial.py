@@ -24,7 +24,7 @@ from archsearch.space import OBJECTIVES, Objective
 SIZE_METRICS = (
     "train_tokens", "val_tokens", "val_ppl", "val_loss", "val_acc", "train_er", "val_er",
     "phase1_iterations", "phase1_convergence_rate", "phase2_best_epoch", "phase2_stopped_epoch",
-    "phase1_seconds", "phase1_tokens_per_s", "contexts_seconds", "val_step_us", "phase2_seconds",
+    "phase1_seconds", "phase1_tokens_per_s", "contexts_seconds", "val_step_us", "er_seconds", "phase2_seconds",
     "phase2_tokens_per_s", "seconds",
 )  # fmt: skip
 

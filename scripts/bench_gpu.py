@@ -101,6 +101,7 @@ def one_run(job, W, train, val, device, precision, epochs):
     return {
         "config": name, "train_tokens": N, "val_tokens": len(val), "phase1_iterations": m["phase1_iterations"],
         "phase2_epochs": m["phase2_stopped_epoch"], "seconds": m["seconds"], "val_step_us": m["val_step_us"],
+        "er_seconds": m["er_seconds"],  # the two effective ranks (SVDs), between the phases, in no phase's time
         "val_ppl": m["val_ppl"], "phases": phases, **param_counts(cfg.model, E),
     }  # fmt: skip
 

@@ -44,6 +44,58 @@ def table(prof, n=30) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=n, max_name_column_width=60)
 
 
+def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dict:
+    """Where one run's phase 2 spends its wall time: train_phase2 timed whole, then again
+    with a device sync around each part (eager steps, the capture, replays, evaluations)."""
+    import time
+
+    from archsearch.cvfp import engine as EN
+
+    dev = ids.device
+    n = cache.shape[1] - val_tokens - 1
+    train = (win[:n], ids[1 : n + 1], cache[:, :n])
+    val = (win[n : n + val_tokens], ids[n + 1 : n + 1 + val_tokens], cache[:, n : n + val_tokens])
+
+    def run() -> float:
+        tb = TokenBlock(cfg.model, E).to(dev)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        EN.train_phase2(tb, emb, train, val, cfg)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run()  # compile everything once
+    res = {"train_tokens": n, "wall_s": run()}
+    parts = {"eager_steps": 0.0, "capture": 0.0, "replays": 0.0, "evaluate": 0.0}
+    counts = dict.fromkeys(parts, 0)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            torch.cuda.synchronize()
+            parts[name] += time.perf_counter() - t0
+            counts[name] += 1
+            return r
+
+        return wrapper
+
+    orig_call, orig_capture, orig_eval = EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__
+
+    def call(self, s, e):
+        name = "replays" if self.graph is not None and e - s == self.cfg.phase2.batch_size else "eager_steps"
+        return timed(name, orig_call)(self, s, e)
+
+    EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__ = call, timed("capture", orig_capture), timed("evaluate", orig_eval)
+    try:
+        res["synced_wall_s"] = run()
+    finally:
+        EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__ = orig_call, orig_capture, orig_eval
+    res.update({f"{k}_s": v for k, v in parts.items()}, counts=counts)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", default="bf16")
@@ -96,7 +148,11 @@ def main() -> None:
     for fused in (False, True):  # LN(residual + ReLU(z)) as one kernel each way, or as plain ops
         M.FUSED_NORM = fused
         out[f"phase2_graphed_step_ms_fused_norm_{fused}"] = graphed_step_ms()
-    print({k: round(v, 3) for k, v in out.items() if k.startswith("phase2")})
+    cfg5 = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
+                                 "engine": {"precision": args.precision}, "phase2": {"max_epochs": 5, "patience": 5}})  # fmt: skip
+    out["phase2_run_breakdown"] = phase2_breakdown(cfg5, emb, cache, win, ids)
+    print("phase 2 of one run (5 epochs):", out["phase2_run_breakdown"])
+    print({k: round(v, 3) for k, v in out.items() if k.startswith("phase2") and isinstance(v, float)})
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         p2_steps()
         torch.cuda.synchronize()

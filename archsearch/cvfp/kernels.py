@@ -21,8 +21,8 @@ import triton.language as tl
 
 @triton.jit
 def _ce_rows_kernel(
-    logits_ptr, stride_row, targets_ptr, loss_ptr, argmax_ptr, grad_scale, V: tl.constexpr,
-    BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    logits_ptr, stride_row, targets_ptr, loss_ptr, argmax_ptr, grad_scale, V: tl.constexpr, VP: tl.constexpr,
+    BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -30,9 +30,12 @@ def _ce_rows_kernel(
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # running max per lane
     s = tl.zeros([BLOCK_V], tl.float32)  # running sum of exp(x - m) per lane
     best_i = tl.zeros([BLOCK_V], tl.int32)
-    for start in range(0, V, BLOCK_V):
+    for start in tl.range(0, VP, BLOCK_V, num_stages=STAGES):
         idx = start + offs
-        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+        # masked at the padded width VP (a multiple of 8): a mask at V = 50,257 would make
+        # every load scalar; the padding columns are then set aside here
+        x = tl.load(base + idx, mask=idx < VP, other=0.0).to(tl.float32)
+        x = tl.where(idx < V, x, float("-inf"))
         new_m = tl.maximum(m, x)
         empty = new_m == float("-inf")  # a lane that has seen only padding so far
         s = tl.where(empty, 0.0, s * tl.exp(m - new_m) + tl.exp(x - new_m))
@@ -48,22 +51,26 @@ def _ce_rows_kernel(
     x_t = tl.load(base + target).to(tl.float32)
     tl.store(loss_ptr + row, lse - x_t)
     if WRITE_GRAD:
-        for start in range(0, V, BLOCK_V):
+        for start in tl.range(0, VP, BLOCK_V, num_stages=STAGES):
             idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(idx == target, 1.0, 0.0)
-            tl.store(base + idx, (g * grad_scale).to(logits_ptr.dtype.element_ty), mask=idx < V)
+            x = tl.load(base + idx, mask=idx < VP, other=0.0).to(tl.float32)
+            g = tl.where(idx < V, tl.exp(x - lse), 0.0) - tl.where(idx == target, 1.0, 0.0)
+            tl.store(base + idx, (g * grad_scale).to(logits_ptr.dtype.element_ty), mask=idx < VP)
+
+
+CE_BLOCK_V, CE_WARPS, CE_STAGES = 2048, 8, 1
 
 
 def ce_rows(logits, targets, loss, argmax, grad_scale: float = 1.0, write_grad: bool = True, vocab_size: int | None = None) -> None:
     """Per-row CE into ``loss`` (fp32), argmax into ``argmax`` (int32); with ``write_grad``
     the logits become grad_scale * (softmax - onehot). ``logits`` (n, >= V), rows contiguous;
-    only the first ``vocab_size`` columns are read or written (the rest is padding)."""
-    n, V = logits.shape
-    V = vocab_size or V
-    assert logits.stride(1) == 1
-    _ce_rows_kernel[(n,)](logits, logits.stride(0), targets, loss, argmax, grad_scale, V,
-                          BLOCK_V=2048, WRITE_GRAD=write_grad, num_warps=8)  # fmt: skip
+    columns from ``vocab_size`` on are padding: they take no part in the loss, and with
+    ``write_grad`` they are set to 0."""
+    n, VP = logits.shape
+    V = vocab_size or VP
+    assert logits.stride(1) == 1 and V <= VP
+    _ce_rows_kernel[(n,)](logits, logits.stride(0), targets, loss, argmax, grad_scale, V, VP, BLOCK_V=CE_BLOCK_V,
+                          WRITE_GRAD=write_grad, STAGES=CE_STAGES, num_warps=CE_WARPS)  # fmt: skip
 
 
 @triton.jit
@@ -180,21 +187,25 @@ def recurrent_persistent(P, W, G, B, eps: float):
 # the row count varies from batch to batch: one compiled kernel for all of them
 @triton.jit(do_not_specialize=["n"])
 def _res_relu_ln_fwd_kernel(
-    z_ptr, r_ptr, g_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n, eps,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+    z_ptr, zb_ptr, r_ptr, g_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n, eps,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_ZB: tl.constexpr,
 ):  # fmt: skip
-    """y = LayerNorm(r + ReLU(z)) for ROWS rows, in fp32 whatever z and r are stored in."""
+    """y = LayerNorm(r + ReLU(z + zb)) for ROWS rows, in fp32 whatever z and r are stored in
+    (zb: the Linear's bias, added here rather than in its GEMM)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    mask = (rows < n)[:, None] & (cols < D)[None, :]
+    cmask = cols < D
+    mask = (rows < n)[:, None] & cmask[None, :]
     ofs = rows[:, None].to(tl.int64) * D + cols[None, :]
     z = tl.load(z_ptr + ofs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZB:
+        z += tl.load(zb_ptr + cols, mask=cmask, other=0.0)[None, :]
     x = tl.load(r_ptr + ofs, mask=mask, other=0.0).to(tl.float32) + tl.maximum(z, 0.0)
     mean = tl.sum(x, axis=1) / D
     d = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(d * d, axis=1) / D + eps)
-    gamma = tl.load(g_ptr + cols, mask=cols < D, other=0.0)
-    beta = tl.load(b_ptr + cols, mask=cols < D, other=0.0)
+    gamma = tl.load(g_ptr + cols, mask=cmask, other=0.0)
+    beta = tl.load(b_ptr + cols, mask=cmask, other=0.0)
     tl.store(y_ptr + ofs, d * rstd[:, None] * gamma[None, :] + beta[None, :], mask=mask)
     tl.store(mean_ptr + rows, mean, mask=rows < n)
     tl.store(rstd_ptr + rows, rstd, mask=rows < n)
@@ -202,17 +213,21 @@ def _res_relu_ln_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n", "blocks_per_prog"])
 def _res_relu_ln_bwd_kernel(
-    dy_ptr, z_ptr, r_ptr, g_ptr, mean_ptr, rstd_ptr, dz_ptr, dr_ptr, dg_ptr, db_ptr, n, blocks_per_prog,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, WRITE_DR: tl.constexpr,
+    dy_ptr, z_ptr, zb_ptr, r_ptr, g_ptr, mean_ptr, rstd_ptr, dz_ptr, dr_ptr, part_ptr, n, blocks_per_prog,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, WRITE_DR: tl.constexpr, HAS_ZB: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of y = LayerNorm(r + ReLU(z)): dz and dr per row, and this program's partial
-    sums of d gamma and d beta over its rows (summed over programs by the caller)."""
+    """Gradients of y = LayerNorm(r + ReLU(z + zb)): dz and dr per row, and this program's
+    partial sums over its rows of d gamma, d beta and d zb (= dz), as one row of 3*D in
+    ``part`` (summed over programs by the caller, one reduction for all three)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     gamma = tl.load(g_ptr + cols, mask=cmask, other=0.0)
+    if HAS_ZB:
+        zb = tl.load(zb_ptr + cols, mask=cmask, other=0.0)
     acc_g = tl.zeros([BLOCK_D], tl.float32)
     acc_b = tl.zeros([BLOCK_D], tl.float32)
+    acc_z = tl.zeros([BLOCK_D], tl.float32)
     for i in range(blocks_per_prog):
         rows = (pid * blocks_per_prog + i) * ROWS + tl.arange(0, ROWS)
         rmask = rows < n
@@ -220,6 +235,8 @@ def _res_relu_ln_bwd_kernel(
         ofs = rows[:, None].to(tl.int64) * D + cols[None, :]
         dy = tl.load(dy_ptr + ofs, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + ofs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZB:
+            z += zb[None, :]
         x = tl.load(r_ptr + ofs, mask=mask, other=0.0).to(tl.float32) + tl.maximum(z, 0.0)
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
@@ -232,9 +249,12 @@ def _res_relu_ln_bwd_kernel(
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if WRITE_DR:
             tl.store(dr_ptr + ofs, dx.to(dr_ptr.dtype.element_ty), mask=mask)
-        tl.store(dz_ptr + ofs, tl.where(z > 0.0, dx, 0.0).to(dz_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + pid * D + cols, acc_g, mask=cmask)
-    tl.store(db_ptr + pid * D + cols, acc_b, mask=cmask)
+        dz = tl.where(mask & (z > 0.0), dx, 0.0)
+        acc_z += tl.sum(dz, axis=0)
+        tl.store(dz_ptr + ofs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + pid * 3 * D + cols, acc_g, mask=cmask)
+    tl.store(part_ptr + pid * 3 * D + D + cols, acc_b, mask=cmask)
+    tl.store(part_ptr + pid * 3 * D + 2 * D + cols, acc_z, mask=cmask)
 
 
 def _ln_shape(D: int) -> tuple[int, int, int]:
@@ -243,8 +263,9 @@ def _ln_shape(D: int) -> tuple[int, int, int]:
     return block, rows, 4 if block * rows <= 4096 else 8
 
 
-def res_relu_ln_fwd(z, r, gamma, beta, eps: float):
-    """(y fp32, mean, rstd) of y = LayerNorm(r + ReLU(z)) over the last axis of (n, D) z, r."""
+def res_relu_ln_fwd(z, r, gamma, beta, eps: float, zb=None):
+    """(y fp32, mean, rstd) of y = LayerNorm(r + ReLU(z + zb)) over the last axis of (n, D) z, r
+    (zb: an optional (D,) bias of z)."""
     import torch
 
     n, D = z.shape
@@ -252,25 +273,33 @@ def res_relu_ln_fwd(z, r, gamma, beta, eps: float):
     y = torch.empty(n, D, device=z.device, dtype=torch.float32)
     mean = torch.empty(n, device=z.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, r, gamma, beta, y, mean, rstd, n, eps, D=D, BLOCK_D=block, ROWS=rows,
+    _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, gamma if zb is None else zb, r, gamma, beta, y, mean, rstd, n, eps,
+                                                     D=D, BLOCK_D=block, ROWS=rows, HAS_ZB=zb is not None,
                                                      num_warps=warps)  # fmt: skip
     return y, mean, rstd
 
 
-def res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, need_dr: bool = True):
-    """(dz in z's dtype, dr in r's dtype or None, d gamma, d beta) for res_relu_ln_fwd."""
+_SM_COUNT: dict = {}
+
+
+def res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, need_dr: bool = True, zb=None):
+    """(dz in z's dtype, dr in r's dtype or None, d gamma, d beta, d zb or None) for
+    res_relu_ln_fwd."""
     import torch
 
     n, D = z.shape
     block, rows, warps = _ln_shape(D)
     nblocks = triton.cdiv(n, rows)
-    progs = min(nblocks, 4 * torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 8)
+    if z.device not in _SM_COUNT:
+        _SM_COUNT[z.device] = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 2
+    progs = min(nblocks, 4 * _SM_COUNT[z.device])
     per = triton.cdiv(nblocks, progs)
     progs = triton.cdiv(nblocks, per)
     dz = torch.empty_like(z)
     dr = torch.empty_like(r) if need_dr else dz
-    dg = torch.empty(progs, D, device=z.device, dtype=torch.float32)
-    db = torch.empty_like(dg)
-    _res_relu_ln_bwd_kernel[(progs,)](dy, z, r, gamma, mean, rstd, dz, dr, dg, db, n, per, D=D, BLOCK_D=block, ROWS=rows,
-                                      WRITE_DR=need_dr, num_warps=warps)  # fmt: skip
-    return dz, (dr if need_dr else None), dg.sum(0), db.sum(0)
+    part = torch.empty(progs, 3 * D, device=z.device, dtype=torch.float32)
+    _res_relu_ln_bwd_kernel[(progs,)](dy, z, gamma if zb is None else zb, r, gamma, mean, rstd, dz, dr, part, n, per,
+                                      D=D, BLOCK_D=block, ROWS=rows, WRITE_DR=need_dr, HAS_ZB=zb is not None,
+                                      num_warps=warps)  # fmt: skip
+    dg, db, dzb = part.sum(0).view(3, D)
+    return dz, (dr if need_dr else None), dg, db, (dzb if zb is not None else None)

@@ -38,7 +38,6 @@ from archsearch.errors import UserError
 from archsearch.search import study as st
 from archsearch.search.distributions import search_distributions, suggest_all
 from archsearch.space import Space
-from archsearch.trial import TrialPlan
 
 MAX_INFEASIBLE = 200
 

@@ -4,7 +4,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 from archsearch.data import DataSpec, load_prepared, prepare_data
 from archsearch.data.sources import clean_wiki, wiki_articles
