@@ -216,14 +216,6 @@ class Phase2Result:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@torch.no_grad()
-def evaluate(
-    tblock: TokenBlock, emb: TokenEmbedding, windows: torch.Tensor, targets: torch.Tensor, cache: torch.Tensor, cfg: RunConfig
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (argmax == target) over every position."""
-    return Evaluation(tblock, emb, (windows, targets, cache), cfg, graphed=False)()
-
-
 class Evaluation:
     """Mean cross-entropy and accuracy (argmax == target) over every validation position,
     once per epoch. On a GPU the whole pass (every chunk, the sums included) is captured as
@@ -231,10 +223,10 @@ class Evaluation:
     tensors (the validation set and the TokenBlock's parameters stay put during a run),
     without the launches that otherwise make this pass CPU-bound."""
 
-    def __init__(self, tblock: TokenBlock, emb: TokenEmbedding, val, cfg: RunConfig, graphed: bool):
-        self.tblock, self.emb, self.cfg = tblock, emb, cfg
+    def __init__(self, tblock: TokenBlock, emb: TokenEmbedding, val, cfg: RunConfig, weight: head.HeadWeight, graphed: bool):
+        """``val``: (windows (n, k), targets (n,), context cache (L, n, C)); ``weight``: the head."""
+        self.tblock, self.emb, self.cfg, self.weight = tblock, emb, cfg, weight
         self.windows, self.targets, self.cache = val
-        self.weight = head.head_weight(emb.weight, cfg.engine.precision)
         device = self.targets.device
         self.ce_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -339,7 +331,7 @@ def train_phase2(
     opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr, fused=device.type == "cuda", capturable=graphed)
     weight = head.head_weight(emb.weight, cfg.engine.precision)
     step = Phase2Step(tblock, emb, weight, opt, cfg, cache, windows, targets)
-    evaluation = Evaluation(tblock, emb, val, cfg, graphed=device.type == "cuda" and cfg.engine.phase2_graph)
+    evaluation = Evaluation(tblock, emb, val, cfg, weight, graphed=device.type == "cuda" and cfg.engine.phase2_graph)
     best = Phase2Result(0, 0, math.inf, math.inf, 0.0)
     history: list[dict[str, float]] = []
     bad_epochs, epoch = 0, 0
