@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from archsearch.config import run_config_from_dict  # noqa: E402
 from archsearch.cvfp import head  # noqa: E402
 from archsearch.cvfp import model as M  # noqa: E402
-from archsearch.cvfp.engine import Phase2Step, _phase1_span, precision_scope  # noqa: E402
+from archsearch.cvfp.engine import GRAPH_WARMUP_STEPS, Phase2Step, _phase1_span, precision_scope  # noqa: E402
 from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding  # noqa: E402
 
 V, E = 50_257, 768
@@ -140,7 +140,7 @@ def main() -> None:
         tb = TokenBlock(cfg.model, E).to(dev)
         o = torch.optim.Adam(tb.parameters(), lr=1e-3, fused=True, capturable=True)
         st = Phase2Step(tb, emb, weight, o, cfg, cache, win, ids[1:])
-        for i in range(3):
+        for i in range(GRAPH_WARMUP_STEPS):
             st(i * B, (i + 1) * B)
         st.capture()
         return cuda_time(lambda: [st(i * B, (i + 1) * B) for i in range(20)], 5) / 20

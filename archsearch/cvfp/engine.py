@@ -331,7 +331,7 @@ def train_phase2(
     opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr, fused=device.type == "cuda", capturable=graphed)
     weight = head.head_weight(emb.weight, cfg.engine.precision)
     step = Phase2Step(tblock, emb, weight, opt, cfg, cache, windows, targets)
-    evaluation = Evaluation(tblock, emb, val, cfg, weight, graphed=device.type == "cuda" and cfg.engine.phase2_graph)
+    evaluation = Evaluation(tblock, emb, val, cfg, weight, graphed=cfg.engine.phase2_graph)  # graphs on GPUs only
     best = Phase2Result(0, 0, math.inf, math.inf, 0.0)
     history: list[dict[str, float]] = []
     bad_epochs, epoch = 0, 0

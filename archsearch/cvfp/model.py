@@ -56,13 +56,17 @@ def linear_relu_norm(fc: nn.Linear, x: torch.Tensor, residual: torch.Tensor, nor
     return norm(residual + F.relu(fc(x)))
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes Linears in on this device type, or None where it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def cat_for_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.cat([a, b], -1)`` as a Linear's input. Under autocast the parts are cast to the
     autocast dtype before the concatenation, not the fp32 result after it: the same values
     (a cast is elementwise), half the bytes written and one kernel fewer per layer."""
-    kind = a.device.type
-    if torch.is_autocast_enabled(kind):
-        dtype = torch.get_autocast_dtype(kind)
+    dtype = autocast_dtype(a.device.type)
+    if dtype is not None:
         a, b = a.to(dtype), b.to(dtype)
     return torch.cat([a, b], dim=-1)
 
@@ -117,8 +121,9 @@ class ContextBlock(nn.Module):
     def forward(self, context: torch.Tensor, token_vec: torch.Tensor, return_all: bool = False):
         """(B, C), (B, E*k) -> (B, C), or the list of the L layer outputs with return_all."""
         outs = []
-        if torch.is_autocast_enabled(token_vec.device.type):  # cast once, not in every layer
-            token_vec = token_vec.to(torch.get_autocast_dtype(token_vec.device.type))
+        dtype = autocast_dtype(token_vec.device.type)
+        if dtype is not None:  # cast once here, not in every layer's cat_for_linear
+            token_vec = token_vec.to(dtype)
         for layer in self.layers:
             context = layer(context, token_vec)  # (B, C)
             outs.append(context)
