@@ -22,7 +22,9 @@ from archsearch.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 2  # 2: GPU bias added inside the fused norm (rounding), er_seconds in records
+ENGINE_VERSION = 3  # 2: GPU bias added inside the fused norm (rounding), er_seconds in records;
+# 3: GPU layer gradients from fp32-output GEMMs, epochs' last batches through the phase-2 graph,
+# the embedding's LayerNorm on the device (rounding)
 """Bump when the engine's computation changes, so older cached runs are not reused."""
 
 

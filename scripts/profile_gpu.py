@@ -84,7 +84,7 @@ def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dic
     orig_call, orig_capture, orig_eval = EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__
 
     def call(self, s, e):
-        name = "replays" if self.graph is not None and e - s == self.cfg.phase2.batch_size else "eager_steps"
+        name = "replays" if self.graph is not None else "eager_steps"
         return timed(name, orig_call)(self, s, e)
 
     EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__ = call, timed("capture", orig_capture), timed("evaluate", orig_eval)
@@ -93,6 +93,49 @@ def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dic
     finally:
         EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__ = orig_call, orig_capture, orig_eval
     res.update({f"{k}_s": v for k, v in parts.items()}, counts=counts)
+    return res
+
+
+def head_overlap(h, Wp, t, V) -> dict:
+    """Forward GEMM, cross-entropy kernel and gradient GEMM of the head for B rows, split in
+    row chunks, on one stream or with the (memory-bound) cross-entropy of chunk i on a second
+    stream beside the (compute-bound) GEMMs of chunks i+1 and i-1: milliseconds per B rows."""
+    from archsearch.cvfp.kernels import ce_rows
+
+    B = h.shape[0]
+    logits = torch.empty(B, Wp.shape[0], device=h.device, dtype=Wp.dtype)
+    gh = torch.empty_like(h)
+    loss = torch.empty(B, device=h.device)
+    am = torch.empty(B, device=h.device, dtype=torch.int32)
+    side = torch.cuda.Stream()
+
+    def run(chunks: int, streams: bool) -> None:
+        c = B // chunks
+        main = torch.cuda.current_stream()
+        done = []
+        for i in range(chunks + 1):
+            if i < chunks:
+                r = slice(i * c, (i + 1) * c)
+                torch.matmul(h[r], Wp.T, out=logits[r])
+                if streams:
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        ce_rows(logits[r], t[r], loss[r], am[r], 1.0 / B, True, vocab_size=V)
+                        ev = torch.cuda.Event()
+                        ev.record(side)
+                    done.append(ev)
+                else:
+                    ce_rows(logits[r], t[r], loss[r], am[r], 1.0 / B, True, vocab_size=V)
+            if i >= 1:
+                r = slice((i - 1) * c, i * c)
+                if streams:
+                    main.wait_event(done[i - 1])
+                torch.matmul(logits[r], Wp, out=gh[r])
+
+    res = {}
+    for chunks in (1, 2, 4, 8):
+        for streams in ((False, True) if chunks > 1 else (False,)):
+            res[f"chunks_{chunks}_{'two_streams' if streams else 'one_stream'}_ms"] = cuda_time(lambda: run(chunks, streams))
     return res
 
 
@@ -177,6 +220,27 @@ def main() -> None:
     out["head_grad_gemm_unpadded_ms"] = cuda_time(lambda: lu @ Wu)
     out["head_torch_ce_ms"] = cuda_time(lambda: torch.nn.functional.cross_entropy(lu.float(), t))
     # (the cross-entropy kernel's variants were swept on 2026-11-28: see benchmarks/NOTES.md)
+    out["head_overlap"] = head_overlap(h, Wp, t, V)
+    print("head, chunks and streams:", out["head_overlap"])
+
+    # ---- the norm backward's reduction of per-program partial sums (528 x 3*768 on an H200)
+    from archsearch.cvfp.kernels import col_sum
+
+    part = torch.randn(528, 3 * 768, device=dev, generator=g)
+
+    def graphed_us(fn) -> float:
+        """Microseconds per call of ``fn`` on the GPU: 100 calls captured as one CUDA graph (a
+        loop of launches from the host would time the launches)."""
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(100):
+                fn()
+        return cuda_time(graph.replay) * 10
+
+    out["partial_sums_reduction_us"] = {"torch_sum": graphed_us(lambda: part.sum(0)), "col_sum_kernel": graphed_us(lambda: col_sum(part))}
+    print("partial sums, per reduction:", out["partial_sums_reduction_us"])
 
     # ---- a phase-1 chunk (8 batches of 8000) forward + backward
     cblock = ContextBlock(cfg.model, E).to(dev)

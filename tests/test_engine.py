@@ -114,3 +114,28 @@ def test_nonfinite_loss_raises():
     W[train[5]] = float("nan")  # a poisoned embedding row makes every loss NaN
     with pytest.raises(NonFiniteLoss):
         train_run(tiny_cfg(1, 1), W, train, val, seed=0)
+
+
+def test_weighted_head_loss_is_the_mean_over_the_weighted_rows():
+    """The captured phase-2 step runs an epoch's shorter last batch (r rows) as a full one with
+    row weights 1/r and 0: the loss is then the mean over the r rows and the other rows get
+    exactly zero gradient (the plain PyTorch path here; the fused GPU path in test_gpu.py)."""
+    import torch.nn.functional as F
+
+    from archsearch.cvfp.head import head_weight, train_loss
+
+    g = torch.Generator().manual_seed(0)
+    n, r, E, V = 64, 23, 16, 300
+    head = head_weight(torch.randn(V, E, generator=g), "fp32")
+    h = torch.randn(n, E, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (n,), generator=g)
+    w = torch.zeros(n)
+    w[:r] = 1.0 / r
+    loss = train_loss(h, head, t, w)
+    loss.backward()
+    h2 = h.detach()[:r].clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ head.matrix.T, t[:r])
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert torch.allclose(h.grad[:r], h2.grad, rtol=1e-5, atol=1e-8)
+    assert bool((h.grad[r:] == 0).all())

@@ -74,6 +74,20 @@ def test_fused_tied_cross_entropy_matches_torch(dtype):
     assert float(ce) / n == pytest.approx(float(ref), rel=tol)
     logits = (h.detach().to(dtype) @ W.T).float()
     assert abs(int(hits) - int((logits.argmax(-1) == t).sum())) <= 2  # ties in bf16 may differ
+    # row weights (how the captured phase-2 step runs an epoch's shorter last batch): 1/r on the
+    # first r rows, 0 on the rest = the mean over the r rows, and rows of weight 0 get no gradient
+    r = 1000
+    w = torch.zeros(n, device="cuda")
+    w[:r] = 1.0 / r
+    h.grad = None
+    weighted = train_loss(h, head, t, w)
+    weighted.backward()
+    h3 = h.detach()[:r].clone().requires_grad_()
+    ref_r = F.cross_entropy((h3.to(dtype) @ W.T).float(), t[:r])
+    ref_r.backward()
+    assert float(weighted.detach()) == pytest.approx(float(ref_r), rel=tol)
+    assert float((h.grad[:r] - h3.grad).norm() / h3.grad.norm()) < (1e-4 if dtype == torch.float32 else 2e-2)
+    assert bool((h.grad[r:] == 0).all())
 
 
 def test_bf16_run_is_close_to_fp32():
@@ -111,9 +125,12 @@ def test_phase2_graph_replay_changes_nothing():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("k, L, C", [(1, 3, 96), (3, 2, 64)])
-def test_fused_residual_relu_norm_matches_plain_layers(precision, k, L, C):
-    """The fused LN(residual + ReLU(z)) kernels give the same outputs and gradients as the
-    plain modules, for both blocks (with and without the TokenLayer's projected residual)."""
+@pytest.mark.parametrize("input_grads", [False, True])
+def test_fused_residual_relu_norm_matches_plain_layers(precision, k, L, C, input_grads):
+    """The fused layers (one autograd Function: concatenation, GEMM, LN(residual + ReLU(z)),
+    and a backward that forms only the gradients asked for) give the same outputs and
+    gradients as the plain modules, for both blocks (with and without the TokenLayer's
+    projected residual), with the inputs constants (as in phase 2) or needing gradients."""
     from archsearch.config import run_config_from_dict
     from archsearch.cvfp import model as M
     from archsearch.cvfp.engine import precision_scope
@@ -128,18 +145,24 @@ def test_fused_residual_relu_norm_matches_plain_layers(precision, k, L, C):
     tok = torch.randn(n, E * k, device="cuda", generator=g)
     # a random linear read-out: LN(.)^2 summed would be nearly constant (gradients ~ 0)
     rc, rh = torch.randn(n, C, device="cuda", generator=g), torch.randn(n, E, device="cuda", generator=g)
+    inputs = (ctx0, contexts, tok)
+    for x in inputs:
+        x.requires_grad_(input_grads)
 
     def outputs_and_grads(fused: bool, prec: str) -> list[torch.Tensor]:
         M.FUSED_NORM = fused
         try:
             for b in blocks:
                 b.zero_grad(set_to_none=True)
+            for x in inputs:
+                x.grad = None
             with precision_scope(prec, torch.device("cuda")):
                 c = blocks[0](ctx0, tok)
                 h = blocks[1](contexts, tok)
             assert c.dtype == h.dtype == torch.float32
             ((c * rc).sum() + (h * rh).sum()).backward()
-            return [c.detach(), h.detach()] + [p.grad.clone() for b in blocks for p in b.parameters()]
+            grads = [x.grad.clone() for x in inputs] if input_grads else []
+            return [c.detach(), h.detach()] + [p.grad.clone() for b in blocks for p in b.parameters()] + grads
         finally:
             M.FUSED_NORM = True
 

@@ -266,24 +266,33 @@ class Phase2Step:
     """One phase-2 optimiser step on positions s..e: forward, tied-head CE, backward, clip,
     Adam. On a GPU a full-batch step is captured once as a CUDA graph and replayed (its
     inputs are copied into static buffers): the same kernels on the same tensors, without
-    the ~200 kernel launches per step that otherwise make phase 2 CPU-bound."""
+    the ~200 kernel launches per step that otherwise make phase 2 CPU-bound. The graph's loss
+    is a weighted sum of the rows' cross-entropies (weights 1/B), so the shorter last batch of
+    an epoch (r rows) replays it too: its rows go first, weighted 1/r, the others 0; a row of
+    weight 0 adds exactly 0 to every gradient, so this is the mean over the r rows."""
 
     def __init__(self, tblock, emb, weight, opt, cfg: RunConfig, cache, windows, targets):
         self.tblock, self.emb, self.weight, self.opt, self.cfg = tblock, emb, weight, opt, cfg
         self.cache, self.windows, self.targets = cache, windows, targets
         self.params = list(tblock.parameters())
-        self.loss_sum = torch.zeros((), device=targets.device, dtype=torch.float64)
+        device = targets.device
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.graph: torch.cuda.CUDAGraph | None = None
+        B = cfg.phase2.batch_size
+        self.row_weight = torch.full((B,), 1.0 / B, device=device)  # the graph's rows' loss weights
+        self.rows = torch.full((), float(B), device=device, dtype=torch.float64)  # rows of weight > 0
+        self.rows_now = B
 
-    def _compute(self, ctx, win, tgt) -> None:
+    def _compute(self, ctx, win, tgt, weighted: bool = False) -> None:
         with precision_scope(self.cfg.engine.precision, tgt.device, cache_enabled=self.graph is None and not self._capturing):
             h = self.tblock(ctx, self.emb.vectors(win))  # (b, E)
-            loss = head.train_loss(h, self.weight, tgt)  # mean CE of the tied head
+            # mean CE of the tied head (weighted: the graph's form of it, see the class)
+            loss = head.train_loss(h, self.weight, tgt, self.row_weight if weighted else None)
         self.opt.zero_grad(set_to_none=self.graph is None and not self._capturing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.phase2.grad_clip)
         self.opt.step()
-        self.loss_sum += loss.detach().double() * tgt.shape[0]
+        self.loss_sum += loss.detach().double() * (self.rows if weighted else tgt.shape[0])
 
     _capturing = False
 
@@ -294,16 +303,25 @@ class Phase2Step:
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._compute(*self.static)
+            self._compute(*self.static, weighted=True)
         self._capturing = False
         self.graph = graph
 
+    def _set_rows(self, r: int) -> None:
+        if r != self.rows_now:
+            self.row_weight.fill_(1.0 / r)
+            self.row_weight[r:] = 0.0
+            self.rows.fill_(float(r))
+            self.rows_now = r
+
     def __call__(self, s: int, e: int) -> None:
-        if self.graph is not None and e - s == self.cfg.phase2.batch_size:
+        if self.graph is not None:
             ctx, win, tgt = self.static
-            ctx.copy_(self.cache[:, s:e])
-            win.copy_(self.windows[s:e])
-            tgt.copy_(self.targets[s:e])
+            r = e - s
+            self._set_rows(r)
+            ctx[:, :r].copy_(self.cache[:, s:e])
+            win[:r].copy_(self.windows[s:e])
+            tgt[:r].copy_(self.targets[s:e])
             self.graph.replay()
         else:
             self._compute(self.cache[:, s:e], self.windows[s:e], self.targets[s:e])
@@ -402,12 +420,14 @@ def _train_run(cfg, embedding, train_ids, val_ids, seed, device, progress, keep_
     E = int(embedding.shape[1])
     t_start = time.perf_counter()
 
-    emb = TokenEmbedding(embedding, m.num_input_tokens, m.layernorm_eps).to(device)
+    # the (V, E) table goes to the device first, so that its LayerNorm runs there, not on the host
+    emb = TokenEmbedding(embedding.to(device), m.num_input_tokens, m.layernorm_eps)
     g_init = torch.Generator().manual_seed(seed)
-    cblock, tblock = ContextBlock(m, E), TokenBlock(m, E)
+    with torch.device("meta"):  # no default initialisation: init_parameters sets every parameter
+        cblock, tblock = ContextBlock(m, E), TokenBlock(m, E)
+    cblock.to_empty(device=device), tblock.to_empty(device=device)
     init_parameters(cblock, m, g_init)
     init_parameters(tblock, m, g_init)
-    cblock.to(device), tblock.to(device)
     g_run = torch.Generator(device=device).manual_seed(seed)
     g_er = torch.Generator().manual_seed(seed)
 

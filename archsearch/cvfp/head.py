@@ -50,7 +50,7 @@ def use_fused(device: torch.device) -> bool:
 
 class _FusedTiedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, row_weight: torch.Tensor | None) -> torch.Tensor:
         from archsearch.cvfp.kernels import ce_rows
 
         n = h.shape[0]
@@ -61,24 +61,30 @@ class _FusedTiedCE(torch.autograd.Function):
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
             logits = hw[s:e] @ weight.T  # (c, V)
-            ce_rows(logits, targets[s:e], loss[s:e], argmax[s:e], grad_scale=1.0 / n, write_grad=True, vocab_size=vocab_size)
-            torch.matmul(logits, weight, out=grad_h[s:e])  # (c, E) = d mean-loss / d h
+            ce_rows(logits, targets[s:e], loss[s:e], argmax[s:e], grad_scale=1.0 / n, write_grad=True, vocab_size=vocab_size,
+                    row_scale=None if row_weight is None else row_weight[s:e])  # fmt: skip
+            torch.matmul(logits, weight, out=grad_h[s:e])  # (c, E) = d loss / d h
         ctx.save_for_backward(grad_h)
         ctx.h_dtype = h.dtype
-        return loss.mean()
+        return loss.mean() if row_weight is None else torch.dot(loss, row_weight)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out).to(ctx.h_dtype), None, None, None
+        return (grad_h * grad_out).to(ctx.h_dtype), None, None, None, None
 
 
-def train_loss(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the tied head on ``h`` (n, E), differentiable w.r.t. ``h``."""
+def train_loss(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the tied head on ``h`` (n, E), differentiable w.r.t. ``h``; with
+    ``row_weight`` (n,) fp32 the weighted sum sum_i w_i CE_i instead (weights 1/r on r rows and
+    0 elsewhere give the mean over those r rows: how a CUDA graph captured for full batches
+    runs a shorter one)."""
     if head.fused:
-        return _FusedTiedCE.apply(h, head.matrix, targets, head.vocab_size)
+        return _FusedTiedCE.apply(h, head.matrix, targets, head.vocab_size, row_weight)
     logits = h.to(head.dtype) @ head.matrix.T  # (n, V)
-    return F.cross_entropy(logits.float(), targets)
+    if row_weight is None:
+        return F.cross_entropy(logits.float(), targets)
+    return torch.dot(F.cross_entropy(logits.float(), targets, reduction="none"), row_weight)
 
 
 @torch.no_grad()

@@ -17,43 +17,93 @@ from torch import nn
 from archsearch.config import ModelConfig, token_widths
 
 
-# On a GPU with Triton, LN(residual + ReLU(Linear(x))) runs as the Linear's GEMM without its
-# bias, then one kernel forward and one backward (kernels.res_relu_ln_*) that add the bias and
-# return its gradient with the LayerNorm's, instead of ~10 small ones; a switch for A/B measurements.
+# On a GPU with Triton, LN(residual + ReLU(Linear(cat(a, b)))) runs as one autograd Function:
+# the Linear's GEMM without its bias, one kernel forward and one backward (kernels.res_relu_ln_*)
+# that add the bias and return its gradient with the LayerNorm's, and only the backward GEMMs
+# that are needed, instead of ~10 small kernels and a full-width d input; a switch for A/B
+# measurements.
 FUSED_NORM = True
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-class _ResidualReluNorm(torch.autograd.Function):
+_F32_OUT: dict = {}
+
+
+def _f32_out_gemms(device: torch.device) -> bool:
+    """Whether this build's CUDA GEMMs write fp32 from bf16 operands (``out_dtype``, torch 2.8+)."""
+    if device not in _F32_OUT:
+        try:
+            a = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+            torch.addmm(torch.zeros(16, 16, device=device), a, a, out_dtype=torch.float32)
+            torch.mm(a, a, out_dtype=torch.float32)
+            _F32_OUT[device] = True
+        except (RuntimeError, TypeError):
+            _F32_OUT[device] = False
+    return _F32_OUT[device]
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``add + a @ b`` (``add`` may be None) as ``dtype``: with bf16 operands and fp32 wanted,
+    one GEMM writes fp32 and adds ``add`` itself where the build can (no cast or add kernels)."""
+    if a.dtype != dtype and dtype == torch.float32 and _f32_out_gemms(a.device):
+        return torch.mm(a, b, out_dtype=dtype) if add is None else torch.addmm(add, a, b, out_dtype=dtype)
+    if add is not None and add.dtype == a.dtype:
+        return torch.addmm(add, a, b).to(dtype)
+    out = torch.mm(a, b).to(dtype)
+    return out if add is None else out + add
+
+
+class _CatLinearResReluNorm(torch.autograd.Function):
+    """``y = LN(r + ReLU([a, b] W^T + bias))`` (fp32), r being ``a``, ``b`` or a tensor of its own.
+
+    Forward: the concatenation, one GEMM without the bias, then kernels.res_relu_ln_fwd, which
+    adds the bias in fp32. Backward: kernels.res_relu_ln_bwd (d z, d r, and d gamma, d beta,
+    d bias in one reduction), then only the products that are asked for: d W (fp32, written by
+    the GEMM), d a = d z W_a and d b = d z W_b only where a or b needs a gradient (contexts are
+    constants in phase 2, the token vector is one in the ContextBlock, and so is phase 1's
+    first input context), with r's gradient added by the same GEMM where r is a or b.
+    Autograd through F.linear would form d [a, b] whole, cast it and add the residual's part
+    in kernels of their own."""
+
     @staticmethod
-    def forward(ctx, z, residual, weight, bias, eps: float, zbias):
+    def forward(ctx, a, b, r, weight, bias, gamma, beta, eps: float, res_of: int, dtype: torch.dtype):
         from archsearch.cvfp.kernels import res_relu_ln_fwd
 
-        shape = z.shape
-        z2, r2 = z.reshape(-1, shape[-1]).contiguous(), residual.reshape(-1, shape[-1]).contiguous()
-        y, mean, rstd = res_relu_ln_fwd(z2, r2, weight, bias, eps, zbias)
-        ctx.save_for_backward(z2, r2, weight, mean, rstd, zbias)
-        ctx.shape = shape  # z and residual have the same shape (linear_relu_norm checks)
-        return y.view(shape)
+        x = torch.cat([a.to(dtype), b.to(dtype)], dim=-1)  # (n, Ca + Cb)
+        w = weight.to(dtype)
+        z = torch.mm(x, w.t())  # (n, d_out), no bias
+        r = r.contiguous()
+        y, mean, rstd = res_relu_ln_fwd(z, r, gamma, beta, eps, bias)
+        ctx.save_for_backward(x, w, z, r, gamma, mean, rstd, bias)
+        ctx.res_of, ctx.split, ctx.in_dtypes = res_of, a.shape[-1], (a.dtype, b.dtype, r.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         from archsearch.cvfp.kernels import res_relu_ln_bwd
 
-        z2, r2, weight, mean, rstd, zbias = ctx.saved_tensors
-        need_dr = ctx.needs_input_grad[1]
-        dz, dr, dg, db, dzb = res_relu_ln_bwd(dy.reshape(z2.shape).contiguous(), z2, r2, weight, mean, rstd, need_dr, zbias)
-        return dz.view(ctx.shape), (dr.view(ctx.shape) if need_dr else None), dg, db, None, dzb
+        x, w, z, r, gamma, mean, rstd, bias = ctx.saved_tensors
+        need_a, need_b, need_r, need_w = ctx.needs_input_grad[:4]
+        res_of, split = ctx.res_of, ctx.split
+        need_dr = need_r if res_of < 0 else (need_a, need_b)[res_of]
+        dz, dr, dgamma, dbeta, dbias = res_relu_ln_bwd(dy.contiguous(), z, r, gamma, mean, rstd, need_dr, bias)
+        dw = _mm(dz.t(), x, None, torch.float32) if need_w else None  # (d_out, Ca + Cb)
+        da = _mm(dz, w[:, :split], dr if res_of == 0 else None, ctx.in_dtypes[0]) if need_a else None
+        db = _mm(dz, w[:, split:], dr if res_of == 1 else None, ctx.in_dtypes[1]) if need_b else None
+        dr_own = dr if res_of < 0 and need_r else None
+        return da, db, dr_own, dw, dbias, dgamma, dbeta, None, None, None
 
 
-def linear_relu_norm(fc: nn.Linear, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """``norm(residual + ReLU(fc(x)))``; the result is fp32 (as autocast's LayerNorm gives).
-    The fused path adds fc's bias in fp32 inside the norm kernel (autocast would round it to
-    bf16 inside the GEMM): the same sum, rounded no worse."""
-    if FUSED_NORM and _HAVE_TRITON and x.is_cuda and residual.shape == (*x.shape[:-1], fc.out_features):
-        z = F.linear(x, fc.weight)  # (B, d_out), no bias
-        return _ResidualReluNorm.apply(z, residual, norm.weight, norm.bias, norm.eps, fc.bias)
-    return norm(residual + F.relu(fc(x)))
+def cat_linear_relu_norm(fc: nn.Linear, a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(residual + ReLU(fc(cat([a, b], -1))))`` for 2-D a, b; the result is fp32 (as
+    autocast's LayerNorm gives). On a GPU with Triton it is one autograd Function
+    (_CatLinearResReluNorm); the fused path adds fc's bias in fp32 inside the norm kernel
+    (autocast would round it to bf16 inside the GEMM): the same sum, rounded no worse."""
+    if FUSED_NORM and _HAVE_TRITON and a.is_cuda and a.dim() == 2 and residual.shape == (a.shape[0], fc.out_features):
+        dtype = autocast_dtype(a.device.type) or a.dtype
+        res_of = 0 if residual is a else 1 if residual is b else -1
+        return _CatLinearResReluNorm.apply(a, b, residual, fc.weight, fc.bias, norm.weight, norm.bias, norm.eps, res_of, dtype)
+    return norm(residual + F.relu(fc(cat_for_linear(a, b))))
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -104,7 +154,7 @@ class ContextLayer(nn.Module):
         self.norm = nn.LayerNorm(context_dim, eps=eps)
 
     def forward(self, context: torch.Tensor, token_vec: torch.Tensor) -> torch.Tensor:
-        return linear_relu_norm(self.fc, cat_for_linear(context, token_vec), context, self.norm)  # (B, C)
+        return cat_linear_relu_norm(self.fc, context, token_vec, context, self.norm)  # (B, C)
 
 
 class ContextBlock(nn.Module):
@@ -141,7 +191,7 @@ class TokenLayer(nn.Module):
 
     def forward(self, context: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         residual = token if self.proj is None else self.proj(token)  # (B, d_out)
-        return linear_relu_norm(self.fc, cat_for_linear(context, token), residual, self.norm)  # (B, d_out)
+        return cat_linear_relu_norm(self.fc, context, token, residual, self.norm)  # (B, d_out)
 
 
 class TokenBlock(nn.Module):
