@@ -26,29 +26,44 @@ FUSED_NORM = True
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-_F32_OUT: dict = {}
+_GEMM_CAPS: dict = {}
 
 
-def _f32_out_gemms(device: torch.device) -> bool:
-    """Whether this build's CUDA GEMMs write fp32 from bf16 operands (``out_dtype``, torch 2.8+)."""
-    if device not in _F32_OUT:
+def _gemm_caps(device: torch.device) -> tuple[bool, bool]:
+    """(whether this build's CUDA GEMMs write fp32 from bf16 operands (``out_dtype``, torch 2.8+),
+    whether such an addmm may write into its own fp32 addend, sparing the copy of it)."""
+    if device not in _GEMM_CAPS:
+        a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
         try:
-            a = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
-            torch.addmm(torch.zeros(16, 16, device=device), a, a, out_dtype=torch.float32)
             torch.mm(a, a, out_dtype=torch.float32)
-            _F32_OUT[device] = True
+            torch.addmm(torch.zeros(16, 16, device=device), a, a, out_dtype=torch.float32)
+            f32_out = True
         except (RuntimeError, TypeError):
-            _F32_OUT[device] = False
-    return _F32_OUT[device]
+            f32_out = False
+        in_place = False
+        if f32_out:
+            try:
+                c = torch.ones(16, 16, device=device)
+                torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+                in_place = bool((c == 17.0).all())
+            except (RuntimeError, TypeError):
+                pass
+        _GEMM_CAPS[device] = (f32_out, in_place)
+    return _GEMM_CAPS[device]
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``add + a @ b`` (``add`` may be None) as ``dtype``: with bf16 operands and fp32 wanted,
-    one GEMM writes fp32 and adds ``add`` itself where the build can (no cast or add kernels)."""
-    if a.dtype != dtype and dtype == torch.float32 and _f32_out_gemms(a.device):
-        return torch.mm(a, b, out_dtype=dtype) if add is None else torch.addmm(add, a, b, out_dtype=dtype)
+    """``add + a @ b`` (``add`` may be None; it is a scratch tensor the caller gives up) as
+    ``dtype``: with bf16 operands and fp32 wanted, one GEMM writes fp32 and adds ``add`` itself
+    where the build can (no cast or add kernels), into ``add`` where it can (no copy of it)."""
+    if a.dtype != dtype and dtype == torch.float32:
+        f32_out, in_place = _gemm_caps(a.device)
+        if f32_out:
+            if add is None:
+                return torch.mm(a, b, out_dtype=dtype)
+            return torch.addmm(add, a, b, out_dtype=dtype, out=add) if in_place else torch.addmm(add, a, b, out_dtype=dtype)
     if add is not None and add.dtype == a.dtype:
-        return torch.addmm(add, a, b).to(dtype)
+        return torch.addmm(add, a, b, out=add) if add.dtype == dtype else torch.addmm(add, a, b).to(dtype)
     out = torch.mm(a, b).to(dtype)
     return out if add is None else out + add
 
