@@ -179,7 +179,7 @@ def recurrent_persistent(P, W, G, B, eps: float):
 
     L, T, C = P.shape
     block = triton.next_power_of_2(C)
-    sms = torch.cuda.get_device_properties(P.device).multi_processor_count
+    sms = sm_count(P.device)
     rows = next((r for r in (8, 16, 32) if triton.cdiv(C, r) <= sms), None)
     if rows is None:  # at most one program per multiprocessor: co-residency is guaranteed
         return None
@@ -290,6 +290,15 @@ def res_relu_ln_fwd(z, r, gamma, beta, eps: float, zb=None):
 _SM_COUNT: dict = {}
 
 
+def sm_count(device) -> int:
+    """The device's multiprocessor count, asked once per device (2 off CUDA: the interpreter)."""
+    if device not in _SM_COUNT:
+        import torch
+
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return _SM_COUNT[device]
+
+
 def res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, need_dr: bool = True, zb=None):
     """(dz in z's dtype, dr in r's dtype or None, d gamma, d beta, d zb or None) for
     res_relu_ln_fwd."""
@@ -298,9 +307,7 @@ def res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, need_dr: bool = True, zb=None):
     n, D = z.shape
     block, rows, warps = _ln_shape(D)
     nblocks = triton.cdiv(n, rows)
-    if z.device not in _SM_COUNT:
-        _SM_COUNT[z.device] = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 2
-    progs = min(nblocks, 4 * _SM_COUNT[z.device])
+    progs = min(nblocks, 4 * sm_count(z.device))
     per = triton.cdiv(nblocks, progs)
     progs = triton.cdiv(nblocks, per)
     dz = torch.empty_like(z)
