@@ -22,9 +22,11 @@ from archsearch.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 3  # 2: GPU bias added inside the fused norm (rounding), er_seconds in records;
+ENGINE_VERSION = 4  # 2: GPU bias added inside the fused norm (rounding), er_seconds in records;
 # 3: GPU layer gradients from fp32-output GEMMs, epochs' last batches through the phase-2 graph,
-# the embedding's LayerNorm on the device (rounding)
+# the embedding's LayerNorm on the device (rounding); 4 (GPU only, rounding): the cross-entropy's
+# sums per column group, the gradient clip applied inside the fused Adam, every phase-2 step
+# replayed from the graph, the first included
 """Bump when the engine's computation changes, so older cached runs are not reused."""
 
 

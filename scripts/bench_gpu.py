@@ -6,7 +6,9 @@ The report's shapes with random data (no data access needed): V = 50,257, E = 76
 streams of 62,891 / 122,795 / 240,132 / 587,970 tokens, a 31,024-token validation stream,
 fixed work (phase 1: 7 iterations, 10 for context_dim 1152; phase 2: 5 epochs). Per run and
 phase it reports seconds, tokens/s, achieved TFLOP/s and the fraction of the device's peak
-for the precision used; then the total wall time. ``--reference`` also times the plain
+for the precision used; then the total wall time. Runs go as a search runs them: one trial per
+config, its sizes smallest first in one thread (a trial's runs share their phase-2 graphs),
+the largest trials first. ``--reference`` also times the plain
 reference implementation against the engine on a small subset, on the same device.
 Needs only PyTorch (and Triton on GPUs for the fused kernels).
 """
@@ -86,11 +88,42 @@ def measured_matmul_tflops(device) -> float | None:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+_PARTS = threading.local()
+
+
+def _timed_parts() -> None:
+    """Time, per run, phase 2's validation passes with a device sync around each (they start
+    with the GPU idle: the epoch's loss has just been read back, so the syncs cost next to
+    nothing). Phase 2's preparation (getting its session: for a new one the warm-up step and
+    the captures) runs while the recurrent pass does, in the contexts phase; the engine
+    reports its CPU time as phase2_prepare_seconds."""
+    from archsearch.cvfp import engine as EN
+
+    def wrap(fn, part):
+        def timed(*a, **k):
+            dev = torch.cuda.current_device() if torch.cuda.is_available() else None
+            if dev is not None:
+                torch.cuda.current_stream(dev).synchronize()
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            if dev is not None:
+                torch.cuda.current_stream(dev).synchronize()
+            d = _PARTS.__dict__.setdefault("parts", {})
+            d[part] = d.get(part, 0.0) + time.perf_counter() - t0
+            return r
+
+        return timed
+
+    EN.Evaluation.__call__ = wrap(EN.Evaluation.__call__, "phase2_validation_s")
+
+
 def one_run(job, W, train, val, device, precision, epochs):
     name, (L, C, k), N = job
     iterations = 10 if C == 1152 else 7
     cfg = run_config(L, C, k, precision, iterations, epochs)
+    _PARTS.parts = {}
     m = train_run(cfg, W, train[:N], val, seed=42, device=device)
+    m.update(_PARTS.parts)
     f = flops(L, C, k, N, len(val), m["phase1_iterations"], m["phase2_stopped_epoch"])
     peak = PEAK_TFLOPS[precision] if device.type == "cuda" else float("nan")
     phases = {}
@@ -102,6 +135,8 @@ def one_run(job, W, train, val, device, precision, epochs):
         "config": name, "train_tokens": N, "val_tokens": len(val), "phase1_iterations": m["phase1_iterations"],
         "phase2_epochs": m["phase2_stopped_epoch"], "seconds": m["seconds"], "val_step_us": m["val_step_us"],
         "er_seconds": m["er_seconds"],  # the two effective ranks (SVDs), between the phases, in no phase's time
+        "phase2_prepare_s": m["phase2_prepare_seconds"],  # CPU time, in the contexts phase, overlapped: see _timed_parts
+        "phase2_validation_s": m.get("phase2_validation_s", 0.0),  # within phase 2
         "val_ppl": m["val_ppl"], "phases": phases, **param_counts(cfg.model, E),
     }  # fmt: skip
 
@@ -145,6 +180,7 @@ def main() -> None:
     global RECURRENT
     RECURRENT = args.recurrent
 
+    _timed_parts()
     devices = [torch.device(d) for d in args.device.split(",")]
     devices = [torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d for d in devices]
     device = devices[0]
@@ -153,15 +189,22 @@ def main() -> None:
     sizes = [max(64, int(s * args.scale)) for s in REPORT_SIZES]
     train = torch.randint(0, V, (sizes[-1],), generator=g)
     val = torch.randint(0, V, (max(64, int(VAL_TOKENS * min(1.0, args.scale))),), generator=g)
-    jobs = [(name, CONFIGS[name], N) for name in args.configs.split(",") for N in sizes]
-    jobs.sort(key=lambda j: -j[2] * j[1][0] * j[1][1])  # biggest first: better packing when concurrent
+    # one trial per config, as a search runs them: its sizes smallest first, in one thread
+    trials = [[(name, CONFIGS[name], N) for N in sizes] for name in args.configs.split(",")]
+    trials.sort(key=lambda t: -t[0][1][0] * t[0][1][1] * (1 + t[0][1][2]))  # biggest first: better packing when concurrent
 
-    # warm-up: kernel compilation (one per model shape) and cuBLAS handles stay out of the timings
+    # warm-up: kernel compilation (one per model shape), cuBLAS handles and the first use of each
+    # product shape (the full validation stream's too) stay out of the timings, as they do for
+    # every trial of a search but its first; the phase-2 sessions it leaves are dropped, so
+    # every trial below starts a new one (warm-up step and captures), as a trial of a search does
+    from archsearch.cvfp.engine import release_phase2_graphs
+
     for d in devices:
         if d.type == "cuda":
             torch.cuda.set_device(d)
         for L, C, k in sorted({CONFIGS[name] for name in args.configs.split(",")}):
-            one_run(("warmup", (L, C, k), 4 * 4096 + 100), W, train, val[:600], d, args.precision, 1)
+            one_run(("warmup", (L, C, k), 4 * 4096 + 100), W, train, val, d, args.precision, 1)
+    release_phase2_graphs()
     if args.concurrency > 1:  # a stuck run shows where it is stuck
         import faulthandler
 
@@ -170,8 +213,8 @@ def main() -> None:
 
     results, errors = [], []
     todo: queue.Queue = queue.Queue()
-    for j in jobs:
-        todo.put(j)
+    for t in trials:
+        todo.put(t)
 
     def worker(device: torch.device) -> None:
         if device.type == "cuda":
@@ -179,23 +222,24 @@ def main() -> None:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         while True:
             try:
-                job = todo.get_nowait()
+                trial = todo.get_nowait()
             except queue.Empty:
                 return
-            try:
-                if stream is not None:
-                    with torch.cuda.stream(stream):
+            for job in trial:
+                try:
+                    if stream is not None:
+                        with torch.cuda.stream(stream):
+                            r = one_run(job, W, train, val, device, args.precision, args.epochs)
+                    else:
                         r = one_run(job, W, train, val, device, args.precision, args.epochs)
-                else:
-                    r = one_run(job, W, train, val, device, args.precision, args.epochs)
-                results.append(r)
-                p = r["phases"]
-                print(f"{r['config']:>17} {r['train_tokens']:>8,}: {r['seconds']:6.2f} s | phase 1 {p['phase1']['seconds']:5.2f} s "
-                      f"{p['phase1']['tflops']:6.1f} TF/s | contexts {p['contexts']['seconds']:5.2f} s ({r['val_step_us']:.1f} us/step) | "
-                      f"phase 2 {p['phase2']['seconds']:5.2f} s {p['phase2']['tflops']:6.1f} TF/s ({100 * p['phase2']['fraction_of_peak']:.0f}%)", flush=True)  # fmt: skip
-            except Exception as e:  # report, keep going
-                errors.append(f"{job[0]} {job[2]}: {type(e).__name__}: {e}")
-                print("ERROR", errors[-1], flush=True)
+                    results.append(r)
+                    p = r["phases"]
+                    print(f"{r['config']:>17} {r['train_tokens']:>8,}: {r['seconds']:6.2f} s | phase 1 {p['phase1']['seconds']:5.2f} s "
+                          f"{p['phase1']['tflops']:6.1f} TF/s | contexts {p['contexts']['seconds']:5.2f} s ({r['val_step_us']:.1f} us/step) | "
+                          f"phase 2 {p['phase2']['seconds']:5.2f} s {p['phase2']['tflops']:6.1f} TF/s ({100 * p['phase2']['fraction_of_peak']:.0f}%)", flush=True)  # fmt: skip
+                except Exception as e:  # report, keep going
+                    errors.append(f"{job[0]} {job[2]}: {type(e).__name__}: {e}")
+                    print("ERROR", errors[-1], flush=True)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(d,)) for d in devices for _ in range(args.concurrency)]
@@ -230,6 +274,7 @@ def main() -> None:
         "devices": [str(d) for d in devices],
         "recurrent": args.recurrent,
         "scale": args.scale,
+        "run_order": "trials: one per config, sizes smallest first in one thread, largest trials first",
         "runs": len(results),
         "errors": errors,
         "wall_seconds": wall,

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from archsearch.config import run_config_from_dict  # noqa: E402
 from archsearch.cvfp import head  # noqa: E402
 from archsearch.cvfp import model as M  # noqa: E402
-from archsearch.cvfp.engine import GRAPH_WARMUP_STEPS, Phase2Step, _phase1_span, precision_scope  # noqa: E402
+from archsearch.cvfp.engine import Phase2Step, _phase1_span, precision_scope  # noqa: E402
 from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding  # noqa: E402
 
 V, E = 50_257, 768
@@ -45,8 +45,10 @@ def table(prof, n=30) -> str:
 
 
 def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dict:
-    """Where one run's phase 2 spends its wall time: train_phase2 timed whole, then again
-    with a device sync around each part (eager steps, the capture, replays, evaluations)."""
+    """Where one run's phase 2 spends its wall time, with a new phase-2 session (the first run
+    of a shape in a thread: warm-up step and captures) and with a kept one (the next sizes of
+    a trial): train_phase2 timed whole, then again with a device sync around each part (the
+    session's preparation, eager steps, replays, evaluations)."""
     import time
 
     from archsearch.cvfp import engine as EN
@@ -56,7 +58,9 @@ def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dic
     train = (win[:n], ids[1 : n + 1], cache[:, :n])
     val = (win[n : n + val_tokens], ids[n + 1 : n + 1 + val_tokens], cache[:, n : n + val_tokens])
 
-    def run() -> float:
+    def run(new_session: bool) -> float:
+        if new_session:
+            EN.release_phase2_graphs()
         tb = TokenBlock(cfg.model, E).to(dev)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -64,35 +68,38 @@ def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dic
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    run()  # compile everything once
-    res = {"train_tokens": n, "wall_s": run()}
-    parts = {"eager_steps": 0.0, "capture": 0.0, "replays": 0.0, "evaluate": 0.0}
-    counts = dict.fromkeys(parts, 0)
+    run(True)  # compile everything once
+    res = {"train_tokens": n}
+    for case, new_session in (("new_session", True), ("kept_session", False)):
+        out = {"wall_s": run(new_session)}
+        parts = {"prepare": 0.0, "eager_steps": 0.0, "replays": 0.0, "evaluate": 0.0}
+        counts = dict.fromkeys(parts, 0)
 
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            r = fn(*a, **k)
-            torch.cuda.synchronize()
-            parts[name] += time.perf_counter() - t0
-            counts[name] += 1
-            return r
+        def timed(name, fn, parts=parts, counts=counts):
+            def wrapper(*a, **k):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                r = fn(*a, **k)
+                torch.cuda.synchronize()
+                parts[name] += time.perf_counter() - t0
+                counts[name] += 1
+                return r
 
-        return wrapper
+            return wrapper
 
-    orig_call, orig_capture, orig_eval = EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__
+        orig_call, orig_prepare, orig_eval = EN.Phase2Step.__call__, EN.Phase2Step.prepare, EN.Evaluation.__call__
 
-    def call(self, s, e):
-        name = "replays" if self.graph is not None else "eager_steps"
-        return timed(name, orig_call)(self, s, e)
+        def call(self, s, e, timed=timed, orig_call=orig_call):
+            name = "replays" if self.graph is not None else "eager_steps"
+            return timed(name, orig_call)(self, s, e)
 
-    EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__ = call, timed("capture", orig_capture), timed("evaluate", orig_eval)
-    try:
-        res["synced_wall_s"] = run()
-    finally:
-        EN.Phase2Step.__call__, EN.Phase2Step.capture, EN.Evaluation.__call__ = orig_call, orig_capture, orig_eval
-    res.update({f"{k}_s": v for k, v in parts.items()}, counts=counts)
+        EN.Phase2Step.__call__, EN.Phase2Step.prepare, EN.Evaluation.__call__ = call, timed("prepare", orig_prepare), timed("evaluate", orig_eval)
+        try:
+            out["synced_wall_s"] = run(new_session)
+        finally:
+            EN.Phase2Step.__call__, EN.Phase2Step.prepare, EN.Evaluation.__call__ = orig_call, orig_prepare, orig_eval
+        out.update({f"{k}_s": v for k, v in parts.items()}, counts=counts)
+        res[case] = out
     return res
 
 
@@ -106,7 +113,6 @@ def head_overlap(h, Wp, t, V) -> dict:
     logits = torch.empty(B, Wp.shape[0], device=h.device, dtype=Wp.dtype)
     gh = torch.empty_like(h)
     loss = torch.empty(B, device=h.device)
-    am = torch.empty(B, device=h.device, dtype=torch.int32)
     side = torch.cuda.Stream()
 
     def run(chunks: int, streams: bool) -> None:
@@ -120,12 +126,12 @@ def head_overlap(h, Wp, t, V) -> dict:
                 if streams:
                     side.wait_stream(main)
                     with torch.cuda.stream(side):
-                        ce_rows(logits[r], t[r], loss[r], am[r], 1.0 / B, True, vocab_size=V)
+                        ce_rows(logits[r], t[r], loss[r], None, 1.0 / B, True, vocab_size=V)
                         ev = torch.cuda.Event()
                         ev.record(side)
                     done.append(ev)
                 else:
-                    ce_rows(logits[r], t[r], loss[r], am[r], 1.0 / B, True, vocab_size=V)
+                    ce_rows(logits[r], t[r], loss[r], None, 1.0 / B, True, vocab_size=V)
             if i >= 1:
                 r = slice((i - 1) * c, i * c)
                 if streams:
@@ -183,9 +189,7 @@ def main() -> None:
         tb = TokenBlock(cfg.model, E).to(dev)
         o = torch.optim.Adam(tb.parameters(), lr=1e-3, fused=True, capturable=True)
         st = Phase2Step(tb, emb, weight, o, cfg, cache, win, ids[1:])
-        for i in range(GRAPH_WARMUP_STEPS):
-            st(i * B, (i + 1) * B)
-        st.capture()
+        st.prepare()  # one eager warm-up step, then the capture
         return cuda_time(lambda: [st(i * B, (i + 1) * B) for i in range(20)], 5) / 20
 
     for fused in (False, True):  # LN(residual + ReLU(z)) as one kernel each way, or as plain ops
@@ -211,10 +215,9 @@ def main() -> None:
     from archsearch.cvfp.kernels import ce_rows
 
     loss = torch.empty(B, device=dev)
-    am = torch.empty(B, device=dev, dtype=torch.int32)
     out["head_logits_gemm_ms"] = cuda_time(lambda: h @ Wp.T)
     out["head_logits_gemm_unpadded_ms"] = cuda_time(lambda: h @ Wu.T)
-    out["head_ce_kernel_ms"] = cuda_time(lambda: ce_rows(logits, t, loss, am, 1.0, True, vocab_size=V))
+    out["head_ce_kernel_ms"] = cuda_time(lambda: ce_rows(logits, t, loss, None, 1.0, True, vocab_size=V))
     out["head_grad_gemm_ms"] = cuda_time(lambda: logits @ Wp)
     lu = h @ Wu.T
     out["head_grad_gemm_unpadded_ms"] = cuda_time(lambda: lu @ Wu)

@@ -8,7 +8,7 @@ from archsearch.cvfp.engine import train_run
 from archsearch.cvfp.model import TokenEmbedding
 from archsearch.cvfp.reference import reference_run
 
-TIMING = {"phase1_seconds", "phase1_tokens_per_s", "contexts_seconds", "val_step_us", "er_seconds", "phase2_seconds", "phase2_tokens_per_s", "seconds"}
+TIMING = {"phase1_seconds", "phase1_tokens_per_s", "contexts_seconds", "val_step_us", "er_seconds", "phase2_seconds", "phase2_tokens_per_s", "phase2_prepare_seconds", "seconds"}
 
 
 def tiny_cfg(k, L, **engine):
@@ -139,3 +139,34 @@ def test_weighted_head_loss_is_the_mean_over_the_weighted_rows():
     assert float(loss) == pytest.approx(float(ref), rel=1e-6)
     assert torch.allclose(h.grad[:r], h2.grad, rtol=1e-5, atol=1e-8)
     assert bool((h.grad[r:] == 0).all())
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, 1e3])  # clipping every step / never
+def test_clip_folded_into_fused_adam_matches_clip_then_adam(grad_clip):
+    """With a fused Adam the phase-2 step hands the clip's factor to Adam's kernel (its
+    grad_scale) instead of scaling the gradients first: the same parameters, up to rounding."""
+    from archsearch.cvfp import head
+    from archsearch.cvfp.engine import Phase2Step
+    from archsearch.cvfp.model import TokenBlock, init_parameters
+
+    cfg = run_config_from_dict({"model": {"num_layers": 2, "context_dim": 6, "num_input_tokens": 2},
+                                "phase2": {"batch_size": 8, "lr": 0.01, "grad_clip": grad_clip}, "engine": {"precision": "fp32"}})  # fmt: skip
+    W, ids, _ = tiny_data(V=50, E=8, N=40)
+    emb = TokenEmbedding(W, 2)
+    win = emb.windows(ids)
+    cache = torch.randn(2, 39, 6, generator=torch.Generator().manual_seed(1))
+    weight = head.head_weight(emb.weight, "fp32")
+    blocks = []
+    for fused in (False, True):
+        tb = TokenBlock(cfg.model, 8)
+        init_parameters(tb, cfg.model, torch.Generator().manual_seed(2))
+        opt = torch.optim.Adam(tb.parameters(), lr=0.01, fused=fused)
+        step = Phase2Step(tb, emb, weight, opt, cfg, cache, win[:-1], ids[1:])
+        assert (step.grad_scale is not None) == fused
+        for s in range(0, 39, 8):
+            step(s, min(s + 8, 39))
+        blocks.append(tb)
+    for a, b in zip(*(list(t.parameters()) for t in blocks)):
+        assert close(b.detach(), a.detach(), 1e-5)
+    if grad_clip < 1:  # the clip was active: the folded factor must have been > 1 on the last step
+        assert float(step.grad_scale) > 1.0

@@ -177,3 +177,122 @@ def test_fused_residual_relu_norm_matches_plain_layers(precision, k, L, C, input
             assert rel(f, t) < 1e-5
         else:  # bf16 rounds differently in the two paths: the fused one must be as close to fp32
             assert rel(f, t) <= 1.5 * rel(p, t) + 1e-3
+
+
+@pytest.mark.parametrize("tuning", [None, (1024, 16, 8), (4096, 4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_groups_ties_and_padding(tuning, dtype):
+    """The kernel keeps its row state per group of adjacent columns: loss, argmax (ties to the
+    lowest index, as torch) and the gradient must not depend on how columns are grouped."""
+    import torch.nn.functional as F
+
+    from archsearch.cvfp.kernels import ce_rows
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    n, V, VP = 67, 50257, 50304
+    x = (torch.randn(n, VP, device="cuda", generator=g) * 4).to(dtype)
+    x[0, 3], x[0, 40000] = 60, 60  # a tie across far-apart groups: the first wins
+    x[1, 17], x[1, 18] = 60, 60  # a tie inside one group
+    x[2, V - 1] = 60  # the max in the last real column, padding after it
+    x[3, V:] = 1e4  # huge padding values take no part
+    t = torch.randint(0, V, (n,), device="cuda", generator=g)
+    ref = F.cross_entropy(x[:, :V].float(), t, reduction="none")
+    kw = {} if tuning is None else dict(zip(("block_v", "group", "warps"), tuning))
+    loss = torch.empty(n, device="cuda")
+    am = torch.empty(n, device="cuda", dtype=torch.int32)
+    ce_rows(x.clone(), t, loss, am, write_grad=False, vocab_size=V, **kw)
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
+    assert am.long().tolist() == x[:, :V].float().argmax(-1).tolist()
+    assert am[:4].tolist() == [3, 17, V - 1, int(x[3, :V].float().argmax())]
+    grad = x.clone()
+    scale = torch.rand(n, device="cuda", generator=g)
+    ce_rows(grad, t, loss, None, write_grad=True, vocab_size=V, row_scale=scale, **kw)
+    want = (torch.softmax(x[:, :V].float(), -1) - F.one_hot(t, V)) * scale[:, None]
+    assert float((grad[:, :V].float() - want).abs().max()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert bool((grad[:, V:] == 0).all())
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_phase2_session_computes_what_a_new_one_does():
+    """Runs of one shape in a thread reuse the captured phase-2 graphs (a trial's sizes): a
+    run must give the same numbers, bit for bit, after another size, after another shape,
+    and from a new session; and train_phase2 must leave the caller's TokenBlock trained."""
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp import engine as EN
+    from archsearch.cvfp.model import TokenBlock
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3000, 64, generator=g) * 0.5
+    train, val = torch.randint(0, 3000, (9000,), generator=g), torch.randint(0, 3000, (1500,), generator=g)
+
+    def cfg(C):
+        return run_config_from_dict({"model": {"num_layers": 2, "context_dim": C, "num_input_tokens": 2},
+                                     "phase1": {"batch_size": 2000}, "phase2": {"batch_size": 1000, "max_epochs": 3, "patience": 3},
+                                     "engine": {"precision": "bf16"}})  # fmt: skip
+
+    def history(C, N):
+        r = EN.train_run(cfg(C), W, train[:N], val, seed=1, device="cuda")
+        return [(h["train_loss"], h["val_loss"], h["val_acc"]) for h in r["phase2_history"]]
+
+    EN.release_phase2_graphs()
+    fresh = history(64, 9000)  # 9 steps an epoch, a partial last one
+    session = EN._SESSIONS.session
+    history(64, 5500)  # another size: the same session
+    assert EN._SESSIONS.session is session
+    assert history(64, 9000) == fresh
+    history(96, 9000)  # another shape: a new session
+    assert EN._SESSIONS.session is not session
+    assert history(64, 9000) == fresh
+    EN.release_phase2_graphs()
+    assert not hasattr(EN._SESSIONS, "session")
+
+    # the caller's TokenBlock ends as trained as the session's
+    c = cfg(64)
+    tb = TokenBlock(c.model, 64).cuda()
+    before = [p.detach().clone() for p in tb.parameters()]
+    n = 5000
+    cache = torch.randn(2, n, 64, device="cuda", dtype=torch.bfloat16)
+    from archsearch.cvfp.model import TokenEmbedding
+
+    emb = TokenEmbedding(W.cuda(), 2)
+    win = emb.windows(train[: n + 1].cuda())
+    EN.train_phase2(tb, emb, (win[:n], train[1 : n + 1].cuda(), cache), (win[:1000], train[1:1001].cuda(), cache[:, :1000]), c)
+    trained = EN._SESSIONS.session.tblock
+    for p, q, b in zip(tb.parameters(), trained.parameters(), before):
+        assert torch.equal(p, q) and not torch.equal(p, b)
+    EN.release_phase2_graphs()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("k, L", [(1, 3), (2, 3)])
+def test_packed_token_block_is_the_plain_one(precision, k, L):
+    """The captured phase-2 step hands the TokenBlock per-layer GEMM inputs with the contexts
+    already in place, and each fused layer writes its output into the next one's: the same
+    products on the same values, so outputs and every gradient must be identical."""
+    from archsearch.config import ModelConfig
+    from archsearch.cvfp.engine import precision_scope
+    from archsearch.cvfp.model import TokenBlock, init_parameters
+
+    n, C, E = 300, 64, 48
+    m = ModelConfig(num_layers=L, context_dim=C, num_input_tokens=k)
+    g = torch.Generator(device="cuda").manual_seed(k)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    contexts = torch.randn(L, n, C, device="cuda", generator=g).to(dtype)
+    tok = torch.randn(n, E * k, device="cuda", generator=g)
+    weights = torch.randn(n, E, device="cuda", generator=g)
+
+    def run(packed: bool):
+        tb = TokenBlock(m, E).cuda()
+        init_parameters(tb, m, torch.Generator().manual_seed(5))
+        bufs = None
+        if packed:
+            bufs = [torch.full((n, layer.fc.in_features), float("nan"), device="cuda", dtype=dtype) for layer in tb.layers]
+            for i, b in enumerate(bufs):
+                b[:, :C].copy_(contexts[i])
+        with precision_scope(precision, torch.device("cuda")):
+            h = tb(None if packed else contexts, tok, bufs)
+        (h * weights).sum().backward()
+        return [h.detach()] + [p.grad for p in tb.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)

@@ -8,6 +8,9 @@ loops over positions (its token half of every layer is computed for all position
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import json
 import math
 import random
 import threading
@@ -22,7 +25,7 @@ import torch
 from archsearch.config import RunConfig, param_counts, resolve_precision
 from archsearch.cvfp import head
 from archsearch.cvfp.metrics import effective_rank
-from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding, init_parameters
+from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding, init_parameters, token_vectors
 from archsearch.errors import NonFiniteLoss
 
 Progress = Callable[..., None]
@@ -61,6 +64,31 @@ def precision_scope(precision: str, device: torch.device, cache_enabled: bool = 
             yield
         finally:
             torch.set_float32_matmul_precision(old)
+
+
+_CAPTURE_STREAMS: dict = {}
+
+
+@contextlib.contextmanager
+def graph_capture(graph: torch.cuda.CUDAGraph):
+    """Capture ``graph`` from the work issued inside, like ``torch.cuda.graph`` but without
+    the device-wide synchronize and ``empty_cache`` that it does first: those cost tens of
+    milliseconds per capture and hand the allocator's cached blocks back to the driver, to be
+    allocated again. Captured on a side stream ordered after the current one (as
+    torch.cuda.graph does); replays run on whatever stream is current then. Serialised by
+    CAPTURE_LOCK; the capture mode is thread-local, so other threads may launch meanwhile."""
+    device = torch.cuda.current_device()
+    current = torch.cuda.current_stream(device)
+    with CAPTURE_LOCK:
+        side = _CAPTURE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                yield graph
+            finally:
+                graph.capture_end()
+        current.wait_stream(side)
 
 
 def _sync(device: torch.device) -> None:
@@ -216,66 +244,109 @@ class Phase2Result:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _gemm_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the layers' products take their inputs in under ``cfg``'s precision."""
+    return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+
+
 class Evaluation:
     """Mean cross-entropy and accuracy (argmax == target) over every validation position,
-    once per epoch. On a GPU the whole pass (every chunk, the sums included) is captured as
-    a CUDA graph at its second call and replayed from then on: the same kernels on the same
-    tensors (the validation set and the TokenBlock's parameters stay put during a run),
-    without the launches that otherwise make this pass CPU-bound."""
+    once per epoch. With ``graphed`` on a GPU the whole pass (every chunk, the sums included)
+    is captured as a CUDA graph at its first call, after its first and last chunks have run
+    eagerly once (every kernel and product shape of the pass initialised), and replayed from
+    then on: the same kernels on the same tensors, without the launches that otherwise make
+    this pass CPU-bound. The graph reads the validation set from buffers of its own, which
+    :meth:`load` fills, so that a later run of the same shape can replay it too; the
+    contexts go straight into per-layer GEMM inputs (``packed``, as in the captured phase-2
+    step), so no layer concatenates."""
 
-    def __init__(self, tblock: TokenBlock, emb: TokenEmbedding, val, cfg: RunConfig, weight: head.HeadWeight, graphed: bool):
-        """``val``: (windows (n, k), targets (n,), context cache (L, n, C)); ``weight``: the head."""
+    def __init__(self, tblock: TokenBlock, emb, val, cfg: RunConfig, weight: head.HeadWeight, graphed: bool):
+        """``val``: (windows (n, k), targets (n,), context cache (L, n, C)); ``weight``: the head;
+        ``emb``: anything with the TokenEmbedding's ``vectors``."""
         self.tblock, self.emb, self.cfg, self.weight = tblock, emb, cfg, weight
-        self.windows, self.targets, self.cache = val
-        device = self.targets.device
+        device = val[1].device
+        self.graphed = graphed and device.type == "cuda"
+        self.packed = None
+        if self.graphed:
+            windows, targets, cache = val
+            self.windows, self.targets, self.cache = windows.clone(), targets.clone(), None
+            n, C = cache.shape[1], cache.shape[2]
+            dtype = _gemm_dtype(cfg)  # the recurrent pass's cache is fp32: cast once here
+            self.packed = [torch.empty(n, layer.fc.in_features, device=device, dtype=dtype) for layer in tblock.layers]
+            for buf, layer_cache in zip(self.packed, cache):
+                buf[:, :C].copy_(layer_cache)
+        else:
+            self.windows, self.targets, self.cache = val
         self.ce_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
-        self.graphed = graphed and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.calls = 0
 
-    def _run(self, capturing: bool = False) -> None:
+    def load(self, val) -> None:
+        """This run's validation set (same shapes) into the graph's buffers."""
+        windows, targets, cache = val
+        self.windows.copy_(windows)
+        self.targets.copy_(targets)
+        for buf, layer_cache in zip(self.packed, cache):
+            buf[:, : cache.shape[2]].copy_(layer_cache)
+
+    def _spans(self) -> list[tuple[int, int]]:
+        n, B = self.targets.shape[0], self.cfg.engine.eval_batch_size
+        return [(s, min(s + B, n)) for s in range(0, n, B)]
+
+    def _run(self, spans: list[tuple[int, int]], capturing: bool = False) -> None:
         self.ce_sum.zero_()
         self.correct.zero_()
-        n, B = self.targets.shape[0], self.cfg.engine.eval_batch_size
         with precision_scope(self.cfg.engine.precision, self.targets.device, cache_enabled=not capturing):
-            for s in range(0, n, B):
-                e = min(s + B, n)
-                h = self.tblock(self.cache[:, s:e], self.emb.vectors(self.windows[s:e]))  # (b, E)
+            for s, e in spans:
+                if self.packed is not None:
+                    h = self.tblock(None, self.emb.vectors(self.windows[s:e]), [p[s:e] for p in self.packed])  # (b, E)
+                else:
+                    h = self.tblock(self.cache[:, s:e], self.emb.vectors(self.windows[s:e]))
                 ce, hits = head.eval_sums(h, self.weight, self.targets[s:e])
                 self.ce_sum += ce
                 self.correct += hits
 
     @torch.no_grad()
-    def __call__(self) -> tuple[float, float]:
-        self.calls += 1
-        if self.graphed and self.graph is None and self.calls >= 2:  # the first call warmed up
+    def prepare(self) -> None:
+        """Capture the pass (graphed only, once). Issues GPU work but does not wait for it."""
+        if self.graphed and self.graph is None:
+            spans = self._spans()
+            self._run(sorted({spans[0], spans[-1]}))  # warm-up, outside the graph
             graph = torch.cuda.CUDAGraph()
-            with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._run(capturing=True)
+            with graph_capture(graph):
+                self._run(spans, capturing=True)
             self.graph = graph
+
+    @torch.no_grad()
+    def __call__(self) -> tuple[float, float]:
+        self.prepare()
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._run()
+            self._run(self._spans())
         n = self.targets.shape[0]
         return float(self.ce_sum) / n, int(self.correct) / n
 
 
 class Phase2Step:
     """One phase-2 optimiser step on positions s..e: forward, tied-head CE, backward, clip,
-    Adam. On a GPU a full-batch step is captured once as a CUDA graph and replayed (its
-    inputs are copied into static buffers): the same kernels on the same tensors, without
-    the ~200 kernel launches per step that otherwise make phase 2 CPU-bound. The graph's loss
-    is a weighted sum of the rows' cross-entropies (weights 1/B), so the shorter last batch of
-    an epoch (r rows) replays it too: its rows go first, weighted 1/r, the others 0; a row of
-    weight 0 adds exactly 0 to every gradient, so this is the mean over the r rows."""
+    Adam. On a GPU a full-batch step is captured once as a CUDA graph (:meth:`prepare`) and
+    replayed (its inputs are copied into static buffers): the same kernels on the same
+    tensors, without the ~200 kernel launches per step that otherwise make phase 2
+    CPU-bound. The graph's loss is a weighted sum of the rows' cross-entropies (weights 1/B),
+    so the shorter last batch of an epoch (r rows) replays it too: its rows go first,
+    weighted 1/r, the others 0; a row of weight 0 adds exactly 0 to every gradient, so this
+    is the mean over the r rows."""
 
     def __init__(self, tblock, emb, weight, opt, cfg: RunConfig, cache, windows, targets):
         self.tblock, self.emb, self.weight, self.opt, self.cfg = tblock, emb, weight, opt, cfg
-        self.cache, self.windows, self.targets = cache, windows, targets
         self.params = list(tblock.parameters())
+        self.load(cache, windows, targets)
         device = targets.device
+        self.grad_scale = None  # with a fused Adam: the clip's inverse factor, read by Adam's kernel
+        if opt.defaults.get("fused"):
+            self.grad_scale = torch.ones((), device=device)
+            opt.grad_scale = self.grad_scale
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.graph: torch.cuda.CUDAGraph | None = None
         B = cfg.phase2.batch_size
@@ -283,27 +354,73 @@ class Phase2Step:
         self.rows = torch.full((), float(B), device=device, dtype=torch.float64)  # rows of weight > 0
         self.rows_now = B
 
-    def _compute(self, ctx, win, tgt, weighted: bool = False) -> None:
+    def load(self, cache, windows, targets) -> None:
+        """The training data the steps read (the graph reads copies of its batches)."""
+        self.cache, self.windows, self.targets = cache, windows, targets
+
+    def _compute(self, ctx, win, tgt, weighted: bool = False, packed=None) -> None:
         with precision_scope(self.cfg.engine.precision, tgt.device, cache_enabled=self.graph is None and not self._capturing):
-            h = self.tblock(ctx, self.emb.vectors(win))  # (b, E)
+            h = self.tblock(ctx, self.emb.vectors(win), packed)  # (b, E)
             # mean CE of the tied head (weighted: the graph's form of it, see the class)
             loss = head.train_loss(h, self.weight, tgt, self.row_weight if weighted else None)
         self.opt.zero_grad(set_to_none=self.graph is None and not self._capturing)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.phase2.grad_clip)
-        self.opt.step()
+        self._clip_and_step()
         self.loss_sum += loss.detach().double() * (self.rows if weighted else tgt.shape[0])
 
     _capturing = False
 
-    def capture(self) -> None:
+    def _clip_and_step(self) -> None:
+        """Gradient clipping by total norm (torch.nn.utils.clip_grad_norm_), then Adam. With
+        the fused Adam the clip's factor min(1, max_norm / (norm + 1e-6)) is not multiplied
+        into the gradients by a kernel of its own: Adam's kernel divides them by its inverse
+        (its ``grad_scale``, as for a GradScaler), the same up to rounding."""
+        max_norm = self.cfg.phase2.grad_clip
+        if self.grad_scale is None:
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.grad_scale.copy_(torch.clamp((norm + 1e-6) / max_norm, min=1.0))
+        self.opt.step()
+
+    def reset_optimizer(self) -> None:
+        """Adam as new: every state tensor (step count, moments) zeroed in place (the graph
+        holds them)."""
+        for state in self.opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    v.zero_()
+
+    def prepare(self) -> None:
+        """Capture the step. One eager step on the first batch first initialises Adam's
+        state, cuBLAS and the kernels; the parameters and Adam's state are then put back as
+        they were, so the run's first step is a replay like every other one."""
         B = self.cfg.phase2.batch_size
-        self.static = (self.cache[:, :B].clone(), self.windows[:B].clone(), self.targets[:B].clone())
+        initial = [p.detach().clone() for p in self.params]
+        self._compute(self.cache[:, :B], self.windows[:B], self.targets[:B])
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], initial)
+        self.reset_optimizer()
+        self.loss_sum.zero_()
+        self.capture()
+
+    def capture(self) -> None:
+        """The graph reads its batch from static buffers: per TokenLayer one (B, C + d_in)
+        GEMM input whose first C columns each replay's batch is copied into (the layers
+        write the rest: TokenBlock.forward), the windows and the targets."""
+        B = self.cfg.phase2.batch_size
+        C = self.cache.shape[2]
+        dtype = _gemm_dtype(self.cfg)
+        self.packed = [torch.empty(B, layer.fc.in_features, device=self.cache.device, dtype=dtype) for layer in self.tblock.layers]
+        for i, buf in enumerate(self.packed):
+            buf[:, :C].copy_(self.cache[i, :B])
+        self.static = (self.windows[:B].clone(), self.targets[:B].clone())
         self._capturing = True
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._compute(*self.static, weighted=True)
+        with graph_capture(graph):
+            self._compute(None, *self.static, weighted=True, packed=self.packed)
         self._capturing = False
         self.graph = graph
 
@@ -316,10 +433,12 @@ class Phase2Step:
 
     def __call__(self, s: int, e: int) -> None:
         if self.graph is not None:
-            ctx, win, tgt = self.static
+            win, tgt = self.static
             r = e - s
             self._set_rows(r)
-            ctx[:, :r].copy_(self.cache[:, s:e])
+            C = self.cache.shape[2]
+            for i, buf in enumerate(self.packed):
+                buf[:r, :C].copy_(self.cache[i, s:e])
             win[:r].copy_(self.windows[s:e])
             tgt[:r].copy_(self.targets[s:e])
             self.graph.replay()
@@ -327,7 +446,99 @@ class Phase2Step:
             self._compute(self.cache[:, s:e], self.windows[s:e], self.targets[s:e])
 
 
-GRAPH_WARMUP_STEPS = 1  # eager steps before the phase-2 step is captured
+class _TokenVectors:
+    """A copy of the embedding's token-vector table, for a :class:`Phase2Session`."""
+
+    def __init__(self, emb: TokenEmbedding):
+        self.normed = emb.normed.clone()
+
+    def vectors(self, windows: torch.Tensor) -> torch.Tensor:
+        return token_vectors(self.normed, windows)
+
+
+class Phase2Session:
+    """Phase 2's GPU machinery for one shape of run, kept by the calling thread for its next
+    run of the same shape (a trial trains one architecture at several data sizes in a row;
+    the sizes differ only in the training data the steps read): a TokenBlock, its Adam, the
+    head matrix, the token-vector table, the captured step and the captured validation pass.
+    A run copies its initial parameters, embedding and validation set in and zeroes Adam's
+    state; every step of every run, the first included, is a replay of the captured step,
+    so a run computes the same whether its session is new or kept. Only the latest session
+    of each thread is kept (about 1.5 GB at the report's shapes); :func:`release_phase2_graphs`
+    frees it."""
+
+    def __init__(self, key, tblock: TokenBlock, emb: TokenEmbedding, train, val, cfg: RunConfig):
+        windows, targets, cache = train
+        self.key = key
+        self.tblock = copy.deepcopy(tblock)
+        self.emb = _TokenVectors(emb)
+        self.weight = head.head_weight(emb.weight, cfg.engine.precision)
+        opt = torch.optim.Adam(self.tblock.parameters(), lr=cfg.phase2.lr, fused=True, capturable=True)
+        self.step = Phase2Step(self.tblock, self.emb, self.weight, opt, cfg, cache, windows, targets)
+        self.evaluation = Evaluation(self.tblock, self.emb, val, cfg, self.weight, graphed=True)
+        self.step.prepare()
+
+    def load(self, tblock: TokenBlock, emb: TokenEmbedding, train, val, cfg: RunConfig) -> None:
+        """A new run of this shape: its initial parameters, embedding, data; Adam as new."""
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.tblock.parameters()], [p.data for p in tblock.parameters()])
+            self.emb.normed.copy_(emb.normed)
+            self.weight.matrix.copy_(head.head_weight(emb.weight, cfg.engine.precision).matrix)
+        self.step.reset_optimizer()
+        windows, targets, cache = train
+        self.step.load(cache, windows, targets)
+        self.evaluation.load(val)
+
+
+_SESSIONS = threading.local()
+
+
+def release_phase2_graphs() -> None:
+    """Free the calling thread's kept phase-2 session (graphs and buffers; see Phase2Session)."""
+    _SESSIONS.__dict__.pop("session", None)
+
+
+def _session_key(tblock: TokenBlock, emb: TokenEmbedding, train, val, cfg: RunConfig) -> tuple:
+    """Everything a captured phase-2 step and validation pass depend on, but the values."""
+    p2 = dataclasses.asdict(cfg.phase2)
+    del p2["max_epochs"], p2["patience"]  # the epoch loop is outside the graphs
+    shapes = tuple((tuple(t.shape), t.dtype) for t in (*val, train[2][:, :0], emb.normed, emb.weight))
+    return (
+        train[1].device,
+        json.dumps({"model": dataclasses.asdict(cfg.model), "phase2": p2, "engine": dataclasses.asdict(cfg.engine)}, sort_keys=True),
+        tuple((name, tuple(p.shape)) for name, p in tblock.named_parameters()),
+        shapes,
+    )
+
+
+def _phase2_session(tblock, emb, train, val, cfg: RunConfig) -> Phase2Session:
+    key = _session_key(tblock, emb, train, val, cfg)
+    session = getattr(_SESSIONS, "session", None)
+    if session is not None and session.key == key:
+        session.load(tblock, emb, train, val, cfg)
+        return session
+    release_phase2_graphs()  # before the new one allocates
+    session = Phase2Session(key, tblock, emb, train, val, cfg)
+    _SESSIONS.session = session
+    return session
+
+
+def _phase2_graphed(train, cfg: RunConfig) -> bool:
+    n = train[1].shape[0]
+    return train[1].device.type == "cuda" and cfg.engine.phase2_graph and n >= 4 * cfg.phase2.batch_size
+
+
+def prepare_phase2(tblock: TokenBlock, emb: TokenEmbedding, train, val, cfg: RunConfig) -> Phase2Session | None:
+    """Phase 2's session, loaded with this run's values and with both graphs captured, or
+    None where phase 2 runs without graphs. Issues GPU work (stream-ordered: ``val``'s cache
+    may still be being computed) but never waits for it, so train_run calls it while the
+    recurrent validation pass runs: the CPU work of a new session (its eager warm-up step and
+    captures, tens of milliseconds) then hides behind that latency-bound kernel."""
+    if not _phase2_graphed(train, cfg):
+        return None
+    session = _phase2_session(tblock, emb, train, val, cfg)
+    session.evaluation.prepare()
+    return session
 
 
 def train_phase2(
@@ -337,29 +548,36 @@ def train_phase2(
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cfg: RunConfig,
     progress: Progress = _noop,
+    session: Phase2Session | None = None,
 ) -> Phase2Result:
     """Next-token training of the TokenBlock with early stopping on validation loss (cvfp.md 7).
 
-    ``train``/``val``: (windows (n, k), targets (n,), context cache (L, n, C))."""
+    ``train``/``val``: (windows (n, k), targets (n,), context cache (L, n, C)). On a GPU with
+    ``engine.phase2_graph`` (and at least 4 batches) the steps and validation passes replay
+    CUDA graphs kept between runs of the same shape (:class:`Phase2Session`; ``session``: one
+    that :func:`prepare_phase2` readied for this very run); ``tblock`` ends trained either way."""
     p2 = cfg.phase2
     windows, targets, cache = train
     n = targets.shape[0]
     device = targets.device
-    graphed = device.type == "cuda" and cfg.engine.phase2_graph and n >= 4 * p2.batch_size
-    opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr, fused=device.type == "cuda", capturable=graphed)
-    weight = head.head_weight(emb.weight, cfg.engine.precision)
-    step = Phase2Step(tblock, emb, weight, opt, cfg, cache, windows, targets)
-    evaluation = Evaluation(tblock, emb, val, cfg, weight, graphed=cfg.engine.phase2_graph)  # graphs on GPUs only
+    graphed = _phase2_graphed(train, cfg)
+    if graphed:
+        if session is None:
+            session = _phase2_session(tblock, emb, train, val, cfg)
+        step, evaluation, trained = session.step, session.evaluation, session.tblock
+    else:
+        opt = torch.optim.Adam(tblock.parameters(), lr=p2.lr, fused=device.type == "cuda")
+        weight = head.head_weight(emb.weight, cfg.engine.precision)
+        step = Phase2Step(tblock, emb, weight, opt, cfg, cache, windows, targets)
+        evaluation = Evaluation(tblock, emb, val, cfg, weight, graphed=cfg.engine.phase2_graph)  # graphs on GPUs only
+        trained = tblock
     best = Phase2Result(0, 0, math.inf, math.inf, 0.0)
     history: list[dict[str, float]] = []
     bad_epochs, epoch = 0, 0
     for epoch in range(1, p2.max_epochs + 1):
         step.loss_sum.zero_()
         for s in range(0, n, p2.batch_size):
-            e = min(s + p2.batch_size, n)
-            if graphed and e - s == p2.batch_size and step.graph is None and epoch == 1 and s >= GRAPH_WARMUP_STEPS * p2.batch_size:
-                step.capture()  # after eager warm-up: Adam's state, cuBLAS and the kernels initialised
-            step(s, e)
+            step(s, min(s + p2.batch_size, n))
         loss_sum = step.loss_sum
         train_loss = float(loss_sum) / n
         val_loss, val_acc = evaluation()
@@ -374,6 +592,9 @@ def train_phase2(
             bad_epochs += 1
             if bad_epochs >= p2.patience:
                 break
+    if trained is not tblock:
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in tblock.parameters()], [p.data for p in trained.parameters()])
     best.stopped_epoch = epoch
     best.history = history
     return best
@@ -447,6 +668,11 @@ def _train_run(cfg, embedding, train_ids, val_ids, seed, device, progress, keep_
     _sync(device)
     t_val = time.perf_counter()
     val_cache = val_context_cache(cblock, emb, val_win, cfg)  # (L, M-1, C)
+    train_p2 = (train_win[:-1], train_ids[1:], train_cache)
+    val_p2 = (val_win[:-1], val_ids[1:], val_cache)
+    t_prep = time.perf_counter()
+    session = prepare_phase2(tblock, emb, train_p2, val_p2, cfg)  # CPU work while the GPU runs the recurrent pass
+    prep_secs = time.perf_counter() - t_prep
     _sync(device)
     t2 = time.perf_counter()
     with CAPTURE_LOCK if device.type == "cuda" else contextlib.nullcontext():
@@ -457,14 +683,8 @@ def _train_run(cfg, embedding, train_ids, val_ids, seed, device, progress, keep_
     tensors = {"contexts": p1.contexts, "train_cache": train_cache, "val_cache": val_cache} if keep_tensors else None
     del p1.contexts
 
-    p2 = train_phase2(
-        tblock,
-        emb,
-        (train_win[:-1], train_ids[1:], train_cache),
-        (val_win[:-1], val_ids[1:], val_cache),
-        cfg,
-        progress,
-    )
+    p2 = train_phase2(tblock, emb, train_p2, val_p2, cfg, progress, session)
+    del session, train_p2, val_p2
     _sync(device)
     t3 = time.perf_counter()
 
@@ -485,7 +705,9 @@ def _train_run(cfg, embedding, train_ids, val_ids, seed, device, progress, keep_
         "phase1_seconds": p1_secs,
         "phase1_tokens_per_s": N * (p1.iterations - 1) / p1_secs if p1_secs > 0 else math.nan,
         "contexts_seconds": cache_secs,
+        # includes the GPU work of phase 2's preparation (a new session's warm-up step: a few ms)
         "val_step_us": (t2 - t_val) / (M - 1) * 1e6,
+        "phase2_prepare_seconds": prep_secs,  # CPU time, overlapped with the recurrent pass
         "er_seconds": t_er - t2,
         "phase2_seconds": p2_secs,
         "phase2_tokens_per_s": (N - 1 + M - 1) * p2.stopped_epoch / p2_secs if p2_secs > 0 else math.nan,

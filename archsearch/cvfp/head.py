@@ -57,11 +57,10 @@ class _FusedTiedCE(torch.autograd.Function):
         hw = h.to(weight.dtype)
         grad_h = torch.empty_like(hw)
         loss = torch.empty(n, device=h.device, dtype=torch.float32)
-        argmax = torch.empty(n, device=h.device, dtype=torch.int32)
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
             logits = hw[s:e] @ weight.T  # (c, V)
-            ce_rows(logits, targets[s:e], loss[s:e], argmax[s:e], grad_scale=1.0 / n, write_grad=True, vocab_size=vocab_size,
+            ce_rows(logits, targets[s:e], loss[s:e], None, grad_scale=1.0 / n, write_grad=True, vocab_size=vocab_size,
                     row_scale=None if row_weight is None else row_weight[s:e])  # fmt: skip
             torch.matmul(logits, weight, out=grad_h[s:e])  # (c, E) = d loss / d h
         ctx.save_for_backward(grad_h)

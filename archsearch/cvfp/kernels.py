@@ -22,63 +22,80 @@ import triton.language as tl
 @triton.jit
 def _ce_rows_kernel(
     logits_ptr, stride_row, targets_ptr, loss_ptr, argmax_ptr, grad_scale, scale_ptr, V: tl.constexpr, VP: tl.constexpr,
-    BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUP: tl.constexpr, WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, ARGMAX: tl.constexpr,
 ):  # fmt: skip
+    """One program per row. First pass: the row's max, sum of exp and argmax, kept per group of
+    GROUP adjacent columns (a group lies in one thread: its max is taken without crossing
+    threads, and the running sum is rescaled once per group, not once per element, so the
+    pass needs one exp per element). Second pass (WRITE_GRAD): softmax - onehot, scaled, over
+    the logits in place."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # running max per lane
-    s = tl.zeros([BLOCK_V], tl.float32)  # running sum of exp(x - m) per lane
-    best_i = tl.zeros([BLOCK_V], tl.int32)
-    for start in tl.range(0, VP, BLOCK_V, num_stages=STAGES):
+    R: tl.constexpr = BLOCK_V // GROUP
+    lane = tl.arange(0, R)
+    offs = lane[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (R, GROUP), row-major: contiguous
+    m = tl.full([R], float("-inf"), tl.float32)  # running max per group lane
+    s = tl.zeros([R], tl.float32)  # running sum of exp(x - m) per group lane
+    best_i = tl.zeros([R], tl.int32)
+    for start in tl.range(0, VP, BLOCK_V):
         idx = start + offs
         # masked at the padded width VP (a multiple of 8): a mask at V = 50,257 would make
         # every load scalar; the padding columns are then set aside here
         x = tl.load(base + idx, mask=idx < VP, other=0.0).to(tl.float32)
         x = tl.where(idx < V, x, float("-inf"))
-        new_m = tl.maximum(m, x)
+        bm = tl.max(x, axis=1)  # (R,)
+        if ARGMAX:
+            # first index of the group's max; a later group replaces it only when strictly larger
+            bi = tl.min(tl.where(x == bm[:, None], idx, VP), axis=1)
+            best_i = tl.where(bm > m, bi, best_i)
+        new_m = tl.maximum(m, bm)
         empty = new_m == float("-inf")  # a lane that has seen only padding so far
-        s = tl.where(empty, 0.0, s * tl.exp(m - new_m) + tl.exp(x - new_m))
-        best_i = tl.where(x > m, idx, best_i)
+        safe_m = tl.where(empty, 0.0, new_m)
+        s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m[:, None]), axis=1)
         m = new_m
     row_max = tl.max(m, axis=0)
     total = tl.sum(s * tl.exp(m - row_max), axis=0)
     lse = row_max + tl.log(total)
-    # first index holding the row max (argmax ties resolve to the lowest index, like torch)
-    cand = tl.where(m == row_max, best_i, V)
-    tl.store(argmax_ptr + row, tl.min(cand, axis=0))
+    if ARGMAX:
+        # first index holding the row max (argmax ties resolve to the lowest index, like torch)
+        cand = tl.where(m == row_max, best_i, V)
+        tl.store(argmax_ptr + row, tl.min(cand, axis=0))
     target = tl.load(targets_ptr + row)
     x_t = tl.load(base + target).to(tl.float32)
     tl.store(loss_ptr + row, lse - x_t)
     if WRITE_GRAD:
         if ROW_SCALE:
             grad_scale = tl.load(scale_ptr + row)
-        for start in tl.range(0, VP, BLOCK_V, num_stages=STAGES):
-            idx = start + offs
+        flat = tl.arange(0, BLOCK_V)
+        for start in tl.range(0, VP, BLOCK_V):
+            idx = start + flat
             x = tl.load(base + idx, mask=idx < VP, other=0.0).to(tl.float32)
             g = tl.where(idx < V, tl.exp(x - lse), 0.0) - tl.where(idx == target, 1.0, 0.0)
             tl.store(base + idx, (g * grad_scale).to(logits_ptr.dtype.element_ty), mask=idx < VP)
 
 
-# measured on an H200 (benchmarks/h200_v6_ce_sweep*.json): 2048 columns a block, 8 warps; software
-# pipelining of the loops (CE_STAGES 2-4) and larger blocks were slower
-CE_BLOCK_V, CE_WARPS, CE_STAGES = 2048, 8, 1
+# (columns a block, group, warps), measured on an H200 (benchmarks/h200_v8_ce_group_sweep.json,
+# 4,096 rows of 50,257): with the gradient 0.314 ms, without 0.147 ms (the kernel of one exp
+# pair per element that this replaced: 0.408 / 0.234 ms; a copy of the logits: 0.197 ms)
+CE_TUNING = {True: (2048, 4, 4), False: (2048, 8, 4)}
 
 
 def ce_rows(logits, targets, loss, argmax, grad_scale: float = 1.0, write_grad: bool = True, vocab_size: int | None = None,
-            row_scale=None) -> None:  # fmt: skip
-    """Per-row CE into ``loss`` (fp32), argmax into ``argmax`` (int32); with ``write_grad``
-    the logits become grad_scale * (softmax - onehot), or row_scale[i] * (...) for row i where
-    ``row_scale`` (n,) fp32 is given. ``logits`` (n, >= V), rows contiguous; columns from
-    ``vocab_size`` on are padding: they take no part in the loss, and with ``write_grad`` they
-    are set to 0."""
+            row_scale=None, block_v: int | None = None, group: int | None = None, warps: int | None = None) -> None:  # fmt: skip
+    """Per-row CE into ``loss`` (fp32), argmax into ``argmax`` (int32; None: not computed); with
+    ``write_grad`` the logits become grad_scale * (softmax - onehot), or row_scale[i] * (...)
+    for row i where ``row_scale`` (n,) fp32 is given. ``logits`` (n, >= V), rows contiguous;
+    columns from ``vocab_size`` on are padding: they take no part in the loss, and with
+    ``write_grad`` they are set to 0. ``block_v``/``group``/``warps``: tuning (tests, sweeps)."""
     n, VP = logits.shape
     V = vocab_size or VP
     assert logits.stride(1) == 1 and V <= VP
     assert row_scale is None or (row_scale.shape == (n,) and row_scale.dtype.is_floating_point)
-    _ce_rows_kernel[(n,)](logits, logits.stride(0), targets, loss, argmax, grad_scale, loss if row_scale is None else row_scale,
-                          V, VP, BLOCK_V=CE_BLOCK_V, WRITE_GRAD=write_grad, ROW_SCALE=row_scale is not None,
-                          STAGES=CE_STAGES, num_warps=CE_WARPS)  # fmt: skip
+    bv, gr, w = CE_TUNING[write_grad]
+    _ce_rows_kernel[(n,)](logits, logits.stride(0), targets, loss, loss if argmax is None else argmax, grad_scale,
+                          loss if row_scale is None else row_scale, V, VP, BLOCK_V=block_v or bv, GROUP=group or gr,
+                          WRITE_GRAD=write_grad, ROW_SCALE=row_scale is not None, ARGMAX=argmax is not None,
+                          num_warps=warps or w)  # fmt: skip
 
 
 @triton.jit
@@ -195,11 +212,12 @@ def recurrent_persistent(P, W, G, B, eps: float):
 # the row count varies from batch to batch: one compiled kernel for all of them
 @triton.jit(do_not_specialize=["n"])
 def _res_relu_ln_fwd_kernel(
-    z_ptr, zb_ptr, r_ptr, g_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n, eps,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_ZB: tl.constexpr,
+    z_ptr, zb_ptr, r_ptr, g_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, y16_ptr, stride16, n, eps,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_ZB: tl.constexpr, HAS_Y16: tl.constexpr,
 ):  # fmt: skip
     """y = LayerNorm(r + ReLU(z + zb)) for ROWS rows, in fp32 whatever z and r are stored in
-    (zb: the Linear's bias, added here rather than in its GEMM)."""
+    (zb: the Linear's bias, added here rather than in its GEMM); with HAS_Y16 also y in
+    y16's dtype, rows ``stride16`` apart (the next layer's GEMM input, in place)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -214,7 +232,11 @@ def _res_relu_ln_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(d * d, axis=1) / D + eps)
     gamma = tl.load(g_ptr + cols, mask=cmask, other=0.0)
     beta = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-    tl.store(y_ptr + ofs, d * rstd[:, None] * gamma[None, :] + beta[None, :], mask=mask)
+    y = d * rstd[:, None] * gamma[None, :] + beta[None, :]
+    tl.store(y_ptr + ofs, y, mask=mask)
+    if HAS_Y16:
+        ofs16 = rows[:, None].to(tl.int64) * stride16 + cols[None, :]
+        tl.store(y16_ptr + ofs16, y.to(y16_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=rows < n)
     tl.store(rstd_ptr + rows, rstd, mask=rows < n)
 
@@ -271,9 +293,10 @@ def _ln_shape(D: int) -> tuple[int, int, int]:
     return block, rows, 4 if block * rows <= 4096 else 8
 
 
-def res_relu_ln_fwd(z, r, gamma, beta, eps: float, zb=None):
+def res_relu_ln_fwd(z, r, gamma, beta, eps: float, zb=None, y16=None):
     """(y fp32, mean, rstd) of y = LayerNorm(r + ReLU(z + zb)) over the last axis of (n, D) z, r
-    (zb: an optional (D,) bias of z)."""
+    (zb: an optional (D,) bias of z); ``y16``: an optional (n, D) view with unit column stride
+    (any row stride) that receives y in its own dtype too."""
     import torch
 
     n, D = z.shape
@@ -281,9 +304,12 @@ def res_relu_ln_fwd(z, r, gamma, beta, eps: float, zb=None):
     y = torch.empty(n, D, device=z.device, dtype=torch.float32)
     mean = torch.empty(n, device=z.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, gamma if zb is None else zb, r, gamma, beta, y, mean, rstd, n, eps,
+    if y16 is not None:
+        assert y16.shape == (n, D) and y16.stride(1) == 1
+    _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, gamma if zb is None else zb, r, gamma, beta, y, mean, rstd,
+                                                     y if y16 is None else y16, D if y16 is None else y16.stride(0), n, eps,
                                                      D=D, BLOCK_D=block, ROWS=rows, HAS_ZB=zb is not None,
-                                                     num_warps=warps)  # fmt: skip
+                                                     HAS_Y16=y16 is not None, num_warps=warps)  # fmt: skip
     return y, mean, rstd
 
 

@@ -81,14 +81,17 @@ class _CatLinearResReluNorm(torch.autograd.Function):
     in kernels of their own."""
 
     @staticmethod
-    def forward(ctx, a, b, r, weight, bias, gamma, beta, eps: float, res_of: int, dtype: torch.dtype):
+    def forward(ctx, a, b, r, weight, bias, gamma, beta, eps: float, res_of: int, dtype: torch.dtype, packed=None, out16=None):
         from archsearch.cvfp.kernels import res_relu_ln_fwd
 
-        x = torch.cat([a.to(dtype), b.to(dtype)], dim=-1)  # (n, Ca + Cb)
+        if packed is None:
+            x = torch.cat([a.to(dtype), b.to(dtype)], dim=-1)  # (n, Ca + Cb)
+        else:  # [a, b] already in place (see TokenBlock.forward)
+            x = packed
         w = weight.to(dtype)
         z = torch.mm(x, w.t())  # (n, d_out), no bias
         r = r.contiguous()
-        y, mean, rstd = res_relu_ln_fwd(z, r, gamma, beta, eps, bias)
+        y, mean, rstd = res_relu_ln_fwd(z, r, gamma, beta, eps, bias, out16)
         ctx.save_for_backward(x, w, z, r, gamma, mean, rstd, bias)
         ctx.res_of, ctx.split, ctx.in_dtypes = res_of, a.shape[-1], (a.dtype, b.dtype, r.dtype)
         return y
@@ -106,18 +109,30 @@ class _CatLinearResReluNorm(torch.autograd.Function):
         da = _mm(dz, w[:, :split], dr if res_of == 0 else None, ctx.in_dtypes[0]) if need_a else None
         db = _mm(dz, w[:, split:], dr if res_of == 1 else None, ctx.in_dtypes[1]) if need_b else None
         dr_own = dr if res_of < 0 and need_r else None
-        return da, db, dr_own, dw, dbias, dgamma, dbeta, None, None, None
+        return da, db, dr_own, dw, dbias, dgamma, dbeta, None, None, None, None, None
 
 
-def cat_linear_relu_norm(fc: nn.Linear, a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+def fused_layers(device: torch.device) -> bool:
+    """Whether cat_linear_relu_norm runs as the fused autograd Function on this device."""
+    return FUSED_NORM and _HAVE_TRITON and device.type == "cuda"
+
+
+def cat_linear_relu_norm(
+    fc: nn.Linear, a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, packed=None, out16=None
+) -> torch.Tensor:
     """``norm(residual + ReLU(fc(cat([a, b], -1))))`` for 2-D a, b; the result is fp32 (as
     autocast's LayerNorm gives). On a GPU with Triton it is one autograd Function
     (_CatLinearResReluNorm); the fused path adds fc's bias in fp32 inside the norm kernel
-    (autocast would round it to bf16 inside the GEMM): the same sum, rounded no worse."""
-    if FUSED_NORM and _HAVE_TRITON and a.is_cuda and a.dim() == 2 and residual.shape == (a.shape[0], fc.out_features):
+    (autocast would round it to bf16 inside the GEMM): the same sum, rounded no worse.
+    Fused path only: ``packed`` (n, Ca + Cb) in the GEMM's dtype already holds [a, b] (no
+    concatenation); ``out16``, a view of the next layer's ``packed``, receives the result in
+    that dtype too."""
+    if fused_layers(a.device) and a.dim() == 2 and residual.shape == (a.shape[0], fc.out_features):
         dtype = autocast_dtype(a.device.type) or a.dtype
         res_of = 0 if residual is a else 1 if residual is b else -1
-        return _CatLinearResReluNorm.apply(a, b, residual, fc.weight, fc.bias, norm.weight, norm.bias, norm.eps, res_of, dtype)
+        if packed is not None:
+            assert packed.dtype == dtype and packed.shape == (a.shape[0], fc.in_features)
+        return _CatLinearResReluNorm.apply(a, b, residual, fc.weight, fc.bias, norm.weight, norm.bias, norm.eps, res_of, dtype, packed, out16)
     return norm(residual + F.relu(fc(cat_for_linear(a, b))))
 
 
@@ -157,7 +172,12 @@ class TokenEmbedding(nn.Module):
 
     def vectors(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, k) window ids -> (B, E*k) concatenated normalised embeddings."""
-        return self.normed[windows].flatten(1)  # (B, k, E) -> (B, E*k)
+        return token_vectors(self.normed, windows)
+
+
+def token_vectors(normed: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """(B, k) window ids -> (B, E*k): rows of the (V+1, E) table ``normed``, concatenated."""
+    return normed[windows].flatten(1)  # (B, k, E) -> (B, E*k)
 
 
 class ContextLayer(nn.Module):
@@ -204,9 +224,9 @@ class TokenLayer(nn.Module):
         self.proj = nn.Linear(d_in, d_out) if d_in != d_out else None
         self.norm = nn.LayerNorm(d_out, eps=eps)
 
-    def forward(self, context: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, token: torch.Tensor, packed=None, out16=None) -> torch.Tensor:
         residual = token if self.proj is None else self.proj(token)  # (B, d_out)
-        return cat_linear_relu_norm(self.fc, context, token, residual, self.norm)  # (B, d_out)
+        return cat_linear_relu_norm(self.fc, context, token, residual, self.norm, packed, out16)  # (B, d_out)
 
 
 class TokenBlock(nn.Module):
@@ -215,13 +235,29 @@ class TokenBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, embed_dim: int):
         super().__init__()
         widths = token_widths(embed_dim, cfg.num_input_tokens, cfg.num_layers)
+        self.context_dim = cfg.context_dim
         self.layers = nn.ModuleList(
             TokenLayer(cfg.context_dim, d_in, d_out, cfg.layernorm_eps) for d_in, d_out in zip(widths[:-1], widths[1:])
         )
 
-    def forward(self, contexts: torch.Tensor, token_vec: torch.Tensor) -> torch.Tensor:
-        """(L, B, C) per-layer contexts, (B, E*k) -> (B, E)."""
+    def forward(self, contexts, token_vec: torch.Tensor, packed: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(L, B, C) per-layer contexts, (B, E*k) -> (B, E).
+
+        ``packed`` (the captured phase-2 step, fused layers only): one (B, C + d_in) buffer per
+        layer in the GEMM's dtype, whose first C columns hold that layer's context (contexts
+        is then not read); the token vector is cast into the first one's other columns and
+        each layer's norm writes its output into the next one's, so that no layer
+        concatenates."""
         h = token_vec
+        if packed is not None and fused_layers(token_vec.device):
+            C = self.context_dim
+            packed[0][:, C:].copy_(token_vec)
+            for i, layer in enumerate(self.layers):
+                out16 = packed[i + 1][:, C:] if i + 1 < len(self.layers) else None
+                h = layer(packed[i][:, :C], h, packed[i], out16)  # (B, d_{i+1})
+            return h
+        if packed is not None:  # plain layers: they concatenate anyway
+            contexts = [p[:, : self.context_dim] for p in packed]
         for layer, context in zip(self.layers, contexts):
             h = layer(context, h)  # (B, d_{i+1})
         return h
