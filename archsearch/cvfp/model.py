@@ -243,11 +243,11 @@ class TokenBlock(nn.Module):
     def forward(self, contexts, token_vec: torch.Tensor, packed: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(L, B, C) per-layer contexts, (B, E*k) -> (B, E).
 
-        ``packed`` (the captured phase-2 step, fused layers only): one (B, C + d_in) buffer per
+        ``packed`` (the captured phase-2 step and validation pass): one (B, C + d_in) buffer per
         layer in the GEMM's dtype, whose first C columns hold that layer's context (contexts
-        is then not read); the token vector is cast into the first one's other columns and
-        each layer's norm writes its output into the next one's, so that no layer
-        concatenates."""
+        is then not read). With the fused layers the token vector is cast into the first
+        one's other columns and each layer's norm writes its output into the next one's, so
+        that no layer concatenates; plain layers read their contexts from it and concatenate."""
         h = token_vec
         if packed is not None and fused_layers(token_vec.device):
             C = self.context_dim
