@@ -201,6 +201,11 @@ def _phase1_span(block, emb, windows, inputs, prev, out_all, s, e, B, w, num_bat
 # --------------------------------------------------------------------------- contexts for phase 2
 
 
+def _gemm_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the layers' products take their inputs in under ``cfg``'s precision."""
+    return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+
+
 @torch.no_grad()
 def train_context_cache(
     block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, contexts: torch.Tensor, cfg: RunConfig
@@ -209,7 +214,7 @@ def train_context_cache(
     position 0 reads a zero context, position t the final phase-1 context of t-1."""
     N, C = contexts.shape
     L = len(block.layers)
-    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+    dtype = _gemm_dtype(cfg)
     inputs = torch.cat([contexts.new_zeros(1, C), contexts[: N - 2]])  # (N-1, C)
     cache = torch.empty(L, N - 1, C, device=contexts.device, dtype=dtype)
     step = cfg.engine.eval_batch_size * 4
@@ -242,11 +247,6 @@ class Phase2Result:
     val_ppl: float
     val_acc: float
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _gemm_dtype(cfg: RunConfig) -> torch.dtype:
-    """The dtype the layers' products take their inputs in under ``cfg``'s precision."""
-    return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
 
 
 class Evaluation:
