@@ -249,6 +249,20 @@ class Phase2Result:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _layer_inputs(tblock: TokenBlock, rows: int, device: torch.device, cfg: RunConfig) -> list[torch.Tensor]:
+    """Per TokenLayer a (rows, C + d_in) GEMM input in the products' dtype: TokenBlock.forward's
+    ``packed``."""
+    return [torch.empty(rows, layer.fc.in_features, device=device, dtype=_gemm_dtype(cfg)) for layer in tblock.layers]
+
+
+def _copy_contexts(packed: list[torch.Tensor], contexts: torch.Tensor) -> None:
+    """(L, r, C) contexts into the first r rows and C columns of the layers' GEMM inputs (cast
+    to their dtype: the recurrent pass's validation cache is fp32)."""
+    r, C = contexts.shape[1], contexts.shape[2]
+    for buf, layer_contexts in zip(packed, contexts):
+        buf[:r, :C].copy_(layer_contexts)
+
+
 class Evaluation:
     """Mean cross-entropy and accuracy (argmax == target) over every validation position,
     once per epoch. With ``graphed`` on a GPU the whole pass (every chunk, the sums included)
@@ -270,11 +284,8 @@ class Evaluation:
         if self.graphed:
             windows, targets, cache = val
             self.windows, self.targets, self.cache = windows.clone(), targets.clone(), None
-            n, C = cache.shape[1], cache.shape[2]
-            dtype = _gemm_dtype(cfg)  # the recurrent pass's cache is fp32: cast once here
-            self.packed = [torch.empty(n, layer.fc.in_features, device=device, dtype=dtype) for layer in tblock.layers]
-            for buf, layer_cache in zip(self.packed, cache):
-                buf[:, :C].copy_(layer_cache)
+            self.packed = _layer_inputs(tblock, cache.shape[1], device, cfg)
+            _copy_contexts(self.packed, cache)
         else:
             self.windows, self.targets, self.cache = val
         self.ce_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -286,8 +297,7 @@ class Evaluation:
         windows, targets, cache = val
         self.windows.copy_(windows)
         self.targets.copy_(targets)
-        for buf, layer_cache in zip(self.packed, cache):
-            buf[:, : cache.shape[2]].copy_(layer_cache)
+        _copy_contexts(self.packed, cache)
 
     def _spans(self) -> list[tuple[int, int]]:
         n, B = self.targets.shape[0], self.cfg.engine.eval_batch_size
@@ -410,11 +420,8 @@ class Phase2Step:
         GEMM input whose first C columns each replay's batch is copied into (the layers
         write the rest: TokenBlock.forward), the windows and the targets."""
         B = self.cfg.phase2.batch_size
-        C = self.cache.shape[2]
-        dtype = _gemm_dtype(self.cfg)
-        self.packed = [torch.empty(B, layer.fc.in_features, device=self.cache.device, dtype=dtype) for layer in self.tblock.layers]
-        for i, buf in enumerate(self.packed):
-            buf[:, :C].copy_(self.cache[i, :B])
+        self.packed = _layer_inputs(self.tblock, B, self.cache.device, self.cfg)
+        _copy_contexts(self.packed, self.cache[:, :B])
         self.static = (self.windows[:B].clone(), self.targets[:B].clone())
         self._capturing = True
         self.opt.zero_grad(set_to_none=True)
@@ -436,9 +443,7 @@ class Phase2Step:
             win, tgt = self.static
             r = e - s
             self._set_rows(r)
-            C = self.cache.shape[2]
-            for i, buf in enumerate(self.packed):
-                buf[:r, :C].copy_(self.cache[i, s:e])
+            _copy_contexts(self.packed, self.cache[:, s:e])
             win[:r].copy_(self.windows[s:e])
             tgt[:r].copy_(self.targets[s:e])
             self.graph.replay()
@@ -478,12 +483,12 @@ class Phase2Session:
         self.evaluation = Evaluation(self.tblock, self.emb, val, cfg, self.weight, graphed=True)
         self.step.prepare()
 
-    def load(self, tblock: TokenBlock, emb: TokenEmbedding, train, val, cfg: RunConfig) -> None:
+    def load(self, tblock: TokenBlock, emb: TokenEmbedding, train, val) -> None:
         """A new run of this shape: its initial parameters, embedding, data; Adam as new."""
         with torch.no_grad():
             torch._foreach_copy_([p.data for p in self.tblock.parameters()], [p.data for p in tblock.parameters()])
             self.emb.normed.copy_(emb.normed)
-            self.weight.matrix.copy_(head.head_weight(emb.weight, cfg.engine.precision).matrix)
+            self.weight.matrix[: self.weight.vocab_size].copy_(emb.weight)  # its padding rows stay zero
         self.step.reset_optimizer()
         windows, targets, cache = train
         self.step.load(cache, windows, targets)
@@ -515,7 +520,7 @@ def _phase2_session(tblock, emb, train, val, cfg: RunConfig) -> Phase2Session:
     key = _session_key(tblock, emb, train, val, cfg)
     session = getattr(_SESSIONS, "session", None)
     if session is not None and session.key == key:
-        session.load(tblock, emb, train, val, cfg)
+        session.load(tblock, emb, train, val)
         return session
     release_phase2_graphs()  # before the new one allocates
     session = Phase2Session(key, tblock, emb, train, val, cfg)
