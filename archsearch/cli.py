@@ -275,7 +275,7 @@ def run(
     _write_json(json_path, {
         "study": summary.study_name, "storage": summary.storage, "seconds": summary.seconds,
         "interrupted": summary.interrupted, "counts": summary.counts, "queued": summary.queued,
-        "failed_stale": summary.failed_stale,
+        "failed_stale": summary.failed_stale, "timings": summary.timings,
         "trials": [o.__dict__ for o in summary.outcomes],
     })  # fmt: skip
     if summary.interrupted:

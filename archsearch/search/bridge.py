@@ -54,6 +54,7 @@ class LiveTrial:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     pruned: str | None = None
+    pid: int | None = None
 
     @property
     def number(self) -> int:
@@ -71,6 +72,11 @@ class Outcome:
     cached: bool = False
     kind: str | None = None
     """For FAIL: what failed (the exception's type, out_of_memory, worker_died, interrupted)."""
+    started: float | None = None
+    ended: float | None = None
+    """Wall-clock times (epoch seconds) the driver handed the trial out and recorded its end."""
+    pid: int | None = None
+    """The worker process that ran it."""
 
 
 class StudyBridge:
@@ -112,7 +118,7 @@ class StudyBridge:
     # -- suggest -------------------------------------------------------------------------
     def suggest(self, ray_id: str) -> dict[str, Any] | str | None:
         with self.lock:
-            trial = st.pop_waiting(self.study)
+            trial = st.pop_waiting(self.study, cost=self.cost)
             if trial is None:
                 if self.asked_new >= self.n_new:
                     return None if self.live else Searcher.FINISHED
@@ -131,6 +137,13 @@ class StudyBridge:
             return {"plan": plan, "gpus": self.plan_gpus, "cpus": self.space.cpus, "optuna_trial": trial.number}
 
     plan_gpus: float = 0.0
+
+    def cost(self, params: dict[str, Any]) -> float:
+        """A queued config's relative cost, to start the largest first: its parameter count
+        (phase 1 + phase 2), which orders the report's four configs as their trial times do."""
+        from archsearch.config import param_counts
+
+        return float(param_counts(self.space.run_config(params).model, self.embed_dim)["total_params"])
 
     def _ask_feasible(self) -> optuna.Trial:
         for _ in range(MAX_INFEASIBLE):
@@ -153,6 +166,7 @@ class StudyBridge:
             if lt is None or result.get("seq", 0) <= lt.seq:
                 return False  # a repeated final result
             lt.seq = result["seq"]
+            lt.pid = result.get("pid") or lt.pid
             if result.get("node") and "ray_node" not in lt.trial.user_attrs:
                 lt.trial.set_user_attr("ray_node", result["node"])  # which Ray node ran it
                 lt.trial.set_user_attr("worker_pid", result.get("pid"))
@@ -216,7 +230,7 @@ class StudyBridge:
         if lt.pruned:
             self._attrs(trial, lt.partial)
             trial.set_user_attr("pruned_reason", lt.pruned)
-            self._artifacts(lt, lt.partial)
+            self._safe_artifacts(lt, lt.partial)
             self.study.tell(trial, state=TrialState.PRUNED)
             self._done(lt, "PRUNED", None, lt.pruned, cached)
             return
@@ -224,7 +238,7 @@ class StudyBridge:
             values = [lt.result["objectives"].get(o.label) for o in self.space.objectives]
             if all(v is not None and math.isfinite(v) for v in values):
                 self._attrs(trial, lt.result)
-                self._artifacts(lt, lt.result)
+                self._safe_artifacts(lt, lt.result)
                 self.study.tell(trial, values=values)
                 self._done(lt, "COMPLETE", values, None, cached)
                 return
@@ -244,7 +258,7 @@ class StudyBridge:
             st.enqueue(self.study, lt.name, lt.params, retry_of=lt.number)
 
     def _done(self, lt, state, values, reason, cached, kind=None) -> None:
-        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind))
+        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind, lt.started, time.time(), lt.pid))
         self._view("end", lt, state=state, values=values, reason=reason)
 
     def _attrs(self, trial: optuna.Trial, result: dict[str, Any] | None) -> None:
@@ -268,7 +282,21 @@ class StudyBridge:
             if result.get(k) is not None:
                 trial.set_user_attr(k, result[k])
         trial.set_user_attr("wall_seconds", result.get("seconds"))
+        if result.get("worker"):  # where the worker's time went before the trial ran (see trainable)
+            trial.set_user_attr("worker", result["worker"])
         trial.set_user_attr("objectives", result.get("objectives"))
+
+    def _safe_artifacts(self, lt: LiveTrial, result: dict[str, Any] | None) -> None:
+        """The artifacts are views of numbers the trial keeps: failing to draw or store them
+        (no matplotlib, a full disk) is a warning and an attribute, never a failed trial."""
+        try:
+            self._artifacts(lt, result)
+        except Exception as e:
+            import logging
+
+            text = f"{type(e).__name__}: {e}"
+            logging.getLogger(__name__).warning("trial %d: could not write its plot and table for the dashboard (%s)", lt.number, text)
+            lt.trial.set_user_attr("artifact_error", text[:500])
 
     def _artifacts(self, lt: LiveTrial, result: dict[str, Any] | None) -> None:
         """Log-log plot (PNG) and per-size table (CSV), shown by optuna-dashboard."""

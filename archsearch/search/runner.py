@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ class RunSummary:
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     artifact_dir: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per part of the run: ray_init, data, study, trials, publish."""
 
     @property
     def failed(self) -> list[Any]:
@@ -42,7 +45,6 @@ def init_ray(address: str | None, quiet: bool = True):
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
     import ray
 
     if ray.is_initialized():
@@ -101,20 +103,31 @@ def run_search(
 
     from archsearch.search import storage as stg
     from archsearch.search import study as st
-    from archsearch.search.bridge import StudyBridge
-    from archsearch.search.trainable import cvfp_trainable
-    from archsearch.search.view import LiveView
 
     t0 = time.time()
+    timings: dict[str, float] = {}
     url = stg.resolve_url(storage or space.storage)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # every check first (space, storage URL, cluster resources, sizes against the data):
-    # a bad request writes nothing but, at most, a valid prepared-data folder
-    ray = init_ray(address, quiet=True)
-    gpus, cpus = trial_resources(space, ray)
-    data = prepare_space_data(space, quiet=view_mode == "quiet")
+    # a bad request writes nothing but, at most, a valid prepared-data folder. The data is
+    # prepared (or loaded and verified) while Ray starts; both take seconds.
+    with ThreadPoolExecutor(2, thread_name_prefix="archsearch-setup") as pool:
+        data_job = pool.submit(_timed, prepare_space_data, space, quiet=view_mode == "quiet")
+        t = time.perf_counter()
+        import ray  # before the thread below imports its parts
+
+        pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
+        ray = init_ray(address, quiet=True)
+        timings["ray_init"] = time.perf_counter() - t
+        gpus, cpus = trial_resources(space, ray)
+        data, timings["data"] = data_job.result()
+    from archsearch.search.bridge import StudyBridge
+    from archsearch.search.trainable import cvfp_trainable
+    from archsearch.search.view import LiveView
+
+    t = time.perf_counter()
     with stg.writer_lock(url):
         opt_storage = stg.open_storage(url)
         study = st.create_or_load(space, opt_storage, name)
@@ -135,6 +148,8 @@ def run_search(
         bridge = StudyBridge(study, space, plan, n_new, data.embed_dim, artifact_dir=art, view=view)
         bridge.plan_gpus = gpus
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
+        timings["study"] = time.perf_counter() - t
+        t = time.perf_counter()
         try:
             with view:
                 _fit(ray, cvfp_trainable, bridge, space, gpus, cpus, results_dir)
@@ -147,11 +162,43 @@ def run_search(
             shutil.rmtree(results_dir, ignore_errors=True)
         summary.outcomes = bridge.outcomes
         summary.interrupted = summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes)
+        timings["trials"] = time.perf_counter() - t
         summary.counts = _counts(study)
+        t = time.perf_counter()
         if summary.counts.get("COMPLETE"):
             _publish(study, url)
+        timings["publish"] = time.perf_counter() - t
         summary.seconds = time.time() - t0
+        summary.timings = timings
         return summary
+
+
+def _timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t
+
+
+def _warm_imports() -> None:
+    """Import, while Ray starts, what the run needs next: Ray Tune and the bridge, the SQL layer
+    Optuna's storage loads on first use, and matplotlib for the trials' plots (whose first
+    use would otherwise hold up the trial loop). A failure here is met again, and reported,
+    where the module is really used."""
+    import importlib
+
+    for name in ("archsearch.search.bridge", "archsearch.search.trainable", "ray.tune",
+                 "sqlalchemy.orm", "alembic.command", "alembic.migration", "optuna.storages._rdb.models",
+                 "matplotlib", "scipy.stats"):  # fmt: skip
+        try:
+            importlib.import_module(name)
+        except Exception:  # pragma: no cover
+            pass
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception:  # pragma: no cover
+        pass
 
 
 def _publish(study, url: str) -> None:
@@ -183,6 +230,10 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
 
     from archsearch.search.bridge import PrunerScheduler, StudySearcher
 
+    if _USER_PENDING is None:
+        # Tune starts at most this many trials' workers at a time; with the default 1, the
+        # second GPU's worker starts only once the first one runs (seconds lost per worker)
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(_slots(ray, space, gpus, cpus))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
         tune_config=tune.TuneConfig(
@@ -201,6 +252,20 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
         ),
     )
     tuner.fit()
+
+
+_USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
+
+
+def _slots(ray, space: Space, gpus: float, cpus: float) -> int:
+    """How many trials the cluster can run at once (never more than ``max_concurrent``)."""
+    cluster = ray.cluster_resources()
+    fits = [space.max_concurrent]
+    if gpus > 0:
+        fits.append(int(cluster.get("GPU", 0) / gpus + 1e-9))
+    if cpus > 0:
+        fits.append(int(cluster.get("CPU", 0) / cpus + 1e-9))
+    return max(1, min(fits))
 
 
 def _counts(study) -> dict[str, int]:

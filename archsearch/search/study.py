@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,10 +200,17 @@ def enqueue(study: optuna.Study, name: str, params: dict[str, Any], retry_of: in
     study.enqueue_trial(params, user_attrs=attrs)
 
 
-def pop_waiting(study: optuna.Study) -> optuna.Trial | None:
-    """Take a queued trial (atomically: another process cannot take the same one)."""
+def pop_waiting(study: optuna.Study, cost: Callable[[dict[str, Any]], float] | None = None) -> optuna.Trial | None:
+    """Take a queued trial (atomically: another process cannot take the same one).
+
+    Without ``cost``, the oldest first. With it, the costliest first by ``cost(params)``
+    (the queue's own order breaking ties): when several workers share a queue, starting the
+    long trials first keeps one long trial from running alone at the end."""
     storage = study._storage
-    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    if cost is not None:
+        waiting = sorted(waiting, key=lambda t: -_cost_of(cost, t))
+    for t in waiting:
         try:
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 continue
@@ -210,3 +218,11 @@ def pop_waiting(study: optuna.Study) -> optuna.Trial | None:
             continue
         return optuna.Trial(study, t._trial_id)
     return None
+
+
+def _cost_of(cost: Callable[[dict[str, Any]], float], t: FrozenTrial) -> float:
+    params = t.system_attrs.get("fixed_params") or t.params
+    try:
+        return float(cost(dict(params)))
+    except Exception:  # a config the estimate cannot read runs in queue order
+        return 0.0

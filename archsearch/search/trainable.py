@@ -41,10 +41,26 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or "can't allocate memory" in str(e) or "out of memory" in str(e).lower()
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def cvfp_trainable(config: dict[str, Any]) -> None:
+    entered, age = time.time(), _process_age()
+    t = time.perf_counter()
     import ray
     import torch
     from ray import tune
+
+    worker = {"pid": os.getpid(), "entered": entered, "process_age_s": age, "imports_s": time.perf_counter() - t}
 
     plan = TrialPlan(**config["plan"])
     plan.device = "cuda" if config.get("gpus", 0) > 0 and torch.cuda.is_available() else "cpu"
@@ -88,4 +104,4 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         kind = "out_of_memory" if is_out_of_memory(e) else type(e).__name__
         report("failed", {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]})
         return
-    report("final", result)
+    report("final", dict(result, worker=worker))

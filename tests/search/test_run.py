@@ -68,6 +68,15 @@ def test_grid_study_gets_exactly_its_configs_complete_with_attributes(home, tiny
         metas = optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
         assert sorted(m.mimetype for m in metas) == ["image/png", "text/csv"]
     assert study.metric_names == ["alpha"]
+    # the larger config (b: 2 layers, 2 input tokens) is handed out first; the run says where its time went
+    starts = {o.name: o.started for o in summary.outcomes}
+    assert starts["b"] < starts["a"]
+    assert all(o.started < o.ended and o.pid for o in summary.outcomes)
+    for t in trials:  # the worker that ran it, and how long it had been up when the trial began
+        w = t.user_attrs["worker"]
+        assert w["pid"] == t.user_attrs["worker_pid"] and w["process_age_s"] >= 0 and w["imports_s"] >= 0
+    assert set(summary.timings) == {"ray_init", "data", "study", "trials", "publish"}
+    assert all(v >= 0 for v in summary.timings.values()) and summary.timings["trials"] < summary.seconds
 
 
 def test_rerun_adds_no_trial(home, tiny_corpus, ray_local):
@@ -170,3 +179,40 @@ def test_search_report_has_history_and_importances(home, tiny_corpus, ray_local,
     assert (tmp_path / "rep" / "history.png").exists() and (tmp_path / "rep" / "importances.png").exists()
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "the 3 best configs by alpha (of 4)" in md
+
+
+def test_a_trial_whose_dashboard_plot_fails_still_completes(home, tiny_corpus, ray_local, monkeypatch):
+    from archsearch.search.bridge import StudyBridge
+
+    def broken(self, lt, result):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(StudyBridge, "_artifacts", broken)
+    space = tiny_space(tiny_corpus, sampler={"type": "grid", "configs": {"a": {"num_layers": 1, "context_dim": 8}}})
+    summary = run(space)
+    assert [o.state for o in summary.outcomes] == ["COMPLETE"]
+    (trial,) = load(home).get_trials()
+    assert trial.state == TrialState.COMPLETE and "matplotlib" in trial.user_attrs["artifact_error"]
+    assert trial.values == [pytest.approx(trial.user_attrs["alpha"])]
+
+
+class _Cluster:
+    def __init__(self, **resources):
+        self.resources = resources
+
+    def cluster_resources(self):
+        return self.resources
+
+
+@pytest.mark.parametrize("gpus, cpus, max_concurrent, resources, slots", [
+    (1, 1, 4, {"GPU": 2, "CPU": 32}, 2),      # one trial per GPU
+    (0.5, 1, 4, {"GPU": 2, "CPU": 32}, 4),    # two per GPU
+    (0.5, 1, 3, {"GPU": 2, "CPU": 32}, 3),    # max_concurrent caps it
+    (0, 1, 4, {"CPU": 2}, 2),                 # CPU trials: one per CPU asked
+    (0, 2, 4, {"CPU": 3}, 1),
+])  # fmt: skip
+def test_workers_started_at_once_match_what_the_cluster_runs_at_once(tiny_corpus, gpus, cpus, max_concurrent, resources, slots):
+    from archsearch.search.runner import _slots
+
+    space = parse_space(tiny_space(tiny_corpus, max_concurrent=max_concurrent))
+    assert _slots(_Cluster(**resources), space, gpus, cpus) == slots

@@ -73,6 +73,28 @@ def test_pop_waiting_is_exclusive(tmp_path, grid):
     assert a.number != b.number and st.pop_waiting(study) is None
 
 
+def test_pop_waiting_takes_the_costliest_first_and_keeps_queue_order_on_ties(tmp_path, tiny_corpus):
+    configs = {"small": {"num_layers": 1}, "big": {"num_layers": 3}, "mid": {"num_layers": 2}, "mid2": {"num_layers": 2, "num_input_tokens": 2}}
+    space = parse_space(tiny_space(tiny_corpus, sampler={"type": "grid", "configs": configs}))
+    study = new_study(tmp_path, space)
+    st.reconcile(study, space)
+
+    def popped(cost):
+        out = []
+        while (t := st.pop_waiting(study, cost=cost)) is not None:
+            out.append(t.user_attrs["config_name"])
+        return out
+
+    assert popped(lambda p: p["num_layers"]) == ["big", "mid", "mid2", "small"]
+    # without a cost (or with one that cannot read the config): the queue's order
+    for retry in ("small", "big", "mid"):
+        st.enqueue(study, retry, dict(configs[retry], context_dim=8, num_input_tokens=1))
+    assert popped(lambda p: p["no_such_key"]) == ["small", "big", "mid"]
+    for retry in ("mid", "big"):
+        st.enqueue(study, retry, dict(configs[retry], context_dim=8, num_input_tokens=1))
+    assert popped(None) == ["mid", "big"]
+
+
 def test_a_study_refuses_a_space_with_other_data(tmp_path, tiny_corpus, grid):
     new_study(tmp_path, grid)
     other = tiny_space(tiny_corpus)
