@@ -187,7 +187,7 @@ def _warm_imports() -> None:
 
     for name in ("archsearch.search.bridge", "archsearch.search.trainable", "ray.tune",
                  "sqlalchemy.orm", "alembic.command", "alembic.migration", "optuna.storages._rdb.models",
-                 "matplotlib", "scipy.stats"):  # fmt: skip
+                 "scipy.stats"):  # fmt: skip
         try:
             importlib.import_module(name)
         except Exception:  # pragma: no cover
