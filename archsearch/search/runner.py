@@ -119,7 +119,7 @@ def run_search(
         import ray  # before the thread below imports its parts
 
         pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
-        ray = init_ray(address, quiet=True)
+        init_ray(address, quiet=True)
         timings["ray_init"] = time.perf_counter() - t
         gpus, cpus = trial_resources(space, ray)
         data, timings["data"] = data_job.result()
