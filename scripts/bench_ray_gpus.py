@@ -47,23 +47,20 @@ EXTRA = {
 }
 
 
+def _query_gpus(field: str) -> list[str]:
+    """One nvidia-smi field per GPU of the machine (empty where nvidia-smi is missing)."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
 def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env:
         return [g for g in env.split(",") if g.strip()]
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def gpu_names() -> list[str]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    return _query_gpus("index")
 
 
 def write_space(src: Path, extra: int, dest: Path) -> tuple[Path, list[str]]:
@@ -149,7 +146,7 @@ def main() -> None:
     result: dict = {
         "benchmark": "archsearch run through Ray Tune, one GPU against all GPUs of one host",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "devices": gpu_names(), "space": str(args.space.relative_to(REPO) if args.space.is_relative_to(REPO) else args.space),
+        "devices": _query_gpus("name"), "space": str(args.space.relative_to(REPO) if args.space.is_relative_to(REPO) else args.space),
         "configs": configs, "overrides": args.overrides,
         "how": __doc__.split("\n\n", 2)[2].strip(),
     }  # fmt: skip
