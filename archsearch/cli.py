@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from archsearch.console import console, err_console, fit_lines, fmt_count, sizes_table
+from archsearch.console import console, data_progress, err_console, fit_lines, fmt_count, sizes_table
 from archsearch.errors import ConfigError, UserError
 
 app = typer.Typer(
@@ -91,7 +91,7 @@ def trial(
     except (ConfigError, KeyError) as e:
         raise ConfigError(e.problems if isinstance(e, ConfigError) else [str(e)], str(space)) from None
     dev = resolve_device(device)
-    data = prepare_space_data(sp, quiet)
+    data = prepare_space_data(sp, data_progress(quiet))
     plan = TrialPlan(
         params=params,
         config=cfg.to_dict(),
@@ -110,8 +110,10 @@ def trial(
             f"trial [bold]{name}[/bold] {params}: phase 1 {fmt_count(counts['phase1_params'])}, "
             f"phase 2 {fmt_count(counts['phase2_params'])} params; {len(sp.data.sizes)} sizes x {len(sp.seeds)} seeds on {dev}"
         )
+    from archsearch.result import SizeRecord
+
     result = _run_with_progress(plan, quiet)
-    console.print(sizes_table(result["sizes"], title=f"{name}: {sp.data.source}, {data.embed_dim}-d embeddings"))
+    console.print(sizes_table([SizeRecord.from_dict(r) for r in result["sizes"]], title=f"{name}: {sp.data.source}, {data.embed_dim}-d embeddings"))
     for line in fit_lines(result["fit"]):
         console.print(line)
     objective_text = ", ".join(f"{k} = {v:.4g}" if v is not None else f"{k} = -" for k, v in result["objectives"].items())
@@ -140,6 +142,9 @@ def _run_with_progress(plan, quiet: bool) -> dict[str, Any]:
                 text = f"{head}: phase 2 epoch {info['epoch']}/{info['max_epochs']}, val PPL {info['val_ppl']:.1f}"
             elif event == "cached":
                 text = f"{head}: from the run cache"
+            elif event == "notice":
+                bar.console.print(f"[yellow]notice:[/yellow] {info['message']}")
+                return
             else:
                 text = f"{head}: {event}"
             bar.update(task, description=text, completed=size_index)
@@ -147,8 +152,9 @@ def _run_with_progress(plan, quiet: bool) -> dict[str, Any]:
         def on_size(record, partial):
             bar.update(task, completed=len(partial["sizes"]))
             bar.console.print(
-                f"  {record['size']:,} {plan.size_unit}: val PPL {record['val_ppl']:.1f}, acc {100 * record['val_acc']:.1f}%"
-                + (" (cached)" if record.get("cached") else f" ({record['seconds']:.1f} s)")
+                f"  {record.size:,} {plan.size_unit}: val PPL {record.val_ppl:.1f}, acc {100 * record.val_acc:.1f}%"
+                + (" (cached)" if record.cached else f" ({record.seconds:.1f} s)")
+                + (f" [yellow]capped: {', '.join(record.capped)}[/yellow]" if record.capped else "")
             )
 
         return run_trial(plan, on_size=on_size, progress=progress)

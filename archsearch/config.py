@@ -72,7 +72,7 @@ class Phase2Config:
 
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-RECURRENT_MODES = ("auto", "persistent", "graph", "eager")
+RECURRENT_MODES = ("auto", "persistent", "graph", "eager", "plain")
 
 
 @dataclass
@@ -92,10 +92,14 @@ class EngineConfig:
     """Positions per evaluation step (speed and memory only)."""
     phase2_graph: bool = True
     """On GPUs, replay each full phase-2 step from a CUDA graph (speed only)."""
+    fused_layers: bool = True
+    """On GPUs with Triton, run each standard layer as one fused autograd Function
+    (cvfp/fast/layers.py; speed only, off for A/B measurements)."""
     recurrent: str = "auto"
     """How the recurrent validation pass runs (speed only): auto (persistent on GPUs with
     Triton, else eager) | persistent (one fused kernel for the whole pass) | graph (one
-    fused kernel per layer and step, replayed from a CUDA graph) | eager (PyTorch ops)."""
+    fused kernel per layer and step, replayed from a CUDA graph) | eager (PyTorch ops, the
+    token half batched) | plain (the ContextBlock called step by step, as any layer form is)."""
 
 
 @dataclass

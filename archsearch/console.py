@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from archsearch.result import SizeRecord
 
 # In a log or a pipe (no terminal), rich would wrap at 80 columns and split table cells.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -30,25 +33,34 @@ def fmt(v: Any, spec: str = ".4g") -> str:
     return format(v, spec)
 
 
-def sizes_table(records: list[dict[str, Any]], title: str | None = None) -> Table:
-    samples = bool(records) and records[0]["size_unit"] == "samples"
+def data_progress(quiet: bool = False) -> Callable[[str], None] | None:
+    """What prepare_space_data says, printed to stderr (None with ``quiet``)."""
+    if quiet:
+        return None
+    return lambda msg: err_console.print(f"[dim]data:[/dim] {msg}")
+
+
+def sizes_table(records: list[SizeRecord], title: str | None = None) -> Table:
+    samples = bool(records) and records[0].size_unit == "samples"
     t = Table(title=title)
-    for col in (*(("Samples",) if samples else ()), "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "P1 it", "P1 conv", "P2 best/stop", "P1 s", "P2 s", "Cached"):
+    for col in (*(("Samples",) if samples else ()), "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "P1 it", "P1 conv", "P2 best/stop", "P1 s", "P2 s", "Capped", "Cached"):
         t.add_column(col, justify="right")
     for r in records:
+        m = r.metrics
         t.add_row(
-            *((f"{r['size']:,}",) if samples else ()),
-            f"{r['train_tokens']:,}",
-            f"{r['val_ppl']:.1f}",
-            f"{100 * r['val_acc']:.1f}%",
-            f"{100 * r['train_er']:.1f}%",
-            f"{100 * r['val_er']:.1f}%",
-            f"{r['phase1_iterations']:g}",
-            f"{100 * r['phase1_convergence_rate']:.1f}%",
-            f"{r['phase2_best_epoch']:g}/{r['phase2_stopped_epoch']:g}",
-            f"{r['phase1_seconds']:.1f}",
-            f"{r['phase2_seconds']:.1f}",
-            "yes" if r.get("cached") else "",
+            *((f"{r.size:,}",) if samples else ()),
+            f"{r.train_tokens:,}",
+            f"{r.val_ppl:.1f}",
+            f"{100 * r.val_acc:.1f}%",
+            f"{100 * m['train_er']:.1f}%",
+            f"{100 * m['val_er']:.1f}%",
+            f"{m['phase1_iterations']:g}",
+            f"{100 * m['phase1_convergence_rate']:.1f}%",
+            f"{m['phase2_best_epoch']:g}/{m['phase2_stopped_epoch']:g}",
+            f"{r.phase_seconds.get('phase1', math.nan):.1f}",
+            f"{r.phase_seconds.get('phase2', math.nan):.1f}",
+            ", ".join(r.capped),
+            "yes" if r.cached else "",
         )
     return t
 

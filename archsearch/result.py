@@ -60,8 +60,7 @@ class RunResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**_known_fields(cls, d))
 
 
 @dataclass
@@ -107,5 +106,40 @@ class SizeRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SizeRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """From ``to_dict``'s form, or from the flat per-size dict of studies written before
+        these types (every number at the top level, no standard error: it reads as NaN)."""
+        if "params" not in d:
+            d = _from_flat(d)
+        return cls(**_known_fields(cls, d))
+
+
+def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """The dataclass's fields of ``d``; a float field stored as None (JSON has no NaN: the
+    trial worker sends NaN as null) reads as NaN."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            v = d[f.name]
+            out[f.name] = math.nan if v is None and f.type == "float" else v
+    return out
+
+
+_FLAT_PARAMS = {"phase1_params": "phase1", "phase2_params": "phase2", "total_params": "total"}
+_FLAT_PHASES = {"phase1_seconds": "phase1", "contexts_seconds": "contexts", "er_seconds": "er", "phase2_seconds": "phase2"}
+_FLAT_METRICS = ("train_er", "val_er", "phase1_iterations", "phase1_convergence_rate", "phase2_best_epoch",
+                 "phase2_stopped_epoch", "phase1_tokens_per_s", "phase2_tokens_per_s", "val_step_us", "embed_dim", "vocab_size")  # fmt: skip
+
+
+def _from_flat(d: dict[str, Any]) -> dict[str, Any]:
+    """A CVFP per-size record of the old flat form (archsearch before RunResult) in to_dict's form."""
+    out = {k: v for k, v in d.items() if k not in _FLAT_PARAMS and k not in _FLAT_PHASES and k not in _FLAT_METRICS}
+    out["params"] = {name: d[k] for k, name in _FLAT_PARAMS.items() if k in d}
+    out["phase_seconds"] = {name: d[k] for k, name in _FLAT_PHASES.items() if k in d}
+    out["metrics"] = {k: d[k] for k in _FLAT_METRICS if k in d}
+    out.setdefault("val_loss_se", math.nan)
+    out.setdefault("seconds", math.nan)
+    out.setdefault("val_tokens", 0)
+    out.setdefault("device", "")
+    out.setdefault("precision", "")
+    out.setdefault("seeds", [])
+    return out

@@ -1,8 +1,8 @@
 """The run cache: one computed (architecture + hyperparameters, data, size, seed) run, reused.
 
 A run's key hashes everything that decides its numbers: the RunConfig's computing fields,
-the fingerprint of the exact training prefix + validation stream + embedding, the seed and
-the engine version. Entries are small JSON files under ``<root>/<key[:2]>/<key>.json``
+the fingerprint of the exact training prefix + validation stream + embedding, the seed, the
+engine version and the record version. An entry holds one ``RunResult.to_dict()``. Entries are small JSON files under ``<root>/<key[:2]>/<key>.json``
 written atomically (temp file + rename), each carrying a sha256 of its record: a corrupted
 or truncated entry is reported, removed and recomputed, never used. Works for any number
 of processes on one (shared) filesystem; the last writer of identical content wins.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from archsearch.config import RunConfig
+from archsearch.result import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,13 @@ ENGINE_VERSION = 4  # 2: GPU bias added inside the fused norm (rounding), er_sec
 # replayed from the graph, the first included
 """Bump when the engine's computation changes, so older cached runs are not reused."""
 
+RECORD_VERSION = 2  # 2: a RunResult (was a flat dict of ~30 keys)
+"""Bump when the stored record's form changes (the numbers may be the same)."""
+
 
 def run_key(cfg: RunConfig, stream_fingerprint: str, seed: int) -> str:
     blob = json.dumps(
-        {"config": cfg.key(), "data": stream_fingerprint, "seed": int(seed), "engine": ENGINE_VERSION},
+        {"config": cfg.key(), "data": stream_fingerprint, "seed": int(seed), "engine": ENGINE_VERSION, "record": RECORD_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -49,14 +53,14 @@ class RunCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str) -> RunResult | None:
         path = self._path(key)
         try:
             entry = json.loads(path.read_text())
             record = entry["record"]
             if entry.get("key") != key or entry.get("sha256") != _digest(record):
                 raise ValueError("checksum mismatch")
-            return record
+            return RunResult.from_dict(record)
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError, OSError) as e:
@@ -64,7 +68,8 @@ class RunCache:
             path.unlink(missing_ok=True)
             return None
 
-    def put(self, key: str, record: dict[str, Any]) -> None:
+    def put(self, key: str, run: RunResult) -> None:
+        record = run.to_dict()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "sha256": _digest(record), "record": record}

@@ -2,9 +2,10 @@
 
 Sizes run smallest first (data size is the fidelity); each (size, seed) run is looked up
 in the run cache before it is trained. After every size the caller's ``on_size`` gets the
-per-size record and the partial fit, and may stop the trial by returning ``False`` (that
-is how a search prunes). Replicate seeds of a size are combined before the fit: PPL by
-geometric mean (the fit is on ln PPL), every other number by arithmetic mean.
+per-size :class:`~archsearch.result.SizeRecord` and the partial result, and may stop the
+trial by returning ``False`` (that is how a search prunes). Replicate seeds of a size are
+combined before the fit (:func:`combine_seeds`). Nothing here prints: progress goes to the
+caller's callbacks.
 """
 
 from __future__ import annotations
@@ -16,18 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archsearch.config import RunConfig, resolve_precision, run_config_from_dict
+from archsearch.result import RunResult, SizeRecord
 from archsearch.runcache import RunCache, run_key
 from archsearch.scaling import ScalingFit, fit_power_law
 from archsearch.space import OBJECTIVES, Objective
-
-# numbers reported per size (means over seeds)
-SIZE_METRICS = (
-    "train_tokens", "val_tokens", "val_ppl", "val_loss", "val_acc", "train_er", "val_er",
-    "phase1_iterations", "phase1_convergence_rate", "phase2_best_epoch", "phase2_stopped_epoch",
-    "phase1_seconds", "phase1_tokens_per_s", "contexts_seconds", "val_step_us", "er_seconds", "phase2_seconds",
-    "phase2_tokens_per_s", "seconds",
-)  # fmt: skip
-
 
 @dataclass
 class TrialPlan:
@@ -54,31 +47,56 @@ class TrialPlan:
         return [Objective(**o) for o in self.objectives]
 
 
-def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One per-size record from the runs of its seeds."""
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def combine_seeds(runs: list[RunResult], size: int, size_unit: str, cached: list[bool]) -> SizeRecord:
+    """One per-size record from the runs of its seeds (``cached[i]``: run i came from the cache).
+
+    PPL is the geometric mean over seeds (the fit is on ln PPL), so ``val_ppl`` = exp(mean
+    val_loss); every other number, the metrics and the phase seconds are arithmetic means;
+    ``capped`` is the union of the runs' caps. The standard error of the size's mean loss
+    combines the two sources of noise, each of a mean over n seeds:
+
+        val_loss_se = sqrt(mean_i(se_i^2) / n + var_between / n)
+
+    with se_i the run's own standard error (its validation tokens) and var_between the
+    sample variance of the runs' losses across seeds (0 with one seed)."""
+    n = len(runs)
     first = runs[0]
-    keep = ("size", "size_unit", "device", "precision", "phase1_params", "phase2_params", "total_params", "embed_dim", "vocab_size")
-    rec: dict[str, Any] = {k: first[k] for k in keep if k in first}
-    for k in SIZE_METRICS:
-        vals = [r[k] for r in runs]
-        rec[k] = sum(vals) / len(vals)
-    rec["val_ppl"] = math.exp(sum(math.log(r["val_ppl"]) for r in runs) / len(runs))
-    rec["train_tokens"] = first["train_tokens"]
-    rec["val_tokens"] = first["val_tokens"]
-    rec["seeds"] = [r["seed"] for r in runs]
-    rec["cached"] = all(r.get("cached", False) for r in runs)
-    if len(runs) > 1:
-        rec["val_ppl_seeds"] = [r["val_ppl"] for r in runs]
-    return rec
+    losses = [r.val_loss for r in runs]
+    between = sum((x - _mean(losses)) ** 2 for x in losses) / (n - 1) if n > 1 else 0.0
+    within = _mean([r.val_loss_se**2 for r in runs])
+    return SizeRecord(
+        size=size,
+        size_unit=size_unit,
+        train_tokens=first.train_tokens,
+        val_tokens=first.val_tokens,
+        val_loss=_mean(losses),
+        val_loss_se=math.sqrt(within / n + between / n),
+        val_ppl=math.exp(_mean([math.log(r.val_ppl) for r in runs])),
+        val_acc=_mean([r.val_acc for r in runs]),
+        params=dict(first.params),
+        seconds=_mean([r.seconds for r in runs]),
+        device=first.device,
+        precision=first.precision,
+        seeds=[r.seed for r in runs],
+        phase_seconds={k: _mean([r.phase_seconds.get(k, 0.0) for r in runs]) for k in first.phase_seconds},
+        capped=sorted({c for r in runs for c in r.capped}),
+        metrics={k: _mean([r.metrics[k] for r in runs]) for k in first.metrics},
+        cached=all(cached),
+        val_ppl_seeds=[r.val_ppl for r in runs] if n > 1 else [],
+    )
 
 
-def fit_sizes(records: list[dict[str, Any]]) -> ScalingFit | None:
+def fit_sizes(records: list[SizeRecord]) -> ScalingFit | None:
     if len(records) < 2:
         return None
-    return fit_power_law([r["train_tokens"] for r in records], [r["val_ppl"] for r in records])
+    return fit_power_law([r.train_tokens for r in records], [r.val_ppl for r in records])
 
 
-def objective_values(objectives: list[Objective], records: list[dict[str, Any]], fit: ScalingFit | None) -> list[float | None]:
+def objective_values(objectives: list[Objective], records: list[SizeRecord], fit: ScalingFit | None) -> list[float | None]:
     """The value of every objective from the sizes done so far (None where not computable yet)."""
     if not records:
         return [None for _ in objectives]
@@ -92,49 +110,46 @@ def objective_values(objectives: list[Objective], records: list[dict[str, Any]],
         elif o.name == "ppl_at":
             out.append(fit.extrapolate(o.target_tokens).ppl)
         elif o.name == "final_ppl":
-            out.append(last["val_ppl"])
+            out.append(last.val_ppl)
         elif o.name == "final_acc":
-            out.append(last["val_acc"])
-        elif o.name == "val_er":
-            out.append(last["val_er"])
+            out.append(last.val_acc)
+        elif o.name in last.metrics:
+            out.append(float(last.metrics[o.name]))
         else:
-            out.append(float(last[o.name]))
+            out.append(float(getattr(last, o.name)))
     return out
 
 
-def summarize(plan: TrialPlan, records: list[dict[str, Any]], seconds: float, complete: bool) -> dict[str, Any]:
-    """The trial's result record: per-size table, fit, objectives, counts."""
+def summarize(plan: TrialPlan, records: list[SizeRecord], seconds: float, complete: bool) -> dict[str, Any]:
+    """The trial's result record (plain JSON data: it crosses process borders): the per-size
+    records as ``SizeRecord.to_dict()``, fit, objectives, parameter counts."""
     objectives = plan.objective_list
     fit = fit_sizes(records)
     target = next((o.target_tokens for o in objectives if o.name == "ppl_at"), None)
     cfg = plan.run_config
-    counts = {k: records[0][k] for k in ("phase1_params", "phase2_params", "total_params")} if records else {}
+    counts = {f"{k}_params": v for k, v in records[0].params.items()} if records else {}
     result: dict[str, Any] = {
         "name": plan.name,
         "params": plan.params,
         "config": cfg.to_dict(),
-        "sizes": records,
+        "sizes": [r.to_dict() for r in records],
         "fit": fit.to_dict(target) if fit is not None else None,
         "objectives": {o.label: v for o, v in zip(objectives, objective_values(objectives, records, fit))},
         "complete": complete,
         "seconds": seconds,
-        "device": records[-1]["device"] if records else None,
+        "device": records[-1].device if records else None,
         **counts,
     }
     return result
 
 
-def prepare_space_data(space, quiet: bool = False):
-    """Prepared data for a space, with its sizes checked against what the data holds."""
-    from archsearch.console import err_console
+def prepare_space_data(space, progress: Callable[[str], None] | None = None):
+    """Prepared data for a space, with its sizes checked against what the data holds;
+    ``progress(message)`` hears what the preparation does (console.data_progress prints it)."""
     from archsearch.data import prepare_data
     from archsearch.errors import ConfigError
 
-    def say(msg: str) -> None:
-        if not quiet:
-            err_console.print(f"[dim]data:[/dim] {msg}")
-
-    data = prepare_data(space.data, progress=say)
+    data = prepare_data(space.data, progress=progress or (lambda _msg: None))
     unit = space.data.size_unit
     available = data.available(unit)
     too_big = [s for s in space.data.sizes if s > available]
@@ -146,7 +161,7 @@ def prepare_space_data(space, quiet: bool = False):
     return data
 
 
-OnSize = Callable[[dict[str, Any], dict[str, Any]], bool | None]
+OnSize = Callable[[SizeRecord, dict[str, Any]], bool | None]
 """on_size(size_record, partial_result) -> False to stop the trial after this size."""
 
 
@@ -155,7 +170,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     import numpy as np
     import torch
 
-    from archsearch.cvfp.engine import train_run
+    from archsearch.cvfp.run import train_run
     from archsearch.data import load_prepared
 
     t0 = time.perf_counter()
@@ -166,15 +181,17 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
     embedding = None
     val_ids = torch.from_numpy(np.asarray(data.val_tokens, dtype=np.int64))
-    records: list[dict[str, Any]] = []
+    records: list[SizeRecord] = []
     complete = True
     for i, size in enumerate(sorted(plan.sizes)):
-        runs = []
+        runs: list[RunResult] = []
+        cached: list[bool] = []
         for seed in plan.seeds:
             key = run_key(cfg, data.stream_fingerprint(size, plan.size_unit), seed)
             hit = cache.get(key) if cache is not None else None
             if hit is not None:
-                runs.append(dict(hit, cached=True))
+                runs.append(hit)
+                cached.append(True)
                 if progress:
                     progress("cached", size=size, size_index=i, seed=seed)
                 continue
@@ -187,12 +204,12 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
                     progress(event, size=_size, size_index=_i, seed=_seed, **info)
 
             relay("start")
-            metrics = train_run(cfg, embedding, train_ids, val_ids, seed, plan.device, relay)
-            metrics.update(size=size, size_unit=plan.size_unit, key=key)
+            run = train_run(cfg, embedding, train_ids, val_ids, seed, plan.device, relay)
             if cache is not None:
-                cache.put(key, metrics)
-            runs.append(dict(metrics, cached=False))
-        records.append(combine_seeds(runs))
+                cache.put(key, run)
+            runs.append(run)
+            cached.append(False)
+        records.append(combine_seeds(runs, size, plan.size_unit, cached))
         partial = summarize(plan, records, time.perf_counter() - t0, complete=len(records) == len(plan.sizes))
         if on_size is not None and on_size(records[-1], partial) is False and len(records) < len(plan.sizes):
             complete = False

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from archsearch.config import run_config_from_dict  # noqa: E402
+from archsearch.result import SizeRecord  # noqa: E402
 from archsearch.trial import TrialPlan, run_trial  # noqa: E402
 
 SIZES = [62_891, 122_795, 240_132, 587_970]
@@ -41,9 +42,11 @@ def run(data: str, precision: str, device: str) -> dict:
                          objectives=[{"name": "alpha", "direction": "minimize"}], data_path=data, device=device, name=name)  # fmt: skip
         t0 = time.perf_counter()
         res = run_trial(plan)
+        sizes = [SizeRecord.from_dict(s) for s in res["sizes"]]
         out[name] = {"alpha": res["fit"]["alpha"], "r2": res["fit"]["r2"], "seconds": time.perf_counter() - t0,
-                     "sizes": [{k: s[k] for k in ("train_tokens", "val_ppl", "val_acc", "val_er", "train_er", "phase1_iterations",
-                                                  "phase2_best_epoch", "phase2_stopped_epoch", "seconds")} for s in res["sizes"]]}  # fmt: skip
+                     "sizes": [{"train_tokens": s.train_tokens, "val_ppl": s.val_ppl, "val_acc": s.val_acc, "seconds": s.seconds,
+                                **{k: s.metrics[k] for k in ("val_er", "train_er", "phase1_iterations", "phase2_best_epoch", "phase2_stopped_epoch")}}
+                               for s in sizes]}  # fmt: skip
         print(f"{precision} {name}: alpha {res['fit']['alpha']:.4f}, PPL " + " ".join(f"{s['val_ppl']:.1f}" for s in res["sizes"])
               + f" ({out[name]['seconds']:.1f} s)", flush=True)  # fmt: skip
     return out

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from archsearch.config import param_counts, run_config_from_dict, token_widths  # noqa: E402
-from archsearch.cvfp.engine import train_run  # noqa: E402
+from archsearch.cvfp.run import train_run  # noqa: E402
 
 REPORT_SIZES = [62_891, 122_795, 240_132, 587_970]
 VAL_TOKENS = 31_024
@@ -97,7 +97,7 @@ def _timed_parts() -> None:
     nothing). Phase 2's preparation (getting its session: for a new one the warm-up step and
     the captures) runs while the recurrent pass does, in the contexts phase; the engine
     reports its CPU time as phase2_prepare_seconds."""
-    from archsearch.cvfp import engine as EN
+    from archsearch.cvfp.fast import graphs as EN
 
     def wrap(fn, part):
         def timed(*a, **k):
@@ -122,22 +122,23 @@ def one_run(job, W, train, val, device, precision, epochs):
     iterations = 10 if C == 1152 else 7
     cfg = run_config(L, C, k, precision, iterations, epochs)
     _PARTS.parts = {}
-    m = train_run(cfg, W, train[:N], val, seed=42, device=device)
-    m.update(_PARTS.parts)
+    r = train_run(cfg, W, train[:N], val, seed=42, device=device)
+    m, ps = r.metrics, r.phase_seconds
     f = flops(L, C, k, N, len(val), m["phase1_iterations"], m["phase2_stopped_epoch"])
     peak = PEAK_TFLOPS[precision] if device.type == "cuda" else float("nan")
     phases = {}
-    for phase, secs in (("phase1", m["phase1_seconds"]), ("contexts", m["contexts_seconds"]), ("phase2", m["phase2_seconds"])):
+    for phase in ("phase1", "contexts", "phase2"):
+        secs = ps[phase]
         tflops = f[phase] / secs / 1e12
         tokens = {"phase1": N * (m["phase1_iterations"] - 1), "contexts": N + len(val), "phase2": (N + len(val)) * m["phase2_stopped_epoch"]}[phase]
         phases[phase] = {"seconds": secs, "tokens_per_s": tokens / secs, "tflops": tflops, "fraction_of_peak": tflops / peak, "flop": f[phase]}
     return {
         "config": name, "train_tokens": N, "val_tokens": len(val), "phase1_iterations": m["phase1_iterations"],
-        "phase2_epochs": m["phase2_stopped_epoch"], "seconds": m["seconds"], "val_step_us": m["val_step_us"],
-        "er_seconds": m["er_seconds"],  # the two effective ranks (SVDs), between the phases, in no phase's time
+        "phase2_epochs": m["phase2_stopped_epoch"], "seconds": r.seconds, "val_step_us": m["val_step_us"],
+        "er_seconds": ps["er"],  # the two effective ranks (SVDs), between the phases, in no phase's time
         "phase2_prepare_s": m["phase2_prepare_seconds"],  # CPU time, in the contexts phase, overlapped: see _timed_parts
-        "phase2_validation_s": m.get("phase2_validation_s", 0.0),  # within phase 2
-        "val_ppl": m["val_ppl"], "phases": phases, **param_counts(cfg.model, E),
+        "phase2_validation_s": _PARTS.parts.get("phase2_validation_s", 0.0),  # within phase 2
+        "val_ppl": r.val_ppl, "phases": phases, **param_counts(cfg.model, E),
     }  # fmt: skip
 
 
@@ -161,7 +162,7 @@ def reference_speedup(W, train, val, device, precision) -> dict:
     t_eng = time.perf_counter() - t0
     return {"subset": {"train_tokens": N, "val_tokens": M, "config": "baseline", "phase1_iterations": 3, "phase2_epochs": 1, "precision": "fp32"},
             "reference_seconds": t_ref, "engine_seconds": t_eng, "speedup": t_ref / t_eng,
-            "val_ppl_reference": ref["val_ppl"], "val_ppl_engine": eng["val_ppl"]}  # fmt: skip
+            "val_ppl_reference": ref["val_ppl"], "val_ppl_engine": eng.val_ppl}  # fmt: skip
 
 
 def main() -> None:
@@ -197,7 +198,7 @@ def main() -> None:
     # product shape (the full validation stream's too) stay out of the timings, as they do for
     # every trial of a search but its first; the phase-2 sessions it leaves are dropped, so
     # every trial below starts a new one (warm-up step and captures), as a trial of a search does
-    from archsearch.cvfp.engine import release_phase2_graphs
+    from archsearch.cvfp.fast.graphs import release_phase2_graphs
 
     for d in devices:
         if d.type == "cuda":

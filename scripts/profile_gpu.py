@@ -17,10 +17,12 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from archsearch.config import run_config_from_dict  # noqa: E402
-from archsearch.cvfp import head  # noqa: E402
-from archsearch.cvfp import model as M  # noqa: E402
-from archsearch.cvfp.engine import Phase2Step, _phase1_span, precision_scope  # noqa: E402
+from archsearch.cvfp.fast import head  # noqa: E402
+from archsearch.cvfp.fast.graphs import Phase2Step  # noqa: E402
+from archsearch.cvfp.fast.layers import FusedContextBlock, FusedTokenBlock  # noqa: E402
 from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding  # noqa: E402
+from archsearch.cvfp.phases import _phase1_span  # noqa: E402
+from archsearch.cvfp.precision import precision_scope  # noqa: E402
 
 V, E = 50_257, 768
 
@@ -51,7 +53,8 @@ def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dic
     session's preparation, eager steps, replays, evaluations)."""
     import time
 
-    from archsearch.cvfp import engine as EN
+    from archsearch.cvfp.fast import graphs as EN
+    from archsearch.cvfp.phases import train_phase2
 
     dev = ids.device
     n = cache.shape[1] - val_tokens - 1
@@ -64,7 +67,8 @@ def phase2_breakdown(cfg, emb, cache, win, ids, val_tokens: int = 31_024) -> dic
         tb = TokenBlock(cfg.model, E).to(dev)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        EN.train_phase2(tb, emb, train, val, cfg)
+        step, evaluate = EN.phase2_backends(FusedTokenBlock(tb), emb, train, val, cfg)
+        train_phase2(step, evaluate, n, cfg)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -107,7 +111,7 @@ def head_overlap(h, Wp, t, V) -> dict:
     """Forward GEMM, cross-entropy kernel and gradient GEMM of the head for B rows, split in
     row chunks, on one stream or with the (memory-bound) cross-entropy of chunk i on a second
     stream beside the (compute-bound) GEMMs of chunks i+1 and i-1: milliseconds per B rows."""
-    from archsearch.cvfp.kernels import ce_rows
+    from archsearch.cvfp.fast.kernels import ce_rows
 
     B = h.shape[0]
     logits = torch.empty(B, Wp.shape[0], device=h.device, dtype=Wp.dtype)
@@ -162,7 +166,7 @@ def main() -> None:
     win = emb.windows(ids)
 
     # ---- phase 2 steps
-    tblock = TokenBlock(cfg.model, E).to(dev)
+    tblock = FusedTokenBlock(TokenBlock(cfg.model, E).to(dev))
     cache = torch.randn(L, N, C, device=dev, generator=g).to(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     weight = head.head_weight(emb.weight, args.precision)
     opt = torch.optim.Adam(tblock.parameters(), lr=1e-3, fused=True)
@@ -184,17 +188,17 @@ def main() -> None:
 
     out["phase2_step_ms"] = cuda_time(p2_steps, 5) / 8
 
-    def graphed_step_ms() -> float:
+    def graphed_step_ms(fused: bool) -> float:
         """Milliseconds per phase-2 step as a run does it: replays of the captured step."""
         tb = TokenBlock(cfg.model, E).to(dev)
+        tb = FusedTokenBlock(tb) if fused else tb
         o = torch.optim.Adam(tb.parameters(), lr=1e-3, fused=True, capturable=True)
         st = Phase2Step(tb, emb, weight, o, cfg, cache, win, ids[1:])
         st.prepare()  # one eager warm-up step, then the capture
         return cuda_time(lambda: [st(i * B, (i + 1) * B) for i in range(20)], 5) / 20
 
     for fused in (False, True):  # LN(residual + ReLU(z)) as one kernel each way, or as plain ops
-        M.FUSED_NORM = fused
-        out[f"phase2_graphed_step_ms_fused_norm_{fused}"] = graphed_step_ms()
+        out[f"phase2_graphed_step_ms_fused_norm_{fused}"] = graphed_step_ms(fused)
     cfg5 = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
                                  "engine": {"precision": args.precision}, "phase2": {"max_epochs": 5, "patience": 5}})  # fmt: skip
     out["phase2_run_breakdown"] = phase2_breakdown(cfg5, emb, cache, win, ids)
@@ -212,7 +216,7 @@ def main() -> None:
     h = torch.randn(B, E, device=dev, generator=g).to(Wp.dtype)
     t = ids[1 : B + 1]
     logits = h @ Wp.T
-    from archsearch.cvfp.kernels import ce_rows
+    from archsearch.cvfp.fast.kernels import ce_rows
 
     loss = torch.empty(B, device=dev)
     out["head_logits_gemm_ms"] = cuda_time(lambda: h @ Wp.T)
@@ -227,7 +231,7 @@ def main() -> None:
     print("head, chunks and streams:", out["head_overlap"])
 
     # ---- the norm backward's reduction of per-program partial sums (528 x 3*768 on an H200)
-    from archsearch.cvfp.kernels import col_sum
+    from archsearch.cvfp.fast.kernels import col_sum
 
     part = torch.randn(528, 3 * 768, device=dev, generator=g)
 
@@ -251,12 +255,13 @@ def main() -> None:
     inputs = torch.randn(N, C, device=dev, generator=g)
     out_all = torch.empty_like(prev)
 
-    def p1_chunk():
-        _phase1_span(cblock, emb, win, inputs, prev, out_all, 0, 64_000, 8000, 0.8, 16, cfg)
+    fused_cblock = FusedContextBlock(cblock)
+
+    def p1_chunk(block=fused_cblock):
+        _phase1_span(block, emb, win, inputs, prev, out_all, 0, 64_000, 16, cfg)  # 8 batches of phase1.batch_size 8000
 
     for fused in (False, True):
-        M.FUSED_NORM = fused
-        out[f"phase1_chunk_64k_ms_fused_norm_{fused}"] = cuda_time(p1_chunk, 5)
+        out[f"phase1_chunk_64k_ms_fused_norm_{fused}"] = cuda_time(lambda fused=fused: p1_chunk(fused_cblock if fused else cblock), 5)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         p1_chunk()
         torch.cuda.synchronize()
@@ -264,8 +269,8 @@ def main() -> None:
     print(table(prof))
 
     # ---- recurrent variants
-    from archsearch.cvfp import recurrent as R
-    from archsearch.cvfp.kernels import recurrent_persistent
+    from archsearch.cvfp.fast import recurrent as R
+    from archsearch.cvfp.fast.kernels import recurrent_persistent
 
     for L2, C2 in ((6, 768), (9, 768), (6, 1152)):
         T = 4000

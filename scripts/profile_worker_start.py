@@ -41,7 +41,7 @@ def main() -> None:
     steps["cuda_init_s"] = time.perf_counter() - t
     t = time.perf_counter()
     from archsearch.config import run_config_from_dict
-    from archsearch.cvfp.engine import train_run
+    from archsearch.cvfp.run import train_run
 
     steps["import_engine_s"] = time.perf_counter() - t
     g = torch.Generator().manual_seed(0)
@@ -63,8 +63,8 @@ def main() -> None:
         if i == 0:
             prof.disable()
         wall = time.perf_counter() - t
-        parts = {k: m[k] for k in ("phase1_seconds", "contexts_seconds", "er_seconds", "phase2_seconds", "seconds")}
-        runs.append({"wall_s": wall, **parts, "outside_phases_s": m["seconds"] - sum(parts[k] for k in parts if k != "seconds")})
+        parts = {f"{k}_seconds": v for k, v in m.phase_seconds.items()} | {"seconds": m.seconds}
+        runs.append({"wall_s": wall, **parts, "outside_phases_s": m.seconds - sum(m.phase_seconds.values())})
         print(f"run {i + 1}: {wall:.2f} s  " + "  ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(args.top)

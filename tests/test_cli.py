@@ -94,8 +94,9 @@ def test_trial_end_to_end_on_wiki_and_deterministic(tmp_path):
     r = cli("trial", "spaces/quickstart.yaml", *TINY, "--device", "cpu", "--no-cache", "--json", str(tmp_path / "b.json"), env=env)
     assert r.returncode == 0, r.stderr
     b = json.loads((tmp_path / "b.json").read_text())
-    keys = ("val_ppl", "val_loss", "val_acc", "train_er", "val_er", "phase1_iterations", "phase2_best_epoch")
-    assert [[s[k] for k in keys] for s in a["sizes"]] == [[s[k] for k in keys] for s in b["sizes"]]
+    numbers = lambda s: (s["val_ppl"], s["val_loss"], s["val_loss_se"], s["val_acc"], s["metrics"]["train_er"], s["metrics"]["val_er"],
+                         s["metrics"]["phase1_iterations"], s["metrics"]["phase2_best_epoch"])  # fmt: skip
+    assert [numbers(s) for s in a["sizes"]] == [numbers(s) for s in b["sizes"]]
     assert not any(s["cached"] for s in b["sizes"])
     # and with the cache on, a third run trains nothing
     r = cli("trial", "spaces/quickstart.yaml", *TINY, "--device", "cpu", "--json", str(tmp_path / "c.json"), env=env)

@@ -1,14 +1,24 @@
 """The engine computes exactly what cvfp.md describes: checked against the slow reference."""
 
+import math
+
 import pytest
 import torch
 
 from archsearch.config import param_counts, run_config_from_dict, token_widths
-from archsearch.cvfp.engine import train_run
-from archsearch.cvfp.model import TokenEmbedding
+from archsearch.cvfp.run import train_run
+from archsearch.cvfp.model import ContextBlock, ContextLayer, TokenBlock, TokenEmbedding
 from archsearch.cvfp.reference import reference_run
 
-TIMING = {"phase1_seconds", "phase1_tokens_per_s", "contexts_seconds", "val_step_us", "er_seconds", "phase2_seconds", "phase2_tokens_per_s", "phase2_prepare_seconds", "seconds"}
+TIMING_METRICS = {"phase1_tokens_per_s", "phase2_tokens_per_s", "val_step_us", "phase2_prepare_seconds"}
+
+
+def numbers(r):
+    """A run's result without its timings."""
+    d = r.to_dict()
+    del d["seconds"], d["phase_seconds"]
+    d["metrics"] = {k: v for k, v in d["metrics"].items() if k not in TIMING_METRICS}
+    return d
 
 
 def tiny_cfg(k, L, **engine):
@@ -37,30 +47,32 @@ def test_engine_matches_reference(k, L):
     W, train, val = tiny_data()
     e = train_run(cfg, W, train, val, seed=3, keep_tensors=True)
     r = reference_run(cfg, W, train, val, seed=3)
-    t = e["tensors"]
+    t = e.tensors
     assert close(t["contexts"], r["contexts"])
     assert t["train_cache"].shape == (L, len(train) - 1, 6)
     assert t["val_cache"].shape == (L, len(val) - 1, 6)
     assert close(t["train_cache"], r["train_cache"])
     assert close(t["val_cache"], r["val_cache"])
-    assert e["phase1_iterations"] == r["phase1_iterations"]
-    for he, hr in zip(e["phase1_history"][1:], r["phase1_history"][1:]):
+    assert e.metrics["phase1_iterations"] == r["phase1_iterations"]
+    for he, hr in zip(e.history["phase1"][1:], r["phase1_history"][1:]):
         assert he["loss"] == pytest.approx(hr["loss"], rel=1e-5, abs=1e-6)
         assert he["convergence_rate"] == hr["convergence_rate"]
-    assert [h["val_loss"] for h in e["phase2_history"]] == pytest.approx([h["val_loss"] for h in r["phase2_history"]], rel=1e-5)
-    assert e["val_ppl"] == pytest.approx(r["val_ppl"], rel=1e-5)
-    assert e["val_acc"] == pytest.approx(r["val_acc"], abs=1e-6)
-    assert e["train_er"] == pytest.approx(r["train_er"], rel=1e-5)
-    assert e["val_er"] == pytest.approx(r["val_er"], rel=1e-5)
-    assert (e["phase2_best_epoch"], e["phase2_stopped_epoch"]) == (r["best_epoch"], r["stopped_epoch"])
+    assert [h["val_loss"] for h in e.history["phase2"]] == pytest.approx([h["val_loss"] for h in r["phase2_history"]], rel=1e-5)
+    assert e.val_ppl == pytest.approx(r["val_ppl"], rel=1e-5)
+    assert e.val_acc == pytest.approx(r["val_acc"], abs=1e-6)
+    assert e.metrics["train_er"] == pytest.approx(r["train_er"], rel=1e-5)
+    assert e.metrics["val_er"] == pytest.approx(r["val_er"], rel=1e-5)
+    assert (e.metrics["phase2_best_epoch"], e.metrics["phase2_stopped_epoch"]) == (r["best_epoch"], r["stopped_epoch"])
+    assert e.val_loss_se == pytest.approx(r["val_loss_se"], rel=1e-4) and e.val_loss_se > 0
+    assert e.family == "cvfp" and e.params["total"] == e.params["phase1"] + e.params["phase2"]
 
 
 def test_phase1_chunking_changes_nothing():
     W, train, val = tiny_data(1)
     a = train_run(tiny_cfg(2, 2, phase1_chunk_batches=1), W, train, val, seed=5)
     b = train_run(tiny_cfg(2, 2, phase1_chunk_batches=64), W, train, val, seed=5)
-    assert a["val_ppl"] == pytest.approx(b["val_ppl"], rel=1e-5)
-    assert a["phase1_iterations"] == b["phase1_iterations"]
+    assert a.val_ppl == pytest.approx(b.val_ppl, rel=1e-5)
+    assert a.metrics["phase1_iterations"] == b.metrics["phase1_iterations"]
 
 
 def test_same_seed_identical_metrics_different_seed_not():
@@ -69,9 +81,8 @@ def test_same_seed_identical_metrics_different_seed_not():
     a = train_run(cfg, W, train, val, seed=11)
     b = train_run(cfg, W, train, val, seed=11)
     c = train_run(cfg, W, train, val, seed=12)
-    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}
-    assert strip(a) == strip(b)
-    assert a["val_ppl"] != c["val_ppl"]
+    assert numbers(a) == numbers(b)
+    assert a.val_ppl != c.val_ppl
 
 
 def test_windows_are_oldest_first_with_zero_padding():
@@ -88,8 +99,6 @@ def test_windows_are_oldest_first_with_zero_padding():
 
 
 def test_parameter_counts_match_the_modules():
-    from archsearch.cvfp.model import ContextBlock, TokenBlock
-
     for k, L, C in [(1, 6, 32), (2, 3, 16), (3, 5, 8), (4, 2, 12)]:
         cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k}})
         E = 24
@@ -122,7 +131,7 @@ def test_weighted_head_loss_is_the_mean_over_the_weighted_rows():
     exactly zero gradient (the plain PyTorch path here; the fused GPU path in test_gpu.py)."""
     import torch.nn.functional as F
 
-    from archsearch.cvfp.head import head_weight, train_loss
+    from archsearch.cvfp.fast.head import head_weight, train_loss
 
     g = torch.Generator().manual_seed(0)
     n, r, E, V = 64, 23, 16, 300
@@ -145,8 +154,8 @@ def test_weighted_head_loss_is_the_mean_over_the_weighted_rows():
 def test_clip_folded_into_fused_adam_matches_clip_then_adam(grad_clip):
     """With a fused Adam the phase-2 step hands the clip's factor to Adam's kernel (its
     grad_scale) instead of scaling the gradients first: the same parameters, up to rounding."""
-    from archsearch.cvfp import head
-    from archsearch.cvfp.engine import Phase2Step
+    from archsearch.cvfp.fast import head
+    from archsearch.cvfp.fast.graphs import Phase2Step
     from archsearch.cvfp.model import TokenBlock, init_parameters
 
     cfg = run_config_from_dict({"model": {"num_layers": 2, "context_dim": 6, "num_input_tokens": 2},
@@ -170,3 +179,65 @@ def test_clip_folded_into_fused_adam_matches_clip_then_adam(grad_clip):
         assert close(b.detach(), a.detach(), 1e-5)
     if grad_clip < 1:  # the clip was active: the folded factor must have been > 1 on the last step
         assert float(step.grad_scale) > 1.0
+
+
+class GeluContextLayer(ContextLayer):
+    """A changed layer: GELU instead of ReLU. Not the standard form, so no fast path takes it."""
+
+    def activation(self, z):
+        return torch.nn.functional.gelu(z)
+
+
+def gelu_blocks(m, E):
+    cblock, tblock = ContextBlock(m, E), TokenBlock(m, E)
+    token_dim = E * m.num_input_tokens
+    cblock.layers = torch.nn.ModuleList(GeluContextLayer(m.context_dim, token_dim, m.layernorm_eps) for _ in range(m.num_layers))
+    return cblock, tblock
+
+
+def test_variant_layer_trains_on_the_plain_path_with_a_notice(caplog):
+    """A subclass with another activation trains (CPU), computes something else than the
+    standard layer, and the run says once that it runs on the plain path."""
+    W, train, val = tiny_data(4)
+    cfg = tiny_cfg(2, 2)
+    events = []
+    with caplog.at_level("WARNING", logger="archsearch.cvfp.run"):
+        v = train_run(cfg, W, train, val, seed=3, progress=lambda event, **info: events.append((event, info)), build_blocks=gelu_blocks)
+    notices = [info["message"] for event, info in events if event == "notice"]
+    assert len(notices) == 1 and "GeluContextLayer" in notices[0] and "plain path" in notices[0]
+    assert any("GeluContextLayer" in rec.getMessage() for rec in caplog.records)
+    assert v.val_ppl > 1 and all(math.isfinite(x) for x in (v.val_loss, v.val_loss_se, v.metrics["val_er"]))
+    s = train_run(cfg, W, train, val, seed=3)
+    assert s.val_ppl != v.val_ppl
+
+
+def test_split_recurrence_is_the_plain_step_by_step_pass():
+    """fast/recurrent.py's split form (token half batched; what every standard run uses) and
+    the plain pass calling the ContextBlock step by step give the same validation contexts."""
+    W, train, val = tiny_data(5)
+    a = train_run(tiny_cfg(2, 3), W, train, val, seed=1, keep_tensors=True)
+    b = train_run(tiny_cfg(2, 3, recurrent="plain"), W, train, val, seed=1, keep_tensors=True)
+    assert close(a.tensors["val_cache"], b.tensors["val_cache"], 1e-5)
+    assert a.val_ppl == pytest.approx(b.val_ppl, rel=1e-5)
+
+
+def test_caps_are_flagged():
+    W, train, val = tiny_data(6)
+    cfg = tiny_cfg(1, 1).replace(**{"phase1.max_iterations": 2, "phase1.min_iterations": 1, "phase1.min_converged_fraction": 1.0,
+                                    "phase2.max_epochs": 1})  # fmt: skip
+    r = train_run(cfg, W, train, val, seed=0)
+    assert r.metrics["phase1_iterations"] == 2 and r.metrics["phase1_convergence_rate"] < 1.0
+    assert r.metrics["phase2_best_epoch"] == 1
+    assert r.capped == ["phase1_max_iterations", "max_epochs"]
+    roomy = tiny_cfg(1, 1).replace(**{"phase1.convergence_threshold": 10.0, "phase2.max_epochs": 50, "phase2.lr": 0.05})
+    assert train_run(roomy, W, train, val, seed=0).capped == []
+
+
+def test_loss_stats_is_the_standard_error_of_the_mean():
+    from archsearch.cvfp.phases import loss_stats
+
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5
+    st = loss_stats(float(x.sum()), float((x * x).sum()), 321, 1000)
+    assert st.loss == pytest.approx(float(x.mean()))
+    assert st.loss_se == pytest.approx(float(x.std() / math.sqrt(1000)), rel=1e-9)
+    assert st.acc == 0.321

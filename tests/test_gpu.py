@@ -11,25 +11,25 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_engine_matches_reference_on_gpu_fp32():
     from test_engine import close, tiny_cfg, tiny_data
 
-    from archsearch.cvfp.engine import train_run
     from archsearch.cvfp.reference import reference_run
+    from archsearch.cvfp.run import train_run
 
     for k, L in ((1, 1), (2, 2), (3, 3)):
         cfg = tiny_cfg(k, L, precision="fp32")  # "auto" would be bf16 on a GPU
         W, train, val = tiny_data()
         e = train_run(cfg, W, train, val, seed=3, device="cuda", keep_tensors=True)
         r = reference_run(cfg, W, train, val, seed=3, device="cuda")
-        t = e["tensors"]
+        t = e.tensors
         assert close(t["contexts"], r["contexts"], 1e-4)
         assert close(t["train_cache"], r["train_cache"], 1e-4)
         assert close(t["val_cache"], r["val_cache"], 1e-4)
-        assert e["val_ppl"] == pytest.approx(r["val_ppl"], rel=1e-4)
-        assert e["val_er"] == pytest.approx(r["val_er"], rel=1e-4)
+        assert e.val_ppl == pytest.approx(r["val_ppl"], rel=1e-4)
+        assert e.metrics["val_er"] == pytest.approx(r["val_er"], rel=1e-4)
 
 
 @pytest.mark.parametrize("L, C, T", [(1, 64, 300), (6, 768, 700), (9, 1152, 260)])
 def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
-    from archsearch.cvfp import recurrent as R
+    from archsearch.cvfp.fast import recurrent as R
 
     g = torch.Generator(device="cuda").manual_seed(L)
     P = torch.randn(L, T, C, device="cuda", generator=g)
@@ -41,7 +41,7 @@ def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
     out = R._triton_pass(P, Wc, norms, 1e-5)
     assert out.shape == ref.shape
     assert float((out - ref).norm() / ref.norm()) < 1e-4
-    from archsearch.cvfp.kernels import recurrent_persistent
+    from archsearch.cvfp.fast.kernels import recurrent_persistent
 
     G = torch.stack([g for g, _ in norms]).contiguous()
     B = torch.stack([b for _, b in norms]).contiguous()
@@ -53,7 +53,7 @@ def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
 def test_fused_tied_cross_entropy_matches_torch(dtype):
     import torch.nn.functional as F
 
-    from archsearch.cvfp.head import eval_sums, head_weight, train_loss
+    from archsearch.cvfp.fast.head import eval_sums, head_weight, train_loss
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, E, V = 4096 + 37, 768, 50257
@@ -70,8 +70,11 @@ def test_fused_tied_cross_entropy_matches_torch(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert float(loss.detach()) == pytest.approx(float(ref), rel=tol)
     assert float((h.grad - h2.grad).norm() / h2.grad.norm()) < (1e-4 if dtype == torch.float32 else 2e-2)
-    ce, hits = eval_sums(h.detach(), head, t)
+    ce, sq, hits = eval_sums(h.detach(), head, t)
     assert float(ce) / n == pytest.approx(float(ref), rel=tol)
+    # the squares of the kernel's per-row losses (the validation loss's standard error) against torch's
+    per_row = F.cross_entropy((h.detach().to(dtype) @ W.T).float(), t, reduction="none").double()
+    assert float(sq) == pytest.approx(float(per_row.pow(2).sum()), rel=tol)
     logits = (h.detach().to(dtype) @ W.T).float()
     assert abs(int(hits) - int((logits.argmax(-1) == t).sum())) <= 2  # ties in bf16 may differ
     # row weights (how the captured phase-2 step runs an epoch's shorter last batch): 1/r on the
@@ -92,7 +95,7 @@ def test_fused_tied_cross_entropy_matches_torch(dtype):
 
 def test_bf16_run_is_close_to_fp32():
     from archsearch.config import run_config_from_dict
-    from archsearch.cvfp.engine import train_run
+    from archsearch.cvfp.run import train_run
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(2000, 64, generator=g) * 0.5
@@ -103,12 +106,12 @@ def test_bf16_run_is_close_to_fp32():
                                     "phase1": {"batch_size": 4000}, "phase2": {"batch_size": 512, "max_epochs": 3},
                                     "engine": {"precision": precision}})  # fmt: skip
         out[precision] = train_run(cfg, W, train, val, seed=1, device="cuda")
-    assert out["bf16"]["val_ppl"] == pytest.approx(out["fp32"]["val_ppl"], rel=0.02)
+    assert out["bf16"].val_ppl == pytest.approx(out["fp32"].val_ppl, rel=0.02)
 
 
 def test_phase2_graph_replay_changes_nothing():
     from archsearch.config import run_config_from_dict
-    from archsearch.cvfp.engine import train_run
+    from archsearch.cvfp.run import train_run
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(3000, 64, generator=g) * 0.5
@@ -119,8 +122,9 @@ def test_phase2_graph_replay_changes_nothing():
                                     "phase1": {"batch_size": 2000}, "phase2": {"batch_size": 1000, "max_epochs": 3},
                                     "engine": {"precision": "fp32", "phase2_graph": graph}})  # fmt: skip
         out[graph] = train_run(cfg, W, train, val, seed=1, device="cuda")  # 9 steps per epoch, a partial last one
-    assert [h["val_loss"] for h in out[True]["phase2_history"]] == pytest.approx([h["val_loss"] for h in out[False]["phase2_history"]], rel=1e-5)
-    assert out[True]["val_ppl"] == pytest.approx(out[False]["val_ppl"], rel=1e-5)
+    assert [h["val_loss"] for h in out[True].history["phase2"]] == pytest.approx([h["val_loss"] for h in out[False].history["phase2"]], rel=1e-5)
+    assert out[True].val_ppl == pytest.approx(out[False].val_ppl, rel=1e-5)
+    assert out[True].val_loss_se == pytest.approx(out[False].val_loss_se, rel=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -133,13 +137,17 @@ def test_fused_residual_relu_norm_matches_plain_layers(precision, k, L, C, input
     projected residual), with the inputs constants (as in phase 2) or needing gradients."""
     from archsearch.config import run_config_from_dict
     from archsearch.cvfp import model as M
-    from archsearch.cvfp.engine import precision_scope
+    from archsearch.cvfp.fast.layers import FusedContextBlock, FusedTokenBlock
+    from archsearch.cvfp.precision import precision_scope
 
     cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k}})
     E, n = 32, 1000
     g = torch.Generator(device="cuda").manual_seed(k)
     torch.manual_seed(k)
     blocks = (M.ContextBlock(cfg.model, E).cuda(), M.TokenBlock(cfg.model, E).cuda())
+    fused_blocks = (FusedContextBlock(blocks[0]), FusedTokenBlock(blocks[1]))  # the same parameters
+    assert [k for k in fused_blocks[0].state_dict()] == [k for k in blocks[0].state_dict()]
+    assert [k for k in fused_blocks[1].state_dict()] == [k for k in blocks[1].state_dict()]
     ctx0 = torch.randn(n, C, device="cuda", generator=g)
     contexts = torch.randn(L, n, C, device="cuda", generator=g)
     tok = torch.randn(n, E * k, device="cuda", generator=g)
@@ -150,21 +158,18 @@ def test_fused_residual_relu_norm_matches_plain_layers(precision, k, L, C, input
         x.requires_grad_(input_grads)
 
     def outputs_and_grads(fused: bool, prec: str) -> list[torch.Tensor]:
-        M.FUSED_NORM = fused
-        try:
-            for b in blocks:
-                b.zero_grad(set_to_none=True)
-            for x in inputs:
-                x.grad = None
-            with precision_scope(prec, torch.device("cuda")):
-                c = blocks[0](ctx0, tok)
-                h = blocks[1](contexts, tok)
-            assert c.dtype == h.dtype == torch.float32
-            ((c * rc).sum() + (h * rh).sum()).backward()
-            grads = [x.grad.clone() for x in inputs] if input_grads else []
-            return [c.detach(), h.detach()] + [p.grad.clone() for b in blocks for p in b.parameters()] + grads
-        finally:
-            M.FUSED_NORM = True
+        run = fused_blocks if fused else blocks
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+        for x in inputs:
+            x.grad = None
+        with precision_scope(prec, torch.device("cuda")):
+            c = run[0](ctx0, tok)
+            h = run[1](contexts, tok)
+        assert c.dtype == h.dtype == torch.float32
+        ((c * rc).sum() + (h * rh).sum()).backward()
+        grads = [x.grad.clone() for x in inputs] if input_grads else []
+        return [c.detach(), h.detach()] + [p.grad.clone() for b in blocks for p in b.parameters()] + grads
 
     def rel(a, b):
         assert torch.isfinite(a).all()
@@ -186,7 +191,7 @@ def test_cross_entropy_kernel_groups_ties_and_padding(tuning, dtype):
     lowest index, as torch) and the gradient must not depend on how columns are grouped."""
     import torch.nn.functional as F
 
-    from archsearch.cvfp.kernels import ce_rows
+    from archsearch.cvfp.fast.kernels import ce_rows
 
     g = torch.Generator(device="cuda").manual_seed(7)
     n, V, VP = 67, 50257, 50304
@@ -218,8 +223,11 @@ def test_kept_phase2_session_computes_what_a_new_one_does():
     run must give the same numbers, bit for bit, after another size, after another shape,
     and from a new session; and train_phase2 must leave the caller's TokenBlock trained."""
     from archsearch.config import run_config_from_dict
-    from archsearch.cvfp import engine as EN
+    from archsearch.cvfp.fast import graphs as EN
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
     from archsearch.cvfp.model import TokenBlock
+    from archsearch.cvfp.phases import train_phase2
+    from archsearch.cvfp.run import train_run
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(3000, 64, generator=g) * 0.5
@@ -231,8 +239,8 @@ def test_kept_phase2_session_computes_what_a_new_one_does():
                                      "engine": {"precision": "bf16"}})  # fmt: skip
 
     def history(C, N):
-        r = EN.train_run(cfg(C), W, train[:N], val, seed=1, device="cuda")
-        return [(h["train_loss"], h["val_loss"], h["val_acc"]) for h in r["phase2_history"]]
+        r = train_run(cfg(C), W, train[:N], val, seed=1, device="cuda")
+        return [(h["train_loss"], h["val_loss"], h["val_acc"]) for h in r.history["phase2"]]
 
     EN.release_phase2_graphs()
     fresh = history(64, 9000)  # 9 steps an epoch, a partial last one
@@ -246,9 +254,9 @@ def test_kept_phase2_session_computes_what_a_new_one_does():
     EN.release_phase2_graphs()
     assert not hasattr(EN._SESSIONS, "session")
 
-    # the caller's TokenBlock ends as trained as the session's
+    # the session trains its own copy; the run copies it back into the caller's TokenBlock
     c = cfg(64)
-    tb = TokenBlock(c.model, 64).cuda()
+    tb = FusedTokenBlock(TokenBlock(c.model, 64).cuda())
     before = [p.detach().clone() for p in tb.parameters()]
     n = 5000
     cache = torch.randn(2, n, 64, device="cuda", dtype=torch.bfloat16)
@@ -256,10 +264,12 @@ def test_kept_phase2_session_computes_what_a_new_one_does():
 
     emb = TokenEmbedding(W.cuda(), 2)
     win = emb.windows(train[: n + 1].cuda())
-    EN.train_phase2(tb, emb, (win[:n], train[1 : n + 1].cuda(), cache), (win[:1000], train[1:1001].cuda(), cache[:, :1000]), c)
+    step, evaluate = EN.phase2_backends(tb, emb, (win[:n], train[1 : n + 1].cuda(), cache), (win[:1000], train[1:1001].cuda(), cache[:, :1000]), c)
+    train_phase2(step, evaluate, n, c)
     trained = EN._SESSIONS.session.tblock
+    assert step.tblock is trained and trained is not tb
     for p, q, b in zip(tb.parameters(), trained.parameters(), before):
-        assert torch.equal(p, q) and not torch.equal(p, b)
+        assert torch.equal(p, b) and not torch.equal(q, b)
     EN.release_phase2_graphs()
 
 
@@ -270,8 +280,9 @@ def test_packed_token_block_is_the_plain_one(precision, k, L):
     already in place, and each fused layer writes its output into the next one's: the same
     products on the same values, so outputs and every gradient must be identical."""
     from archsearch.config import ModelConfig
-    from archsearch.cvfp.engine import precision_scope
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
     from archsearch.cvfp.model import TokenBlock, init_parameters
+    from archsearch.cvfp.precision import precision_scope
 
     n, C, E = 300, 64, 48
     m = ModelConfig(num_layers=L, context_dim=C, num_input_tokens=k)
@@ -282,17 +293,38 @@ def test_packed_token_block_is_the_plain_one(precision, k, L):
     weights = torch.randn(n, E, device="cuda", generator=g)
 
     def run(packed: bool):
-        tb = TokenBlock(m, E).cuda()
-        init_parameters(tb, m, torch.Generator().manual_seed(5))
+        plain = TokenBlock(m, E).cuda()
+        init_parameters(plain, m, torch.Generator().manual_seed(5))
+        tb = FusedTokenBlock(plain)
         bufs = None
         if packed:
             bufs = [torch.full((n, layer.fc.in_features), float("nan"), device="cuda", dtype=dtype) for layer in tb.layers]
             for i, b in enumerate(bufs):
                 b[:, :C].copy_(contexts[i])
         with precision_scope(precision, torch.device("cuda")):
-            h = tb(None if packed else contexts, tok, bufs)
+            h = tb.forward_packed(tok, bufs) if packed else tb(contexts, tok)
         (h * weights).sum().backward()
         return [h.detach()] + [p.grad for p in tb.parameters()]
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+def test_variant_layer_runs_on_the_plain_path_on_gpu(caplog):
+    """A changed layer (GELU) on a GPU: no fused layer, graph or recurrent kernel takes it;
+    it trains on the plain path, close to the same run on the CPU, and the run says so."""
+    from test_engine import gelu_blocks, tiny_cfg, tiny_data
+
+    from archsearch.cvfp.run import train_run
+
+    W, train, val = tiny_data(4)
+    cfg = tiny_cfg(2, 2, precision="fp32")
+    events = []
+    with caplog.at_level("WARNING", logger="archsearch.cvfp.run"):
+        g = train_run(cfg, W, train, val, seed=3, device="cuda", progress=lambda e, **i: events.append(e), build_blocks=gelu_blocks)
+    assert events.count("notice") == 1 and any("GeluContextLayer" in r.getMessage() for r in caplog.records)
+    c = train_run(cfg, W, train, val, seed=3, device="cpu", build_blocks=gelu_blocks)
+    assert g.val_ppl == pytest.approx(c.val_ppl, rel=1e-3)
+    events.clear()
+    train_run(cfg, W, train, val, seed=3, device="cuda", progress=lambda e, **i: events.append(e))
+    assert "notice" not in events  # the standard form takes the fast paths silently

@@ -166,10 +166,11 @@ class Reference:
         correct = (logits.argmax(-1) == targets).float()
         return ce, correct
 
-    def evaluate(self, ids, cache) -> tuple[float, float]:
+    def evaluate(self, ids, cache) -> tuple[float, float, float]:
+        """(mean CE, accuracy, standard error of the mean CE: sample std / sqrt(positions))."""
         with torch.no_grad():
             ce, correct = self._ce_acc(ids, cache, 0, len(ids) - 1)
-        return float(ce.mean()), float(correct.mean())
+        return float(ce.mean()), float(correct.mean()), float(ce.double().std() / math.sqrt(ce.numel()))
 
     def phase2(self, ids, cache, val_ids, val_cache) -> tuple[dict, list[dict]]:
         p2 = self.cfg.phase2
@@ -187,10 +188,10 @@ class Reference:
                 ce.mean().backward()
                 self.clip(params, p2.grad_clip)
                 opt.step()
-            val_loss, val_acc = self.evaluate(val_ids, val_cache)
+            val_loss, val_acc, val_se = self.evaluate(val_ids, val_cache)
             history.append({"epoch": epoch, "val_loss": val_loss, "val_acc": val_acc})
             if val_loss < best["val_loss"]:
-                best = {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_acc": val_acc, "best_epoch": epoch}
+                best = {"val_loss": val_loss, "val_loss_se": val_se, "val_ppl": math.exp(val_loss), "val_acc": val_acc, "best_epoch": epoch}
                 bad = 0
             else:
                 bad += 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from archsearch.report.data import ConfigResult, SizeRow
+from archsearch.result import SizeRecord
 
 REFERENCE = Path(__file__).resolve().parents[2] / "studies" / "reference" / "report_000.json"
 
@@ -43,17 +44,17 @@ def from_study(study, storage_label: str = "") -> tuple[list[ConfigResult], dict
         names[name] += 1
         if names[name] > 1:
             name = f"{name}#{t.number}"
-        sizes = t.user_attrs["sizes"]
-        unit = sizes[0].get("size_unit", "tokens")
+        sizes = [SizeRecord.from_dict(s) for s in t.user_attrs["sizes"]]  # also reads the old flat form
+        unit = sizes[0].size_unit
         configs.append(ConfigResult(
             name=name,
             params=dict(t.params),
             phase1_params=t.user_attrs.get("phase1_params"),
             phase2_params=t.user_attrs.get("phase2_params"),
-            sizes=[SizeRow(tokens=int(s["train_tokens"]), ppl=s["val_ppl"], acc=s.get("val_acc"), val_er=s.get("val_er"),
-                           samples=s["size"] if unit == "samples" else None, train_er=s.get("train_er"),
-                           phase1_iterations=s.get("phase1_iterations")) for s in sizes],  # fmt: skip
-            embed_dim=sizes[0].get("embed_dim"),
+            sizes=[SizeRow(tokens=s.train_tokens, ppl=s.val_ppl, acc=s.val_acc, val_er=s.metrics.get("val_er"),
+                           samples=s.size if unit == "samples" else None, train_er=s.metrics.get("train_er"),
+                           phase1_iterations=s.metrics.get("phase1_iterations")) for s in sizes],  # fmt: skip
+            embed_dim=sizes[0].metrics.get("embed_dim"),
             state="COMPLETE",
             number=t.number,
             values=list(t.values or []),

@@ -35,6 +35,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from archsearch.errors import UserError
+from archsearch.result import SizeRecord
 from archsearch.search import study as st
 from archsearch.search.distributions import search_distributions, suggest_all
 from archsearch.space import Space
@@ -49,7 +50,7 @@ class LiveTrial:
     params: dict[str, Any]
     started: float = field(default_factory=time.time)
     seq: int = 0
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[SizeRecord] = field(default_factory=list)
     partial: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -183,10 +184,10 @@ class StudyBridge:
                 return False
             if event != "size":
                 return False
-            lt.records.append(payload["record"])
+            lt.records.append(SizeRecord.from_dict(payload["record"]))
             lt.partial = payload["partial"]
             trial = lt.trial
-            trial.set_user_attr("sizes", lt.records)
+            trial.set_user_attr("sizes", [r.to_dict() for r in lt.records])
             trial.set_user_attr("sizes_done", len(lt.records))
             self._view("size", lt)
             value = result.get("objective")
@@ -223,10 +224,10 @@ class StudyBridge:
 
     def _finish(self, lt: LiveTrial, error: bool) -> None:
         trial = lt.trial
-        records = (lt.result or lt.partial or {}).get("sizes") or lt.records
+        records = [SizeRecord.from_dict(r) for r in (lt.result or lt.partial or {}).get("sizes") or []] or lt.records
         if records:
-            trial.set_user_attr("sizes", records)
-        cached = bool(records) and all(r.get("cached") for r in records)
+            trial.set_user_attr("sizes", [r.to_dict() for r in records])
+        cached = bool(records) and all(r.cached for r in records)
         if lt.pruned:
             self._attrs(trial, lt.partial)
             trial.set_user_attr("pruned_reason", lt.pruned)
@@ -271,13 +272,13 @@ class StudyBridge:
         if fit:
             trial.set_user_attr("fit", {k: v for k, v in fit.items() if k not in ("loo_alphas", "loo_intercepts")} | {
                 "loo_alphas": fit.get("loo_alphas"), "loo_intercepts": fit.get("loo_intercepts")})
-        sizes = result.get("sizes") or []
+        sizes = [SizeRecord.from_dict(r) for r in result.get("sizes") or []]
         if sizes:
             last = sizes[-1]
-            trial.set_user_attr("final_ppl", last["val_ppl"])
-            trial.set_user_attr("final_acc", last["val_acc"])
-            trial.set_user_attr("val_er", last["val_er"])
-            trial.set_user_attr("cache_hits", sum(1 for r in sizes if r.get("cached")))
+            trial.set_user_attr("final_ppl", last.val_ppl)
+            trial.set_user_attr("final_acc", last.val_acc)
+            trial.set_user_attr("val_er", last.metrics.get("val_er"))
+            trial.set_user_attr("cache_hits", sum(1 for r in sizes if r.cached))
         for k in ("phase1_params", "phase2_params", "total_params", "device"):
             if result.get(k) is not None:
                 trial.set_user_attr(k, result[k])
@@ -308,21 +309,21 @@ class StudyBridge:
 
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         store = FileSystemArtifactStore(str(self.artifact_dir))
-        sizes = result["sizes"]
+        sizes = [SizeRecord.from_dict(r) for r in result["sizes"]]
         fit = result.get("fit") or {}
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / f"trial_{lt.number}_{lt.name}_scaling.png"
-            series = ScalingSeries(lt.name, [r["train_tokens"] for r in sizes], [r["val_ppl"] for r in sizes],
+            series = ScalingSeries(lt.name, [r.train_tokens for r in sizes], [r.val_ppl for r in sizes],
                                    fit.get("alpha"), fit.get("A"), fit.get("alpha_low"), fit.get("alpha_high"),
                                    fit.get("loo_alphas") or (), fit.get("loo_intercepts") or ())  # fmt: skip
             plot_scaling([series], png, title=f"trial {lt.number}: {lt.name}")
             upload_artifact(artifact_store=store, file_path=str(png), study_or_trial=lt.trial, mimetype="image/png")
             table = Path(tmp) / f"trial_{lt.number}_{lt.name}_sizes.csv"
-            cols = [c for c in sizes[0] if not isinstance(sizes[0][c], (list, dict))]
+            rows = [_table_row(r) for r in sizes]
             with table.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+                w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
                 w.writeheader()
-                w.writerows(sizes)
+                w.writerows(rows)
             upload_artifact(artifact_store=store, file_path=str(table), study_or_trial=lt.trial, mimetype="text/csv")
 
     def fail_unfinished(self, reason: str) -> list[int]:
@@ -394,3 +395,16 @@ class PrunerScheduler(_Unpicklable, FIFOScheduler):
         except Exception:
             pass
         self.bridge.on_error(trial.trial_id, text if isinstance(text, str) else None)
+
+
+def _table_row(rec: SizeRecord) -> dict[str, Any]:
+    """One size as a flat CSV row: its scalar fields, then its parameter counts, metrics and
+    phase seconds as columns of their own."""
+    d = rec.to_dict()
+    row = {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
+    row.update({f"{k}_params": v for k, v in rec.params.items()})
+    row.update(rec.metrics)
+    row.update({f"{k}_seconds": v for k, v in rec.phase_seconds.items()})
+    row["capped"] = " ".join(rec.capped)
+    return row
+

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from archsearch import paths
+from archsearch.console import data_progress
 from archsearch.errors import ConfigError
 from archsearch.space import Space, known_embed_dim
 from archsearch.trial import prepare_space_data
@@ -114,7 +115,7 @@ def run_search(
     # a bad request writes nothing but, at most, a valid prepared-data folder. The data is
     # prepared (or loaded and verified) while Ray starts; both take seconds.
     with ThreadPoolExecutor(2, thread_name_prefix="archsearch-setup") as pool:
-        data_job = pool.submit(_timed, prepare_space_data, space, quiet=view_mode == "quiet")
+        data_job = pool.submit(_timed, prepare_space_data, space, data_progress(view_mode == "quiet"))
         t = time.perf_counter()
         import ray  # before the thread below imports its parts
 

@@ -16,6 +16,7 @@ import time
 import traceback
 from typing import Any
 
+from archsearch.result import SizeRecord
 from archsearch.trial import TrialPlan, run_trial
 
 PROGRESS_S = 5.0
@@ -74,11 +75,11 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         seq += 1
         tune.report({"archsearch_event": event, "seq": seq, "payload": json.dumps(_clean(payload)), "node": node or "", "pid": os.getpid(), **extra})
 
-    def on_size(record: dict[str, Any], partial: dict[str, Any]) -> None:
+    def on_size(record: SizeRecord, partial: dict[str, Any]) -> None:
         nonlocal cum_tokens
-        cum_tokens += int(record["train_tokens"])
+        cum_tokens += record.train_tokens
         values = list(partial["objectives"].values())
-        report("size", {"record": record, "partial": partial}, size_index=len(partial["sizes"]) - 1, step=cum_tokens,
+        report("size", {"record": record.to_dict(), "partial": partial}, size_index=len(partial["sizes"]) - 1, step=cum_tokens,
                objective=values[0] if values and values[0] is not None else float("nan"))
 
     last_progress = [0.0]
@@ -86,6 +87,9 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
     def progress(event: str, size, size_index, seed, **info) -> None:
         """Phase-level progress for the live view, at most every PROGRESS_S seconds."""
         now = time.monotonic()
+        if event == "notice":  # a layer form the fast paths do not take: always shown
+            report("progress", {"size_index": size_index, "size": size, "text": f"notice: {info['message']}"})
+            return
         if now - last_progress[0] < PROGRESS_S or event not in ("phase1", "phase2", "contexts"):
             return
         last_progress[0] = now

@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 
 from archsearch.console import err_console
+from archsearch.result import SizeRecord
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -44,13 +45,13 @@ class LiveView:
     def update(self, event: str, lt, state: str | None = None, values=None, reason: str | None = None) -> None:
         row = self.rows.setdefault(lt.number, {"name": lt.name, "params": lt.params, "state": "RUNNING", "ppl": [], "value": None, "started": time.time()})
         if event == "size":
-            rec = lt.records[-1]
-            row["ppl"].append(rec["val_ppl"])
+            rec: SizeRecord = lt.records[-1]
+            row["ppl"].append(rec.val_ppl)
             vals = list((lt.partial or {}).get("objectives", {}).values())
             row["value"] = vals[0] if vals else None
-            row["cached"] = rec.get("cached")
-            line = (f"trial {lt.number} {lt.name}: size {len(lt.records)}/{self.n_sizes} ({rec['size']:,} {self.unit}) "
-                    f"PPL {rec['val_ppl']:.1f}" + (" (cached)" if rec.get("cached") else f" in {rec['seconds']:.1f} s"))  # fmt: skip
+            row["cached"] = rec.cached
+            line = (f"trial {lt.number} {lt.name}: size {len(lt.records)}/{self.n_sizes} ({rec.size:,} {self.unit}) "
+                    f"PPL {rec.val_ppl:.1f}" + (" (cached)" if rec.cached else f" in {rec.seconds:.1f} s"))  # fmt: skip
         elif event == "progress":
             row["phase"] = reason
             line = f"trial {lt.number} {lt.name}: {reason}"

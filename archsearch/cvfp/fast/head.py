@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from archsearch.cvfp.recurrent import triton_available
+from archsearch.cvfp.fast.device import triton_available
 
 CHUNK_ROWS = 4096
 
@@ -34,6 +34,8 @@ class HeadWeight:
         if self.fused and self.vocab_size % PAD_ROWS:
             w = torch.cat([w, w.new_zeros(PAD_ROWS - self.vocab_size % PAD_ROWS, w.shape[1])])
         self.matrix = w.contiguous()
+        self.chunk_rows = CHUNK_ROWS
+        """Rows of logits formed at a time by the fused path."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -50,15 +52,16 @@ def use_fused(device: torch.device) -> bool:
 
 class _FusedTiedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, row_weight: torch.Tensor | None) -> torch.Tensor:
-        from archsearch.cvfp.kernels import ce_rows
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, row_weight: torch.Tensor | None,
+                chunk: int) -> torch.Tensor:  # fmt: skip
+        from archsearch.cvfp.fast.kernels import ce_rows
 
         n = h.shape[0]
         hw = h.to(weight.dtype)
         grad_h = torch.empty_like(hw)
         loss = torch.empty(n, device=h.device, dtype=torch.float32)
-        for s in range(0, n, CHUNK_ROWS):
-            e = min(s + CHUNK_ROWS, n)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
             logits = hw[s:e] @ weight.T  # (c, V)
             ce_rows(logits, targets[s:e], loss[s:e], None, grad_scale=1.0 / n, write_grad=True, vocab_size=vocab_size,
                     row_scale=None if row_weight is None else row_weight[s:e])  # fmt: skip
@@ -70,7 +73,7 @@ class _FusedTiedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out).to(ctx.h_dtype), None, None, None, None
+        return (grad_h * grad_out).to(ctx.h_dtype), None, None, None, None, None
 
 
 def train_loss(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,7 +82,7 @@ def train_loss(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor, row_wei
     0 elsewhere give the mean over those r rows: how a CUDA graph captured for full batches
     runs a shorter one)."""
     if head.fused:
-        return _FusedTiedCE.apply(h, head.matrix, targets, head.vocab_size, row_weight)
+        return _FusedTiedCE.apply(h, head.matrix, targets, head.vocab_size, row_weight, head.chunk_rows)
     logits = h.to(head.dtype) @ head.matrix.T  # (n, V)
     if row_weight is None:
         return F.cross_entropy(logits.float(), targets)
@@ -87,20 +90,25 @@ def train_loss(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor, row_wei
 
 
 @torch.no_grad()
-def eval_sums(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy as float64, number of argmax hits) over the rows of ``h``."""
+def eval_sums(h: torch.Tensor, head: HeadWeight, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of the rows' cross-entropies, sum of their squares, both float64; number of argmax
+    hits) over the rows of ``h``. The fused path squares the kernel's per-row losses (one
+    small elementwise pass over n floats, no second look at the logits)."""
     weight = head.matrix
     hw = h.to(weight.dtype)
     if head.fused:
-        from archsearch.cvfp.kernels import ce_rows
+        from archsearch.cvfp.fast.kernels import ce_rows
 
         n = h.shape[0]
         loss = torch.empty(n, device=h.device, dtype=torch.float32)
         argmax = torch.empty(n, device=h.device, dtype=torch.int32)
-        for s in range(0, n, CHUNK_ROWS):
-            e = min(s + CHUNK_ROWS, n)
+        for s in range(0, n, head.chunk_rows):
+            e = min(s + head.chunk_rows, n)
             ce_rows(hw[s:e] @ weight.T, targets[s:e], loss[s:e], argmax[s:e], write_grad=False, vocab_size=head.vocab_size)
-        return loss.double().sum(), (argmax.long() == targets).sum()
-    logits = hw @ weight.T
-    ce = F.cross_entropy(logits.float(), targets, reduction="sum").double()
-    return ce, (logits.argmax(dim=-1) == targets).sum()
+        loss64 = loss.double()
+        return loss64.sum(), loss64.pow(2).sum(), (argmax.long() == targets).sum()
+    logits = hw @ weight.T  # (n, V)
+    logp = logits.float().log_softmax(dim=-1)  # F.cross_entropy's own two steps
+    ce = F.nll_loss(logp, targets, reduction="sum").double()
+    sq = F.nll_loss(logp, targets, reduction="none").double().pow(2).sum()
+    return ce, sq, (logits.argmax(dim=-1) == targets).sum()

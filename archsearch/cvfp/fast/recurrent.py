@@ -1,6 +1,7 @@
-"""The truly recurrent validation pass (cvfp.md 5): inherently sequential, so it is latency.
+"""The truly recurrent validation pass (cvfp.md 5) for the standard ContextLayer form.
 
-Each ContextLayer is ``LN(c + ReLU(W_c c + W_t x + b))``. The token half ``W_t x + b`` does
+The pass is inherently sequential, so it is latency. Each ContextLayer is
+``LN(c + ReLU(W_c c + W_t x + b))``, W_c = fc.weight[:, :C] by model.py's column contract. The token half ``W_t x + b`` does
 not depend on the recurrence, so it is computed for every position in one batched product;
 the sequential loop then does, per step and layer, one (C x C) matrix-vector product, the
 residual and the LayerNorm. On GPUs with Triton the whole loop is one persistent kernel
@@ -14,19 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from archsearch.config import RunConfig
+from archsearch.cvfp.fast.device import graph_capture, triton_available
 from archsearch.cvfp.model import ContextBlock, TokenEmbedding
 
 GRAPH_STEPS = 128  # steps per captured graph (even, see _triton_pass)
-
-
-def triton_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _token_half(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, batch: int) -> torch.Tensor:
@@ -54,7 +46,9 @@ def _steps(ctx, P, Wc, norms, out, eps):
 
 @torch.no_grad()
 def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """(L, T, C) layer outputs for T positions, the context starting at zero, in float32."""
+    """(L, T, C) layer outputs for T positions, the context starting at zero, in float32: the
+    same values as phases.val_context_cache (to rounding) for a standard ContextBlock. On the
+    CPU this split form (the token half batched) is what every run uses."""
     C = block.context_dim
     T = windows.shape[0]
     device = windows.device
@@ -68,9 +62,9 @@ def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tens
         out = torch.empty_like(P)
         ctx = torch.zeros(C, device=device)
         mode = cfg.engine.recurrent
-        fused = device.type == "cuda" and triton_available(device)
+        fused = triton_available(device)
         if mode in ("auto", "persistent") and fused:
-            from archsearch.cvfp.kernels import recurrent_persistent
+            from archsearch.cvfp.fast.kernels import recurrent_persistent
 
             G = torch.stack([g for g, _ in norms]).contiguous()
             B = torch.stack([b for _, b in norms]).contiguous()
@@ -96,14 +90,10 @@ def _graph_pass(ctx, P, Wc, norms, out, eps) -> None:
     static_out = torch.empty(L, S, C, device=P.device)
     static_ctx = ctx.clone()
     static_P.copy_(P[:, :S])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside capture, as CUDA graphs require
-        warm = static_ctx.clone()
-        _steps(warm, static_P, Wc, norms, static_out, eps)
-    torch.cuda.current_stream().wait_stream(stream)
+    warm = static_ctx.clone()
+    _steps(warm, static_P, Wc, norms, static_out, eps)  # warm-up outside the capture, as CUDA graphs require
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with graph_capture(graph):
         _steps(static_ctx, static_P, Wc, norms, static_out, eps)
     full = (T // S) * S
     static_ctx.copy_(ctx)
@@ -116,16 +106,17 @@ def _graph_pass(ctx, P, Wc, norms, out, eps) -> None:
         _steps(ctx, P[:, full:], Wc, norms, out[:, full:], eps)
 
 
-def _triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True) -> torch.Tensor:
+def _triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True, steps: int = GRAPH_STEPS) -> torch.Tensor:
     """The recurrence as one fused kernel per layer and step, replayed from a CUDA graph.
 
     Global kernel k finishes layer (k-1) % L of step (k-1) // L and starts layer k % L of
     step k // L; kernel 0 starts from the zero context. A graph holds S*L consecutive
-    kernels (S steps); the token halves P and the outputs go through static buffers."""
-    from archsearch.cvfp.kernels import recurrent_step
+    kernels (S = ``steps`` steps, S*L even); the token halves P and the outputs go through
+    static buffers."""
+    from archsearch.cvfp.fast.kernels import recurrent_step
 
     L, T, C = P.shape
-    S = GRAPH_STEPS
+    S = steps
     chunks = -(-T // S)
     device = P.device
     Ppad = torch.zeros(L, chunks * S + 1, C, device=device)
@@ -154,10 +145,8 @@ def _triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True) -> to
         recurrent_step(scratch[0], scratch[1], scratch[2], scratch[3], G[0], B[0], W[0], P[0, 0], scratch[2], eps, first=True, rows=rows)
         recurrent_step(scratch[0], scratch[1], scratch[2], scratch[3], G[0], B[0], W[0], P[0, 0], scratch[2], eps, rows=rows)
         torch.cuda.current_stream(device).synchronize()
-        from archsearch.cvfp.engine import CAPTURE_LOCK
-
         graph = torch.cuda.CUDAGraph()
-        with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with graph_capture(graph):
             chunk()
         replay = graph.replay
     # kernel 0: the zero context (xb[1] is still zero) starts layer 0 of step 0

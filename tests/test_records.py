@@ -1,0 +1,74 @@
+"""Typed results: seeds combined into a size record, the run cache's records, and studies
+written before these types (their flat per-size dicts) still read by the report."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+from helpers import ROOT, cli
+
+from archsearch.result import RunResult, SizeRecord
+from archsearch.trial import combine_seeds
+
+
+def run(seed: int, loss: float, se: float, capped=()) -> RunResult:
+    return RunResult(family="cvfp", seed=seed, train_tokens=1000, val_tokens=500, val_loss=loss, val_loss_se=se,
+                     val_ppl=math.exp(loss), val_acc=0.1 * seed, params={"phase1": 10, "phase2": 20, "total": 30},
+                     seconds=float(seed), device="cpu", precision="fp32", phase_seconds={"phase1": 1.0 * seed, "phase2": 2.0},
+                     capped=list(capped), metrics={"val_er": 0.5 * seed, "phase1_iterations": 6 + seed})  # fmt: skip
+
+
+def test_combine_seeds_geometric_ppl_and_both_noise_sources_in_the_standard_error():
+    runs = [run(1, 5.0, 0.02), run(2, 5.2, 0.04, ["max_epochs"]), run(3, 5.1, 0.03)]
+    rec = combine_seeds(runs, size=1000, size_unit="tokens", cached=[True, False, True])
+    assert rec.val_ppl == pytest.approx(math.exp(5.1))  # geometric mean of exp(5.0), exp(5.2), exp(5.1)
+    assert rec.val_loss == pytest.approx(5.1) and rec.val_acc == pytest.approx(0.2)
+    between = ((5.0 - 5.1) ** 2 + (5.2 - 5.1) ** 2 + 0.0) / 2
+    within = (0.02**2 + 0.04**2 + 0.03**2) / 3
+    assert rec.val_loss_se == pytest.approx(math.sqrt(within / 3 + between / 3))
+    assert rec.metrics == {"val_er": pytest.approx(1.0), "phase1_iterations": pytest.approx(8.0)}
+    assert rec.phase_seconds == {"phase1": pytest.approx(2.0), "phase2": pytest.approx(2.0)}
+    assert rec.capped == ["max_epochs"] and rec.seeds == [1, 2, 3] and not rec.cached
+    assert rec.val_ppl_seeds == [r.val_ppl for r in runs]
+    lo, hi = rec.ppl_interval()
+    assert lo < rec.val_ppl < hi
+    one = combine_seeds(runs[:1], 1000, "tokens", [True])
+    assert one.val_loss_se == pytest.approx(0.02) and one.cached  # one seed: its own standard error
+
+
+def test_records_round_trip_through_json_with_nan_as_null():
+    rec = combine_seeds([run(1, 5.0, math.nan)], 1000, "tokens", [False])
+    d = rec.to_dict()
+    d["val_loss_se"] = None  # what the trial worker's JSON makes of NaN
+    back = SizeRecord.from_dict(d)
+    assert math.isnan(back.val_loss_se) and back.metrics == rec.metrics
+    r = run(2, 4.0, 0.1)
+    assert RunResult.from_dict(r.to_dict()) == r
+
+
+def test_old_flat_size_dict_reads_by_field():
+    old = {"size": 1000, "size_unit": "tokens", "device": "cpu", "precision": "fp32", "phase1_params": 57728, "phase2_params": 346368,
+           "total_params": 404096, "embed_dim": 384, "vocab_size": 30522, "train_tokens": 1000, "val_tokens": 2000, "val_ppl": 7027.2,
+           "val_loss": 8.8575, "val_acc": 0.0165, "train_er": 0.893, "val_er": 0.897, "phase1_iterations": 8.0,
+           "phase1_convergence_rate": 0.995, "phase2_best_epoch": 4.0, "phase2_stopped_epoch": 4.0, "phase1_seconds": 2.03,
+           "contexts_seconds": 0.14, "phase2_seconds": 5.95, "seconds": 8.22, "seeds": [42], "cached": False}  # fmt: skip
+    rec = SizeRecord.from_dict(old)
+    assert rec.params == {"phase1": 57728, "phase2": 346368, "total": 404096} and rec.total_params == 404096
+    assert rec.metrics["val_er"] == 0.897 and rec.metrics["embed_dim"] == 384
+    assert rec.phase_seconds == {"phase1": 2.03, "contexts": 0.14, "phase2": 5.95}
+    assert rec.val_ppl == 7027.2 and math.isnan(rec.val_loss_se) and rec.capped == []
+
+
+def test_report_reads_a_study_written_before_the_typed_records(tmp_path):
+    """docs/quickstart/study.db holds the old flat per-size dicts."""
+    db = tmp_path / "study.db"
+    shutil.copy(ROOT / "docs" / "quickstart" / "study.db", db)
+    out = tmp_path / "report"
+    r = cli("report", "--storage", f"sqlite:///{db}", "--study", "quickstart", "--out", str(out), env={"ARCHSEARCH_HOME": str(tmp_path / "home")})
+    assert r.returncode == 0, r.stderr
+    md = (out / "report.md").read_text()
+    assert "-0.7102" in md and "## Results per config" in md
+    rows = (out / "runs.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 4 and "0.89" in rows[1]  # every size, with its effective ranks

@@ -1,0 +1,175 @@
+"""The Triton kernels and the fast drop-ins built on them, on tiny CPU shapes under Triton's
+interpreter, each against its plain PyTorch twin. Run as a script by test_triton_interpret.py
+with TRITON_INTERPRET=1 set before triton is imported; prints one JSON object: check name ->
+null (passed) or the failure's text.
+
+Not covered here: kernels.recurrent_persistent. Its programs wait for each other at a
+grid-wide barrier (an atomic counter spun on), and the interpreter runs programs one after
+another, so the first would wait forever. It is checked against the plain recurrence on a GPU
+(tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@check
+def ce_rows_loss_argmax_grad():
+    from archsearch.cvfp.fast.kernels import ce_rows
+
+    g = torch.Generator().manual_seed(0)
+    n, V, VP = 6, 300, 320  # VP - V padding columns
+    x = torch.randn(n, VP, generator=g) * 3
+    x[0, 3], x[0, 250] = 20, 20  # a tie across groups: the lower index wins, as in torch
+    x[1, V:] = 1e4  # padding takes no part
+    t = torch.randint(0, V, (n,), generator=g)
+    ref = F.cross_entropy(x[:, :V], t, reduction="none")
+    kw = dict(block_v=64, group=4, warps=1)
+    loss, am = torch.empty(n), torch.empty(n, dtype=torch.int32)
+    ce_rows(x.clone(), t, loss, am, write_grad=False, vocab_size=V, **kw)
+    assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)
+    assert am.long().tolist() == x[:, :V].argmax(-1).tolist()
+    grad, scale = x.clone(), torch.rand(n, generator=g)
+    ce_rows(grad, t, loss, None, write_grad=True, vocab_size=V, row_scale=scale, **kw)
+    want = (torch.softmax(x[:, :V], -1) - F.one_hot(t, V)) * scale[:, None]
+    assert float((grad[:, :V] - want).abs().max()) < 1e-6
+    assert bool((grad[:, V:] == 0).all())
+
+
+@check
+def res_relu_ln_forward_and_backward():
+    from archsearch.cvfp.fast.kernels import res_relu_ln_bwd, res_relu_ln_fwd
+
+    g = torch.Generator().manual_seed(1)
+    n, D, eps = 7, 24, 1e-5
+    z, r = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+    zb, gamma, beta = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)
+    packed = torch.full((n, D + 5), float("nan"))  # the next layer's GEMM input: y lands in its last D columns
+    y, mean, rstd = res_relu_ln_fwd(z, r, gamma, beta, eps, zb, packed[:, 5:])
+    leaves = [t.clone().requires_grad_() for t in (z, r, zb, gamma, beta)]
+    zl, rl, zbl, gl, bl = leaves
+    ref = F.layer_norm(rl + F.relu(zl + zbl), (D,), gl, bl, eps)
+    assert rel(y, ref.detach()) < 1e-5 and torch.equal(packed[:, 5:], y)
+    dy = torch.randn(n, D, generator=g)
+    ref.backward(dy)
+    dz, dr, dg, db, dzb = res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, True, zb)
+    for got, leaf in zip((dz, dr, dzb, dg, db), leaves):
+        assert rel(got, leaf.grad) < 1e-5, (got, leaf.grad)
+
+
+@check
+def col_sum_is_a_column_sum():
+    from archsearch.cvfp.fast.kernels import col_sum
+
+    x = torch.randn(37, 100, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(col_sum(x), x.sum(0), atol=1e-5)
+
+
+@check
+def recurrent_step_kernel_chain_matches_plain_steps():
+    from archsearch.cvfp.fast import recurrent as R
+
+    g = torch.Generator().manual_seed(3)
+    L, T, C = 2, 5, 12
+    P = torch.randn(L, T, C, generator=g)
+    Wc = [torch.randn(C, C, generator=g) * C**-0.5 for _ in range(L)]
+    norms = [(torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)) for _ in range(L)]
+    ref = torch.empty(L, T, C)
+    R._steps(torch.zeros(C), P, Wc, norms, ref, 1e-5)
+    out = R._triton_pass(P, Wc, norms, 1e-5, rows=4, use_graph=False, steps=2)  # chunks of 2 steps, a partial last one
+    assert out.shape == ref.shape and rel(out, ref) < 1e-5
+
+
+@check
+def fused_blocks_match_plain_blocks():
+    from archsearch.config import ModelConfig
+    from archsearch.cvfp.fast.layers import FusedContextBlock, FusedTokenBlock
+    from archsearch.cvfp.model import ContextBlock, TokenBlock, init_parameters
+
+    m = ModelConfig(num_layers=2, context_dim=6, num_input_tokens=2)
+    E, n = 8, 9
+    g = torch.Generator().manual_seed(4)
+    cb, tb = ContextBlock(m, E), TokenBlock(m, E)
+    init_parameters(cb, m, torch.Generator().manual_seed(5))
+    init_parameters(tb, m, torch.Generator().manual_seed(5))
+    ctx0 = torch.randn(n, 6, generator=g, requires_grad=True)
+    contexts = torch.randn(2, n, 6, generator=g)
+    tok = torch.randn(n, 2 * E, generator=g, requires_grad=True)
+    rc, rh = torch.randn(n, 6, generator=g), torch.randn(n, E, generator=g)
+
+    def run(c_block, t_block):
+        for p in [*cb.parameters(), *tb.parameters(), ctx0, tok]:
+            p.grad = None
+        c, h = c_block(ctx0, tok), t_block(contexts, tok)
+        ((c * rc).sum() + (h * rh).sum()).backward()
+        return [c.detach(), h.detach(), ctx0.grad.clone(), tok.grad.clone()] + [p.grad.clone() for p in [*cb.parameters(), *tb.parameters()]]
+
+    plain = run(cb, tb)
+    fcb, ftb = FusedContextBlock(cb), FusedTokenBlock(tb)
+    assert list(fcb.state_dict()) == list(cb.state_dict()) and list(ftb.state_dict()) == list(tb.state_dict())
+    for a, b in zip(run(fcb, ftb), plain):
+        assert rel(a, b) < 1e-5
+    # the packed form (the captured graphs' GEMM inputs with the contexts in place)
+    bufs = [torch.full((n, layer.fc.in_features), float("nan")) for layer in tb.layers]
+    for i, b in enumerate(bufs):
+        b[:, :6].copy_(contexts[i])
+    with torch.no_grad():
+        assert rel(ftb.forward_packed(tok.detach(), bufs), tb(contexts, tok.detach())) < 1e-5
+
+
+@check
+def fused_tied_head_matches_torch():
+    from archsearch.cvfp.fast import head
+
+    g = torch.Generator().manual_seed(6)
+    n, E, V = 10, 8, 100
+    hw = head.HeadWeight(torch.randn(V, E, generator=g), "fp32")
+    hw.fused = True  # the CUDA-only path, here under the interpreter
+    hw.chunk_rows = 4  # several row chunks
+    h = torch.randn(n, E, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (n,), generator=g)
+    loss = head.train_loss(h, hw, t)
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ hw.matrix.T, t)
+    ref.backward()
+    assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5 and rel(h.grad, h2.grad) < 1e-5
+    ce, sq, hits = head.eval_sums(h.detach(), hw, t)
+    per_row = F.cross_entropy(h.detach() @ hw.matrix.T, t, reduction="none").double()
+    assert abs(float(ce) - float(per_row.sum())) < 1e-4 and abs(float(sq) - float(per_row.pow(2).sum())) < 1e-3
+    assert int(hits) == int(((h.detach() @ hw.matrix.T).argmax(-1) == t).sum())
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before triton is imported"
+    names = sys.argv[1:] or list(CHECKS)
+    out = {}
+    for name in names:
+        try:
+            CHECKS[name]()
+            out[name] = None
+        except Exception:
+            out[name] = traceback.format_exc(limit=6)[-3000:]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
