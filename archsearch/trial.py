@@ -113,10 +113,10 @@ def objective_values(objectives: list[Objective], records: list[SizeRecord], fit
             out.append(last.val_ppl)
         elif o.name == "final_acc":
             out.append(last.val_acc)
-        elif o.name in last.metrics:
+        elif o.name.endswith("_params"):  # phase1_params, phase2_params, total_params
+            out.append(float(last.params[o.name.removesuffix("_params")]))
+        else:  # a family metric (val_er)
             out.append(float(last.metrics[o.name]))
-        else:
-            out.append(float(getattr(last, o.name)))
     return out
 
 

@@ -72,3 +72,13 @@ def test_report_reads_a_study_written_before_the_typed_records(tmp_path):
     assert "-0.7102" in md and "## Results per config" in md
     rows = (out / "runs.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * 4 and "0.89" in rows[1]  # every size, with its effective ranks
+
+
+def test_objectives_read_the_size_record_by_field():
+    from archsearch.space import Objective
+    from archsearch.trial import objective_values
+
+    recs = [combine_seeds([run(1, 5.0, 0.1)], 1000, "tokens", [False])]
+    names = ("final_ppl", "final_acc", "val_er", "phase1_params", "phase2_params", "total_params", "alpha")
+    values = objective_values([Objective(name=n, direction="minimize") for n in names], recs, None)
+    assert values == [pytest.approx(math.exp(5.0)), pytest.approx(0.1), 0.5, 10.0, 20.0, 30.0, None]  # alpha: needs two sizes
