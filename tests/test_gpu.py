@@ -25,6 +25,7 @@ def test_engine_matches_reference_on_gpu_fp32():
         assert close(t["val_cache"], r["val_cache"], 1e-4)
         assert e.val_ppl == pytest.approx(r["val_ppl"], rel=1e-4)
         assert e.metrics["val_er"] == pytest.approx(r["val_er"], rel=1e-4)
+        assert e.val_loss_se == pytest.approx(r["val_loss_se"], rel=1e-3)
 
 
 @pytest.mark.parametrize("L, C, T", [(1, 64, 300), (6, 768, 700), (9, 1152, 260)])

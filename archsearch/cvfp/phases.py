@@ -178,7 +178,7 @@ class Stepper(Protocol):
     backward, clip, Adam); ``loss_sum`` (float64, on the device) accumulates CE * rows."""
 
     tblock: nn.Module
-    """The module the steps train (the run copies it back where it is not the caller's)."""
+    """The module the steps train (a kept GPU session trains a copy of its own)."""
     loss_sum: torch.Tensor
 
     def __call__(self, s: int, e: int) -> None: ...
@@ -193,7 +193,7 @@ class Evaluator(Protocol):
 def loss_stats(ce_sum: float, sq_sum: float, correct: int, n: int) -> EvalResult:
     """Mean, accuracy and standard error of the mean from sums over n per-position losses."""
     mean = ce_sum / n
-    var = max(sq_sum / n - mean * mean, 0.0) * n / (n - 1) if n > 1 else math.nan  # sample variance
+    var = max(sq_sum / n - mean * mean, 0.0) * n / (n - 1) if n > 1 else math.nan  # sample variance (float64 sums)
     return EvalResult(mean, correct / n, math.sqrt(var / n))
 
 
