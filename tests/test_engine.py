@@ -7,7 +7,7 @@ import torch
 
 from archsearch.config import param_counts, run_config_from_dict, token_widths
 from archsearch.cvfp.run import train_run
-from archsearch.cvfp.model import ContextBlock, ContextLayer, TokenBlock, TokenEmbedding
+from archsearch.cvfp.model import ContextBlock, ContextLayer, TokenBlock, TokenEmbedding, init_parameters
 from archsearch.cvfp.reference import reference_run
 
 TIMING_METRICS = {"phase1_tokens_per_s", "phase2_tokens_per_s", "val_step_us", "phase2_prepare_seconds"}
@@ -241,3 +241,31 @@ def test_loss_stats_is_the_standard_error_of_the_mean():
     assert st.loss == pytest.approx(float(x.mean()))
     assert st.loss_se == pytest.approx(float(x.std() / math.sqrt(1000)), rel=1e-9)
     assert st.acc == 0.321
+
+
+def test_fast_phase2_pair_is_a_drop_in_for_the_eager_one():
+    """fast/graphs.py's stepper and evaluator (uncaptured here: no CUDA) through the same
+    phases.train_phase2 as the eager pair: the same numbers, the same trained parameters."""
+    from archsearch.cvfp.fast.graphs import phase2_backends
+    from archsearch.cvfp.phases import EagerEvaluator, EagerStepper, train_phase2
+
+    cfg = tiny_cfg(2, 2)
+    W, ids, val_ids = tiny_data(7, N=60, M=30)
+    emb = TokenEmbedding(W, 2)
+    win, vwin = emb.windows(ids), emb.windows(val_ids)
+    g = torch.Generator().manual_seed(1)
+    train = (win[:-1], ids[1:], torch.randn(2, 59, 6, generator=g))
+    val = (vwin[:-1], val_ids[1:], torch.randn(2, 29, 6, generator=g))
+    out = []
+    for fast in (False, True):
+        tb = TokenBlock(cfg.model, 8)
+        init_parameters(tb, cfg.model, torch.Generator().manual_seed(2))
+        if fast:
+            step, evaluate = phase2_backends(tb, emb, train, val, cfg)
+        else:
+            step, evaluate = EagerStepper(tb, emb, emb.weight, cfg, train), EagerEvaluator(tb, emb, emb.weight, cfg, val)
+        res = train_phase2(step, evaluate, 59, cfg)
+        out.append((res, [p.detach().clone() for p in tb.parameters()]))
+    (a, pa), (b, pb) = out
+    assert a.history == b.history and (a.val_loss, a.val_loss_se, a.val_acc) == (b.val_loss, b.val_loss_se, b.val_acc)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
