@@ -49,14 +49,15 @@ def resolve_device(device: str) -> str:
 
 def _run_overrides(overrides: list[str]) -> dict[str, Any]:
     """The overrides that set run fields (model./phase1./phase2./engine.), parsed."""
-    from archsearch.config import canonical_name
     from archsearch.space import parse_value
 
     out = {}
     for item in overrides:
         key, _, value = item.partition("=")
-        if key.split(".")[0] in RUN_SECTIONS:
-            out[canonical_name(key)] = parse_value(value)
+        name = key.removeprefix("model.")
+        if key.split(".")[0] in RUN_SECTIONS and not (key.startswith("model.") and "." in name):
+            # (model.<family>.<field> settings are already in the space's base)
+            out[name] = parse_value(value)  # checked by Space.run_config
     return out
 
 
@@ -75,7 +76,7 @@ def trial(
 ) -> None:
     """Train one architecture across the space's sizes and fit its scaling law."""
     from archsearch import paths
-    from archsearch.config import param_counts
+    from archsearch.config import run_param_counts
     from archsearch.space import load_space
     from archsearch.trial import TrialPlan, prepare_space_data
 
@@ -104,11 +105,11 @@ def trial(
         device=dev,
         name=name,
     )
-    counts = param_counts(cfg.model, data.embed_dim)
+    counts = run_param_counts(cfg, data.embed_dim, data.vocab_size)
     if not quiet:
+        parts = ", ".join(f"{k.removesuffix('_params').replace('phase', 'phase ')} {fmt_count(v)}" for k, v in counts.items() if k != "total_params")
         err_console.print(
-            f"trial [bold]{name}[/bold] {params}: phase 1 {fmt_count(counts['phase1_params'])}, "
-            f"phase 2 {fmt_count(counts['phase2_params'])} params; {len(sp.data.sizes)} sizes x {len(sp.seeds)} seeds on {dev}"
+            f"trial [bold]{name}[/bold] ({cfg.family}) {params}: {parts} params; {len(sp.data.sizes)} sizes x {len(sp.seeds)} seeds on {dev}"
         )
     from archsearch.result import SizeRecord
 
@@ -218,11 +219,11 @@ def validate(
     """Check a space file without running it; list its configs and parameter counts."""
     from rich.table import Table
 
-    from archsearch.config import param_counts
-    from archsearch.space import known_embed_dim, load_space
+    from archsearch.config import run_param_counts
+    from archsearch.space import known_embed_dim, known_vocab_size, load_space
 
     sp = load_space(space, overrides or [])
-    E = known_embed_dim(sp.data)
+    E, V = known_embed_dim(sp.data), known_vocab_size(sp.data)
     console.print(f"[green]ok[/green] {space}: study [bold]{sp.study_name}[/bold], sampler {sp.sampler}, "
                   f"objective {', '.join(f'{o.label} ({o.direction})' for o in sp.objectives)}")
     d = sp.data
@@ -230,15 +231,18 @@ def validate(
                   f"seeds {sp.seeds}; {'auto' if sp.gpus is None else fmt_count(sp.gpus)} GPU / {fmt_count(sp.cpus)} CPU per trial, {sp.max_concurrent} at once")
     rows = []
     table = Table(title=f"configs (E = {E if E else 'unknown until the data is prepared'})")
-    for col in ("config", "L", "C", "k", "other", "phase-1 params", "phase-2 params", "total"):
-        table.add_column(col, justify="right" if col not in ("config", "other") else "left")
+    multi = len(sp.families) > 1 or sp.base.family != "cvfp"
+    for col in ("config", *(("family",) if multi else ()), "L", "C", "k", "other", "phase-1 params", "phase-2 params", "total"):
+        table.add_column(col, justify="right" if col not in ("config", "other", "family") else "left")
     for name, params in sp.configs.items():
         cfg = sp.run_config(params)
-        counts = param_counts(cfg.model, E) if E else {}
-        other = {k: v for k, v in params.items() if "." in k}
-        rows.append({"name": name, "params": params, **counts})
+        counts = run_param_counts(cfg, E, V or 0) if E else {}
+        cvfp = cfg.family == "cvfp"
+        other = {k: v for k, v in params.items() if "." in k or (not cvfp and k not in ("family", "num_layers"))}
+        rows.append({"name": name, "family": cfg.family, "params": params, **counts})
         table.add_row(
-            name, str(cfg.model.num_layers), str(cfg.model.context_dim), str(cfg.model.num_input_tokens),
+            name, *((cfg.family,) if multi else ()), str(getattr(cfg.family_config, "num_layers", "-") if not cvfp else cfg.model.num_layers),
+            str(cfg.model.context_dim) if cvfp else "-", str(cfg.model.num_input_tokens) if cvfp else "-",
             ", ".join(f"{k}={v}" for k, v in other.items()),
             fmt_count(counts.get("phase1_params")), fmt_count(counts.get("phase2_params")), fmt_count(counts.get("total_params")),
         )  # fmt: skip
@@ -295,7 +299,7 @@ def run(
 def _print_dry_run(sp, storage, study, n_trials, json_path) -> None:
     from rich.table import Table
 
-    from archsearch.config import param_counts
+    from archsearch.config import run_param_counts
     from archsearch.search.runner import dry_run
 
     d = dry_run(sp, storage=storage, study_name=study, n_trials=n_trials)
@@ -304,17 +308,17 @@ def _print_dry_run(sp, storage, study, n_trials, json_path) -> None:
                   + (f"; {len(d.done)} config(s) already done" if d.done else "")
                   + (f"; {len(d.stale)} stale RUNNING trial(s) would be failed and retried" if d.stale else ""))  # fmt: skip
     table = Table(title=f"trials that would run: {len(d.to_run)} config(s)" + (f" + {d.n_new} new {sp.sampler} trial(s)" if d.n_new else ""))
-    for col in ("config", "params", "sizes", "seeds", "phase-1 params", "phase-2 params"):
+    for col in ("config", "params", "sizes", "seeds", "phase-1 params", "phase-2 params", "total params"):
         table.add_column(col)
     sizes = ", ".join(f"{s:,}" for s in sp.data.sizes) + f" {sp.data.size_unit}"
     rows = []
     for name, params in d.to_run:
-        counts = param_counts(sp.run_config(params).model, E) if E else {}
+        counts = run_param_counts(sp.run_config(params), E, d.vocab_size or 0) if E else {}
         rows.append({"name": name, "params": params, **counts})
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in params.items()), sizes, str(sp.seeds),
-                      fmt_count(counts.get("phase1_params")), fmt_count(counts.get("phase2_params")))  # fmt: skip
+                      fmt_count(counts.get("phase1_params")), fmt_count(counts.get("phase2_params")), fmt_count(counts.get("total_params")))  # fmt: skip
     for i in range(d.n_new):
-        table.add_row(f"new {i + 1}", f"sampled by {sp.sampler} during the run", sizes, str(sp.seeds), "-", "-")
+        table.add_row(f"new {i + 1}", f"sampled by {sp.sampler} during the run", sizes, str(sp.seeds), "-", "-", "-")
     console.print(table)
     console.print(f"runs: {(len(d.to_run) + d.n_new) * len(sp.data.sizes) * len(sp.seeds)} (config x size x seed), before run-cache hits")
     _write_json(json_path, {"study": d.study_name, "exists": d.exists, "to_run": rows, "done": d.done, "stale": d.stale, "n_new": d.n_new})

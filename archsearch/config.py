@@ -1,9 +1,14 @@
-"""Settings of one CVFP run: model shape, the two training phases and the engine.
+"""Settings of one run: which model family, its fields, and CVFP's phases and engine.
 
-Every default is the reference value of ``shared/reference/cvfp.md``. These dataclasses are
-pure data (no torch, no Optuna, no Ray): a space file, a search parameter or a ``key=value``
-override sets their fields by name, and :func:`run_config_from_dict` reports every problem
-at once.
+CVFP (the default family) keeps its four sections: model shape (``model``), the two training
+phases (``phase1``, ``phase2``) and the engine; every default is the reference value of
+``shared/reference/cvfp.md``. Another family (``model: {family: gpt, ...}``, see
+:mod:`archsearch.families`) takes all of its fields under ``model``; a mapping under ``model``
+named after a family (``model: {family: cvfp, gpt: {d_model: 64}}``) holds that family's
+settings for the configs or searched parameters that switch to it (``family: gpt``).
+These dataclasses are pure data (no torch, no Optuna, no Ray): a space file, a search parameter
+or a ``key=value`` override sets their fields by name, and :func:`run_config_from_dict` reports
+every problem at once.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,34 +108,134 @@ class EngineConfig:
     token half batched) | plain (the ContextBlock called step by step, as any layer form is)."""
 
 
+DEFAULT_FAMILY = "cvfp"
+
+
 @dataclass
 class RunConfig:
     """Everything that decides what one run computes, but the data, size and seed."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """CVFP's model fields (also when another family is active: then from ``model.cvfp``)."""
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    family: str = DEFAULT_FAMILY
+    """The family a run trains: a built-in or entry-point name, or ``module:attr`` / ``file.py:attr``."""
+    custom: Any = None
+    """The active family's config dataclass when the family is not cvfp."""
+    others: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Validated settings of the other (non-cvfp) families a config may switch to."""
+
+    @property
+    def family_config(self) -> Any:
+        """What the active family's ``train``/``param_counts`` take: this RunConfig for cvfp."""
+        return self if self.family == DEFAULT_FAMILY else self.custom
+
+    def family_object(self) -> Any:
+        from archsearch.families import get_family
+
+        return get_family(self.family)
+
+    def _cvfp_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Plain data that :func:`run_config_from_dict` reads back (a CVFP config without other
+        families' settings gives exactly the four sections it always had)."""
+        d = self._cvfp_dict()
+        if self.family != DEFAULT_FAMILY:
+            cvfp_model = d["model"]
+            d["model"] = {"family": self.family, **dataclasses.asdict(self.custom)}
+            if cvfp_model != dataclasses.asdict(ModelConfig()):
+                d["model"][DEFAULT_FAMILY] = cvfp_model
+        for name, settings in self.others.items():
+            d["model"][name] = dict(settings)
+        return d
 
     def key(self) -> str:
         """Stable hash of everything that changes the computed numbers (run-cache key part).
 
-        Engine fields that only change speed (chunking, graphs, eval batch) are left out."""
-        d = self.to_dict()
-        d["engine"] = {"precision": self.engine.precision, "er_max_rows": self.engine.er_max_rows}
+        CVFP: its four sections, less the engine fields that only change speed (chunking,
+        graphs, eval batch); another family: its name, version and config."""
+        if self.family == DEFAULT_FAMILY:
+            d: dict[str, Any] = self._cvfp_dict()
+            d["engine"] = {"precision": self.engine.precision, "er_max_rows": self.engine.er_max_rows}
+        else:
+            fam = self.family_object()
+            d = {"family": fam.name, "version": getattr(fam, "version", 1), "config": dataclasses.asdict(self.custom)}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def replace(self, **dotted: Any) -> "RunConfig":
-        """A copy with fields set by dotted name (``num_layers`` or ``phase1.lr``)."""
+    def identity(self) -> dict[str, Any]:
+        """The config as a study signature sees it: ``to_dict`` with the family by its name."""
         d = self.to_dict()
+        if self.family != DEFAULT_FAMILY:
+            d["model"]["family"] = self.family_object().name
+        return d
+
+    def value_of(self, name: str, families: Any = ()) -> Any:
+        """A field's value by canonical name: of the active family, else of the other family
+        (among ``families`` and those with settings here) that has it: its setting or default."""
+        if name == "family":
+            return self.family
+        try:
+            section, key = resolve_field(name, self.family)
+            return getattr(self.custom if section == "model" and self.family != DEFAULT_FAMILY else getattr(self, section), key)
+        except KeyError:
+            pass
+        for fam in dict.fromkeys([*self.others, *families, DEFAULT_FAMILY]):
+            if fam == self.family or name not in family_fields(fam):
+                continue
+            if fam == DEFAULT_FAMILY:
+                return getattr(self.model, name)
+            if name in self.others.get(fam, {}):
+                return self.others[fam][name]
+            from archsearch.families import get_family
+
+            return getattr(get_family(fam).config(), name)
+        raise KeyError(f"unknown field {name!r}")
+
+    def replace(self, **dotted: Any) -> "RunConfig":
+        """A copy with fields set by dotted name (``num_layers``, ``phase1.lr`` or ``family``).
+
+        ``family`` switches the active family (its settings come from ``model.<family>``); a
+        bare name that is not a field of the resulting family is another family's searched
+        field and is left out (parameters of a cross-family search are conditional)."""
+        target = dotted.get("family", self.family)
+        d = self.to_dict()
+        if target != self.family:
+            d["model"] = _switch_family(d["model"], self.family, target)
         for name, value in dotted.items():
-            section, key = resolve_field(name)
+            if name == "family":
+                continue
+            try:
+                section, key = resolve_field(name, target)
+            except KeyError:
+                if "." in name:
+                    raise
+                continue
             d[section][key] = value
         return run_config_from_dict(d)
+
+
+def _switch_family(model: dict[str, Any], current: str, target: str) -> dict[str, Any]:
+    fields = {k: v for k, v in model.items() if k != "family" and not isinstance(v, dict)}
+    nested = {k: v for k, v in model.items() if isinstance(v, dict)}
+    nested[current] = fields
+    out = dict(nested.pop(target, {}))
+    if target != DEFAULT_FAMILY:
+        out["family"] = target
+    return {**out, **{k: v for k, v in nested.items() if v or k != DEFAULT_FAMILY}}
+
+
+def family_fields(family: str) -> list[str]:
+    """Field names of a family's model section (raises FamilyError for an unknown family)."""
+    if family == DEFAULT_FAMILY:
+        return list(_field_types(ModelConfig))
+    from archsearch.families import field_names, get_family
+
+    return field_names(get_family(family).config)
 
 
 SECTIONS: dict[str, type] = {
@@ -151,29 +257,49 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return precision
 
 
-def resolve_field(name: str) -> tuple[str, str]:
+def resolve_field(name: str, family: str = DEFAULT_FAMILY) -> tuple[str, str]:
     """``num_layers`` / ``model.num_layers`` -> ("model", "num_layers"); ``phase1.lr`` -> ...
 
-    Bare names are allowed for model fields only (they are what a search usually varies)."""
+    Bare names are allowed for model fields only (they are what a search usually varies); the
+    model fields are those of ``family``; ``family`` itself is ("model", "family")."""
+    if name in ("family", "model.family"):
+        return "model", "family"
     if "." in name:
         section, _, key = name.partition(".")
+        if section == "model":
+            if key not in family_fields(family):
+                raise KeyError(f"unknown field {key!r} of the {family} family (fields: {', '.join(family_fields(family))})")
+            return section, key
         if section not in SECTIONS:
             raise KeyError(f"unknown section {section!r} in {name!r} (one of {', '.join(SECTIONS)})")
         if key not in _field_types(SECTIONS[section]):
             raise KeyError(f"unknown field {key!r} in {section!r} (fields: {', '.join(_field_types(SECTIONS[section]))})")
         return section, key
-    if name in _field_types(ModelConfig):
+    if name in family_fields(family):
         return "model", name
+    if family != DEFAULT_FAMILY:
+        raise KeyError(f"unknown field {name!r}: fields of the {family} family are {', '.join(family_fields(family))}")
     raise KeyError(
         f"unknown field {name!r}: model fields are {', '.join(_field_types(ModelConfig))}; "
         "training fields are written with their section, e.g. phase1.lr"
     )
 
 
-def canonical_name(name: str) -> str:
-    """The name a searched field carries in a study: bare for model fields, dotted otherwise."""
-    section, key = resolve_field(name)
-    return key if section == "model" else f"{section}.{key}"
+def canonical_name(name: str, families: Any = (DEFAULT_FAMILY,)) -> str:
+    """The name a searched field carries in a study: bare for model fields (of any of
+    ``families``), dotted otherwise; ``family`` for the family itself."""
+    families = list(families) or [DEFAULT_FAMILY]
+    errors = []
+    for fam in families:
+        try:
+            section, key = resolve_field(name, fam)
+        except KeyError as e:
+            errors.append(e.args[0])
+            continue
+        return key if section == "model" else f"{section}.{key}"
+    if len(families) == 1:
+        raise KeyError(errors[0])
+    raise KeyError(f"{name!r} is a field of none of the families {', '.join(families)} ({'; '.join(errors)})")
 
 
 def _check_type(where: str, value: Any, typ: str, problems: list[str]) -> Any:
@@ -236,6 +362,11 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
     d = d or {}
     prefix = f"{where}." if where else ""
     built: dict[str, Any] = {}
+    family, custom, others = DEFAULT_FAMILY, None, {}
+    model_raw = d.get("model") or {}
+    if isinstance(model_raw, dict) and (("family" in model_raw) or any(isinstance(v, dict) for v in model_raw.values())):
+        family, custom, others, cvfp_model = _family_sections(model_raw, f"{prefix}model", problems)
+        d = dict(d, model=cvfp_model)
     for section, cls in SECTIONS.items():
         raw = d.get(section) or {}
         if not isinstance(raw, dict):
@@ -267,11 +398,46 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
         if key not in SECTIONS:
             problems.append(f"{prefix}{key}: unknown section (one of {', '.join(SECTIONS)})")
     if not problems:
-        cfg = RunConfig(**built)
+        cfg = RunConfig(**built, family=family, custom=custom, others=others)
         problems.extend(_cross_checks(cfg, prefix))
         if not problems:
             return cfg
     raise ConfigError(problems)
+
+
+def _family_sections(model: dict[str, Any], where: str, problems: list[str]):
+    """Split ``model:`` into the active family, its config, the other families' settings and
+    CVFP's model fields; every problem is added to ``problems`` with its key."""
+    from archsearch.families import config_from_dict, get_family
+
+    family = model.get("family", DEFAULT_FAMILY)
+    fields = {k: v for k, v in model.items() if k != "family" and not isinstance(v, dict)}
+    nested = {k: v for k, v in model.items() if isinstance(v, dict)}
+    custom, others, cvfp_model = None, {}, {}
+    if not isinstance(family, str):
+        problems.append(f"{where}.family: expected a family name, got {family!r}")
+        family = DEFAULT_FAMILY
+    if family == DEFAULT_FAMILY:
+        cvfp_model = fields
+        if DEFAULT_FAMILY in nested:
+            problems.append(f"{where}.{DEFAULT_FAMILY}: cvfp is the active family; its fields go directly under {where}")
+            nested.pop(DEFAULT_FAMILY)
+    else:
+        cvfp_model = nested.pop(DEFAULT_FAMILY, {})
+        try:
+            fam = get_family(family)
+            custom = config_from_dict(fam.config, fields, where)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            family = DEFAULT_FAMILY
+    for name, settings in nested.items():
+        try:
+            fam = get_family(str(name))
+            config_from_dict(fam.config, settings, f"{where}.{name}")
+            others[str(name)] = dict(settings)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    return family, custom, others, cvfp_model
 
 
 def _cross_checks(cfg: RunConfig, prefix: str) -> list[str]:
@@ -323,3 +489,19 @@ def phase2_params(model: ModelConfig, embed_dim: int) -> int:
 def param_counts(model: ModelConfig, embed_dim: int) -> dict[str, int]:
     p1, p2 = phase1_params(model, embed_dim), phase2_params(model, embed_dim)
     return {"phase1_params": p1, "phase2_params": p2, "total_params": p1 + p2}
+
+
+def run_param_counts(cfg: RunConfig, embed_dim: int, vocab_size: int = 0) -> dict[str, int]:
+    """Trainable parameter counts of any family's run, as ``<part>_params`` (always
+    ``total_params``; CVFP: ``phase1_params``, ``phase2_params``), from the config alone."""
+    if cfg.family == DEFAULT_FAMILY:
+        return param_counts(cfg.model, embed_dim)
+    from archsearch.families import FamilyError
+
+    try:
+        counts = cfg.family_object().param_counts(cfg.custom, embed_dim, vocab_size)
+    except Exception as e:
+        raise FamilyError(f"model.family: {cfg.family!r}: param_counts raised {type(e).__name__}: {e}") from None
+    if not isinstance(counts, dict) or "total" not in counts or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in counts.values()):
+        raise FamilyError(f"model.family: {cfg.family!r}: param_counts must return a dict of integer counts with 'total', got {counts!r}")
+    return {f"{k}_params": int(v) for k, v in counts.items()}

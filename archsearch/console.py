@@ -52,13 +52,14 @@ def sizes_table(records: list[SizeRecord], title: str | None = None) -> Table:
             f"{r.train_tokens:,}",
             f"{r.val_ppl:.1f}",
             f"{100 * r.val_acc:.1f}%",
-            f"{100 * m['train_er']:.1f}%",
-            f"{100 * m['val_er']:.1f}%",
-            f"{m['phase1_iterations']:g}",
-            f"{100 * m['phase1_convergence_rate']:.1f}%",
-            f"{m['phase2_best_epoch']:g}/{m['phase2_stopped_epoch']:g}",
-            f"{r.phase_seconds.get('phase1', math.nan):.1f}",
-            f"{r.phase_seconds.get('phase2', math.nan):.1f}",
+            fmt(m.get("train_er"), ".1%"),  # CVFP's numbers; "-" for a family without them
+            fmt(m.get("val_er"), ".1%"),
+            fmt(m.get("phase1_iterations"), "g"),
+            fmt(m.get("phase1_convergence_rate"), ".1%"),
+            # CVFP's phase-2 epochs; another family's (gpt, lstm: best_epoch / stopped_epoch) and training seconds
+            f"{fmt(m.get('phase2_best_epoch', m.get('best_epoch')), 'g')}/{fmt(m.get('phase2_stopped_epoch', m.get('stopped_epoch')), 'g')}",
+            fmt(r.phase_seconds.get("phase1"), ".1f"),
+            fmt(r.phase_seconds.get("phase2", r.phase_seconds.get("train")), ".1f"),
             ", ".join(r.capped),
             "yes" if r.cached else "",
         )

@@ -90,6 +90,8 @@ class SizeRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     cached: bool = False
     val_ppl_seeds: list[float] = field(default_factory=list)
+    family: str = "cvfp"
+    """The family of the size's runs (records written before families read as cvfp)."""
 
     @property
     def total_params(self) -> int:

@@ -1,8 +1,9 @@
 """The run cache: one computed (architecture + hyperparameters, data, size, seed) run, reused.
 
-A run's key hashes everything that decides its numbers: the RunConfig's computing fields,
-the fingerprint of the exact training prefix + validation stream + embedding, the seed, the
-engine version and the record version. An entry holds one ``RunResult.to_dict()``. Entries are small JSON files under ``<root>/<key[:2]>/<key>.json``
+A run's key hashes everything that decides its numbers: the RunConfig's computing fields
+(for a family other than CVFP: its name, version and config), the fingerprint of the exact
+training prefix + validation stream + embedding, the seed, CVFP's engine version (CVFP runs
+only) and the record version. An entry holds one ``RunResult.to_dict()``. Entries are small JSON files under ``<root>/<key[:2]>/<key>.json``
 written atomically (temp file + rename), each carrying a sha256 of its record: a corrupted
 or truncated entry is reported, removed and recomputed, never used. Works for any number
 of processes on one (shared) filesystem; the last writer of identical content wins.
@@ -35,8 +36,12 @@ RECORD_VERSION = 2  # 2: a RunResult (was a flat dict of ~30 keys)
 
 
 def run_key(cfg: RunConfig, stream_fingerprint: str, seed: int) -> str:
+    """Config, data, seed, record version, and for CVFP its ENGINE_VERSION; another family's
+    version is in its ``cfg.key()`` (with its name and config), so CVFP's engine version does
+    not touch it."""
     blob = json.dumps(
-        {"config": cfg.key(), "data": stream_fingerprint, "seed": int(seed), "engine": ENGINE_VERSION, "record": RECORD_VERSION},
+        {"config": cfg.key(), "data": stream_fingerprint, "seed": int(seed), "engine": ENGINE_VERSION if cfg.family == "cvfp" else None,
+         "record": RECORD_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()

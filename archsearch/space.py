@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from archsearch.config import RunConfig, canonical_name, param_counts, resolve_field, run_config_from_dict
+from archsearch.config import RunConfig, canonical_name, resolve_field, run_config_from_dict, run_param_counts
 from archsearch.errors import ConfigError
 
 # objective name -> (default direction, needs a fit across sizes)
@@ -34,6 +34,8 @@ OBJECTIVES: dict[str, tuple[str, bool]] = {
     "phase2_params": ("minimize", False),
     "total_params": ("minimize", False),
 }
+CVFP_ONLY_OBJECTIVES = ("val_er", "phase1_params", "phase2_params")
+"""Objectives only the cvfp family reports."""
 SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "percentile", "threshold", "successive_halving", "hyperband")
 DEFAULT_TARGET_TOKENS = 10_000_000
@@ -136,6 +138,12 @@ class Space:
     max_failures: int
 
     @property
+    def families(self) -> list[str]:
+        """Every family a trial of this space may train: the base's, those named by configs
+        and by a searched ``family`` parameter, and those with settings under ``model``."""
+        return _families_in_play(self.base, self.parameters.get("family"), self.configs.values())
+
+    @property
     def directions(self) -> list[str]:
         return [o.direction for o in self.objectives]
 
@@ -154,13 +162,16 @@ class Space:
     def run_config(self, params: dict[str, Any]) -> RunConfig:
         return self.base.replace(**params) if params else self.base
 
-    def constraint_violations(self, params: dict[str, Any], embed_dim: int | None) -> list[str]:
-        """Problems of ``params`` with the space's constraints (param counts need E)."""
+    def constraint_violations(self, params: dict[str, Any], embed_dim: int | None, vocab_size: int = 0) -> list[str]:
+        """Problems of ``params`` with the space's constraints (param counts need E; V too for
+        a family that trains its embedding)."""
         if not self.constraints or embed_dim is None:
             return []
-        counts = param_counts(self.run_config(params).model, embed_dim)
+        counts = run_param_counts(self.run_config(params), embed_dim, vocab_size)
         out = []
         for key, limit in self.constraints.items():
+            if key.removeprefix("max_") not in counts:
+                continue  # e.g. max_phase1_params bounds CVFP's phase 1; another family has none
             count = counts[key.removeprefix("max_")]
             if count > limit:
                 out.append(f"{key.removeprefix('max_')} = {count:,} exceeds {key} = {limit:,.0f}")
@@ -299,6 +310,11 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
         base = run_config_from_dict({k: raw[k] for k in ("model", "phase1", "phase2", "engine") if k in raw})
     except ConfigError as e:
         problems += e.problems
+        family = raw.get("model", {}).get("family") if isinstance(raw.get("model"), dict) else None
+        try:  # the configs are still checked against the family the space names
+            base = run_config_from_dict({"model": {"family": family}}) if isinstance(family, str) else base
+        except ConfigError:
+            pass
 
     sampler_raw = raw.get("sampler", "grid")
     if isinstance(sampler_raw, str):
@@ -311,11 +327,12 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
         problems.append(f"sampler.type: unknown sampler {sampler!r} (one of {', '.join(SAMPLERS)})")
     options = {k: v for k, v in sampler_raw.items() if k not in ("type", "configs")}
 
-    parameters = _parameters(raw.get("parameters"), problems)
-    configs = _configs(sampler_raw.get("configs"), "sampler.configs", base, problems)
+    families = _raw_families(base, raw, sampler_raw, problems)
+    parameters = _parameters(raw.get("parameters"), problems, families)
+    configs = _configs(sampler_raw.get("configs"), "sampler.configs", base, problems, families)
     warm = _mapping(raw, "warm_start", problems)
     _unknown(warm, "warm_start", ("configs",), problems)
-    warm_configs = _configs(warm.get("configs"), "warm_start.configs", base, problems)
+    warm_configs = _configs(warm.get("configs"), "warm_start.configs", base, problems, families)
     if sampler == "grid":
         if warm_configs:
             problems.append("warm_start: a grid evaluates its configs already; warm_start is for search samplers")
@@ -388,6 +405,11 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
 
     early = _early_stopping(raw.get("early_stopping"), objectives, problems)
     constraints = _constraints(raw.get("constraints"), problems)
+    other = [f for f in _families_in_play(base, parameters.get("family"), [*configs.values()]) if f != "cvfp"]
+    for o in objectives:
+        if other and o.name in CVFP_ONLY_OBJECTIVES:
+            problems.append(f"objective: {o.name} is a CVFP number, which this space's {', '.join(other)} "
+                            f"{'families do' if len(other) > 1 else 'family does'} not report (use alpha, ppl_at, final_ppl, final_acc or total_params)")
 
     if problems:
         raise ConfigError(problems)
@@ -404,6 +426,14 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     if bad:
         raise ConfigError([f"{b} (constraints)" for b in bad])
     return space
+
+
+def known_vocab_size(data) -> int | None:
+    """V of the embedding source when it is known without reading any file."""
+    from archsearch.data.known import known_embedding_shape
+
+    shape = known_embedding_shape(data) if data is not None else None
+    return shape[0] if shape else None
 
 
 def known_embed_dim(data) -> int | None:
@@ -546,7 +576,39 @@ def parse_distribution(spec: Any, where: str, problems: list[str]) -> Distributi
     return Distribution("float", float(low), float(high), float(step) if step is not None else None, log)
 
 
-def _parameters(raw, problems) -> dict[str, Distribution]:
+def _families_in_play(base: RunConfig, family_dist: Distribution | None, configs: Iterable[dict]) -> list[str]:
+    names = [base.family, *base.others]
+    if family_dist is not None:
+        names += [str(c) for c in family_dist.choices]
+    names += [str(c["family"]) for c in configs if "family" in c]
+    return list(dict.fromkeys(names))
+
+
+def _raw_families(base: RunConfig, raw: dict, sampler_raw: dict, problems: list[str]) -> list[str]:
+    """The families a space names (before its sections are parsed), each checked to exist."""
+    from archsearch.families import FamilyError, get_family
+
+    names = [base.family, *base.others]
+    params = raw.get("parameters")
+    if isinstance(params, dict) and "family" in params:
+        spec = params["family"]
+        choices = spec if isinstance(spec, list) else spec.get("choices") if isinstance(spec, dict) else None
+        names += [c for c in choices or [] if isinstance(c, str)]
+    warm = raw.get("warm_start") if isinstance(raw.get("warm_start"), dict) else {}
+    for group in (sampler_raw.get("configs"), warm.get("configs")):
+        items = group.values() if isinstance(group, dict) else group if isinstance(group, list) else []
+        names += [c["family"] for c in items if isinstance(c, dict) and isinstance(c.get("family"), str)]
+    out = []
+    for name in dict.fromkeys(names):
+        try:
+            get_family(name)
+            out.append(name)
+        except FamilyError:
+            pass  # reported where the name is used, with its key
+    return out or ["cvfp"]
+
+
+def _parameters(raw, problems, families=("cvfp",)) -> dict[str, Distribution]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -556,7 +618,7 @@ def _parameters(raw, problems) -> dict[str, Distribution]:
     for name, spec in raw.items():
         where = f"parameters.{name}"
         try:
-            canon = canonical_name(str(name))
+            canon = canonical_name(str(name), families)
         except KeyError as e:
             problems.append(f"{where}: {e.args[0]}")
             continue
@@ -568,24 +630,45 @@ def _parameters(raw, problems) -> dict[str, Distribution]:
             continue
         # every end of the range must itself be a valid value of the field
         probes = list(dist.choices) if dist.type == "categorical" else [dist.low, dist.high]
+        owners = [f for f in families if _has_field(f, canon)] or [families[0]]
         for probe in probes:
-            if not _check_field(canon, probe, where, problems):
+            if not all(_check_field(canon, probe, where, problems, f) for f in owners):
                 break
         out[canon] = dist
     return out
 
 
-def _check_field(canon: str, value: Any, where: str, problems: list[str]) -> bool:
-    section, key = resolve_field(canon)
+def _has_field(family: str, canon: str) -> bool:
     try:
-        run_config_from_dict({section: {key: value}})
+        resolve_field(canon, family)
+        return True
+    except KeyError:
+        return False
+
+
+def _check_field(canon: str, value: Any, where: str, problems: list[str], family: str = "cvfp") -> bool:
+    if canon == "family":
+        from archsearch.families import FamilyError, get_family
+
+        try:
+            get_family(value)
+        except FamilyError as e:
+            problems += [f"{where}: {p.removeprefix('model.family: ')}" for p in e.problems]
+            return False
+        return True
+    section, key = resolve_field(canon, family)
+    model = {key: value} if section == "model" else {}
+    if family != "cvfp":
+        model["family"] = family
+    try:
+        run_config_from_dict({"model": model, **({section: {key: value}} if section != "model" else {})})
     except ConfigError as e:
         problems += [f"{where}: {p}" for p in e.problems]
         return False
     return True
 
 
-def _configs(raw, where, base: RunConfig, problems) -> dict[str, dict[str, Any]]:
+def _configs(raw, where, base: RunConfig, problems, families=("cvfp",)) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
     if isinstance(raw, list):  # [{name: ..., num_layers: ...}, ...] is accepted too
@@ -613,13 +696,16 @@ def _configs(raw, where, base: RunConfig, problems) -> dict[str, dict[str, Any]]
             problems.append(f"{loc}: expected a mapping of field: value, got {fields!r}")
             continue
         params = {}
+        family = fields.get("family", base.family)
+        if "family" in fields and not _check_field("family", family, f"{loc}.family", problems):
+            continue
         for key, value in fields.items():
             try:
-                canon = canonical_name(str(key))
+                canon = canonical_name(str(key), [family] if isinstance(family, str) else families)
             except KeyError as e:
                 problems.append(f"{loc}.{key}: {e.args[0]}")
                 continue
-            if _check_field(canon, value, f"{loc}", problems):
+            if _check_field(canon, value, f"{loc}.{key}" if canon == "family" else f"{loc}", problems, family if canon != "family" else "cvfp"):
                 params[canon] = value
         n = len(problems)
         try:

@@ -87,6 +87,7 @@ def combine_seeds(runs: list[RunResult], size: int, size_unit: str, cached: list
         metrics={k: _mean([r.metrics[k] for r in runs]) for k in first.metrics},
         cached=all(cached),
         val_ppl_seeds=[r.val_ppl for r in runs] if n > 1 else [],
+        family=first.family,
     )
 
 
@@ -132,6 +133,7 @@ def summarize(plan: TrialPlan, records: list[SizeRecord], seconds: float, comple
         "name": plan.name,
         "params": plan.params,
         "config": cfg.to_dict(),
+        "family": records[0].family if records else cfg.family,
         "sizes": [r.to_dict() for r in records],
         "fit": fit.to_dict(target) if fit is not None else None,
         "objectives": {o.label: v for o, v in zip(objectives, objective_values(objectives, records, fit))},
@@ -161,6 +163,17 @@ def prepare_space_data(space, progress: Callable[[str], None] | None = None):
     return data
 
 
+def resolved_precision(cfg: RunConfig, device_type: str) -> RunConfig:
+    """``cfg`` with ``auto`` precision resolved for the device: the run-cache key holds the
+    arithmetic actually used (CVFP: engine.precision; another family: its ``precision``
+    field, where it has one)."""
+    if cfg.family == "cvfp":
+        return cfg.replace(**{"engine.precision": resolve_precision(cfg.engine.precision, device_type)})
+    if getattr(cfg.custom, "precision", None) == "auto":
+        return cfg.replace(precision=resolve_precision("auto", device_type))
+    return cfg
+
+
 OnSize = Callable[[SizeRecord, dict[str, Any]], bool | None]
 """on_size(size_record, partial_result) -> False to stop the trial after this size."""
 
@@ -170,14 +183,13 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     import numpy as np
     import torch
 
-    from archsearch.cvfp.run import train_run
     from archsearch.data import load_prepared
+    from archsearch.families import RunData
 
     t0 = time.perf_counter()
     data = load_prepared(plan.data_path)
-    cfg = plan.run_config
-    # the run-cache key holds the arithmetic actually used on this device
-    cfg = cfg.replace(**{"engine.precision": resolve_precision(cfg.engine.precision, torch.device(plan.device).type)})
+    cfg = resolved_precision(plan.run_config, torch.device(plan.device).type)
+    family = cfg.family_object()
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
     embedding = None
     val_ids = torch.from_numpy(np.asarray(data.val_tokens, dtype=np.int64))
@@ -204,7 +216,9 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
                     progress(event, size=_size, size_index=_i, seed=_seed, **info)
 
             relay("start")
-            run = train_run(cfg, embedding, train_ids, val_ids, seed, plan.device, relay)
+            run = family.train(cfg.family_config, RunData(embedding, train_ids, val_ids), seed, plan.device, relay)
+            if not isinstance(run, RunResult):
+                raise TypeError(f"family {cfg.family!r}: train returned {type(run).__name__}, not an archsearch.result.RunResult")
             if cache is not None:
                 cache.put(key, run)
             runs.append(run)

@@ -138,19 +138,21 @@ class StudyBridge:
             return {"plan": plan, "gpus": self.plan_gpus, "cpus": self.space.cpus, "optuna_trial": trial.number}
 
     plan_gpus: float = 0.0
+    vocab_size: int = 0
+    """V of the embedding (a family that trains its embedding counts V x E parameters)."""
 
     def cost(self, params: dict[str, Any]) -> float:
         """A queued config's relative cost, to start the largest first: its parameter count
         (phase 1 + phase 2), which orders the report's four configs as their trial times do."""
-        from archsearch.config import param_counts
+        from archsearch.config import run_param_counts
 
-        return float(param_counts(self.space.run_config(params).model, self.embed_dim)["total_params"])
+        return float(run_param_counts(self.space.run_config(params), self.embed_dim, self.vocab_size)["total_params"])
 
     def _ask_feasible(self) -> optuna.Trial:
         for _ in range(MAX_INFEASIBLE):
             trial = self.study.ask()
             params = suggest_all(trial, self.dists)
-            problems = self.space.constraint_violations(params, self.embed_dim)
+            problems = self.space.constraint_violations(params, self.embed_dim, self.vocab_size)
             if not problems:
                 return trial
             trial.set_user_attr("pruned_reason", "infeasible: " + "; ".join(problems))
@@ -277,9 +279,10 @@ class StudyBridge:
             last = sizes[-1]
             trial.set_user_attr("final_ppl", last.val_ppl)
             trial.set_user_attr("final_acc", last.val_acc)
-            trial.set_user_attr("val_er", last.metrics.get("val_er"))
+            if last.metrics.get("val_er") is not None:  # a CVFP number
+                trial.set_user_attr("val_er", last.metrics["val_er"])
             trial.set_user_attr("cache_hits", sum(1 for r in sizes if r.cached))
-        for k in ("phase1_params", "phase2_params", "total_params", "device"):
+        for k in ("phase1_params", "phase2_params", "total_params", "device", "family"):
             if result.get(k) is not None:
                 trial.set_user_attr(k, result[k])
         trial.set_user_attr("wall_seconds", result.get("seconds"))

@@ -50,15 +50,24 @@ def suggest_all(trial: optuna.Trial, dists: dict[str, BaseDistribution]) -> dict
 
 
 def _base_value(space: Space, name: str) -> Any:
-    from archsearch.config import resolve_field
-
-    section, key = resolve_field(name)
-    return getattr(getattr(space.base, section), key)
+    return space.base.value_of(name, space.families)
 
 
 def full_params(space: Space, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` completed with the base value of every searched field it leaves out."""
-    return {name: params.get(name, _base_value(space, name)) for name in space.searched_fields}
+    """``params`` completed with the base value of every searched field it leaves out (of the
+    fields of its family: a gpt config does not get CVFP's context_dim, nor the reverse)."""
+    from archsearch.config import resolve_field
+
+    family = params.get("family", space.base.family)
+
+    def applies(name: str) -> bool:
+        try:
+            resolve_field(name, family)
+            return True
+        except KeyError:
+            return False
+
+    return {name: params.get(name, _base_value(space, name)) for name in space.searched_fields if name in params or applies(name)}
 
 
 def make_sampler(space: Space) -> optuna.samplers.BaseSampler:

@@ -17,7 +17,7 @@ from typing import Any
 from archsearch import paths
 from archsearch.console import data_progress
 from archsearch.errors import ConfigError
-from archsearch.space import Space, known_embed_dim
+from archsearch.space import Space, known_embed_dim, known_vocab_size
 from archsearch.trial import prepare_space_data
 
 
@@ -124,6 +124,7 @@ def run_search(
         timings["ray_init"] = time.perf_counter() - t
         gpus, cpus = trial_resources(space, ray)
         data, timings["data"] = data_job.result()
+    check_param_counts(space, data.embed_dim, data.vocab_size)  # a broken family fails here, before any study is written
     from archsearch.search.bridge import StudyBridge
     from archsearch.search.trainable import cvfp_trainable
     from archsearch.search.view import LiveView
@@ -148,6 +149,7 @@ def run_search(
         view = LiveView(len(space.data.sizes), space.data.size_unit, [o.label for o in space.objectives], view_mode)
         bridge = StudyBridge(study, space, plan, n_new, data.embed_dim, artifact_dir=art, view=view)
         bridge.plan_gpus = gpus
+        bridge.vocab_size = data.vocab_size
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
         timings["study"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -288,6 +290,16 @@ class DryRun:
     stale: list[int]
     n_new: int
     embed_dim: int | None
+    vocab_size: int | None = None
+
+
+def check_param_counts(space: Space, embed_dim: int, vocab_size: int) -> None:
+    """Every named config's (and the base's) parameter counts, which also checks that each
+    family of the space answers ``param_counts`` as the protocol says (FamilyError if not)."""
+    from archsearch.config import run_param_counts
+
+    for params in [{}, *space.configs.values()]:
+        run_param_counts(space.run_config(params), embed_dim, vocab_size)
 
 
 def dry_run(space: Space, *, storage: str | None = None, study_name: str | None = None, n_trials: int | None = None) -> DryRun:
@@ -324,4 +336,4 @@ def dry_run(space: Space, *, storage: str | None = None, study_name: str | None 
             raise
     to_run = [(n, p) for n, p in wanted.items() if st.params_key(p) not in present]
     done = [n for n, p in wanted.items() if st.params_key(p) in present]
-    return DryRun(name, stg.mask_url(url), exists, to_run, done, stale, n_new, known_embed_dim(space.data))
+    return DryRun(name, stg.mask_url(url), exists, to_run, done, stale, n_new, known_embed_dim(space.data), known_vocab_size(space.data))

@@ -55,7 +55,8 @@ def signature(space: Space) -> dict[str, Any]:
         "objectives": [o.__dict__ for o in space.objectives],
         "data": data,
         "seeds": space.seeds,
-        "base": space.base.to_dict() | {"engine": {"precision": space.base.engine.precision}},
+        # a CVFP base gives the dict it always gave; another family adds its name and config
+        "base": space.base.identity() | {"engine": {"precision": space.base.engine.precision}},
     }
 
 

@@ -1,0 +1,32 @@
+"""The ``cvfp`` family: the CVFP engine (``archsearch.cvfp``) behind the family protocol.
+
+Its runs are ``archsearch.cvfp.run.train_run``. Its config is the whole :class:`archsearch.config.RunConfig` (model shape in ``model:``, the
+two phases in ``phase1:``/``phase2:``, arithmetic in ``engine:``), so every space file written
+before families existed keeps its meaning, its study signature and its run-cache keys.
+"""
+
+from __future__ import annotations
+
+from archsearch.config import RunConfig, param_counts as _cvfp_counts
+from archsearch.families import Family, RunData
+from archsearch.result import RunResult
+
+
+def param_counts(cfg: RunConfig, embed_dim: int, vocab_size: int = 0) -> dict[str, int]:
+    """Phase 1 (ContextBlock), phase 2 (TokenBlock) and their sum; the frozen embedding and
+    tied head are not counted (cvfp.md 3)."""
+    c = _cvfp_counts(cfg.model, embed_dim)
+    return {"phase1": c["phase1_params"], "phase2": c["phase2_params"], "total": c["total_params"]}
+
+
+def train(cfg: RunConfig, data: RunData, seed: int, device: str = "cpu", progress=None) -> RunResult:
+    from archsearch.cvfp.phases import noop
+    from archsearch.cvfp.run import train_run
+
+    return train_run(cfg, data.embedding, data.train_ids, data.val_ids, seed, device, progress or noop)
+
+
+family = Family(
+    name="cvfp", config=RunConfig, param_counts=param_counts, train=train, version=1,
+    description="Context Vector Fixed-Point model (shared/reference/cvfp.md); versioned by runcache.ENGINE_VERSION",
+)  # fmt: skip
