@@ -43,6 +43,8 @@ class ConfigResult:
     number: int | None = None
     values: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    family: str = "cvfp"
+    total_params: int | None = None
 
 
 @dataclass
@@ -98,6 +100,11 @@ class Report:
     recommendation: list[str]
     overlaps: list[tuple[str, str]]
     meta: dict[str, Any] = field(default_factory=dict)
+    families: list[dict[str, Any]] = field(default_factory=list)
+    """Per config, family by family: parameters, alpha with its interval, R^2, best PPL
+    (empty when every config is CVFP)."""
+    matched: list[dict[str, Any]] = field(default_factory=list)
+    """Configs of different families at matched parameter counts, side by side."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -186,7 +193,50 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
 
     overlaps = [(a.name, b.name) for i, a in enumerate(by_alpha) for b in by_alpha[i + 1 :] if intervals_overlap(laws[a.name], laws[b.name])]
     recommendation = _recommend(by_ppl, by_alpha, laws, overlaps, rankings)
-    return Report(title, summary, settings, list(configs), laws, gaps, rankings, recommendation, overlaps, dict(meta or {}))
+    families, matched = family_tables(configs, laws)
+    return Report(title, summary, settings, list(configs), laws, gaps, rankings, recommendation, overlaps, dict(meta or {}),
+                  families, matched)  # fmt: skip
+
+
+MATCH_TOLERANCE = 0.05
+"""Two configs of different families are "matched" when their trainable parameter counts
+differ by at most this fraction of the larger one."""
+
+
+def family_tables(configs: Sequence[ConfigResult], laws: dict[str, Law]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-family rows (sorted by family, then parameters) and the matched-parameter pairs.
+
+    Both are empty when every config is CVFP, so a CVFP-only report reads as it always did."""
+    if all(c.family == "cvfp" for c in configs):
+        return [], []
+    rows = []
+    for c in configs:
+        law = laws.get(c.name)
+        best = min(c.sizes, key=lambda s: s.ppl)
+        rows.append({
+            "family": c.family, "config": c.name, "total_params": c.total_params,
+            "alpha": law.alpha if law else None, "alpha_low": law.alpha_low if law else None,
+            "alpha_high": law.alpha_high if law else None, "r2": law.r2 if law else None,
+            "best_ppl": best.ppl, "best_tokens": best.tokens,
+        })  # fmt: skip
+    rows.sort(key=lambda r: (r["family"], r["total_params"] or 0, r["config"]))
+    matched = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            if a["family"] == b["family"] or not a["total_params"] or not b["total_params"]:
+                continue
+            rel = abs(a["total_params"] - b["total_params"]) / max(a["total_params"], b["total_params"])
+            if rel > MATCH_TOLERANCE:
+                continue
+            la, lb = laws.get(a["config"]), laws.get(b["config"])
+            matched.append({
+                "a": a, "b": b, "params_rel_diff": rel,
+                "d_alpha": la.alpha - lb.alpha if la and lb else None,
+                "alpha_overlap": intervals_overlap(la, lb) if la and lb else None,
+                "ppl_ratio": a["best_ppl"] / b["best_ppl"],
+            })  # fmt: skip
+    matched.sort(key=lambda m: m["a"]["total_params"])
+    return rows, matched
 
 
 def _ppl_per_parameter(configs: Sequence[ConfigResult]) -> list[dict[str, Any]]:

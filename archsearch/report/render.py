@@ -61,6 +61,7 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
         p = f"{r.best_ppl:.1f}"
         out.append(f"| {r.config} | {_m(r.phase1_params)} | {'**' + a + '**' if r.alpha == best_alpha else a} | {_f(r.r2)} | "
                    f"{'**' + p + '**' if r.best_ppl == best_ppl else p} | {_f(r.best_acc, pct=True)} | {_f(r.val_er, pct=True)} |")  # fmt: skip
+    out += _family_section(rep)
     out += ["", "## Settings", ""]
     keys = [k for k in rep.settings[0] if k != "config"] if rep.settings else []
     out += ["| Config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -124,6 +125,28 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
     if plots:
         out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def _family_section(rep: Report) -> list[str]:
+    """Families side by side: alpha with its interval, R^2, best PPL and parameters per config,
+    then the configs of different families at matched parameter counts."""
+    if not rep.families:
+        return []
+    out = ["", "## By family", "", "| Family | Config | Params | α | 95% interval | R² | Best PPL |", "|---|---|---|---|---|---|---|"]
+    for r in rep.families:
+        out.append(f"| {r['family']} | {r['config']} | {_m(r['total_params'])} | {_f(r['alpha'])} | "
+                   f"[{_f(r['alpha_low'])}, {_f(r['alpha_high'])}] | {_f(r['r2'])} | {r['best_ppl']:.1f} |")  # fmt: skip
+    if rep.matched:
+        out += ["", "Matched parameter counts (trainable parameters within 5 %):", "",
+                "| Params | Config | α [95%] | Best PPL | vs | α [95%] | Best PPL | Δα | PPL ratio | α intervals |",
+                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m in rep.matched:
+            a, b = m["a"], m["b"]
+            overlap = "-" if m["alpha_overlap"] is None else ("overlap (not resolved)" if m["alpha_overlap"] else "disjoint")
+            out.append(f"| {_m(a['total_params'])} / {_m(b['total_params'])} | {a['config']} | {_f(a['alpha'])} [{_f(a['alpha_low'])}, {_f(a['alpha_high'])}] | "
+                       f"{a['best_ppl']:.1f} | {b['config']} | {_f(b['alpha'])} [{_f(b['alpha_low'])}, {_f(b['alpha_high'])}] | {b['best_ppl']:.1f} | "
+                       f"{_f(m['d_alpha'], '+.4f')} | {m['ppl_ratio']:.3f} | {overlap} |")  # fmt: skip
+    return out
 
 
 def series(rep: Report) -> list[ScalingSeries]:
@@ -208,7 +231,7 @@ def runs_rows(rep: Report) -> list[dict[str, Any]]:
     rows = []
     for c in rep.configs:
         for s in c.sizes:
-            rows.append({"config": c.name, "trial": c.number, **{k: v for k, v in c.params.items()}, "phase1_params": c.phase1_params,
+            rows.append({"config": c.name, "family": c.family, "trial": c.number, **{k: v for k, v in c.params.items()}, "phase1_params": c.phase1_params,
                          "samples": s.samples, "tokens": s.tokens, "val_ppl": s.ppl, "val_acc": s.acc, "val_er": s.val_er,
                          "train_er": s.train_er, "phase1_iterations": s.phase1_iterations})  # fmt: skip
     return rows

@@ -59,6 +59,8 @@ def from_study(study, storage_label: str = "") -> tuple[list[ConfigResult], dict
             number=t.number,
             values=list(t.values or []),
             extra={k: t.user_attrs.get(k) for k in ("device", "wall_seconds", "alpha_low", "alpha_high")},
+            family=t.user_attrs.get("family") or sizes[0].family,
+            total_params=t.user_attrs.get("total_params"),
         ))  # fmt: skip
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     meta = {
