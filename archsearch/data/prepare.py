@@ -195,8 +195,10 @@ def _write(spec: DataSpec, folder: Path, name: str, need: tuple[int, int], say: 
     start = time.perf_counter()
     # Resolve tokenizer and dataset first and report both if both are missing (offline).
     problems: list[DataUnavailable] = []
+    if spec.source in sources.EXTRAS:
+        sources.require_datasets(spec.source)  # before any download: nothing could be read without it
     try:
-        files = resolve_tokenizer_files(spec.tokenizer_name)
+        files = resolve_tokenizer_files(spec.tokenizer_name, say)
     except DataUnavailable as e:
         problems.append(e)
     if spec.source == "ultrachat":

@@ -188,8 +188,25 @@ def resolve_dataset(dataset: str, split: str) -> Path:
         raise _dataset_unavailable(dataset, split, e) from e
 
 
+EXTRAS = {"ultrachat": "hub", "files": "files"}
+"""The archsearch extra that brings HF ``datasets`` for each source that reads through it."""
+
+
+def require_datasets(source: str) -> None:
+    """DataUnavailable naming the extra to install when HF ``datasets`` is missing."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        extra = EXTRAS.get(source, "files")
+        raise DataUnavailable(
+            f"data.source={source} reads its data through HF datasets, which is not installed: "
+            f"pip install 'archsearch[{extra}]' (or pip install datasets). data.source=wiki needs nothing more."
+        ) from None
+
+
 def _rows(folder: Path, dataset: str, split: str) -> Iterator[dict[str, Any]]:
     """Rows of a split in order, streamed: only the rows read are decoded, no Arrow cache."""
+    require_datasets("ultrachat")
     try:
         import datasets
 
@@ -289,6 +306,7 @@ def file_documents(path: str, fmt: str, text_field: str) -> Iterator[str]:
 
     text: a whole file is one document (prose: a line is not a document); json/parquet: the
     ``text_field`` of each row. Empty documents are skipped."""
+    require_datasets("files")
     import datasets
 
     builder = file_format(path, fmt)
