@@ -267,21 +267,31 @@ def write_report(rep: Report, out: Path, study=None, reference: Report | None = 
     return written
 
 
-def plotly_scaling(rep: Report):
+class PlotlyFigure(dict):
+    """A plotly figure as its JSON document (``data``: traces, ``layout``), written without
+    the plotly package: optuna-dashboard stores a figure as ``figure.to_json()`` and draws it
+    with plotly.js in the browser, so this one graph needs no Python plotting library."""
+
+    def to_json(self) -> str:
+        return json.dumps(self, allow_nan=False)
+
+
+def plotly_scaling(rep: Report) -> PlotlyFigure:
     """The log-log plot as a plotly figure (a study-level graph in optuna-dashboard)."""
     import numpy as np
-    import plotly.graph_objects as go
 
-    fig = go.Figure()
+    traces = []
     for i, s in enumerate(series(rep)):
         color = f"hsl({(i * 67) % 360},60%,45%)"
-        fig.add_trace(go.Scatter(x=list(s.tokens), y=list(s.ppl), mode="markers", name=s.label, marker={"color": color}))
+        traces.append({"type": "scatter", "x": [float(t) for t in s.tokens], "y": [float(p) for p in s.ppl],
+                       "mode": "markers", "name": s.label, "marker": {"color": color}})  # fmt: skip
         if s.alpha is not None:
             x = np.geomspace(min(s.tokens) / 1.3, max(s.tokens) * 1.3, 50)
-            fig.add_trace(go.Scatter(x=x, y=s.A * x**s.alpha, mode="lines", name=f"{s.label}: α = {s.alpha:.3f}", line={"color": color}))
-    fig.update_layout(title="Validation PPL vs training tokens", xaxis={"type": "log", "title": "training tokens"},
-                      yaxis={"type": "log", "title": "validation PPL"})  # fmt: skip
-    return fig
+            traces.append({"type": "scatter", "x": x.tolist(), "y": (s.A * x**s.alpha).tolist(), "mode": "lines",
+                           "name": f"{s.label}: α = {s.alpha:.3f}", "line": {"color": color}})  # fmt: skip
+    layout = {"title": {"text": "Validation PPL vs training tokens"}, "xaxis": {"type": "log", "title": {"text": "training tokens"}},
+              "yaxis": {"type": "log", "title": {"text": "validation PPL"}}}  # fmt: skip
+    return PlotlyFigure(data=traces, layout=layout)
 
 
 def summary_note(rep: Report) -> str:
