@@ -10,11 +10,12 @@ from typing import Any
 from archsearch.report.data import ConfigResult, SizeRow
 from archsearch.result import SizeRecord
 
-REFERENCE = Path(__file__).resolve().parents[2] / "studies" / "reference" / "report_000.json"
+REFERENCE = Path(__file__).resolve().parent / "reference" / "report_000.json"
+"""The report's published numbers, package data: installed with archsearch (wheel or editable)."""
 
 
 def from_reference(path: str | Path = REFERENCE) -> tuple[list[ConfigResult], dict[str, Any]]:
-    """The report's published per-size numbers (studies/reference/report_000.json)."""
+    """The report's published per-size numbers (archsearch/report/reference/report_000.json)."""
     doc = json.loads(Path(path).read_text())
     configs = []
     for name, rows in doc["sizes"].items():
