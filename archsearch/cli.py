@@ -1,7 +1,11 @@
 """``archsearch`` command line: thin commands over the library.
 
-Every command that takes a space file also takes dotted ``key=value`` overrides. Usage and
-config errors print one message naming every problem and exit with 2.
+Every command that takes a space file also takes dotted ``key=value`` overrides, with one
+meaning everywhere (:func:`archsearch.space.apply_run_overrides`). Usage and config errors
+print one message naming every problem and exit with 2.
+
+Help is click's plain layout (``rich_markup_mode=None``): typer's rich panels show a type
+such as ``<bool>`` after every flag, so ``--dry-run`` would read as if it took a value.
 """
 
 from __future__ import annotations
@@ -17,15 +21,58 @@ import typer
 from archsearch.console import console, data_progress, err_console, fit_lines, fmt_count, sizes_table
 from archsearch.errors import ConfigError, UserError
 
+PROG = "archsearch"
+
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Architecture search with scaling-law objectives for the CVFP language model.",
 )
 
-RUN_SECTIONS = ("model", "phase1", "phase2", "engine")
-OverridesArg = typer.Argument(None, help="dotted key=value overrides of the space file, e.g. model.num_layers=3")
+SpaceArg = typer.Argument(..., metavar="SPACE", help="space file (YAML), e.g. spaces/quickstart.yaml")
+OverridesArg = typer.Argument(
+    None,
+    metavar="KEY=VALUE",
+    help="dotted overrides of the space file, values in YAML: phase2.max_epochs=2, \"data.sizes={tokens: [1000, 2000, 4000]}\", "
+    "sampler.configs.baseline.num_layers=3. A run field (model.*, phase1.*, phase2.*, engine.*) applies to every "
+    "trial: it replaces a named config's own value and fixes a searched field; each such effect is printed as a note.",
+)
+
+
+def version() -> str:
+    """The installed archsearch's version (its package metadata)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("archsearch")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"{PROG} {version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Architecture search with scaling-law objectives for the CVFP language model.
+
+    Start with: archsearch run spaces/quickstart.yaml, then archsearch dashboard.
+    """
+
+
+def _print_notes(sp) -> None:
+    """What the overrides did beyond their own key (a config's value replaced, ...)."""
+    for note in sp.notes:
+        err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
 def _write_json(path: Path | None, payload: Any) -> None:
@@ -47,26 +94,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _run_overrides(overrides: list[str]) -> dict[str, Any]:
-    """The overrides that set run fields (model./phase1./phase2./engine.), parsed."""
-    from archsearch.space import parse_value
-
-    out = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        name = key.removeprefix("model.")
-        if key.split(".")[0] in RUN_SECTIONS and not (key.startswith("model.") and "." in name):
-            # (model.<family>.<field> settings are already in the space's base)
-            out[name] = parse_value(value)  # checked by Space.run_config
-    return out
-
-
 # --------------------------------------------------------------------------- trial
 
 
-@app.command()
+@app.command(short_help="Train one architecture across the sizes and fit its law.")
 def trial(
-    space: Path = typer.Argument(..., help="space file (YAML)"),
+    space: Path = SpaceArg,
     overrides: Optional[list[str]] = OverridesArg,
     config: Optional[str] = typer.Option(None, "--config", "-c", help="named config of the space (default: the first)"),
     device: str = typer.Option("auto", help="auto (cuda when available), cpu, cuda, cuda:N"),
@@ -74,7 +107,17 @@ def trial(
     no_cache: bool = typer.Option(False, "--no-cache", help="train every run even if the run cache has it"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress, only the result"),
 ) -> None:
-    """Train one architecture across the space's sizes and fit its scaling law."""
+    """Train one architecture across the space's sizes and fit its scaling law.
+
+    The architecture is the space's first config, or --config NAME; overrides apply as in
+    run and validate. No Ray, no Optuna.
+
+    Examples:
+
+    \b
+      archsearch trial spaces/quickstart.yaml --config layers_3 phase2.max_epochs=1
+      archsearch trial spaces/quickstart.yaml model.context_dim=32 "data.sizes={tokens: [1000, 2000, 4000]}"
+    """
     from archsearch import paths
     from archsearch.config import run_param_counts
     from archsearch.space import load_space
@@ -82,15 +125,14 @@ def trial(
 
     overrides = overrides or []
     sp = load_space(space, overrides)
+    if config in sp.merged:  # an override made it the same as another config (a note says so)
+        config = sp.merged[config]
     if config is not None and config not in sp.configs:
         raise ConfigError(f"--config {config!r}: the space has {', '.join(sp.configs) or 'no named configs'}")
+    _print_notes(sp)
     name = config or next(iter(sp.configs), "base")
     params = dict(sp.configs.get(name, {}))
-    try:
-        params.update(_run_overrides(overrides))
-        cfg = sp.run_config(params)
-    except (ConfigError, KeyError) as e:
-        raise ConfigError(e.problems if isinstance(e, ConfigError) else [str(e)], str(space)) from None
+    cfg = sp.run_config(params)
     dev = resolve_device(device)
     data = prepare_space_data(sp, data_progress(quiet))
     plan = TrialPlan(
@@ -171,7 +213,13 @@ def fit(
     level: float = typer.Option(0.95, help="confidence level of the interval"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the fit here"),
 ) -> None:
-    """Fit PPL = A * tokens^alpha to a CSV of (tokens, ppl)."""
+    """Fit PPL = A * tokens^alpha to a CSV of (tokens, ppl).
+
+    Examples:
+
+    \b
+      archsearch fit docs/examples/baseline_sizes.csv --target-tokens 1e7
+    """
     from archsearch.scaling import fit_power_law
 
     tokens, ppl = read_fit_csv(csv_path)
@@ -210,19 +258,29 @@ def read_fit_csv(path: Path) -> tuple[list[float], list[float]]:
 # --------------------------------------------------------------------------- validate
 
 
-@app.command()
+@app.command(short_help="Check a space file without running it.")
 def validate(
-    space: Path = typer.Argument(..., help="space file (YAML)"),
+    space: Path = SpaceArg,
     overrides: Optional[list[str]] = OverridesArg,
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the resolved space and its configs here"),
 ) -> None:
-    """Check a space file without running it; list its configs and parameter counts."""
+    """Check a space file without running it; list its configs and parameter counts.
+
+    Writes nothing (not even prepared data). Exit 0: valid; 2: every problem listed.
+
+    Examples:
+
+    \b
+      archsearch validate spaces/grid_4arch.yaml
+      archsearch validate spaces/quickstart.yaml model.context_dim=32
+    """
     from rich.table import Table
 
     from archsearch.config import run_param_counts
     from archsearch.space import known_embed_dim, known_vocab_size, load_space
 
     sp = load_space(space, overrides or [])
+    _print_notes(sp)
     E, V = known_embed_dim(sp.data), known_vocab_size(sp.data)
     console.print(f"[green]ok[/green] {space}: study [bold]{sp.study_name}[/bold], sampler {sp.sampler}, "
                   f"objective {', '.join(f'{o.label} ({o.direction})' for o in sp.objectives)}")
@@ -252,15 +310,16 @@ def validate(
         console.print("searched parameters: " + "; ".join(f"{k}: {v.to_dict()}" for k, v in sp.parameters.items()))
         console.print(f"n_trials: {sp.n_trials} (beyond the {len(sp.configs)} warm-start configs)")
     _write_json(json_path, {"study": sp.study_name, "sampler": sp.sampler, "embed_dim": E, "configs": rows,
-                            "objectives": [o.__dict__ for o in sp.objectives]})
+                            "objectives": [o.__dict__ for o in sp.objectives],
+                            "parameters": {k: v.to_dict() for k, v in sp.parameters.items()}, "notes": sp.notes})
 
 
 # --------------------------------------------------------------------------- run
 
 
-@app.command()
+@app.command(short_help="Run a study on Ray Tune (configs and/or search trials).")
 def run(
-    space: Path = typer.Argument(..., help="space file (YAML)"),
+    space: Path = SpaceArg,
     overrides: Optional[list[str]] = OverridesArg,
     storage: Optional[str] = typer.Option(None, help="study storage URL (default: the space's, else sqlite:///studies/archsearch.db)"),
     study: Optional[str] = typer.Option(None, "--study", help="study name (default: the space's study.name)"),
@@ -270,10 +329,22 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the run's summary here"),
 ) -> None:
-    """Run a study: every config of the space (and/or new search trials) on Ray Tune."""
+    """Run a study: every config of the space (and/or new search trials) on Ray Tune.
+
+    Run the same command again to resume: done configs are kept, missing ones queued.
+    Exit 0: done; 1: done but some trials failed; 130: interrupted; 2: bad input.
+
+    Examples:
+
+    \b
+      archsearch run spaces/quickstart.yaml
+      archsearch run spaces/quickstart.yaml phase2.max_epochs=2 --study quick_e2 --dry-run
+      archsearch run spaces/tpe_explore.yaml "data.sizes={tokens: [2000, 4000, 8000]}" --n-trials 3 --dry-run
+    """
     from archsearch.space import load_space
 
     sp = load_space(space, overrides or [])
+    _print_notes(sp)
     if dry_run:
         _print_dry_run(sp, storage, study, n_trials, json_path)
         return
@@ -379,7 +450,7 @@ def dashboard(
     optuna_dashboard.run_server(opt_storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(art)))
 
 
-@app.command()
+@app.command(short_help="List the studies of a storage with their best values.")
 def studies(
     storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the list here"),
@@ -417,7 +488,7 @@ def studies(
 # --------------------------------------------------------------------------- report
 
 
-@app.command()
+@app.command(short_help="Write a study's report and its dashboard views.")
 def report(
     storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
     study: Optional[str] = typer.Option(None, "--study", help="study name (default: the only study of the storage)"),
@@ -486,7 +557,7 @@ def _nullcontext():
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name=PROG, standalone_mode=False)
     except UserError as e:
         err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
         sys.exit(e.exit_code)

@@ -14,7 +14,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,10 @@ class Space:
     early_stopping: dict[str, Any]
     constraints: dict[str, float]
     max_failures: int
+    notes: list[str] = field(default_factory=list)
+    """What the command-line overrides did beyond setting their key (see apply_run_overrides)."""
+    merged: dict[str, str] = field(default_factory=dict)
+    """Configs that the overrides made identical to an earlier one: dropped name -> kept name."""
 
     @property
     def families(self) -> list[str]:
@@ -270,17 +274,140 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return out
 
 
+RUN_SECTIONS = ("model", "phase1", "phase2", "engine")
+"""Sections of the run settings: an override of one of their fields applies to every trial."""
+
+
+def apply_run_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """Give every trial the value of each run-field override (``model.num_layers=3``,
+    ``phase1.lr=1e-3``): apply_overrides set it in the base section; here it also replaces
+    the value of every named config (grid or warm start) that sets the field, and fixes a
+    searched field (its entry leaves ``parameters``). Configs made identical run once (the
+    later names are dropped). Returns the new raw space, one note per effect (so that an
+    override a config would otherwise shadow is never silently ignored) and the dropped
+    config names with the name each now runs as.
+
+    Keys that are not fields are left for parse_space to report."""
+    out = copy.deepcopy(raw)
+    notes: list[str] = []
+    merged: dict[str, str] = {}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if parts[0] not in RUN_SECTIONS or len(parts) > 2:
+            continue
+        if len(parts) == 1:  # model={num_layers: 3, ...}: each field of the mapping
+            section = out.get(parts[0])
+            fields = {f"{parts[0]}.{k}": v for k, v in section.items()} if isinstance(section, dict) else {}
+        else:
+            fields = {key.strip(): _section_value(out, parts)}
+        for dotted, value in fields.items():
+            try:
+                canon = canonical_name(dotted)
+            except KeyError:
+                continue  # an unknown field: parse_space names it
+            notes += _override_field(out, f"{dotted}={_shown(value)}", canon, value, merged)
+    return out, notes, merged
+
+
+def _section_value(raw: dict[str, Any], parts: list[str]) -> Any:
+    section = raw.get(parts[0])
+    return section.get(parts[1]) if isinstance(section, dict) else None
+
+
+def _shown(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def _canon_or_none(name: Any) -> str | None:
+    try:
+        return canonical_name(str(name))
+    except KeyError:
+        return None
+
+
+def _override_field(raw: dict[str, Any], shown: str, canon: str, value: Any, merged: dict[str, str]) -> list[str]:
+    notes = []
+    params = raw.get("parameters")
+    searched = []
+    if isinstance(params, dict):
+        searched = [k for k in params if _canon_or_none(k) == canon]
+        for k in searched:
+            del params[k]
+        if searched:
+            notes.append(f"{shown}: fixes {canon} for every trial (parameters.{searched[0]} no longer searches it)")
+    sampler = raw.get("sampler")
+    for where, holder in (("sampler.configs", sampler if isinstance(sampler, dict) else None),
+                          ("warm_start.configs", raw.get("warm_start") if isinstance(raw.get("warm_start"), dict) else None)):  # fmt: skip
+        if holder is None or not isinstance(holder.get("configs"), (dict, list)):
+            continue
+        configs = holder["configs"]
+        named = configs if isinstance(configs, dict) else {
+            c.get("name"): c for c in configs if isinstance(c, dict) and "name" in c}  # fmt: skip
+        replaced = []
+        for name, fields in named.items():
+            if not isinstance(fields, dict):
+                continue
+            keys = [k for k in fields if k != "name" and _canon_or_none(k) == canon]
+            for k in keys:
+                if fields[k] != value:
+                    replaced.append(f"{name} ({_shown(fields[k])})")
+                if searched:  # a config holds searched fields only: the base has the value now
+                    del fields[k]
+                else:
+                    fields[k] = value
+        if replaced:
+            notes.append(f"{shown}: replaces the value of {where} " + ", ".join(replaced))
+        notes += _drop_duplicates(holder, where, shown, merged)
+    return notes
+
+
+def _drop_duplicates(holder: dict[str, Any], where: str, shown: str, merged: dict[str, str]) -> list[str]:
+    """Configs that the override made identical: the first name is kept."""
+    configs = holder["configs"]
+    items = list(configs.items()) if isinstance(configs, dict) else [(c.get("name"), c) for c in configs if isinstance(c, dict)]
+    seen: dict[str, Any] = {}
+    dropped = []
+    for name, fields in items:
+        if not isinstance(fields, dict):
+            continue
+        canon = {_canon_or_none(k) or k: v for k, v in fields.items() if k != "name"}
+        ident = repr(sorted(canon.items(), key=lambda kv: kv[0]))
+        if ident in seen:
+            dropped.append((name, seen[ident]))
+        else:
+            seen[ident] = name
+    if not dropped:
+        return []
+    gone = {name for name, _ in dropped}
+    for name, first in dropped:
+        merged[str(name)] = merged.get(str(first), str(first))
+        for old, kept in merged.items():  # an earlier override's merge into a name dropped now
+            if kept == name:
+                merged[old] = merged[str(name)]
+    if isinstance(configs, dict):
+        holder["configs"] = {k: v for k, v in configs.items() if k not in gone}
+    else:
+        holder["configs"] = [c for c in configs if not (isinstance(c, dict) and c.get("name") in gone)]
+    return [f"{shown}: {where}.{name} is now the same as {first}; it runs once, as {first}" for name, first in dropped]
+
+
 # --------------------------------------------------------------------------- parsing
 
 
 def load_space(path: str | Path, overrides: Iterable[str] = ()) -> Space:
     """Read, override and validate a space file."""
     raw = load_yaml(path)
+    overrides = list(overrides)
     try:
         raw = apply_overrides(raw, overrides)
-        return parse_space(raw, str(path))
+        raw, notes, merged = apply_run_overrides(raw, overrides)
+        space = parse_space(raw, str(path))
     except ConfigError as e:
         raise e.with_source(str(path)) from None
+    space.notes, space.merged = notes, merged
+    return space
 
 
 def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:

@@ -1,8 +1,15 @@
-"""The CLI as a user runs it: validate, fit, trial (subprocesses, real files)."""
+"""The CLI as a user runs it: validate, fit, trial (subprocesses, real files); its conventions
+(-h, --version, shell completion, flags, the examples of --help) and what overrides mean."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import version
 
 import pytest
 from helpers import ROOT, cli, write_space
@@ -51,6 +58,152 @@ def test_overrides_apply_on_the_command_line(tmp_path):
     assert r.returncode == 2 and "model.num_layer" in r.stderr
 
 
+def test_a_run_field_override_replaces_the_configs_value_and_says_so(tmp_path):
+    """model.num_layers=3 on a grid whose every config sets num_layers: every trial gets 3
+    layers (the configs' own values are replaced, each replacement is a note); layers_3 is then
+    baseline's twin and runs once. validate and run --dry-run agree."""
+    env = {"ARCHSEARCH_HOME": str(tmp_path / "home")}
+    r = cli("validate", "spaces/quickstart.yaml", "model.num_layers=3", "--json", str(tmp_path / "v.json"), env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "v.json").read_text())
+    params = {c["name"]: c["params"] for c in out["configs"]}
+    assert params == {
+        "baseline": {"num_layers": 3, "context_dim": 64, "num_input_tokens": 1},
+        "input_tokens_2": {"num_layers": 3, "context_dim": 64, "num_input_tokens": 2},
+        "context_dim_96": {"num_layers": 3, "context_dim": 96, "num_input_tokens": 1},
+    }
+    assert out["notes"] == [
+        "model.num_layers=3: replaces the value of sampler.configs baseline (2), input_tokens_2 (2), context_dim_96 (2)",
+        "model.num_layers=3: sampler.configs.layers_3 is now the same as baseline; it runs once, as baseline",
+    ]
+    for note in out["notes"]:
+        assert f"note: {note}" in " ".join(r.stderr.split()), r.stderr
+    r = cli("run", "spaces/quickstart.yaml", "model.num_layers=3", "--dry-run", "--json", str(tmp_path / "d.json"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert {c["name"]: c["params"] for c in json.loads((tmp_path / "d.json").read_text())["to_run"]} == params
+    assert "note: model.num_layers=3: replaces" in r.stderr
+    assert not (tmp_path / "home" / "archsearch.db").exists()  # a dry run writes nothing
+
+
+def test_a_run_field_override_fixes_a_searched_field(tmp_path):
+    r = cli("validate", "spaces/tpe_explore.yaml", "model.num_input_tokens=2", "--json", str(tmp_path / "v.json"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "v.json").read_text())
+    assert sorted(out["parameters"]) == ["context_dim", "num_layers"]  # no longer searched
+    warm = {c["name"]: c for c in out["configs"]}
+    assert sorted(warm) == ["baseline", "context_dim_1152", "layers_9"]  # input_tokens_2 = baseline now
+    assert all(c["params"].keys() == {"num_layers", "context_dim"} for c in warm.values())
+    # the counts are those of k = 2 (the base value), e.g. baseline = the report's input_tokens_2
+    assert warm["baseline"]["phase1_params"] == json.loads(cli_json(tmp_path, "spaces/tpe_explore.yaml"))["input_tokens_2"]
+    assert "fixes num_input_tokens for every trial" in r.stderr
+
+
+def cli_json(tmp_path, space) -> str:
+    r = cli("validate", space, "--json", str(tmp_path / "plain.json"))
+    assert r.returncode == 0, r.stderr
+    return json.dumps({c["name"]: c["phase1_params"] for c in json.loads((tmp_path / "plain.json").read_text())["configs"]})
+
+
+def test_an_override_that_sets_no_field_is_an_error_not_a_note(tmp_path):
+    r = cli("run", "spaces/quickstart.yaml", "phase2.max_epoch=2", "--dry-run", env={"ARCHSEARCH_HOME": str(tmp_path / "h")})
+    assert r.returncode == 2 and "phase2.max_epoch" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "h").exists()
+
+
+# --------------------------------------------------------------------------- conventions
+
+COMMANDS = ("trial", "fit", "validate", "run", "dashboard", "studies", "report")
+
+
+def _help(*args: str) -> str:
+    r = cli(*args, "--help")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("command", ("", *COMMANDS))
+def test_h_is_help_and_flags_render_as_flags(command):
+    args = (command,) if command else ()
+    r = cli(*args, "-h")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == _help(*args) and r.stdout.startswith(f"Usage: archsearch {command}".rstrip())
+    assert "<bool>" not in r.stdout and "-h, --help" in r.stdout
+    options = r.stdout.split("Options:")[1]
+    for flag in ("--dry-run", "--quiet", "--no-cache", "--version"):
+        for line in options.splitlines():
+            if re.match(rf"\s+(-\w, )?{flag}\b", line):  # the option's row: its help text follows, no value
+                assert re.match(rf"\s+(-\w, )?{flag}\s{{2,}}\w", line), line
+
+
+def test_version_is_the_installed_distribution_version():
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"archsearch {version('archsearch')}"
+
+
+def test_shell_completion_installs_and_completes_in_bash(tmp_path):
+    """--install-completion writes the bash script and sources it from ~/.bashrc; bash, with
+    that script, completes commands and options by asking archsearch itself."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "archsearch").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m archsearch.cli "$@"\n')
+    (bindir / "archsearch").chmod(0o755)
+    env = dict(os.environ, HOME=str(tmp_path), PATH=f"{bindir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT), SHELL="/bin/bash")
+
+    def bash(script: str) -> str:
+        r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = bash("archsearch --install-completion; true")  # '; true': bash stays the parent shell
+    script = tmp_path / ".bash_completions" / "archsearch.sh"
+    assert "bash completion installed" in out and script.is_file()
+    assert f"source '{script}'" in (tmp_path / ".bashrc").read_text()
+    assert "_ARCHSEARCH_COMPLETE" in bash("archsearch --show-completion; true")
+
+    def complete(*words: str) -> list[str]:
+        quoted = " ".join(shlex.quote(w) for w in ("archsearch", *words))
+        got = bash(f"source {shlex.quote(str(script))}; COMP_WORDS=({quoted}); COMP_CWORD={len(words)}; "
+                   '_archsearch_completion archsearch; printf "%s\\n" "${COMPREPLY[@]}"')  # fmt: skip
+        return got.split()
+
+    assert complete("ru") == ["run"]
+    assert "report" in complete("re")
+    assert complete("run", "--dr") == ["--dry-run"]
+    assert complete("trial", "--no-") == ["--no-cache"]
+
+
+def _examples(command: str) -> list[list[str]]:
+    """The example command lines of a command's --help."""
+    text = _help(command)
+    assert "Examples:" in text, f"{command} --help shows no example"
+    return [shlex.split(line.strip())[1:] for line in text.split("Examples:")[1].splitlines() if line.strip().startswith("archsearch ")]
+
+
+@pytest.mark.parametrize("command", ("validate", "run", "fit"))
+def test_the_examples_in_help_work(command, tmp_path):
+    """Each example runs as printed from the repository root (run's with --dry-run added
+    where it trains: the full runs are the quickstart's and the slow tests')."""
+    examples = _examples(command)
+    assert len(examples) >= 1
+    env = {"ARCHSEARCH_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    for args in examples:
+        assert args[0] == command
+        if command == "run" and "--dry-run" not in args:
+            args = [*args, "--dry-run"]
+        r = cli(*args, env=env)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "home" / "archsearch.db").exists()
+
+
+@pytest.mark.slow
+def test_the_trial_examples_in_help_work(tmp_path):
+    for args in _examples("trial"):
+        r = cli(*args, "--device", "cpu", "--quiet", env={"ARCHSEARCH_HOME": str(tmp_path / "home")})
+        assert r.returncode == 0, (args, r.stderr)
+        assert "scaling law: PPL =" in r.stdout
+
+
 def test_fit_command(tmp_path):
     csv = tmp_path / "fit.csv"
     csv.write_text("tokens,ppl\n62891,751.4\n122795,489.8\n240132,364.6\n587970,249.3\n")
@@ -86,6 +239,10 @@ def test_trial_end_to_end_on_wiki_and_deterministic(tmp_path):
     assert r.returncode == 0, r.stderr
     a = json.loads((tmp_path / "a.json").read_text())
     assert a["name"] == "baseline" and a["params"]["num_layers"] == 1 and a["params"]["context_dim"] == 8
+    # overrides mean the same in trial and validate: the trial is validate's first config
+    v = cli("validate", "spaces/quickstart.yaml", *TINY, "--json", str(tmp_path / "v.json"), env=env)
+    assert a["params"] == json.loads((tmp_path / "v.json").read_text())["configs"][0]["params"]
+    assert "note: model.context_dim=8: replaces" in r.stderr and "note: model.context_dim=8: replaces" in v.stderr
     assert [s["train_tokens"] for s in a["sizes"]] == [300, 600, 900]
     assert all(s["val_tokens"] == 300 and s["device"] == "cpu" for s in a["sizes"])
     assert a["fit"]["n_sizes"] == 3 and a["objectives"]["alpha"] == a["fit"]["alpha"]
