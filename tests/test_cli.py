@@ -104,6 +104,23 @@ def cli_json(tmp_path, space) -> str:
     return json.dumps({c["name"]: c["phase1_params"] for c in json.loads((tmp_path / "plain.json").read_text())["configs"]})
 
 
+@pytest.mark.parametrize("override", ["model.num_layers=3", "model={num_layers: 3}"])
+def test_run_field_overrides_on_a_cartesian_grid_and_list_configs(tmp_path, override):
+    from archsearch.space import load_space
+
+    data = {"source": "wiki", "sizes": {"tokens": [1000, 2000]}}
+    grid = write_space(tmp_path / "g.yaml", {"parameters": {"num_layers": [1, 2], "context_dim": [8, 16]}, "data": data})
+    sp = load_space(grid, [override])
+    assert list(sp.configs.values()) == [{"context_dim": 8}, {"context_dim": 16}]  # the product lost its num_layers axis
+    assert sp.base.model.num_layers == 3 and sp.notes == [f"model.num_layers=3: fixes num_layers for every trial "
+                                                          "(parameters.num_layers no longer searches it)"]  # fmt: skip
+    listed = write_space(tmp_path / "l.yaml", {"sampler": {"type": "grid", "configs": [
+        {"name": "a", "num_layers": 1, "context_dim": 8}, {"name": "b", "model.num_layers": 2, "context_dim": 16}]}, "data": data})  # fmt: skip
+    sp = load_space(listed, [override])
+    assert sp.configs == {"a": {"num_layers": 3, "context_dim": 8}, "b": {"num_layers": 3, "context_dim": 16}}
+    assert sp.notes == ["model.num_layers=3: replaces the value of sampler.configs a (1), b (2)"] and sp.merged == {}
+
+
 def test_an_override_that_sets_no_field_is_an_error_not_a_note(tmp_path):
     r = cli("run", "spaces/quickstart.yaml", "phase2.max_epoch=2", "--dry-run", env={"ARCHSEARCH_HOME": str(tmp_path / "h")})
     assert r.returncode == 2 and "phase2.max_epoch" in r.stderr and "Traceback" not in r.stderr
