@@ -125,11 +125,11 @@ def trial(
 
     overrides = overrides or []
     sp = load_space(space, overrides)
+    _print_notes(sp)
     if config in sp.merged:  # an override made it the same as another config (a note says so)
         config = sp.merged[config]
     if config is not None and config not in sp.configs:
         raise ConfigError(f"--config {config!r}: the space has {', '.join(sp.configs) or 'no named configs'}")
-    _print_notes(sp)
     name = config or next(iter(sp.configs), "base")
     params = dict(sp.configs.get(name, {}))
     cfg = sp.run_config(params)
