@@ -19,7 +19,7 @@ from typing import Any, Optional
 import typer
 
 from archsearch.console import console, data_progress, err_console, fit_lines, fmt_count, sizes_table
-from archsearch.errors import ConfigError, UserError
+from archsearch.errors import ConfigError, UserError, shown
 
 PROG = "archsearch"
 
@@ -75,6 +75,33 @@ def _print_notes(sp) -> None:
         err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
+def check_outputs(json_path: Path | None = None, out: Path | None = None) -> None:
+    """``--json`` must name a file that can be written and ``--out`` a folder: checked first,
+    so that a command never runs (or trains) to fail at its last step."""
+    from archsearch import paths
+
+    problems = []
+    if json_path is not None:
+        why = paths.write_problem(json_path)
+        if why:
+            problems.append(f"--json {json_path}: {why}")
+    if out is not None:
+        why = paths.folder_problem(out)
+        if why:
+            problems.append(f"--out {out}: {why}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_study_name(name: str | None) -> None:
+    """A study name becomes folders (reports, Ray's results): checked like ``study.name``."""
+    from archsearch import paths
+
+    why = paths.name_problem(name) if name is not None else None
+    if why:
+        raise ConfigError(f"--study {shown(name)}: {why}")
+
+
 def _write_json(path: Path | None, payload: Any) -> None:
     if path is None:
         return
@@ -124,6 +151,7 @@ def trial(
     from archsearch.trial import TrialPlan, prepare_space_data
 
     overrides = overrides or []
+    check_outputs(json_path)
     sp = load_space(space, overrides)
     _print_notes(sp)
     if config in sp.merged:  # an override made it the same as another config (a note says so)
@@ -222,6 +250,7 @@ def fit(
     """
     from archsearch.scaling import fit_power_law
 
+    check_outputs(json_path)
     tokens, ppl = read_fit_csv(csv_path)
     result = fit_power_law(tokens, ppl, level=level)
     d = result.to_dict(target_tokens)
@@ -232,9 +261,11 @@ def fit(
 
 def read_fit_csv(path: Path) -> tuple[list[float], list[float]]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected a CSV with columns tokens,ppl") from None
     rows = list(csv.DictReader(text.splitlines()))
     if not rows or rows[0] is None:
         raise ConfigError(f"{path}: no data rows (expected a header 'tokens,ppl' and one row per size)")
@@ -279,6 +310,7 @@ def validate(
     from archsearch.config import run_param_counts
     from archsearch.space import known_embed_dim, known_vocab_size, load_space
 
+    check_outputs(json_path)
     sp = load_space(space, overrides or [])
     _print_notes(sp)
     E, V = known_embed_dim(sp.data), known_vocab_size(sp.data)
@@ -343,6 +375,8 @@ def run(
     """
     from archsearch.space import load_space
 
+    check_outputs(json_path)
+    check_study_name(study)
     sp = load_space(space, overrides or [])
     _print_notes(sp)
     if dry_run:
@@ -430,6 +464,26 @@ def _existing_storage(storage: str | None):
     return url, opt_storage
 
 
+def check_port(host: str, port: int) -> None:
+    """An invalid, privileged-for-us or busy ``--port`` (or an unknown ``--host``) is a usage
+    error before the storage is opened, not a traceback from the web server."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a port number 1 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {shown(host)}: not an address of this machine ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            why = "is in use by another program" if e.errno == 98 else (e.strerror or str(e))
+            raise ConfigError(f"--port {port} on {host}: {why}; choose another with --port") from None
+
+
 @app.command()
 def dashboard(
     storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
@@ -443,6 +497,7 @@ def dashboard(
 
     from archsearch.search import storage as stg
 
+    check_port(host, port)
     url, opt_storage = _existing_storage(storage)
     art = artifact_dir or stg.artifact_dir_for(url)
     art.mkdir(parents=True, exist_ok=True)
@@ -463,6 +518,7 @@ def studies(
 
     from archsearch.search import storage as stg
 
+    check_outputs(json_path)
     url, opt_storage = _existing_storage(storage)
     table = Table(title=f"studies in {stg.mask_url(url)}")
     for col in ("study", "objectives", "trials", "COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING", "best"):
@@ -507,6 +563,10 @@ def report(
     from archsearch.report.sources import REFERENCE, from_reference
     from archsearch.search import storage as stg
 
+    check_outputs(json_path, out)
+    check_study_name(study)
+    if top < 1 or top > 10_000:
+        raise ConfigError(f"--top: expected 1 to 10,000 configs, got {top}")
     url, opt_storage = _existing_storage(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(opt_storage, include_best_trial=False)]
     if study is None:
@@ -555,25 +615,42 @@ def _nullcontext():
 # --------------------------------------------------------------------------- entry point
 
 
+def _click_modules() -> tuple:
+    """The click package(s) whose exceptions the app may raise: typer >= 0.26 ships its own
+    copy (``typer._click``), older typers use click itself."""
+    import importlib
+
+    mods = []
+    for name in ("typer._click", "click"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return tuple(mods)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name=PROG, standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        from rich.markup import escape
+
+        # escaped: bad input may hold "[/x]", which rich would read as markup; not wrapped: a
+        # path or URL stays on one line
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
+    except Exception as e:  # click's usage errors (unknown option, bad value, missing argument)
+        for click in _click_modules():
+            if isinstance(e, click.exceptions.ClickException):
+                e.show()
+                sys.exit(2)
+            if isinstance(e, click.exceptions.Abort):
+                sys.exit(130)
         raise
 
 

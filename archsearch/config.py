@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from archsearch.errors import ConfigError
+from archsearch.errors import ConfigError, shown
 
 
 @dataclass
@@ -307,51 +308,66 @@ def _check_type(where: str, value: Any, typ: str, problems: list[str]) -> Any:
     if typ == "bool":
         if isinstance(value, bool):
             return value
-        problems.append(f"{where}: expected true/false, got {value!r}")
+        problems.append(f"{where}: expected true/false, got {shown(value)}")
         return None
     if typ == "int":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-            problems.append(f"{where}: expected an integer, got {value!r}")
+            problems.append(f"{where}: expected an integer, got {shown(value)}")
             return None
         return int(value)
     if typ == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{where}: expected a number, got {value!r}")
+            problems.append(f"{where}: expected a number, got {shown(value)}")
             return None
         return float(value)
     if typ == "str":
         if not isinstance(value, str):
-            problems.append(f"{where}: expected a string, got {value!r}")
+            problems.append(f"{where}: expected a string, got {shown(value)}")
             return None
         return value
     raise AssertionError(typ)
 
 
-# (lower bound, strict?) for each numeric field; None = no bound.
-_BOUNDS: dict[str, tuple[float, bool]] = {
-    "model.num_layers": (1, False),
-    "model.context_dim": (1, False),
-    "model.num_input_tokens": (1, False),
-    "model.init_std": (0, False),
-    "model.init_bias_std": (0, False),
-    "model.layernorm_eps": (0, True),
-    "phase1.lr": (0, True),
-    "phase1.noise_std": (0, False),
-    "phase1.batch_size": (1, False),
-    "phase1.grad_clip": (0, True),
-    "phase1.max_iterations": (1, False),
-    "phase1.min_iterations": (1, False),
-    "phase1.convergence_threshold": (0, True),
-    "phase1.init_context_std": (0, False),
-    "phase2.lr": (0, True),
-    "phase2.batch_size": (1, False),
-    "phase2.grad_clip": (0, True),
-    "phase2.max_epochs": (1, False),
-    "phase2.patience": (1, False),
-    "engine.er_max_rows": (1, False),
-    "engine.phase1_chunk_batches": (1, False),
-    "engine.eval_batch_size": (1, False),
+# (low, low is exclusive?, high) of each numeric field: the low ends are what the model
+# needs, the high ends what a real GPU can hold (an 80-141 GB device; see the README's
+# "Limits (chosen)"). Checked before anything is built, so `num_layers: 1e9` is an error,
+# not a list of a billion layer widths.
+BATCH_MAX = 2**24
+_BOUNDS: dict[str, tuple[float, bool, float]] = {
+    "model.num_layers": (1, False, 256),
+    "model.context_dim": (1, False, 32_768),
+    "model.num_input_tokens": (1, False, 64),
+    "model.init_std": (0, False, 10),
+    "model.init_bias_std": (0, False, 10),
+    "model.layernorm_eps": (0, True, 1),
+    "phase1.lr": (0, True, 10),
+    "phase1.noise_std": (0, False, 100),
+    "phase1.batch_size": (1, False, BATCH_MAX),
+    "phase1.grad_clip": (0, True, 1e6),
+    "phase1.max_iterations": (1, False, 10_000),
+    "phase1.min_iterations": (1, False, 10_000),
+    "phase1.convergence_threshold": (0, True, 1e6),
+    "phase1.init_context_std": (0, False, 100),
+    "phase2.lr": (0, True, 10),
+    "phase2.batch_size": (1, False, BATCH_MAX),
+    "phase2.grad_clip": (0, True, 1e6),
+    "phase2.max_epochs": (1, False, 10_000),
+    "phase2.patience": (1, False, 10_000),
+    "engine.er_max_rows": (1, False, 1_000_000),
+    "engine.phase1_chunk_batches": (1, False, 1_024),
+    "engine.eval_batch_size": (1, False, BATCH_MAX),
 }
+MAX_PARAMS = 4e9
+"""Trainable parameters of one config, phase 1 + phase 2 (fp32 weights, gradients and Adam's
+two moments: 16 bytes each, 64 GB at the limit)."""
+
+
+def bounds_table() -> list[tuple[str, str]]:
+    """(field, allowed range) rows, as the README documents them."""
+    rows = []
+    for name, (low, strict, high) in _BOUNDS.items():
+        rows.append((name, f"{'(' if strict else '['}{low:g}, {high:,g}]"))
+    return rows
 
 
 def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig:
@@ -370,12 +386,12 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
     for section, cls in SECTIONS.items():
         raw = d.get(section) or {}
         if not isinstance(raw, dict):
-            problems.append(f"{prefix}{section}: expected a mapping of fields, got {raw!r}")
+            problems.append(f"{prefix}{section}: expected a mapping of fields, got {shown(raw)}")
             raw = {}
         types = _field_types(cls)
         values: dict[str, Any] = {}
         for key, value in raw.items():
-            loc = f"{prefix}{section}.{key}"
+            loc = f"{prefix}{section}.{shown(key, 40).strip(chr(39))}"
             if key not in types:
                 problems.append(f"{loc}: unknown field (fields of {section}: {', '.join(types)})")
                 continue
@@ -383,11 +399,17 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
             v = _check_type(loc, value, typ, problems)
             if v is None:
                 continue
+            if typ == "float" and not math.isfinite(v):
+                problems.append(f"{loc}: expected a finite number, got {shown(value)}")
+                continue
             bound = _BOUNDS.get(f"{section}.{key}")
             if bound is not None:
-                low, strict = bound
+                low, strict, high = bound
                 if (strict and not v > low) or (not strict and not v >= low):
-                    problems.append(f"{loc}: must be {'>' if strict else '>='} {low:g}, got {value!r}")
+                    problems.append(f"{loc}: must be {'>' if strict else '>='} {low:g}, got {shown(value)}")
+                    continue
+                if v > high:
+                    problems.append(f"{loc}: must be <= {high:,g} (the limit of a real GPU; see the README), got {shown(value)}")
                     continue
             values[key] = v
         try:
@@ -451,10 +473,16 @@ def _cross_checks(cfg: RunConfig, prefix: str) -> list[str]:
         problems.append(
             f"{prefix}phase1.min_iterations: {p1.min_iterations} is above phase1.max_iterations ({p1.max_iterations})"
         )
+    least = phase1_params(cfg.model, 1)
+    if least > MAX_PARAMS:
+        problems.append(
+            f"{prefix}model: num_layers {cfg.model.num_layers} x context_dim {cfg.model.context_dim} makes at least "
+            f"{least:,} phase-1 parameters (limit {MAX_PARAMS:,.0f})"
+        )
     if e.recurrent not in RECURRENT_MODES:
-        problems.append(f"{prefix}engine.recurrent: must be one of {', '.join(RECURRENT_MODES)}, got {e.recurrent!r}")
+        problems.append(f"{prefix}engine.recurrent: must be one of {', '.join(RECURRENT_MODES)}, got {shown(e.recurrent)}")
     if e.precision not in PRECISIONS:
-        problems.append(f"{prefix}engine.precision: must be one of {', '.join(PRECISIONS)}, got {e.precision!r}")
+        problems.append(f"{prefix}engine.precision: must be one of {', '.join(PRECISIONS)}, got {shown(e.precision)}")
     return problems
 
 

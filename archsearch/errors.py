@@ -5,6 +5,29 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+SHOWN_CHARS = 80
+"""Longest quoted value in a message; longer ones are cut (a 5 MB list is not echoed)."""
+PROBLEM_CHARS = 500
+"""Longest single problem of a ConfigError."""
+MAX_PROBLEMS = 50
+"""Problems listed by one ConfigError; the rest are counted."""
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for quoting bad input in a message. Large
+    containers are cut before they are turned into text."""
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
+        kind = type(value).__name__
+        return f"<a {kind} of {len(value):,} items>"
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a deeply nested {type(value).__name__}>"
+    if len(text) > limit:
+        text = text[: limit - 15] + f"... ({len(text):,} chars)"
+    return text
+
+
 class UserError(Exception):
     """Bad input or a missing resource the user must fix; exit code 2."""
 
@@ -15,7 +38,11 @@ class ConfigError(UserError):
     """One or more problems in a space file, an override or an argument, all listed at once."""
 
     def __init__(self, problems: Iterable[str] | str, source: str | None = None):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        problems = [problems] if isinstance(problems, str) else list(problems)
+        problems = [p if len(p) <= PROBLEM_CHARS else p[: PROBLEM_CHARS - 20] + f"... ({len(p):,} chars)" for p in problems]
+        if len(problems) > MAX_PROBLEMS:
+            problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS:,} more problems"]
+        self.problems = problems
         self.source = source
         super().__init__(self._message())
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from archsearch.config import RunConfig, canonical_name, resolve_field, run_config_from_dict, run_param_counts
-from archsearch.errors import ConfigError
+from archsearch.config import MAX_PARAMS, RunConfig, canonical_name, resolve_field, run_config_from_dict, run_param_counts
+from archsearch.errors import ConfigError, shown
+from archsearch.paths import name_problem
 
 # objective name -> (default direction, needs a fit across sizes)
 OBJECTIVES: dict[str, tuple[str, bool]] = {
@@ -43,7 +44,20 @@ TOP_LEVEL = (
     "study", "objective", "sampler", "parameters", "warm_start", "n_trials", "model", "phase1", "phase2",
     "engine", "data", "seeds", "resources", "max_concurrent", "early_stopping", "constraints", "max_failures",
 )  # fmt: skip
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+MAX_GRID = 10_000
+"""Points of a Cartesian grid (counted before the grid is built)."""
+MAX_SEED = 2**32 - 1
+MAX_SEEDS = 100
+MAX_TARGET_TOKENS = 1e15
+MAX_TRIALS = 100_000
+MAX_CONCURRENT = 10_000
+MAX_FAILURES = 1_000
+MAX_GPUS = 1_024
+MAX_CPUS = 4_096
+MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+"""Values of a YAML document after aliases are expanded (an alias bomb stops here)."""
 
 
 @dataclass(frozen=True)
@@ -167,12 +181,14 @@ class Space:
         return self.base.replace(**params) if params else self.base
 
     def constraint_violations(self, params: dict[str, Any], embed_dim: int | None, vocab_size: int = 0) -> list[str]:
-        """Problems of ``params`` with the space's constraints (param counts need E; V too for
-        a family that trains its embedding)."""
-        if not self.constraints or embed_dim is None:
+        """Problems of ``params`` with the space's constraints and the parameter limit a GPU
+        can hold (param counts need E; V too for a family that trains its embedding)."""
+        if embed_dim is None:
             return []
         counts = run_param_counts(self.run_config(params), embed_dim, vocab_size)
         out = []
+        if counts["total_params"] > MAX_PARAMS:
+            out.append(f"total_params = {counts['total_params']:,} exceeds the limit of {MAX_PARAMS:,.0f} a GPU can train")
         for key, limit in self.constraints.items():
             if key.removeprefix("max_") not in counts:
                 continue  # e.g. max_phase1_params bounds CVFP's phase 1; another family has none
@@ -185,16 +201,68 @@ class Space:
 # --------------------------------------------------------------------------- YAML + overrides
 
 
+class YAMLLimit(yaml.MarkedYAMLError):
+    """A YAML document beyond the size, nesting or alias-expansion limits."""
+
+
 class _SafeLoader(yaml.SafeLoader):
-    """safe_load, plus a clear error for duplicate keys (a common, silent YAML mistake)."""
+    """safe_load, plus a clear error for duplicate keys (a common, silent YAML mistake) and
+    limits on nesting and on the values aliases expand to (checked while composing, before
+    anything is built: an alias bomb is refused at its first alias past the limit)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if self.check_event(yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                self._count(self._expanded(target), event)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise YAMLLimit(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+        try:
+            self._count(1, event)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _count(self, n: int, event) -> None:
+        self._nodes += n
+        if self._nodes > MAX_YAML_NODES:
+            raise YAMLLimit(None, None, f"more than {MAX_YAML_NODES:,} values once aliases (*name) are expanded", event.start_mark)
+
+    def _expanded(self, node) -> int:
+        """Values ``node`` stands for, aliases expanded (memoised: linear in the document)."""
+        key = id(node)
+        if key in self._sizes:
+            if self._sizes[key] < 0:  # an alias inside its own anchor
+                raise YAMLLimit(None, None, "an alias refers to its own anchor (a cycle)", node.start_mark)
+            return self._sizes[key]
+        self._sizes[key] = -1
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(self._expanded(c) for c in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(self._expanded(k) + self._expanded(v) for k, v in node.value)
+        self._sizes[key] = n = min(n, MAX_YAML_NODES + 1)
+        return n
 
 
 def _no_duplicates(loader, node, deep=False):
     keys = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+            raise yaml.constructor.ConstructorError(None, None, f"a key must be a name or a number, got a {kind}", key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if key in keys:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}", key_node.start_mark)
         keys.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -216,7 +284,9 @@ _SafeLoader.add_implicit_resolver(
 
 
 def parse_value(text: str) -> Any:
-    """One YAML scalar/flow value, as in a space file."""
+    """One YAML scalar/flow value, as in a space file (the same limits)."""
+    if len(text.encode(errors="replace")) > MAX_YAML_BYTES:
+        raise YAMLLimit(None, None, f"longer than {MAX_YAML_BYTES // 1024} KiB", None)
     return yaml.load(text, Loader=_SafeLoader)
 
 
@@ -224,23 +294,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a space file with a safe loader (no object construction from tags)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"no such space file: {p}") from None
     except OSError as e:
         raise ConfigError(f"cannot read space file {p}: {e.strerror}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"a space file is at most {MAX_YAML_BYTES // 1024} KiB; this one is larger", str(p))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start}: {e.reason}); save the space file as UTF-8", str(p)) from None
     try:
         doc = yaml.load(text, Loader=_SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"YAML syntax error{where}: {problem}", str(p)) from None
+        raise ConfigError(_yaml_problem(e), str(p)) from None
+    except RecursionError:  # pragma: no cover - the depth limit stops it first
+        raise ConfigError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels", str(p)) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"a space file must be a mapping of sections, got {type(doc).__name__}", str(p))
     return doc
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = str(getattr(e, "problem", None) or e)
+    problem = problem if len(problem) <= 200 else problem[:180] + "..."
+    head = "YAML document too large" if isinstance(e, YAMLLimit) else "YAML syntax error"
+    return f"{head}{where}: {problem}"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -251,19 +336,19 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"override {item!r}: expected dotted.key=value")
+            problems.append(f"override {shown(item)}: expected dotted.key=value")
             continue
         try:
             parsed = parse_value(value) if value.strip() else None
-        except yaml.YAMLError:
-            problems.append(f"override {item!r}: value is not valid YAML")
+        except yaml.YAMLError as e:
+            problems.append(f"override {shown(item)}: value is not valid YAML ({_yaml_problem(e)})")
             continue
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 if part in node and node[part] is not None:
-                    problems.append(f"override {item!r}: {part!r} is not a mapping")
+                    problems.append(f"override {shown(item)}: {shown(part)} is not a mapping")
                     break
                 node[part] = {}
             node = node[part]
@@ -423,11 +508,12 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     _unknown(study, "study", ("name", "storage", "directions"), problems)
     default_name = Path(path).stem if path and not path.startswith("<") else "archsearch"
     study_name = study.get("name", default_name)
-    if not isinstance(study_name, str) or not _NAME.match(study_name):
-        problems.append(f"study.name: must be letters, digits, '_', '-', '.', got {study_name!r}")
+    why = name_problem(study_name)
+    if why:
+        problems.append(f"study.name: {why}, got {shown(study_name)}")
     storage = study.get("storage")
     if storage is not None and not isinstance(storage, str):
-        problems.append(f"study.storage: expected a storage URL string, got {storage!r}")
+        problems.append(f"study.storage: expected a storage URL string, got a {type(storage).__name__}")
 
     objectives = _objectives(raw.get("objective", "alpha"), study.get("directions"), problems)
 
@@ -447,11 +533,11 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     if isinstance(sampler_raw, str):
         sampler_raw = {"type": sampler_raw}
     if not isinstance(sampler_raw, dict):
-        problems.append(f"sampler: expected a sampler name or a mapping, got {sampler_raw!r}")
+        problems.append(f"sampler: expected a sampler name or a mapping, got {shown(sampler_raw)}")
         sampler_raw = {"type": "grid"}
     sampler = sampler_raw.get("type", "grid")
-    if sampler not in SAMPLERS:
-        problems.append(f"sampler.type: unknown sampler {sampler!r} (one of {', '.join(SAMPLERS)})")
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        problems.append(f"sampler.type: unknown sampler {shown(sampler)} (one of {', '.join(SAMPLERS)})")
     options = {k: v for k, v in sampler_raw.items() if k not in ("type", "configs")}
 
     families = _raw_families(base, raw, sampler_raw, problems)
@@ -484,14 +570,14 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
                 problems.append(f"warm_start.configs.{name}: {', '.join(extra)} not among the searched parameters")
             for k, v in cfg.items():
                 if k in parameters and not parameters[k].contains(v):
-                    problems.append(f"warm_start.configs.{name}.{k}: {v!r} is outside parameters.{k} {parameters[k].to_dict()}")
+                    problems.append(f"warm_start.configs.{name}.{k}: {shown(v)} is outside parameters.{k} {parameters[k].to_dict()}")
         if sampler == "cmaes" and len(objectives) > 1:
             problems.append("sampler.type: cmaes optimises one objective; use nsga2 or tpe for several")
         _sampler_options(sampler, options, problems)
 
     n_trials = raw.get("n_trials", 0 if sampler == "grid" else 20)
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
-        problems.append(f"n_trials: expected an integer >= 0, got {n_trials!r}")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or not 0 <= n_trials <= MAX_TRIALS:
+        problems.append(f"n_trials: expected an integer 0 to {MAX_TRIALS:,}, got {shown(n_trials)}")
         n_trials = 0
 
     data = None
@@ -507,27 +593,28 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     seeds = raw.get("seeds", [42])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        problems.append(f"seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+    if (not isinstance(seeds, list) or not seeds or len(seeds) > MAX_SEEDS
+            or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seeds)):  # fmt: skip
+        problems.append(f"seeds: expected a non-empty list of integers 0 to 2^32-1 (at most {MAX_SEEDS}), got {shown(seeds)}")
         seeds = [42]
     elif len(set(seeds)) != len(seeds):
-        problems.append(f"seeds: duplicate seeds in {seeds}")
+        problems.append(f"seeds: duplicate seeds in {shown(seeds)}")
 
     res = _mapping(raw, "resources", problems)
     _unknown(res, "resources", ("gpus", "cpus"), problems)
     gpus: float | None = None  # "auto": one GPU per trial where the cluster has GPUs, else none
     if res.get("gpus", "auto") != "auto":
-        gpus = _number(res, "gpus", 0.0, "resources", problems, low=0.0)
+        gpus = _number(res, "gpus", 0.0, "resources", problems, low=0.0, high=MAX_GPUS)
         if gpus > 1 and not float(gpus).is_integer():
             problems.append(f"resources.gpus: above 1 a trial takes whole GPUs, got {gpus}")
-    cpus = _number(res, "cpus", 1.0, "resources", problems, low=0.0, strict=True)
+    cpus = _number(res, "cpus", 1.0, "resources", problems, low=0.0, strict=True, high=MAX_CPUS)
     max_concurrent = raw.get("max_concurrent", 1)
-    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
-        problems.append(f"max_concurrent: expected an integer >= 1, got {max_concurrent!r}")
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= MAX_CONCURRENT:
+        problems.append(f"max_concurrent: expected an integer 1 to {MAX_CONCURRENT:,}, got {shown(max_concurrent)}")
         max_concurrent = 1
     max_failures = raw.get("max_failures", 0)
-    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
-        problems.append(f"max_failures: expected an integer >= 0, got {max_failures!r}")
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or not 0 <= max_failures <= MAX_FAILURES:
+        problems.append(f"max_failures: expected an integer 0 to {MAX_FAILURES:,}, got {shown(max_failures)}")
         max_failures = 0
 
     early = _early_stopping(raw.get("early_stopping"), objectives, problems)
@@ -550,6 +637,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     bad = [f"{where}.{name}: {'; '.join(v)}" for where, name, v in (
         ("sampler.configs" if space.is_grid else "warm_start.configs", n, space.constraint_violations(c, e))
         for n, c in configs.items()) if v]  # fmt: skip
+    bad += [f"model: {v}" for v in space.constraint_violations({}, e) if "the limit" in v and not configs]
     if bad:
         raise ConfigError([f"{b} (constraints)" for b in bad])
     return space
@@ -579,7 +667,7 @@ def _mapping(raw: dict, key: str, problems: list[str]) -> dict:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        problems.append(f"{key}: expected a mapping, got {v!r}")
+        problems.append(f"{key}: expected a mapping, got {shown(v)}")
         return {}
     return v
 
@@ -591,13 +679,16 @@ def _unknown(d: dict, where: str, known: Iterable[str], problems: list[str]) -> 
             problems.append(f"{where}.{k}: unknown key (known: {', '.join(known)})")
 
 
-def _number(d, key, default, where, problems, low=None, strict=False):
+def _number(d, key, default, where, problems, low=None, strict=False, high=None):
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        problems.append(f"{where}.{key}: expected a number, got {v!r}")
+        problems.append(f"{where}.{key}: expected a finite number, got {shown(v)}")
         return default
     if low is not None and (v <= low if strict else v < low):
-        problems.append(f"{where}.{key}: must be {'>' if strict else '>='} {low:g}, got {v!r}")
+        problems.append(f"{where}.{key}: must be {'>' if strict else '>='} {low:g}, got {shown(v)}")
+        return default
+    if high is not None and v > high:
+        problems.append(f"{where}.{key}: must be <= {high:g}, got {shown(v)}")
         return default
     return float(v)
 
@@ -613,29 +704,29 @@ def _objectives(raw, directions, problems) -> list[Objective]:
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict):
-            problems.append(f"{where}: expected an objective name or mapping, got {item!r}")
+            problems.append(f"{where}: expected an objective name or mapping, got {shown(item)}")
             continue
         _unknown(item, where, ("name", "target_tokens", "direction"), problems)
         name = item.get("name")
-        if name not in OBJECTIVES:
-            problems.append(f"{where}: unknown objective {name!r} (one of {', '.join(OBJECTIVES)})")
+        if not isinstance(name, str) or name not in OBJECTIVES:
+            problems.append(f"{where}: unknown objective {shown(name)} (one of {', '.join(OBJECTIVES)})")
             continue
         target = item.get("target_tokens")
         if name == "ppl_at":
             target = DEFAULT_TARGET_TOKENS if target is None else target
-            if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
-                problems.append(f"{where}.target_tokens: expected a positive token count, got {target!r}")
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= MAX_TARGET_TOKENS:
+                problems.append(f"{where}.target_tokens: expected a positive token count up to {MAX_TARGET_TOKENS:.0e}, got {shown(target)}")
                 continue
         elif target is not None:
             problems.append(f"{where}.target_tokens: only the ppl_at objective takes a target")
         direction = item.get("direction", OBJECTIVES[name][0])
-        if direction not in ("minimize", "maximize"):
-            problems.append(f"{where}.direction: expected minimize or maximize, got {direction!r}")
+        if not isinstance(direction, str) or direction not in ("minimize", "maximize"):
+            problems.append(f"{where}.direction: expected minimize or maximize, got {shown(direction)}")
             continue
         out.append(Objective(name, direction, float(target) if target is not None else None))
     if directions is not None:
-        if not isinstance(directions, list) or len(directions) != len(out) or any(d not in ("minimize", "maximize") for d in directions):
-            problems.append(f"study.directions: expected {len(out)} of minimize/maximize (one per objective), got {directions!r}")
+        if not isinstance(directions, list) or len(directions) != len(out) or any(not isinstance(d, str) or d not in ("minimize", "maximize") for d in directions):
+            problems.append(f"study.directions: expected {len(out)} of minimize/maximize (one per objective), got {shown(directions)}")
         else:
             out = [Objective(o.name, d, o.target_tokens) for o, d in zip(out, directions)]
     labels = [o.label for o in out]
@@ -649,24 +740,24 @@ def parse_distribution(spec: Any, where: str, problems: list[str]) -> Distributi
     if isinstance(spec, list):
         spec = {"type": "categorical", "choices": spec}
     if not isinstance(spec, dict):
-        problems.append(f"{where}: expected a distribution like {{type: int, low: 1, high: 12}}, got {spec!r}")
+        problems.append(f"{where}: expected a distribution like {{type: int, low: 1, high: 12}}, got {shown(spec)}")
         return None
     t = spec.get("type")
     if t == "categorical":
         _unknown(spec, where, ("type", "choices"), problems)
         choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            problems.append(f"{where}.choices: expected a non-empty list, got {choices!r}")
+        if not isinstance(choices, list) or not choices or len(choices) > MAX_GRID:
+            problems.append(f"{where}.choices: expected a non-empty list of at most {MAX_GRID:,} values, got {shown(choices)}")
             return None
         if any(not isinstance(c, (int, float, str, bool)) or c is None for c in choices):
             problems.append(f"{where}.choices: values must be numbers, strings or booleans")
             return None
         if len(set(map(repr, choices))) != len(choices):
-            problems.append(f"{where}.choices: duplicate choices in {choices}")
+            problems.append(f"{where}.choices: duplicate choices in {shown(choices)}")
             return None
         return Distribution("categorical", choices=tuple(choices))
-    if t not in ("int", "float"):
-        problems.append(f"{where}.type: expected int, float or categorical, got {t!r}")
+    if not isinstance(t, str) or t not in ("int", "float"):
+        problems.append(f"{where}.type: expected int, float or categorical, got {shown(t)}")
         return None
     _unknown(spec, where, ("type", "low", "high", "step", "log"), problems)
     n = len(problems)
@@ -676,15 +767,15 @@ def parse_distribution(spec: Any, where: str, problems: list[str]) -> Distributi
         if v is None and key == "step":
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            problems.append(f"{where}.{key}: expected a number, got {v!r}")
+            problems.append(f"{where}.{key}: expected a finite number, got {shown(v)}")
             continue
         if t == "int" and not float(v).is_integer():
-            problems.append(f"{where}.{key}: an int distribution needs integers, got {v!r}")
+            problems.append(f"{where}.{key}: an int distribution needs integers, got {shown(v)}")
             continue
         vals[key] = v
     log = spec.get("log", False)
     if not isinstance(log, bool):
-        problems.append(f"{where}.log: expected true/false, got {log!r}")
+        problems.append(f"{where}.log: expected true/false, got {shown(log)}")
     if len(problems) > n:
         return None
     low, high, step = vals["low"], vals["high"], vals.get("step")
@@ -739,11 +830,11 @@ def _parameters(raw, problems, families=("cvfp",)) -> dict[str, Distribution]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        problems.append(f"parameters: expected a mapping of field: distribution, got {raw!r}")
+        problems.append(f"parameters: expected a mapping of field: distribution, got {shown(raw)}")
         return {}
     out: dict[str, Distribution] = {}
     for name, spec in raw.items():
-        where = f"parameters.{name}"
+        where = f"parameters.{shown(name, 60).strip(chr(39))}"
         try:
             canon = canonical_name(str(name), families)
         except KeyError as e:
@@ -810,17 +901,21 @@ def _configs(raw, where, base: RunConfig, problems, families=("cvfp",)) -> dict[
     if not isinstance(raw, dict) or not raw:
         problems.append(f"{where}: expected a non-empty mapping of name: {{field: value}}")
         return {}
+    if len(raw) > MAX_GRID:
+        problems.append(f"{where}: {len(raw):,} configs (limit {MAX_GRID:,})")
+        return {}
     out: dict[str, dict[str, Any]] = {}
     seen: dict[str, str] = {}
     for name, fields in raw.items():
-        loc = f"{where}.{name}"
-        if not _NAME.match(str(name)):
-            problems.append(f"{loc}: config names are letters, digits, '_', '-', '.'")
+        why = name_problem(str(name))
+        loc = f"{where}.{shown(str(name), 60).strip(chr(39))}"
+        if why:
+            problems.append(f"{loc}: config names are {why.removeprefix('must be ')}")
             continue
         if fields is None:
             fields = {}
         if not isinstance(fields, dict):
-            problems.append(f"{loc}: expected a mapping of field: value, got {fields!r}")
+            problems.append(f"{loc}: expected a mapping of field: value, got {shown(fields)}")
             continue
         params = {}
         family = fields.get("family", base.family)
@@ -830,7 +925,7 @@ def _configs(raw, where, base: RunConfig, problems, families=("cvfp",)) -> dict[
             try:
                 canon = canonical_name(str(key), [family] if isinstance(family, str) else families)
             except KeyError as e:
-                problems.append(f"{loc}.{key}: {e.args[0]}")
+                problems.append(f"{loc}.{shown(str(key), 60).strip(chr(39))}: {e.args[0]}")
                 continue
             if _check_field(canon, value, f"{loc}.{key}" if canon == "family" else f"{loc}", problems, family if canon != "family" else "cvfp"):
                 params[canon] = value
@@ -850,7 +945,28 @@ def _configs(raw, where, base: RunConfig, problems, families=("cvfp",)) -> dict[
     return out
 
 
+def grid_size(dist: Distribution) -> int | None:
+    """Values of a finite distribution, counted without building them (None: continuous)."""
+    if dist.type == "categorical":
+        return len(dist.choices)
+    if dist.type == "int":
+        return (int(dist.high) - int(dist.low)) // int(dist.step or 1) + 1
+    if dist.type == "float" and dist.step:
+        return int(math.floor((dist.high - dist.low) / dist.step + 1e-9)) + 1
+    return None
+
+
 def _cartesian(parameters: dict[str, Distribution], base, problems) -> dict[str, dict[str, Any]]:
+    total = 1
+    for name, dist in parameters.items():
+        n = grid_size(dist)
+        if n is None:
+            problems.append(f"parameters.{name}: a grid needs finite values (categorical, int, or float with step)")
+            return {}
+        total *= n
+    if total > MAX_GRID:
+        problems.append(f"parameters: the Cartesian grid has {total:,} points (limit {MAX_GRID:,})")
+        return {}
     names, values = [], []
     for name, dist in parameters.items():
         try:
@@ -865,25 +981,72 @@ def _cartesian(parameters: dict[str, Distribution], base, problems) -> dict[str,
         params = dict(zip(names, combo))
         label = ",".join(f"{k}={v}" for k, v in params.items())
         out[label] = params
-    if len(out) > 10_000:
-        problems.append(f"parameters: the Cartesian grid has {len(out):,} points (limit 10,000)")
-        return {}
     return out
 
 
-_SAMPLER_OPTIONS = {
-    "tpe": ("seed", "n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar", "consider_endpoints", "prior_weight"),
-    "random": ("seed",),
-    "cmaes": ("seed", "n_startup_trials", "sigma0", "restart_strategy", "popsize", "with_margin"),
-    "nsga2": ("seed", "population_size", "mutation_prob", "crossover_prob", "swapping_prob"),
-}
+# option -> (kind, low, high); kinds: int, float, float+ (above low), float? (or null), bool,
+# prob (a float in [0, 1]), auto|int, choice
+_SEED = ("int", 0, MAX_SEED)
+_SAMPLER_OPTIONS: dict[str, dict[str, tuple]] = {
+    "tpe": {"seed": _SEED, "n_startup_trials": ("int", 0, MAX_TRIALS), "n_ei_candidates": ("int", 1, 10_000),
+            "multivariate": ("bool",), "group": ("bool",), "constant_liar": ("bool",), "consider_endpoints": ("bool",),
+            "prior_weight": ("float+", 0, 1e6)},
+    "random": {"seed": _SEED},
+    "cmaes": {"seed": _SEED, "n_startup_trials": ("int", 0, MAX_TRIALS), "sigma0": ("float+", 0, 1e6),
+              "restart_strategy": ("choice", ("ipop", "bipop")), "popsize": ("int", 1, 10_000), "with_margin": ("bool",)},
+    "nsga2": {"seed": _SEED, "population_size": ("int", 2, 10_000), "mutation_prob": ("prob",),
+              "crossover_prob": ("prob",), "swapping_prob": ("prob",)},
+}  # fmt: skip
+_PRUNER_OPTIONS: dict[str, dict[str, tuple]] = {
+    "none": {},
+    "median": {"n_startup_trials": ("int", 0, MAX_TRIALS), "n_warmup_steps": ("int", 0, 10**15), "n_min_trials": ("int", 1, MAX_TRIALS)},
+    "percentile": {"percentile": ("float", 0, 100), "n_startup_trials": ("int", 0, MAX_TRIALS),
+                   "n_warmup_steps": ("int", 0, 10**15), "n_min_trials": ("int", 1, MAX_TRIALS)},
+    "threshold": {"lower": ("float?", -1e300, 1e300), "upper": ("float?", -1e300, 1e300), "n_warmup_steps": ("int", 0, 10**15)},
+    "successive_halving": {"min_resource": ("auto|int", 1, 10**15), "reduction_factor": ("int", 2, 1000),
+                           "min_early_stopping_rate": ("int", 0, 1000), "bootstrap_count": ("int", 0, MAX_TRIALS)},
+    "hyperband": {"min_resource": ("int", 1, 10**15), "max_resource": ("auto|int", 1, 10**15),
+                  "reduction_factor": ("int", 2, 1000), "bootstrap_count": ("int", 0, MAX_TRIALS)},
+}  # fmt: skip
+
+
+def _option_problem(spec: tuple, v: Any) -> str | None:
+    """Why ``v`` is no value of an option of kind ``spec``, or None (the types Optuna's
+    constructors take, checked here so a wrong one fails validation, not a running trial)."""
+    kind = spec[0]
+    if kind == "bool":
+        return None if isinstance(v, bool) else "expected true/false"
+    if kind == "choice":
+        return None if isinstance(v, str) and v in spec[1] else f"expected one of {', '.join(spec[1])}"
+    if kind == "auto|int" and v == "auto":
+        return None
+    if kind == "float?" and v is None:
+        return None
+    number = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if kind == "prob":
+        return None if number and 0 <= v <= 1 else "expected a probability in [0, 1]"
+    low, high = spec[1], spec[2]
+    if kind in ("int", "auto|int"):
+        if not number or not float(v).is_integer():
+            return "expected an integer" + (" or auto" if kind == "auto|int" else "")
+    elif not number:
+        return "expected a finite number"
+    if kind == "float+" and not low < v <= high:
+        return f"must lie in ({low:g}, {high:g}]"
+    if not low <= v <= high:
+        return f"must lie in [{low:g}, {high:g}]"
+    return None
 
 
 def _sampler_options(sampler: str, options: dict, problems: list[str]) -> None:
-    allowed = _SAMPLER_OPTIONS.get(sampler, ())
-    for k in options:
+    allowed = _SAMPLER_OPTIONS.get(sampler, {})
+    for k, v in options.items():
         if k not in allowed:
-            problems.append(f"sampler.{k}: unknown option of the {sampler} sampler (known: {', '.join(allowed)})")
+            problems.append(f"sampler.{shown(k, 40).strip(chr(39))}: unknown option of the {sampler} sampler (known: {', '.join(allowed)})")
+            continue
+        why = _option_problem(allowed[k], v)
+        if why:
+            problems.append(f"sampler.{k}: {why}, got {shown(v)}")
 
 
 def _early_stopping(raw, objectives, problems) -> dict[str, Any]:
@@ -892,31 +1055,29 @@ def _early_stopping(raw, objectives, problems) -> dict[str, Any]:
     if isinstance(raw, str):
         raw = {"pruner": raw}
     if not isinstance(raw, dict):
-        problems.append(f"early_stopping: expected a pruner name or a mapping, got {raw!r}")
+        problems.append(f"early_stopping: expected a pruner name or a mapping, got {shown(raw)}")
         return {"pruner": "none"}
     pruner = raw.get("pruner", "median")
-    if pruner not in PRUNERS:
-        problems.append(f"early_stopping.pruner: unknown pruner {pruner!r} (one of {', '.join(PRUNERS)})")
+    if not isinstance(pruner, str) or pruner not in PRUNERS:
+        problems.append(f"early_stopping.pruner: unknown pruner {shown(pruner)} (one of {', '.join(PRUNERS)})")
         return {"pruner": "none"}
-    allowed = {
-        "none": (),
-        "median": ("n_startup_trials", "n_warmup_steps", "n_min_trials"),
-        "percentile": ("percentile", "n_startup_trials", "n_warmup_steps", "n_min_trials"),
-        "threshold": ("lower", "upper", "n_warmup_steps"),
-        "successive_halving": ("min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"),
-        "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count"),
-    }[pruner]
+    allowed = _PRUNER_OPTIONS[pruner]
     for k, v in raw.items():
         if k == "pruner":
             continue
         if k not in allowed:
-            problems.append(f"early_stopping.{k}: unknown option of the {pruner} pruner (known: {', '.join(allowed) or 'none'})")
-        elif isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            problems.append(f"early_stopping.{k}: expected a number, got {v!r}")
+            problems.append(f"early_stopping.{shown(k, 40).strip(chr(39))}: unknown option of the {pruner} pruner (known: {', '.join(allowed) or 'none'})")
+            continue
+        why = _option_problem(allowed[k], v)
+        if why:
+            problems.append(f"early_stopping.{k}: {why}, got {shown(v)}")
     if pruner == "percentile" and "percentile" not in raw:
         problems.append("early_stopping.percentile: the percentile pruner needs a percentile (0-100)")
-    if pruner == "threshold" and "lower" not in raw and "upper" not in raw:
+    if pruner == "threshold" and raw.get("lower") is None and raw.get("upper") is None:
         problems.append("early_stopping: the threshold pruner needs lower and/or upper")
+    lower, upper = raw.get("lower"), raw.get("upper")
+    if pruner == "threshold" and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lower, upper)) and lower > upper:
+        problems.append(f"early_stopping: lower ({lower:g}) is above upper ({upper:g})")
     if pruner != "none" and len(objectives) > 1:
         problems.append("early_stopping: Optuna cannot prune a multi-objective study; drop early_stopping or use one objective")
     return dict(raw, pruner=pruner)
@@ -926,15 +1087,15 @@ def _constraints(raw, problems) -> dict[str, float]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        problems.append(f"constraints: expected a mapping, got {raw!r}")
+        problems.append(f"constraints: expected a mapping, got {shown(raw)}")
         return {}
     known = ("max_phase1_params", "max_phase2_params", "max_total_params")
     out = {}
     for k, v in raw.items():
         if k not in known:
-            problems.append(f"constraints.{k}: unknown constraint (known: {', '.join(known)})")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            problems.append(f"constraints.{k}: expected a positive number, got {v!r}")
+            problems.append(f"constraints.{shown(k, 40).strip(chr(39))}: unknown constraint (known: {', '.join(known)})")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            problems.append(f"constraints.{k}: expected a positive finite number, got {shown(v)}")
         else:
             out[k] = float(v)
     return out

@@ -7,6 +7,7 @@ runs the same value checks on a spec built in code.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archsearch.errors import ConfigError
+from archsearch.errors import ConfigError, shown
 
 SOURCES = ("wiki", "ultrachat", "files")
 SIZE_UNITS = ("samples", "tokens")
@@ -109,23 +110,30 @@ _SOURCE_FIELDS = {
     "min_article_chars": ("wiki",),
 }
 
-# (kind, lower bound) of every field but sizes; kinds: str, str?, int, paths.
-_KINDS: dict[str, tuple[str, int | None]] = {
-    "source": ("str", None),
-    "size_unit": ("str", None),
-    "tokenizer": ("str?", None),
-    "embedding_key": ("str?", None),
-    "dataset": ("str", None),
-    "split": ("str", None),
-    "val_start": ("int", 0),
-    "val_count": ("int", 1),
-    "paths": ("paths", None),
-    "format": ("str", None),
-    "text_field": ("str", None),
-    "val_paths": ("paths", None),
-    "val_tokens": ("int", 1),
-    "min_article_chars": ("int", 0),
-    "cache_dir": ("str?", None),
+# Upper bounds (README, "Limits (chosen)"): a training stream of 10^10 tokens is 40 GB of
+# int32 tokens, about what one host's memory and one GPU's run can take.
+MAX_TOKENS = 10**10
+MAX_SAMPLES = 10**8
+MAX_SIZES = 1_000
+MAX_PATHS = 100_000
+
+# (kind, lower bound, upper bound) of every field but sizes; kinds: str, str?, int, paths.
+_KINDS: dict[str, tuple[str, int | None, int | None]] = {
+    "source": ("str", None, None),
+    "size_unit": ("str", None, None),
+    "tokenizer": ("str?", None, None),
+    "embedding_key": ("str?", None, None),
+    "dataset": ("str", None, None),
+    "split": ("str", None, None),
+    "val_start": ("int", 0, MAX_SAMPLES),
+    "val_count": ("int", 1, 1_000_000),
+    "paths": ("paths", None, None),
+    "format": ("str", None, None),
+    "text_field": ("str", None, None),
+    "val_paths": ("paths", None, None),
+    "val_tokens": ("int", 1, 100_000_000),
+    "min_article_chars": ("int", 0, 10**9),
+    "cache_dir": ("str?", None, None),
 }
 
 
@@ -140,28 +148,34 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _parse_field(loc: str, kind: str, low: int | None, value: Any, problems: list[str]) -> Any:
+def _parse_field(loc: str, kind: str, low: int | None, value: Any, problems: list[str], high: int | None = None) -> Any:
     if kind == "str?" and value is None:
         return None
     if kind in ("str", "str?"):
         if not isinstance(value, str) or not value:
-            problems.append(f"{loc}: expected a non-empty string, got {value!r}")
+            problems.append(f"{loc}: expected a non-empty string, got {shown(value)}")
             return dataclasses.MISSING
         return value
     if kind == "int":
         v = _as_int(value)
         if v is None:
-            problems.append(f"{loc}: expected an integer, got {value!r}")
+            problems.append(f"{loc}: expected an integer, got {shown(value)}")
             return dataclasses.MISSING
         if low is not None and v < low:
-            problems.append(f"{loc}: must be >= {low}, got {value!r}")
+            problems.append(f"{loc}: must be >= {low}, got {shown(value)}")
+            return dataclasses.MISSING
+        if high is not None and v > high:
+            problems.append(f"{loc}: must be <= {high:,}, got {shown(value)}")
             return dataclasses.MISSING
         return v
     if kind == "paths":
         if isinstance(value, str):  # a single file may be written without a list
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
-            problems.append(f"{loc}: expected a list of file paths, got {value!r}")
+            problems.append(f"{loc}: expected a list of file paths, got {shown(value)}")
+            return dataclasses.MISSING
+        if len(value) > MAX_PATHS:
+            problems.append(f"{loc}: {len(value):,} files (limit {MAX_PATHS:,})")
             return dataclasses.MISSING
         return list(value)
     raise AssertionError(kind)
@@ -172,18 +186,25 @@ def _parse_sizes(loc: str, raw: Any, problems: list[str]) -> tuple[list[int] | N
     unit = None
     if isinstance(raw, dict):
         if len(raw) != 1 or next(iter(raw)) not in SIZE_UNITS:
-            problems.append(f"{loc}: a mapping must have exactly one key, samples or tokens, got {sorted(raw)}")
+            problems.append(f"{loc}: a mapping must have exactly one key, samples or tokens, got {shown(list(raw))}")
             return None, None
         unit, raw = next(iter(raw.items()))
         loc = f"{loc}.{unit}"
     if not isinstance(raw, (list, tuple)):
-        problems.append(f"{loc}: expected a list of sizes, got {raw!r}")
+        problems.append(f"{loc}: expected a list of sizes, got {shown(raw)}")
         return None, unit
+    if len(raw) > MAX_SIZES:
+        problems.append(f"{loc}: {len(raw):,} sizes (limit {MAX_SIZES:,})")
+        return None, unit
+    high = MAX_SAMPLES if unit == "samples" else MAX_TOKENS
     sizes, ok = [], True
     for i, value in enumerate(raw):
         v = _as_int(value)
         if v is None or v < 1:
-            problems.append(f"{loc}[{i}]: expected an integer >= 1, got {value!r}")
+            problems.append(f"{loc}[{i}]: expected an integer >= 1, got {shown(value)}")
+            ok = False
+        elif v > high:
+            problems.append(f"{loc}[{i}]: must be <= {high:,} {unit or 'tokens'} (see the README's limits), got {shown(value)}")
             ok = False
         sizes.append(v)
     return (sizes if ok else None), unit
@@ -219,8 +240,8 @@ def data_spec_from_dict(d: dict[str, Any] | None, where: str = "data", require_s
         elif key == "size_unit" and "size_unit" in values:
             continue  # already set (and compared) by the mapping form of sizes
         else:
-            kind, low = _KINDS[key]
-            v = _parse_field(loc, kind, low, value, problems)
+            kind, low, high = _KINDS[key]
+            v = _parse_field(loc, kind, low, value, problems, high)
             if v is not dataclasses.MISSING:
                 values[key] = v
     spec = DataSpec(**values)
@@ -267,13 +288,13 @@ def spec_problems(
     if require_sizes and not sizes:
         problems.append(f"{where}.sizes: no training sizes given")
     if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
-        problems.append(f"{where}.sizes: every size must be an integer >= 1, got {sizes}")
+        problems.append(f"{where}.sizes: every size must be an integer >= 1, got {shown(sizes)}")
         sizes = []  # the checks below compare numbers
-    dups = sorted({s for s in sizes if sizes.count(s) > 1})
+    dups = sorted(s for s, n in collections.Counter(sizes).items() if n > 1)  # linear: 60,000 sizes are instant
     if dups:
-        problems.append(f"{where}.sizes: duplicate sizes {dups}")
+        problems.append(f"{where}.sizes: duplicate sizes {shown(dups)}")
     elif any(a >= b for a, b in zip(sizes, sizes[1:])):
-        problems.append(f"{where}.sizes: must be strictly increasing, got {sizes}")
+        problems.append(f"{where}.sizes: must be strictly increasing, got {shown(sizes)}")
 
     defaults = DataSpec()
     if spec.source in SOURCES:

@@ -314,7 +314,7 @@ class StudyBridge:
         store = FileSystemArtifactStore(str(self.artifact_dir))
         sizes = [SizeRecord.from_dict(r) for r in result["sizes"]]
         fit = result.get("fit") or {}
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=self.artifact_dir) as tmp:  # under the home, like every other write
             png = Path(tmp) / f"trial_{lt.number}_{lt.name}_scaling.png"
             series = ScalingSeries(lt.name, [r.train_tokens for r in sizes], [r.val_ppl for r in sizes],
                                    fit.get("alpha"), fit.get("A"), fit.get("alpha_low"), fit.get("alpha_high"),

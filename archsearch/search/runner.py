@@ -108,6 +108,7 @@ def run_search(
     t0 = time.time()
     timings: dict[str, float] = {}
     url = stg.resolve_url(storage or space.storage)
+    stg.check_writable(url)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -311,6 +312,7 @@ def dry_run(space: Space, *, storage: str | None = None, study_name: str | None 
     from archsearch.search.distributions import full_params
 
     url = stg.resolve_url(storage or space.storage)
+    stg.check_writable(url)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     wanted = {n: full_params(space, p) for n, p in space.configs.items()}

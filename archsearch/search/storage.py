@@ -11,23 +11,108 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from archsearch import paths
 from archsearch.errors import ConfigError, UserError
 
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
+MASK = "***"
+# query parameters whose value is a credential (psycopg and the MySQL drivers take a password
+# as ?password=...); a key containing any of these is masked
+_SECRET_KEYS = ("pass", "pwd", "secret", "token", "auth", "credential", "key")
 
 
-def mask_url(text: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db`` (anywhere in ``text``)."""
-    return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", str(text))
+def _is_secret_key(key: str) -> bool:
+    return any(s in key.lower() for s in _SECRET_KEYS)
+
+
+def parse_url(url: str):
+    """A database URL as SQLAlchemy's URL object, or None for SQLite/journal files and text
+    that is no URL.
+
+    The user info is everything before the *last* ``@`` of the part before ``?`` and the
+    query is parsed on its own, so a password with a raw ``@``, ``/``, ``?`` or space in it
+    (in the user info or in ``?password=``) is read whole; SQLAlchemy's ``make_url`` parses
+    the rest (scheme, driver, host, port, database)."""
+    from urllib.parse import parse_qsl, unquote
+
+    from sqlalchemy.engine import make_url
+
+    head, sep, rest = str(url).partition("://")
+    if not sep or head.split("+", 1)[0].lower() not in RDB_SCHEMES or head.lower().startswith("sqlite"):
+        return None
+    base, _, query = rest.partition("?")
+    userinfo, at, hostpart = base.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    parsed = make_url(f"{head}://{hostpart}")
+    params: dict[str, list[str]] = {}
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(k, []).append(v)
+    return parsed.set(
+        username=unquote(user) if at and user else None,
+        password=unquote(password) if at and colon else None,
+        query={k: v[0] if len(v) == 1 else v for k, v in params.items()},
+    )
+
+
+def secrets_of(url: str) -> list[str]:
+    """The credentials a URL carries: its password and the values of password-like query
+    parameters, each as written and as SQLAlchemy would percent-encode it."""
+    from urllib.parse import quote, quote_plus
+
+    try:
+        u = parse_url(url)
+    except Exception:
+        u = None
+    found: list[str] = []
+    if u is not None:
+        found.append(u.password or "")
+        for k, v in u.query.items():
+            if _is_secret_key(k):
+                found += [v] if isinstance(v, str) else list(v)
+    out = set()
+    for s in filter(None, found):
+        out |= {s, quote(s, safe=""), quote_plus(s), quote(s)}
+    return sorted(out, key=len, reverse=True)  # longest first: no partial replacement
+
+
+def mask_url(url: str) -> str:
+    """A storage URL fit to show: ``postgresql://u:***@h/db``, password-like query parameters
+    (``?password=...``) as ``***``. SQLite and journal paths are shown as they are; a URL
+    that cannot be parsed shows only its scheme."""
+    text = str(url)
+    head, sep, _ = text.partition("://")
+    try:
+        u = parse_url(text)
+    except Exception:
+        return f"{head}://{MASK}" if sep else MASK
+    if u is None:
+        return text
+    u = u.set(query={k: (MASK if _is_secret_key(k) else v) for k, v in u.query.items()})
+    return u.render_as_string(hide_password=True).replace("%2A%2A%2A", MASK)
+
+
+def redact(text: str, url: str | None) -> str:
+    """``text`` (a message, an error from a driver) with every credential of ``url`` masked."""
+    text = str(text)
+    if not url:
+        return text
+    if url in text:
+        text = text.replace(url, mask_url(url))
+    for s in secrets_of(url):
+        text = text.replace(s, MASK)
+    return text
+
+
+def connect_url(url: str) -> str:
+    """The URL handed to SQLAlchemy: the parse above, rendered with proper percent-encoding
+    (so the server gets the password :func:`mask_url` hides, whole)."""
+    u = parse_url(url)
+    return url if u is None else u.render_as_string(hide_password=False)
 
 
 def resolve_url(url: str | None) -> str:
@@ -35,8 +120,9 @@ def resolve_url(url: str | None) -> str:
     if not url:
         url = paths.default_storage()
     if "://" not in url:
+        shown = f" {url[:80]!r}" if "@" not in url else ""  # user:password@host without a scheme: not shown
         raise ConfigError(
-            f"storage {mask_url(url)!r}: not a storage URL (expected sqlite:///path.db, "
+            f"storage{shown}: not a storage URL (expected sqlite:///path.db, "
             "postgresql://user@host/db or journal:///path.log)"
         )
     scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
@@ -51,13 +137,32 @@ def resolve_url(url: str | None) -> str:
             raise ConfigError(f"storage {url!r}: expected journal:///path/to/study.log")
         return "journal://" + str(Path(path).expanduser().resolve())
     if scheme in RDB_SCHEMES:
-        parts = urlsplit(url)
-        if not parts.hostname and scheme != "sqlite":
+        try:
+            parsed = parse_url(url)
+        except Exception as e:
+            raise ConfigError(f"storage {mask_url(url)}: not a valid database URL ({redact(e, url)})") from None
+        if not parsed.host:
             raise ConfigError(f"storage {mask_url(url)!r}: no host in the URL")
         return url
     raise ConfigError(
         f"storage {mask_url(url)!r}: unknown scheme {scheme!r} (sqlite, postgresql, mysql or journal)"
     )
+
+
+def check_writable(url: str) -> None:
+    """A SQLite/journal file (and ``$ARCHSEARCH_HOME``) can be created where they are named:
+    checked before anything is started or written."""
+    problems = []
+    p = sqlite_path(url) or journal_path(url)
+    if p is not None:
+        why = paths.write_problem(p)
+        if why:
+            problems.append(f"storage {url}: {why}")
+    why = paths.write_problem(paths.home() / "archsearch.db")
+    if why:
+        problems.append(f"ARCHSEARCH_HOME {paths.home()}: {why}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def kind(url: str) -> str:
@@ -97,7 +202,7 @@ def open_storage(url: str, create: bool = True):
             engine_kwargs = {"connect_args": {"timeout": 60}}
         else:
             engine_kwargs = {"pool_pre_ping": True}
-            url = _with_driver(url)
+            url = _with_driver(connect_url(url))
         for attempt in range(5):
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
@@ -112,9 +217,27 @@ def open_storage(url: str, create: bool = True):
     except FileNotFoundError:
         raise
     except ImportError as e:
-        raise UserError(f"storage {mask_url(url)}: a database driver is missing ({e}); for PostgreSQL: pip install 'psycopg[binary]'") from None
+        raise UserError(f"storage {mask_url(url)}: a database driver is missing ({redact(e, url)}); for PostgreSQL: pip install 'psycopg[binary]'") from None
+    except OSError as e:  # a SQLite/journal folder that cannot be made (read-only, under a file)
+        raise UserError(f"cannot open storage {mask_url(url)}: {e.strerror or e}") from None
     except Exception as e:  # connection refused, bad credentials, unknown database, ...
-        raise UserError(f"cannot open storage {mask_url(url)}: {mask_url(str(e)).splitlines()[0]}") from None
+        first = (redact(_root_cause(e), url).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot open storage {mask_url(url)}: {first}") from None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The driver's error under Optuna's wrappers ("An exception is raised during the commit")."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        orig = getattr(e, "orig", None)  # SQLAlchemy's DBAPIError holds the driver's error
+        if isinstance(orig, BaseException):
+            return orig
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            return e
+        e = nxt
+    return e
 
 
 def _with_driver(url: str) -> str:

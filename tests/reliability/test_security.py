@@ -30,33 +30,178 @@ def test_yaml_tags_construct_nothing(tmp_path):
     ("postgresql://user:p%40ss@db.example.org:5432/studies", "postgresql://user:***@db.example.org:5432/studies"),
     ("mysql+pymysql://root:hunter2@10.0.0.1/x", "mysql+pymysql://root:***@10.0.0.1/x"),
     ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
-    ("could not connect to postgresql://u:secret@h/db: refused", "could not connect to postgresql://u:***@h/db: refused"),
+    ("sqlite:////tmp/a@b?.db", "sqlite:////tmp/a@b?.db"),
+    ("journal:///tmp/s.log", "journal:///tmp/s.log"),
+    ("postgresql://u@h:5432/db?password=hunter2", "postgresql://u@h:5432/db?password=***"),
+    ("postgresql://u@h:5432/db?sslmode=disable&password=se%20cr@t", "postgresql://u@h:5432/db?password=***&sslmode=disable"),
+    ("postgresql://u:p@ss word@h/db", "postgresql://u:***@h/db"),
+    ("postgresql://u:p@ss@h/db?passfile=/x&token=abc", "postgresql://u:***@h/db?passfile=***&token=***"),
+    ("postgresql://u:pw@h:notaport/db", "postgresql://***"),
 ])  # fmt: skip
 def test_mask_url(url, shown):
     assert mask_url(url) == shown
 
 
+@pytest.mark.parametrize("url, secret", [
+    ("postgresql://u:secret@h/db", "secret"),
+    ("postgresql://u:p%40ss%20w@h/db", "p@ss w"),
+    ("postgresql://u@h/db?password=se%20cr@t", "se cr@t"),
+    ("postgresql://u:p@ss word@h/db", "p@ss word"),
+])  # fmt: skip
+def test_redact_masks_every_form_of_the_password(url, secret):
+    from urllib.parse import quote, quote_plus
+
+    from archsearch.search.storage import redact, secrets_of
+
+    assert secret in secrets_of(url)
+    for form in (secret, quote(secret, safe=""), quote_plus(secret), url):
+        text = redact(f"could not connect to {url}: refused ({form})", url)
+        assert secret not in text and quote(secret, safe="") not in text and "***" in text, text
+
+
+def _role(admin_url: str, db_url: str, password: str) -> str:
+    """A login role with ``password`` that owns the database of ``db_url``; returns its name."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    name = "r" + uuid.uuid4().hex[:8]
+    db = db_url.rsplit("/", 1)[1]
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(db), sql.Identifier(name)))
+        conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(name)))
+    with psycopg.connect(db_url.replace("/postgres", "/" + db), autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(name)))
+    return name
+
+
+# (how the password is written in the URL, the password): every form a user may write
+URL_FORMS = {
+    "userinfo": ("{u}:{pw}@{h}/{db}", "plain-Pw9"),
+    "percent_encoded": ("{u}:{pw_q}@{h}/{db}", "p@ss w/rd?%x"),
+    "raw_at": ("{u}:{pw}@{h}/{db}", "p@ss@x"),
+    "raw_space": ("{u}:{pw}@{h}/{db}", "pass word"),
+    "query": ("{u}@{h}/{db}?password={pw_q}", "q-p@ss w"),
+    "query_raw_at": ("{u}@{h}/{db}?sslmode=disable&password={pw}", "q@raw"),
+}
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """A factory: (form) -> a URL to a fresh database whose owner's password is written in that form."""
+    from urllib.parse import quote
+
+    def make(form: str) -> tuple[str, str]:
+        template, password = URL_FORMS[form]
+        admin = postgres()
+        host = admin.split("@", 1)[1].rsplit("/", 1)[0]
+        db = admin.rsplit("/", 1)[1]
+        user = _role(admin, admin, password)
+        url = "postgresql://" + template.format(u=user, pw=password, pw_q=quote(password, safe=""), h=host, db=db)
+        return url, password
+
+    return make
+
+
+@pytest.mark.parametrize("form", sorted(URL_FORMS))
+def test_every_url_form_connects_and_no_message_shows_the_password(form, pg_url, tmp_path):
+    """A real PostgreSQL server takes the password whole (the parse is right), and the shown
+    URL, a failed connection's error and the storage URL Optuna keeps hide it."""
+    from archsearch.errors import UserError
+    from archsearch.search.storage import resolve_url
+
+    url, password = pg_url(form)
+    shown = mask_url(resolve_url(url))
+    assert password not in shown and "***" in shown
+    storage = open_storage(resolve_url(url))  # connects with the password, creates the tables
+    optuna.create_study(study_name="s", storage=storage)
+    assert "s" in [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    storage.engine.dispose()
+    wrong = url.replace(password, password + "x").replace(quote_all(password), quote_all(password + "x"))
+    with pytest.raises(UserError) as e:
+        open_storage(resolve_url(wrong), create=False)
+    assert "password authentication failed" in str(e.value)
+    assert password not in str(e.value) and quote_all(password) not in str(e.value)
+
+
+def quote_all(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+def test_a_failed_connection_never_shows_the_password(tmp_path):
+    """Nobody listens on the port: the driver's error is shown, the password (with a space and
+    an @, in the user info and in the query) is not."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "home"
+    space = tmp_path / "s.yaml"
+    space.write_text("data: {source: wiki, sizes: {tokens: [1000, 2000]}}\n")
+    userinfo, query = f"postgresql://u:pa ss@word@127.0.0.1:{port}/db", f"postgresql://u@127.0.0.1:{port}/db?password=pa ss@word"
+    for args in (["studies", "--storage", userinfo], ["run", str(space), "--storage", query, "--dry-run"]):
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(home), "COLUMNS": "1000"})  # no line wrapped inside a secret
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "cannot open storage" in r.stderr and "Connection refused" in r.stderr and "Traceback" not in r.stderr
+        for part in ("pa ss@word", "pa%20ss", "ss@word", "pa ss"):
+            assert part not in r.stdout + r.stderr, (part, r.stderr)
+    assert not home.exists() or not any(home.rglob("*"))
+
+
+@pytest.mark.parametrize("form", ["query", "raw_space"])
+def test_studies_and_dry_run_hide_the_password(form, pg_url, tmp_path, tiny_corpus):
+    url, password = pg_url(form)
+    from archsearch.search.storage import resolve_url
+
+    optuna.create_study(study_name="tiny", storage=open_storage(resolve_url(url)))
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus))
+    texts = []
+    for args in (["studies", "--storage", url, "--json", str(tmp_path / "studies.json")],
+                 ["run", str(space), "--storage", url, "--dry-run", "--json", str(tmp_path / "dry.json")]):  # fmt: skip
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(home), "COLUMNS": "1000"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        texts.append(r.stdout + r.stderr)
+    assert "***" in texts[0] + texts[1]
+    texts += [(tmp_path / "studies.json").read_text(), (tmp_path / "dry.json").read_text()]
+    for text in texts:
+        assert password not in text and quote_all(password) not in text
+
+
 @pytest.mark.slow
-def test_password_never_appears_in_output_reports_or_the_study(tmp_path, tiny_corpus, postgres):
-    url = postgres()
+@pytest.mark.parametrize("form", ["query", "percent_encoded"])
+def test_password_never_appears_in_output_reports_or_the_study(form, tmp_path, tiny_corpus, pg_url):
+    url, password = pg_url(form)
     home = tmp_path / "home"
     space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus))
     outputs = []
-    for args in (["run", str(space), "--storage", url], ["studies", "--storage", url],
-                 ["report", "--storage", url, "--out", str(tmp_path / "report")], ["run", str(space), "--storage", url, "--dry-run"]):  # fmt: skip
-        r = cli(*args, env={"ARCHSEARCH_HOME": str(home)})
+    for args in (["run", str(space), "--storage", url, "--json", str(tmp_path / "run.json")], ["studies", "--storage", url],
+                 ["report", "--storage", url, "--out", str(tmp_path / "report"), "--json", str(tmp_path / "summary.json")],
+                 ["run", str(space), "--storage", url, "--dry-run"]):  # fmt: skip
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(home), "COLUMNS": "1000"})
         assert r.returncode == 0, r.stdout + r.stderr
         outputs.append(r.stdout + r.stderr)
-    wrong = url.replace(postgres.password, postgres.password + "-wrong")
-    r = cli("run", str(space), "--storage", wrong, env={"ARCHSEARCH_HOME": str(home)})
+    assert "view it: archsearch dashboard --storage postgresql://" in outputs[0]
+    wrong = url.replace(quote_all(password), quote_all(password + "-wrong")).replace(password, password + "-wrong")
+    r = cli("run", str(space), "--storage", wrong, env={"ARCHSEARCH_HOME": str(home), "COLUMNS": "1000"})
     assert r.returncode == 2 and "***" in r.stderr
     outputs.append(r.stdout + r.stderr)
-    files = [p.read_text(errors="replace") for p in (tmp_path / "report").iterdir() if p.suffix in (".md", ".json", ".csv")]
-    study = optuna.load_study(study_name="tiny", storage=open_storage(url, create=False))
+    files = [p.read_text(errors="replace") for p in [*(tmp_path / "report").iterdir(), tmp_path / "run.json", tmp_path / "summary.json"]
+             if p.suffix in (".md", ".json", ".csv")]  # fmt: skip
+    from archsearch.search.storage import resolve_url
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(resolve_url(url), create=False))
     attrs = json.dumps([study.user_attrs, study._storage.get_study_system_attrs(study._study_id)]
                        + [[t.user_attrs, t.system_attrs] for t in study.trials], default=str)  # fmt: skip
+    assert "***" in attrs or "postgresql://" not in attrs  # the dashboard note names the storage masked, if at all
     for text in [*outputs, *files, attrs]:
-        assert postgres.password not in text and postgres.password + "-wrong" not in text
+        for secret in (password, quote_all(password), password + "-wrong"):
+            assert secret not in text
 
 
 def test_embedded_ray_starts_no_dashboard():
