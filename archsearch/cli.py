@@ -500,6 +500,11 @@ def dashboard(
     check_port(host, port)
     url, opt_storage = _existing_storage(storage)
     art = artifact_dir or stg.artifact_dir_for(url)
+    from archsearch import paths
+
+    why = paths.folder_problem(art)
+    if why:
+        raise ConfigError(f"--artifact-dir {art}: {why}")
     art.mkdir(parents=True, exist_ok=True)
     err_console.print(f"optuna-dashboard on http://{host}:{port}/ for {stg.mask_url(url)} (artifacts: {art}); Ctrl-C stops it")
     optuna_dashboard.run_server(opt_storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(art)))
@@ -575,6 +580,8 @@ def report(
         study = names[0]
     if study not in names:
         raise ConfigError(f"--study {study!r}: not in {stg.mask_url(url)} (studies: {', '.join(names) or 'none'})")
+    folder = out or paths.home() / "reports" / study
+    check_outputs(out=folder)
     st_obj = optuna.load_study(study_name=study, storage=opt_storage)
     with err_console.status(f"building the report of {study}", spinner="dots") if not quiet else _nullcontext():
         rep = study_report(st_obj, stg.mask_url(url), top)
@@ -592,7 +599,6 @@ def report(
                 ref, label = study_report(optuna.load_study(study_name=compare, storage=opt_storage), stg.mask_url(url), top), f"study {compare}"
             else:
                 raise ConfigError(f"--compare {compare!r}: not 'reference', a file, or a study of this storage")
-        folder = out or paths.home() / "reports" / study
         written = write_report(rep, folder, st_obj, ref, label)
         publish_to_dashboard(st_obj, rep)
     if quiet:
@@ -615,18 +621,20 @@ def _nullcontext():
 # --------------------------------------------------------------------------- entry point
 
 
-def _click_modules() -> tuple:
-    """The click package(s) whose exceptions the app may raise: typer >= 0.26 ships its own
-    copy (``typer._click``), older typers use click itself."""
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) of the click the app runs on: typer >= 0.26 ships its own copy
+    (``typer._click``, with ``Abort`` in ``typer.exceptions``), older typers use click."""
     import importlib
 
-    mods = []
-    for name in ("typer._click", "click"):
+    usage, aborts = [], []
+    for name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
         try:
-            mods.append(importlib.import_module(name))
+            mod = importlib.import_module(name)
         except ImportError:
-            pass
-    return tuple(mods)
+            continue
+        usage += [c for c in (getattr(mod, "ClickException", None),) if c is not None]
+        aborts += [c for c in (getattr(mod, "Abort", None),) if c is not None]
+    return tuple(usage), tuple(aborts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -645,12 +653,12 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click's usage errors (unknown option, bad value, missing argument)
-        for click in _click_modules():
-            if isinstance(e, click.exceptions.ClickException):
-                e.show()
-                sys.exit(2)
-            if isinstance(e, click.exceptions.Abort):
-                sys.exit(130)
+        usage, aborts = _click_errors()
+        if isinstance(e, usage):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, aborts):
+            sys.exit(130)
         raise
 
 

@@ -362,12 +362,13 @@ MAX_PARAMS = 4e9
 two moments: 16 bytes each, 64 GB at the limit)."""
 
 
+def _num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
 def bounds_table() -> list[tuple[str, str]]:
     """(field, allowed range) rows, as the README documents them."""
-    rows = []
-    for name, (low, strict, high) in _BOUNDS.items():
-        rows.append((name, f"{'(' if strict else '['}{low:g}, {high:,g}]"))
-    return rows
+    return [(name, f"{'(' if strict else '['}{_num(low)}, {_num(high)}]") for name, (low, strict, high) in _BOUNDS.items()]
 
 
 def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig:
@@ -409,7 +410,7 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
                     problems.append(f"{loc}: must be {'>' if strict else '>='} {low:g}, got {shown(value)}")
                     continue
                 if v > high:
-                    problems.append(f"{loc}: must be <= {high:,g} (the limit of a real GPU; see the README), got {shown(value)}")
+                    problems.append(f"{loc}: must be <= {_num(high)} (the limit of a real GPU; see the README), got {shown(value)}")
                     continue
             values[key] = v
         try:

@@ -11,6 +11,7 @@ Paths are made absolute before they reach Ray workers, whose working directory d
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -60,8 +61,11 @@ def write_problem(path: Path) -> str | None:
         parent = parent.parent
     if not parent.is_dir():
         return f"{parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{parent} is not writable (a read-only filesystem or no permission)"
+    # try it: os.access says yes to root on a read-only mount's parent, or in /sys
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".archsearch-probe-", dir=parent))
+    except OSError as e:
+        return f"cannot write in {parent}: {e.strerror or e} (a read-only filesystem or no permission)"
     return None
 
 

@@ -109,6 +109,7 @@ def run_search(
     timings: dict[str, float] = {}
     url = stg.resolve_url(storage or space.storage)
     stg.check_writable(url)
+    check_search_options(space)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -175,6 +176,19 @@ def run_search(
         summary.seconds = time.time() - t0
         summary.timings = timings
         return summary
+
+
+def check_search_options(space: Space) -> None:
+    """Build the study's sampler and pruner once, before any storage is opened or created:
+    an option Optuna refuses is a usage error that writes nothing (space.py checks the types;
+    this catches what only Optuna's constructors know)."""
+    from archsearch.search.distributions import make_pruner, make_sampler
+
+    try:
+        make_sampler(space)
+        make_pruner(space)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampler/early_stopping: {e}") from None
 
 
 def _timed(fn, *args, **kwargs):
@@ -313,6 +327,7 @@ def dry_run(space: Space, *, storage: str | None = None, study_name: str | None 
 
     url = stg.resolve_url(storage or space.storage)
     stg.check_writable(url)
+    check_search_options(space)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     wanted = {n: full_params(space, p) for n, p in space.configs.items()}
