@@ -75,6 +75,10 @@ def _print_notes(sp) -> None:
         err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
+TABLE_ROWS = 100
+"""Configs a `validate` / `--dry-run` table shows (a 10,000-point grid is listed in --json)."""
+
+
 def check_outputs(json_path: Path | None = None, out: Path | None = None) -> None:
     """``--json`` must name a file that can be written and ``--out`` a folder: checked first,
     so that a command never runs (or trains) to fail at its last step."""
@@ -324,12 +328,14 @@ def validate(
     multi = len(sp.families) > 1 or sp.base.family != "cvfp"
     for col in ("config", *(("family",) if multi else ()), "L", "C", "k", "other", "phase-1 params", "phase-2 params", "total"):
         table.add_column(col, justify="right" if col not in ("config", "other", "family") else "left")
-    for name, params in sp.configs.items():
+    for i, (name, params) in enumerate(sp.configs.items()):
         cfg = sp.run_config(params)
         counts = run_param_counts(cfg, E, V or 0) if E else {}
         cvfp = cfg.family == "cvfp"
         other = {k: v for k, v in params.items() if "." in k or (not cvfp and k not in ("family", "num_layers"))}
         rows.append({"name": name, "family": cfg.family, "params": params, **counts})
+        if i >= TABLE_ROWS:
+            continue
         table.add_row(
             name, *((cfg.family,) if multi else ()), str(getattr(cfg.family_config, "num_layers", "-") if not cvfp else cfg.model.num_layers),
             str(cfg.model.context_dim) if cvfp else "-", str(cfg.model.num_input_tokens) if cvfp else "-",
@@ -338,6 +344,8 @@ def validate(
         )  # fmt: skip
     if sp.configs:
         console.print(table)
+        if len(sp.configs) > TABLE_ROWS:
+            console.print(f"... and {len(sp.configs) - TABLE_ROWS:,} more configs (all of them in --json)")
     if sp.parameters:
         console.print("searched parameters: " + "; ".join(f"{k}: {v.to_dict()}" for k, v in sp.parameters.items()))
         console.print(f"n_trials: {sp.n_trials} (beyond the {len(sp.configs)} warm-start configs)")
@@ -417,14 +425,18 @@ def _print_dry_run(sp, storage, study, n_trials, json_path) -> None:
         table.add_column(col)
     sizes = ", ".join(f"{s:,}" for s in sp.data.sizes) + f" {sp.data.size_unit}"
     rows = []
-    for name, params in d.to_run:
+    for i, (name, params) in enumerate(d.to_run):
         counts = run_param_counts(sp.run_config(params), E, d.vocab_size or 0) if E else {}
         rows.append({"name": name, "params": params, **counts})
+        if i >= TABLE_ROWS:
+            continue
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in params.items()), sizes, str(sp.seeds),
                       fmt_count(counts.get("phase1_params")), fmt_count(counts.get("phase2_params")), fmt_count(counts.get("total_params")))  # fmt: skip
-    for i in range(d.n_new):
+    for i in range(min(d.n_new, TABLE_ROWS)):
         table.add_row(f"new {i + 1}", f"sampled by {sp.sampler} during the run", sizes, str(sp.seeds), "-", "-", "-")
     console.print(table)
+    if len(d.to_run) > TABLE_ROWS or d.n_new > TABLE_ROWS:
+        console.print(f"(the table shows at most {TABLE_ROWS} configs and {TABLE_ROWS} new trials; --json lists every config)")
     console.print(f"runs: {(len(d.to_run) + d.n_new) * len(sp.data.sizes) * len(sp.seeds)} (config x size x seed), before run-cache hits")
     _write_json(json_path, {"study": d.study_name, "exists": d.exists, "to_run": rows, "done": d.done, "stale": d.stale, "n_new": d.n_new})
 

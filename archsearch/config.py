@@ -14,6 +14,7 @@ every problem at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -247,6 +248,7 @@ SECTIONS: dict[str, type] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(cls)}
 
@@ -392,7 +394,7 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
         types = _field_types(cls)
         values: dict[str, Any] = {}
         for key, value in raw.items():
-            loc = f"{prefix}{section}.{shown(key, 40).strip(chr(39))}"
+            loc = f"{prefix}{section}.{key if isinstance(key, str) and len(key) <= 40 else shown(key, 40)}"
             if key not in types:
                 problems.append(f"{loc}: unknown field (fields of {section}: {', '.join(types)})")
                 continue

@@ -10,6 +10,7 @@ the pure specs here by :mod:`archsearch.search.distributions`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import re
@@ -994,7 +995,6 @@ def _configs(raw, where, base: RunConfig, problems, families=("cvfp",)) -> dict[
             base.replace(**params)
         except ConfigError as e:
             problems += [f"{loc}: {p}" for p in e.problems]
-        if len(problems) > n:
             continue
         key = repr(sorted(params.items()))
         if key in seen:
