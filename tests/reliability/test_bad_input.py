@@ -473,3 +473,37 @@ def test_unknown_option_is_caught_for_the_installed_typer():
         from typer._click.exceptions import NoSuchOption
 
         assert any(issubclass(NoSuchOption, c) for c in usage)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder on a read-only filesystem (a tmpfs mounted ro; needs root), else skip."""
+    import shutil
+    import subprocess
+
+    d = tmp_path / "ro"
+    d.mkdir()
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "none", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only filesystem here (needs root)")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.mark.timeout(300)
+def test_storage_and_home_on_a_read_only_filesystem(readonly_dir, tmp_path):
+    space = _space(tmp_path)
+    for args, env_home, needle in (
+        (["run", space, "--storage", f"sqlite:///{readonly_dir}/studies/x.db"], tmp_path / "home", "Read-only file system"),
+        (["run", space, "--dry-run"], readonly_dir / "home", "ARCHSEARCH_HOME"),
+    ):
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(env_home), "COLUMNS": "1000"})
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not any(readonly_dir.iterdir()) and not (tmp_path / "home").exists()
+
+
+def test_every_bound_is_in_the_readme():
+    from archsearch.config import bounds_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name, allowed in bounds_table():
+        assert f"| `{name}` | {allowed} |" in readme, name
