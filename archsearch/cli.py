@@ -75,6 +75,7 @@ def _print_notes(sp) -> None:
         err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
+FIT_CSV_BYTES = 1024 * 1024
 TABLE_ROWS = 100
 """Configs a `validate` / `--dry-run` table shows (a 10,000-point grid is listed in --json)."""
 
@@ -254,7 +255,13 @@ def fit(
     """
     from archsearch.scaling import fit_power_law
 
+    import math
+
     check_outputs(json_path)
+    if target_tokens is not None and not (math.isfinite(target_tokens) and 0 < target_tokens <= 1e15):
+        raise ConfigError(f"--target-tokens: expected a token count in (0, 1e15], got {target_tokens:g}")
+    if not (math.isfinite(level) and 0 < level < 1):
+        raise ConfigError(f"--level: expected a confidence level between 0 and 1, got {level:g}")
     tokens, ppl = read_fit_csv(csv_path)
     result = fit_power_law(tokens, ppl, level=level)
     d = result.to_dict(target_tokens)
@@ -265,7 +272,11 @@ def fit(
 
 def read_fit_csv(path: Path) -> tuple[list[float], list[float]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(FIT_CSV_BYTES + 1)
+        if len(data) > FIT_CSV_BYTES:
+            raise ConfigError(f"{path}: a fit CSV is at most {FIT_CSV_BYTES // 1024 // 1024} MiB (one row per size)")
+        text = data.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
