@@ -4,7 +4,8 @@
     postgresql://user:pass@host/db        many writers
     journal:///abs/path/study.log         Optuna JournalStorage on a file; many writers
 
-Passwords never leave this module unmasked in a message: use :func:`mask_url`.
+Passwords never leave this module unmasked: :func:`mask_url` shows a URL, :func:`redact`
+cleans a message (a driver's error) of every form of the URL's credentials.
 """
 
 from __future__ import annotations

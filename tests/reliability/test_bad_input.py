@@ -1,8 +1,14 @@
-"""A corpus of malformed space files and override strings: each exits with 2, names the key
-and the problem (every problem of a file at once), and writes nothing."""
+"""A corpus of bad inputs (issue 16): malformed space files, overrides and command lines.
+Each exits with 2, names the key and the problem (every problem of a file at once), prints no
+traceback and writes nothing. The space files of bad_spaces/ and the override cases run
+`archsearch run` in a subprocess; CORPUS runs `validate` through the CLI's entry point in this
+process (cheap: the same code path after argument parsing); CLI_CASES run one subprocess per
+class of error (YAML limits, bounds, grids, data, seeds, objectives, sampler/pruner options,
+names that become paths, unknown options, output paths, ports, CSVs, storage locations)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -510,3 +516,20 @@ def test_every_bound_is_in_the_readme():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name, allowed in bounds_table():
         assert f"| `{name}` | {allowed} |" in readme, name
+
+
+@pytest.mark.parametrize("text, needle", [
+    (_alias_bomb(), "aliases (*name) are expanded"),
+    (_deep(40, True), "nested deeper than 32"),
+    (_deep(40, False), "nested deeper than 32"),
+    ("? [a]\n: 1\n", "a key must be a name or a number, got a list"),
+    ("model: &m {a: *m}\n", "YAML"),
+])  # fmt: skip
+def test_pure_python_loader_keeps_the_limits(text, needle, monkeypatch, tmp_path):
+    """Without libyaml, PyYAML's own parser is used, with the limits checked while composing."""
+    from archsearch import space as space_mod
+    from archsearch.errors import ConfigError
+
+    monkeypatch.setattr(space_mod, "_CSafeLoader", None)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        space_mod.load_space(_space(tmp_path, text))

@@ -27,15 +27,29 @@ def trials_of(home, name="tiny"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'archsearch.db'}").get_trials()
 
 
-def test_out_of_memory_is_a_failed_trial_with_its_cause(home, tiny_corpus, ray_local):
+def test_a_config_no_gpu_can_hold_is_refused_before_anything_is_allocated(home, tiny_corpus):
+    """The 36 TB config that used to be this test's out-of-memory trial is now a usage error
+    (README, bounds of the run settings): nothing is trained, nothing is written."""
+    from archsearch.errors import ConfigError
+
     configs = {"fits": {"num_layers": 1, "context_dim": 8}, "huge": {"num_layers": 1, "context_dim": 3_000_000}}  # 36 TB of weights
-    summary = runner.run_search(parse_space(tiny_space(tiny_corpus, sampler={"type": "grid", "configs": configs})), view_mode="quiet")
-    by = {t.user_attrs["config_name"]: t for t in trials_of(home)}
-    assert by["fits"].state == TrialState.COMPLETE
-    assert by["huge"].state == TrialState.FAIL
-    assert by["huge"].user_attrs["error_kind"] == "out_of_memory"
-    assert "allocate" in by["huge"].user_attrs["error"]
-    assert [o.kind for o in summary.failed] == ["out_of_memory"]
+    with pytest.raises(ConfigError, match=r"sampler\.configs\.huge: model\.context_dim: must be <= 32,768"):
+        parse_space(tiny_space(tiny_corpus, sampler={"type": "grid", "configs": configs}))
+    assert not any(home.iterdir())
+
+
+def test_a_failed_allocation_is_classified_out_of_memory():
+    """What a trial that cannot allocate raises (the CPU allocator's RuntimeError, Python's
+    MemoryError, CUDA's OutOfMemoryError) is recorded as out_of_memory. A real allocation
+    failure: 4 EiB, refused at once by the kernel."""
+    import torch
+
+    from archsearch.search.trainable import is_out_of_memory
+
+    with pytest.raises((RuntimeError, MemoryError)) as e:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert is_out_of_memory(e.value)
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(ValueError("shape mismatch"))
 
 
 def test_unreadable_data_is_a_failed_trial_naming_the_file(home, tiny_corpus, ray_local, monkeypatch, tmp_path):
