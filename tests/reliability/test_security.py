@@ -59,20 +59,18 @@ def test_redact_masks_every_form_of_the_password(url, secret):
         assert secret not in text and quote(secret, safe="") not in text and "***" in text, text
 
 
-def _role(admin_url: str, db_url: str, password: str) -> str:
-    """A login role with ``password`` that owns the database of ``db_url``; returns its name."""
+def _role(admin_url: str, password: str) -> str:
+    """A login role with ``password`` that owns the database of ``admin_url``; returns its name."""
     import uuid
 
     import psycopg
     from psycopg import sql
 
     name = "r" + uuid.uuid4().hex[:8]
-    db = db_url.rsplit("/", 1)[1]
+    db = admin_url.rsplit("/", 1)[1]
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
         conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(db), sql.Identifier(name)))
-        conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(name)))
-    with psycopg.connect(db_url.replace("/postgres", "/" + db), autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(name)))
     return name
 
@@ -98,7 +96,7 @@ def pg_url(postgres):
         admin = postgres()
         host = admin.split("@", 1)[1].rsplit("/", 1)[0]
         db = admin.rsplit("/", 1)[1]
-        user = _role(admin, admin, password)
+        user = _role(admin, password)
         url = "postgresql://" + template.format(u=user, pw=password, pw_q=quote(password, safe=""), h=host, db=db)
         return url, password
 
