@@ -454,6 +454,7 @@ def test_an_option_only_optuna_refuses_fails_before_any_storage(tmp_path, monkey
     (here: whatever Optuna's constructor raises) writes no study file and starts no Ray."""
     from archsearch.errors import ConfigError
     from archsearch.search import distributions, runner
+    from archsearch.search import study as _study  # noqa: F401  (imported first: it binds make_pruner at import)
     from archsearch.space import load_space
 
     def refuse(space):
