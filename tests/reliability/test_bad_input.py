@@ -164,7 +164,7 @@ CORPUS: list[tuple[str, str | None, list[str], list[str]]] = [
     ("num_layers_float", None, ["model.num_layers=2.5"], ["model.num_layers: expected an integer"]),
     ("num_layers_bool", None, ["model.num_layers=true"], ["model.num_layers: expected an integer"]),
     ("num_layers_list", None, ["model.num_layers=[1, 2]"], ["model.num_layers: expected an integer"]),
-    ("num_layers_mapping", None, ["model.num_layers={a: 1}"], ["model.num_layers: expected an integer"]),
+    ("num_layers_mapping", None, ["model.num_layers={a: 1}"], ["model.family: unknown family 'num_layers'"]),
     ("model_is_a_list", None, ["model=[1, 2]"], ["model: expected a mapping of fields"]),
     # ---- training bounds and finiteness
     ("phase1_lr_inf", None, ["phase1.lr=.inf"], ["phase1.lr: expected a finite number"]),
