@@ -4,7 +4,8 @@ A space file is YAML. Every section is optional but ``data``; see ``spaces/*.yam
 commented examples and the README for the reference of every key. Parsing gathers every
 problem of a file (unknown keys, wrong types, out-of-range values, ...) and raises one
 :class:`~archsearch.errors.ConfigError` naming each key. Optuna distributions are built from
-the pure specs here by :mod:`archsearch.search.distributions`.
+the pure specs here by :mod:`archsearch.search.distributions`; objectives are parsed and
+computed by :mod:`archsearch.objectives`.
 """
 
 from __future__ import annotations
@@ -24,23 +25,12 @@ import yaml
 from archsearch.config import MAX_PARAMS, RunConfig, canonical_name, resolve_field, run_config_from_dict, run_param_counts
 from archsearch.errors import ConfigError, shown
 from archsearch.paths import name_problem
+from archsearch.objectives import DEFAULT_OBJECTIVE, Objective, parse_objectives
 
-# objective name -> (default direction, needs a fit across sizes)
-OBJECTIVES: dict[str, tuple[str, bool]] = {
-    "alpha": ("minimize", True),
-    "ppl_at": ("minimize", True),
-    "final_ppl": ("minimize", False),
-    "final_acc": ("maximize", False),
-    "val_er": ("maximize", False),
-    "phase1_params": ("minimize", False),
-    "phase2_params": ("minimize", False),
-    "total_params": ("minimize", False),
-}
 CVFP_ONLY_OBJECTIVES = ("val_er", "phase1_params", "phase2_params")
 """Objectives only the cvfp family reports."""
 SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "percentile", "threshold", "successive_halving", "hyperband")
-DEFAULT_TARGET_TOKENS = 10_000_000
 TOP_LEVEL = (
     "study", "objective", "sampler", "parameters", "warm_start", "n_trials", "model", "phase1", "phase2",
     "engine", "data", "seeds", "resources", "max_concurrent", "early_stopping", "constraints", "max_failures",
@@ -59,28 +49,6 @@ MAX_YAML_BYTES = 128 * 1024
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 50_000
 """Values of a YAML document after aliases are expanded (an alias bomb stops here)."""
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    direction: str
-    target_tokens: float | None = None
-
-    @property
-    def label(self) -> str:
-        """Name shown in the dashboard and reports."""
-        if self.name == "ppl_at":
-            return f"ppl_at_{_short_count(self.target_tokens)}"
-        return self.name
-
-
-def _short_count(n: float | None) -> str:
-    n = float(n or 0)
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:g}{suffix}"
-    return f"{n:g}"
 
 
 @dataclass(frozen=True)
@@ -575,7 +543,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     if storage is not None and not isinstance(storage, str):
         problems.append(f"study.storage: expected a storage URL string, got a {type(storage).__name__}")
 
-    objectives = _objectives(raw.get("objective", "alpha"), study.get("directions"), problems)
+    objectives = parse_objectives(raw.get("objective", DEFAULT_OBJECTIVE), study.get("directions"), problems)
 
     # base run config: model / phase1 / phase2 / engine
     base = RunConfig()
@@ -647,9 +615,9 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     except ConfigError as e:
         problems += e.problems
     if data is not None:
-        needs_fit = any(OBJECTIVES[o.name][1] for o in objectives if o.name in OBJECTIVES)
-        if needs_fit and len(data.sizes) < 2:
-            problems.append(f"data.sizes: objective {objectives[0].name!r} fits a law across sizes and needs at least two, got {len(data.sizes)}")
+        fitted = [o.name for o in objectives if o.needs_fit]
+        if fitted and len(data.sizes) < 2:
+            problems.append(f"data.sizes: objective {fitted[0]!r} fits a law across sizes and needs at least two, got {len(data.sizes)}")
 
     seeds = raw.get("seeds", [42])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -752,48 +720,6 @@ def _number(d, key, default, where, problems, low=None, strict=False, high=None)
         problems.append(f"{where}.{key}: must be <= {high:g}, got {shown(v)}")
         return default
     return float(v)
-
-
-def _objectives(raw, directions, problems) -> list[Objective]:
-    items = raw if isinstance(raw, list) else [raw]
-    if not items:
-        problems.append("objective: expected at least one objective")
-        return [Objective("alpha", "minimize")]
-    out = []
-    for i, item in enumerate(items):
-        where = "objective" if not isinstance(raw, list) else f"objective[{i}]"
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict):
-            problems.append(f"{where}: expected an objective name or mapping, got {shown(item)}")
-            continue
-        _unknown(item, where, ("name", "target_tokens", "direction"), problems)
-        name = item.get("name")
-        if not isinstance(name, str) or name not in OBJECTIVES:
-            problems.append(f"{where}: unknown objective {shown(name)} (one of {', '.join(OBJECTIVES)})")
-            continue
-        target = item.get("target_tokens")
-        if name == "ppl_at":
-            target = DEFAULT_TARGET_TOKENS if target is None else target
-            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= MAX_TARGET_TOKENS:
-                problems.append(f"{where}.target_tokens: expected a positive token count up to {MAX_TARGET_TOKENS:.0e}, got {shown(target)}")
-                continue
-        elif target is not None:
-            problems.append(f"{where}.target_tokens: only the ppl_at objective takes a target")
-        direction = item.get("direction", OBJECTIVES[name][0])
-        if not isinstance(direction, str) or direction not in ("minimize", "maximize"):
-            problems.append(f"{where}.direction: expected minimize or maximize, got {shown(direction)}")
-            continue
-        out.append(Objective(name, direction, float(target) if target is not None else None))
-    if directions is not None:
-        if not isinstance(directions, list) or len(directions) != len(out) or any(not isinstance(d, str) or d not in ("minimize", "maximize") for d in directions):
-            problems.append(f"study.directions: expected {len(out)} of minimize/maximize (one per objective), got {shown(directions)}")
-        else:
-            out = [Objective(o.name, d, o.target_tokens) for o, d in zip(out, directions)]
-    labels = [o.label for o in out]
-    if len(set(labels)) != len(labels):
-        problems.append(f"objective: the same objective twice ({labels})")
-    return out or [Objective("alpha", "minimize")]
 
 
 def parse_distribution(spec: Any, where: str, problems: list[str]) -> Distribution | None:

@@ -20,7 +20,7 @@ from archsearch.config import RunConfig, resolve_precision, run_config_from_dict
 from archsearch.result import RunResult, SizeRecord
 from archsearch.runcache import RunCache, run_key
 from archsearch.scaling import ScalingFit, fit_power_law
-from archsearch.space import OBJECTIVES, Objective
+from archsearch.objectives import Objective, objective_values
 
 @dataclass
 class TrialPlan:
@@ -95,30 +95,6 @@ def fit_sizes(records: list[SizeRecord]) -> ScalingFit | None:
     if len(records) < 2:
         return None
     return fit_power_law([r.train_tokens for r in records], [r.val_ppl for r in records])
-
-
-def objective_values(objectives: list[Objective], records: list[SizeRecord], fit: ScalingFit | None) -> list[float | None]:
-    """The value of every objective from the sizes done so far (None where not computable yet)."""
-    if not records:
-        return [None for _ in objectives]
-    last = records[-1]
-    out: list[float | None] = []
-    for o in objectives:
-        if OBJECTIVES[o.name][1] and fit is None:
-            out.append(None)
-        elif o.name == "alpha":
-            out.append(fit.alpha)
-        elif o.name == "ppl_at":
-            out.append(fit.extrapolate(o.target_tokens).ppl)
-        elif o.name == "final_ppl":
-            out.append(last.val_ppl)
-        elif o.name == "final_acc":
-            out.append(last.val_acc)
-        elif o.name.endswith("_params"):  # phase1_params, phase2_params, total_params
-            out.append(float(last.params[o.name.removesuffix("_params")]))
-        else:  # a family metric (val_er)
-            out.append(float(last.metrics[o.name]))
-    return out
 
 
 def summarize(plan: TrialPlan, records: list[SizeRecord], seconds: float, complete: bool) -> dict[str, Any]:

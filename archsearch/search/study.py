@@ -52,7 +52,7 @@ def signature(space: Space) -> dict[str, Any]:
     data = dict(space.data.__dict__)
     data.pop("cache_dir", None)
     return {
-        "objectives": [o.__dict__ for o in space.objectives],
+        "objectives": [o.to_dict() for o in space.objectives],
         "data": data,
         "seeds": space.seeds,
         # a CVFP base gives the dict it always gave; another family adds its name and config
