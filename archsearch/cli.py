@@ -150,36 +150,19 @@ def trial(
       archsearch trial spaces/quickstart.yaml --config layers_3 phase2.max_epochs=1
       archsearch trial spaces/quickstart.yaml model.context_dim=32 "data.sizes={tokens: [1000, 2000, 4000]}"
     """
-    from archsearch import paths
     from archsearch.config import run_param_counts
+    from archsearch.plan import chosen_config, prepare_space_data, trial_plan
     from archsearch.space import load_space
-    from archsearch.trial import TrialPlan, prepare_space_data
 
     overrides = overrides or []
     check_outputs(json_path)
     sp = load_space(space, overrides)
     _print_notes(sp)
-    if config in sp.merged:  # an override made it the same as another config (a note says so)
-        config = sp.merged[config]
-    if config is not None and config not in sp.configs:
-        raise ConfigError(f"--config {config!r}: the space has {', '.join(sp.configs) or 'no named configs'}")
-    name = config or next(iter(sp.configs), "base")
-    params = dict(sp.configs.get(name, {}))
-    cfg = sp.run_config(params)
+    name, params = chosen_config(sp, config)
     dev = resolve_device(device)
     data = prepare_space_data(sp, data_progress(quiet))
-    plan = TrialPlan(
-        params=params,
-        config=cfg.to_dict(),
-        sizes=sp.data.sizes,
-        size_unit=sp.data.size_unit,
-        seeds=sp.seeds,
-        objectives=[o.__dict__ for o in sp.objectives],
-        data_path=str(data.path),
-        cache_dir=None if no_cache else str(paths.run_cache_dir()),
-        device=dev,
-        name=name,
-    )
+    plan = trial_plan(sp, params, name=name, data_path=str(data.path), use_cache=not no_cache, device=dev)
+    cfg = plan.run_config
     counts = run_param_counts(cfg, data.embed_dim, data.vocab_size)
     if not quiet:
         parts = ", ".join(f"{k.removesuffix('_params').replace('phase', 'phase ')} {fmt_count(v)}" for k, v in counts.items() if k != "total_params")
@@ -361,7 +344,7 @@ def validate(
         console.print("searched parameters: " + "; ".join(f"{k}: {v.to_dict()}" for k, v in sp.parameters.items()))
         console.print(f"n_trials: {sp.n_trials} (beyond the {len(sp.configs)} warm-start configs)")
     _write_json(json_path, {"study": sp.study_name, "sampler": sp.sampler, "embed_dim": E, "configs": rows,
-                            "objectives": [o.__dict__ for o in sp.objectives],
+                            "objectives": [o.to_dict() for o in sp.objectives],
                             "parameters": {k: v.to_dict() for k, v in sp.parameters.items()}, "notes": sp.notes})
 
 

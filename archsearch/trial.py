@@ -121,24 +121,6 @@ def summarize(plan: TrialPlan, records: list[SizeRecord], seconds: float, comple
     return result
 
 
-def prepare_space_data(space, progress: Callable[[str], None] | None = None):
-    """Prepared data for a space, with its sizes checked against what the data holds;
-    ``progress(message)`` hears what the preparation does (console.data_progress prints it)."""
-    from archsearch.data import prepare_data
-    from archsearch.errors import ConfigError
-
-    data = prepare_data(space.data, progress=progress or (lambda _msg: None))
-    unit = space.data.size_unit
-    available = data.available(unit)
-    too_big = [s for s in space.data.sizes if s > available]
-    if too_big:
-        raise ConfigError(
-            f"data.sizes: {', '.join(f'{s:,}' for s in too_big)} {unit} asked, but the prepared "
-            f"{space.data.source} data holds {available:,} {unit} for training"
-        )
-    return data
-
-
 def resolved_precision(cfg: RunConfig, device_type: str) -> RunConfig:
     """``cfg`` with ``auto`` precision resolved for the device: the run-cache key holds the
     arithmetic actually used (CVFP: engine.precision; another family: its ``precision``

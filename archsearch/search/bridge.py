@@ -13,20 +13,22 @@ writes no user attributes, and gets no heartbeat from Optuna for ask/tell trials
   (step = cumulative training tokens) and asks the study's pruner.
 - a heartbeat thread stamps every live trial, so a later run can tell a dead driver's
   RUNNING trials from another driver's live ones (see study.fail_stale).
-Only the driver writes to storage.
+Only the driver writes to storage. The runner hands the bridge the plan builder (a trial's
+plan from its params) and the artifacts callback (a finished trial's plots and tables):
+the search layer draws nothing.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
+import logging
 import math
-import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -39,8 +41,14 @@ from archsearch.result import SizeRecord
 from archsearch.search import study as st
 from archsearch.search.distributions import search_distributions, suggest_all
 from archsearch.space import Space
+from archsearch.trial import TrialPlan
 
 MAX_INFEASIBLE = 200
+
+PlanFn = Callable[..., TrialPlan]
+"""make_plan(params, name=...) -> the trial's plan (archsearch.plan.trial_plan, bound to the run)."""
+ArtifactsFn = Callable[[optuna.Trial, str, dict[str, Any]], None]
+"""artifacts(trial, config_name, result): store the views of a finished trial (plots, tables)."""
 
 
 @dataclass
@@ -81,14 +89,14 @@ class Outcome:
 
 
 class StudyBridge:
-    def __init__(self, study: optuna.Study, space: Space, plan: dict[str, Any], n_new: int, embed_dim: int,
-                 artifact_dir: Path | None = None, view=None):  # fmt: skip
+    def __init__(self, study: optuna.Study, space: Space, make_plan: PlanFn, n_new: int, embed_dim: int,
+                 artifacts: ArtifactsFn | None = None, view=None):  # fmt: skip
         self.study = study
         self.space = space
-        self.plan = plan
+        self.make_plan = make_plan
         self.n_new = n_new
         self.embed_dim = embed_dim
-        self.artifact_dir = artifact_dir
+        self.artifacts = artifacts
         self.view = view
         self.dists = search_distributions(space)
         self.live: dict[str, LiveTrial] = {}
@@ -133,9 +141,9 @@ class StudyBridge:
             storage.set_trial_system_attr(trial._trial_id, st.A_OWNER, st.owner_record())
             storage.set_trial_system_attr(trial._trial_id, st.A_HEARTBEAT, time.time())
             self.live[ray_id] = LiveTrial(trial, name, params)
-            plan = dict(self.plan, params=params, config=self.space.run_config(params).to_dict(), name=name)
+            plan = self.make_plan(params, name=name)
             self._view("start", self.live[ray_id])
-            return {"plan": plan, "gpus": self.plan_gpus, "cpus": self.space.cpus, "optuna_trial": trial.number}
+            return {"plan": dataclasses.asdict(plan), "gpus": self.plan_gpus, "cpus": self.space.cpus, "optuna_trial": trial.number}
 
     plan_gpus: float = 0.0
     vocab_size: int = 0
@@ -293,41 +301,14 @@ class StudyBridge:
     def _safe_artifacts(self, lt: LiveTrial, result: dict[str, Any] | None) -> None:
         """The artifacts are views of numbers the trial keeps: failing to draw or store them
         (no matplotlib, a full disk) is a warning and an attribute, never a failed trial."""
-        try:
-            self._artifacts(lt, result)
-        except Exception as e:
-            import logging
-
-            text = f"{type(e).__name__}: {e}"
-            logging.getLogger(__name__).warning("trial %d: could not write its plot and table for the dashboard (%s)", lt.number, text)
-            lt.trial.set_user_attr("artifact_error", text[:500])
-
-    def _artifacts(self, lt: LiveTrial, result: dict[str, Any] | None) -> None:
-        """Log-log plot (PNG) and per-size table (CSV), shown by optuna-dashboard."""
-        if self.artifact_dir is None or not result or not result.get("sizes"):
+        if self.artifacts is None or not result or not result.get("sizes"):
             return
-        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
-        from archsearch.report.plots import ScalingSeries, plot_scaling
-
-        self.artifact_dir.mkdir(parents=True, exist_ok=True)
-        store = FileSystemArtifactStore(str(self.artifact_dir))
-        sizes = [SizeRecord.from_dict(r) for r in result["sizes"]]
-        fit = result.get("fit") or {}
-        with tempfile.TemporaryDirectory(dir=self.artifact_dir) as tmp:  # under the home, like every other write
-            png = Path(tmp) / f"trial_{lt.number}_{lt.name}_scaling.png"
-            series = ScalingSeries(lt.name, [r.train_tokens for r in sizes], [r.val_ppl for r in sizes],
-                                   fit.get("alpha"), fit.get("A"), fit.get("alpha_low"), fit.get("alpha_high"),
-                                   fit.get("loo_alphas") or (), fit.get("loo_intercepts") or ())  # fmt: skip
-            plot_scaling([series], png, title=f"trial {lt.number}: {lt.name}")
-            upload_artifact(artifact_store=store, file_path=str(png), study_or_trial=lt.trial, mimetype="image/png")
-            table = Path(tmp) / f"trial_{lt.number}_{lt.name}_sizes.csv"
-            rows = [_table_row(r) for r in sizes]
-            with table.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-            upload_artifact(artifact_store=store, file_path=str(table), study_or_trial=lt.trial, mimetype="text/csv")
+        try:
+            self.artifacts(lt.trial, lt.name, result)
+        except Exception as e:
+            text = f"{type(e).__name__}: {e}"
+            logging.getLogger(__name__).warning("trial %d: could not write its artifacts for the dashboard (%s)", lt.number, text)
+            lt.trial.set_user_attr("artifact_error", text[:500])
 
     def fail_unfinished(self, reason: str) -> list[int]:
         """After an interrupted run: fail what is still live and queue it again."""
@@ -398,16 +379,4 @@ class PrunerScheduler(_Unpicklable, FIFOScheduler):
         except Exception:
             pass
         self.bridge.on_error(trial.trial_id, text if isinstance(text, str) else None)
-
-
-def _table_row(rec: SizeRecord) -> dict[str, Any]:
-    """One size as a flat CSV row: its scalar fields, then its parameter counts, metrics and
-    phase seconds as columns of their own."""
-    d = rec.to_dict()
-    row = {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
-    row.update({f"{k}_params": v for k, v in rec.params.items()})
-    row.update(rec.metrics)
-    row.update({f"{k}_seconds": v for k, v in rec.phase_seconds.items()})
-    row["capped"] = " ".join(rec.capped)
-    return row
 

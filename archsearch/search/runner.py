@@ -6,9 +6,11 @@ the cluster's resources are all checked before the study is created or touched.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,8 @@ from typing import Any
 from archsearch import paths
 from archsearch.console import data_progress
 from archsearch.errors import ConfigError
+from archsearch.plan import prepare_space_data, trial_plan
 from archsearch.space import Space, known_embed_dim, known_vocab_size
-from archsearch.trial import prepare_space_data
 
 
 @dataclass
@@ -99,7 +101,11 @@ def run_search(
     n_trials: int | None = None,
     address: str | None = None,
     view_mode: str = "auto",
+    artifacts: Callable[..., None] | None = None,
 ) -> RunSummary:
+    """Run ``space``'s study. ``artifacts(trial, config_name, result)`` stores each finished
+    trial's views (default: its plot and table in the storage's artifact folder, see
+    :mod:`archsearch.report.artifacts`)."""
     import optuna
 
     from archsearch.search import storage as stg
@@ -140,16 +146,13 @@ def run_search(
         summary = RunSummary(name, stg.mask_url(url), queued=rec.queued, done_before=rec.done, failed_stale=rec.failed_stale)
         art = stg.artifact_dir_for(url)
         summary.artifact_dir = str(art)
-        plan = {
-            "sizes": space.data.sizes,
-            "size_unit": space.data.size_unit,
-            "seeds": space.seeds,
-            "objectives": [o.__dict__ for o in space.objectives],
-            "data_path": str(data.path),
-            "cache_dir": str(paths.run_cache_dir()),
-        }
+        if artifacts is None:
+            from archsearch.report.artifacts import TrialArtifacts
+
+            artifacts = TrialArtifacts(art)
+        make_plan = functools.partial(trial_plan, space, data_path=str(data.path))
         view = LiveView(len(space.data.sizes), space.data.size_unit, [o.label for o in space.objectives], view_mode)
-        bridge = StudyBridge(study, space, plan, n_new, data.embed_dim, artifact_dir=art, view=view)
+        bridge = StudyBridge(study, space, make_plan, n_new, data.embed_dim, artifacts=artifacts, view=view)
         bridge.plan_gpus = gpus
         bridge.vocab_size = data.vocab_size
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
@@ -203,7 +206,7 @@ def _warm_imports() -> None:
     where the module is really used."""
     import importlib
 
-    for name in ("archsearch.search.bridge", "archsearch.search.trainable", "ray.tune",
+    for name in ("archsearch.search.bridge", "archsearch.search.trainable", "archsearch.report.artifacts", "ray.tune",
                  "sqlalchemy.orm", "alembic.command", "alembic.migration", "optuna.storages._rdb.models",
                  "scipy.stats"):  # fmt: skip
         try:

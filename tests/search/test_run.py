@@ -181,15 +181,12 @@ def test_search_report_has_history_and_importances(home, tiny_corpus, ray_local,
     assert "the 3 best configs by alpha (of 4)" in md
 
 
-def test_a_trial_whose_dashboard_plot_fails_still_completes(home, tiny_corpus, ray_local, monkeypatch):
-    from archsearch.search.bridge import StudyBridge
-
-    def broken(self, lt, result):
+def test_a_trial_whose_dashboard_plot_fails_still_completes(home, tiny_corpus, ray_local):
+    def broken(trial, name, result):
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(StudyBridge, "_artifacts", broken)
     space = tiny_space(tiny_corpus, sampler={"type": "grid", "configs": {"a": {"num_layers": 1, "context_dim": 8}}})
-    summary = run(space)
+    summary = run(space, artifacts=broken)
     assert [o.state for o in summary.outcomes] == ["COMPLETE"]
     (trial,) = load(home).get_trials()
     assert trial.state == TrialState.COMPLETE and "matplotlib" in trial.user_attrs["artifact_error"]
