@@ -2,10 +2,11 @@
 
     python scripts/accuracy_guard.py --data studies/data/wiki-<hash> --fast bf16 --out benchmarks/accuracy_guard.json
 
-Runs the report's four configs at the report's token counts on a prepared wiki folder, once
-with ``--fast`` precision and once in fp32 (TF32 off), with the full protocol (convergence
-and early stopping), and checks that every run's PPL agrees within 1% and every config's
-alpha within +-0.01. Needs only PyTorch (a GPU machine can run it from a copied folder).
+Runs the configs of a grid space (default ``spaces/grid_4arch_offline.yaml``: the report's four
+configs at the report's token counts) on a prepared wiki folder, once with ``--fast``
+precision and once in fp32 (TF32 off), with the full protocol (convergence and early
+stopping), and checks that every run's PPL agrees within 1% and every config's alpha within
++-0.01. Needs only PyTorch and PyYAML (a GPU machine can run it from a copied folder).
 """
 
 from __future__ import annotations
@@ -21,25 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from archsearch.config import run_config_from_dict  # noqa: E402
+from archsearch.plan import trial_plan  # noqa: E402
 from archsearch.result import SizeRecord  # noqa: E402
-from archsearch.trial import TrialPlan, run_trial  # noqa: E402
+from archsearch.space import load_space  # noqa: E402
+from archsearch.trial import run_trial  # noqa: E402
 
-SIZES = [62_891, 122_795, 240_132, 587_970]
-CONFIGS = {
-    "baseline": {"num_layers": 6, "context_dim": 768, "num_input_tokens": 1},
-    "input_tokens_2": {"num_layers": 6, "context_dim": 768, "num_input_tokens": 2},
-    "context_dim_1152": {"num_layers": 6, "context_dim": 1152, "num_input_tokens": 1},
-    "layers_9": {"num_layers": 9, "context_dim": 768, "num_input_tokens": 1},
-}
+SPACE = Path(__file__).resolve().parent.parent / "spaces" / "grid_4arch_offline.yaml"
 
 
-def run(data: str, precision: str, device: str) -> dict:
+def run(space: Path, data: str, precision: str, device: str) -> dict:
     out = {}
-    for name, model in CONFIGS.items():
-        cfg = run_config_from_dict({"model": model, "engine": {"precision": precision}})
-        plan = TrialPlan(params=model, config=cfg.to_dict(), sizes=SIZES, size_unit="tokens", seeds=[42],
-                         objectives=[{"name": "alpha", "direction": "minimize"}], data_path=data, device=device, name=name)  # fmt: skip
+    sp = load_space(space, [f"engine.precision={precision}"])
+    for name, params in sp.configs.items():
+        plan = trial_plan(sp, params, name=name, data_path=data, use_cache=False, device=device)
         t0 = time.perf_counter()
         res = run_trial(plan)
         sizes = [SizeRecord.from_dict(s) for s in res["sizes"]]
@@ -55,14 +50,15 @@ def run(data: str, precision: str, device: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="a prepared wiki folder")
+    ap.add_argument("--space", type=Path, default=SPACE, help="a grid space file: its configs, sizes and seeds")
     ap.add_argument("--fast", default="bf16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    fast = run(args.data, args.fast, args.device)
-    ref = run(args.data, "fp32", args.device)
+    fast = run(args.space, args.data, args.fast, args.device)
+    ref = run(args.space, args.data, "fp32", args.device)
     rows, ok = [], True
-    for name in CONFIGS:
+    for name in fast:
         d_alpha = fast[name]["alpha"] - ref[name]["alpha"]
         ppl_rel = [f["val_ppl"] / r["val_ppl"] - 1 for f, r in zip(fast[name]["sizes"], ref[name]["sizes"])]
         good = abs(d_alpha) <= 0.01 and all(abs(x) <= 0.01 for x in ppl_rel)

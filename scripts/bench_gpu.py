@@ -32,16 +32,15 @@ import torch  # noqa: E402
 
 from archsearch.config import param_counts, run_config_from_dict, token_widths  # noqa: E402
 from archsearch.cvfp.run import train_run  # noqa: E402
+from archsearch.space import load_space  # noqa: E402
 
-REPORT_SIZES = [62_891, 122_795, 240_132, 587_970]
+# the report's grid: its configs and training-token counts, as the shipped space file has them
+GRID = load_space(Path(__file__).resolve().parent.parent / "spaces" / "grid_4arch_offline.yaml")
+REPORT_SIZES = list(GRID.data.sizes)
 VAL_TOKENS = 31_024
 V, E = 50_257, 768
-CONFIGS = {
-    "baseline": (6, 768, 1),
-    "input_tokens_2": (6, 768, 2),
-    "context_dim_1152": (6, 1152, 1),
-    "layers_9": (9, 768, 1),
-}
+MODELS = {name: GRID.run_config(params).model for name, params in GRID.configs.items()}
+CONFIGS = {name: (m.num_layers, m.context_dim, m.num_input_tokens) for name, m in MODELS.items()}  # (L, C, k)
 # dense peak by datasheet (H100 SXM); the measured matmul rate is reported beside it
 PEAK_TFLOPS = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}
 

@@ -29,6 +29,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from archsearch.space import load_yaml, parse_space  # noqa: E402
 
 # configs added to the space's own for a larger grid (--extra-configs N takes the first N)
 EXTRA = {
@@ -64,13 +67,16 @@ def visible_gpus() -> list[str]:
 
 
 def write_space(src: Path, extra: int, dest: Path) -> tuple[Path, list[str]]:
-    space = yaml.safe_load(src.read_text())
+    """The space file ``src`` with the first ``extra`` configs of EXTRA added, checked by
+    archsearch's parser before any command runs it."""
+    space = load_yaml(src)
     configs = dict(space["sampler"]["configs"])
     for name in list(EXTRA)[:extra]:
         configs[name] = EXTRA[name]
     space["sampler"]["configs"] = configs
     if extra:
         space["study"] = dict(space.get("study") or {}, name=f"{space.get('study', {}).get('name', 'bench')}_plus_{extra}")
+    parse_space(space, str(dest))
     dest.write_text(yaml.safe_dump(space, sort_keys=False))
     return dest, list(configs)
 
