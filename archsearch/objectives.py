@@ -8,7 +8,7 @@ records (:class:`~archsearch.result.SizeRecord`, smallest size first) and the fi
 space chose: direction, target); the trial scores itself with them, the search tells Optuna
 their values, the dashboard and the report show their labels.
 
-A new objective is one entry of :data:`OBJECTIVES`; the default one is :data:`DEFAULT_OBJECTIVE`.
+A new objective is one entry of :data:`OBJECTIVES`; the default one is :func:`default_objective`.
 """
 
 from __future__ import annotations
@@ -87,8 +87,13 @@ OBJECTIVES: dict[str, ObjectiveDef] = {d.name: d for d in (
                  "all trained parameters"),
 )}  # fmt: skip
 
-DEFAULT_OBJECTIVE = "alpha"
-"""The objective of a space file without an ``objective`` section."""
+DEFAULT_TARGET_TOKENS = OBJECTIVES["ppl_at"].default_target
+
+
+def default_objective(sampler: str) -> str:
+    """The objective of a space file without an ``objective`` section, for its sampler
+    (``grid``, ``tpe``, ...): alpha, the report's own measure, for every sampler."""
+    return "alpha"
 
 
 @dataclass(frozen=True)
@@ -158,10 +163,15 @@ def short_count(n: float | None) -> str:
 # --------------------------------------------------------------------------- space-file syntax
 
 
-def parse_objectives(raw: Any, directions: Any, problems: list[str]) -> list[Objective]:
-    """A space's ``objective`` (a name, a mapping, or a list of them for a Pareto search) and
-    ``study.directions``; every problem is appended to ``problems``."""
-    fallback = [Objective(DEFAULT_OBJECTIVE, OBJECTIVES[DEFAULT_OBJECTIVE].direction)]
+def parse_objectives(raw: Any, directions: Any, problems: list[str], sampler: str = "grid") -> list[Objective]:
+    """A space's ``objective`` (a name, a mapping, or a list of them for a Pareto search;
+    None, i.e. not given: the sampler's default) and ``study.directions``; every problem is
+    appended to ``problems``."""
+    default = default_objective(sampler)
+    target = OBJECTIVES[default].default_target
+    fallback = [Objective(default, OBJECTIVES[default].direction, float(target) if target is not None else None)]
+    if raw is None:
+        raw = default
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         problems.append("objective: expected at least one objective")

@@ -24,8 +24,8 @@ import yaml
 
 from archsearch.config import MAX_PARAMS, RunConfig, canonical_name, resolve_field, run_config_from_dict, run_param_counts
 from archsearch.errors import ConfigError, shown
+from archsearch.objectives import DEFAULT_TARGET_TOKENS, Objective, parse_objectives  # noqa: F401 (re-exported)
 from archsearch.paths import name_problem
-from archsearch.objectives import DEFAULT_OBJECTIVE, Objective, parse_objectives
 
 CVFP_ONLY_OBJECTIVES = ("val_er", "phase1_params", "phase2_params")
 """Objectives only the cvfp family reports."""
@@ -543,7 +543,9 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
     if storage is not None and not isinstance(storage, str):
         problems.append(f"study.storage: expected a storage URL string, got a {type(storage).__name__}")
 
-    objectives = parse_objectives(raw.get("objective", DEFAULT_OBJECTIVE), study.get("directions"), problems)
+    declared = raw.get("sampler", "grid")  # the default objective may depend on the sampler
+    sampler_type = declared.get("type", "grid") if isinstance(declared, dict) else declared
+    objectives = parse_objectives(raw.get("objective"), study.get("directions"), problems, str(sampler_type))
 
     # base run config: model / phase1 / phase2 / engine
     base = RunConfig()

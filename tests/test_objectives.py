@@ -103,3 +103,13 @@ def test_a_new_objective_is_one_entry_of_the_table(monkeypatch):
     monkeypatch.setitem(OBJECTIVES, "best_ppl", best)
     (o,) = parse_space(space("best_ppl")).objectives
     assert o == Objective("best_ppl", "minimize") and o.value(list(reversed(RECORDS)), None) == 430.0
+
+
+def test_the_default_objective_is_chosen_per_sampler_in_one_place(monkeypatch):
+    import archsearch.objectives as objectives
+
+    search = {"sampler": "tpe", "parameters": {"num_layers": {"type": "int", "low": 1, "high": 3}}}
+    assert parse_space(space(**search)).objectives == [Objective("alpha", "minimize")]
+    monkeypatch.setattr(objectives, "default_objective", lambda sampler: "alpha" if sampler == "grid" else "ppl_at")
+    assert parse_space(space(**search)).objectives == [Objective("ppl_at", "minimize", 1e7)]
+    assert parse_space(space()).objectives == [Objective("alpha", "minimize")]
