@@ -15,7 +15,7 @@ from archsearch.space import parse_space
 def test_accuracy_guard_runs_the_configs_of_its_space_file(tiny_corpus, tmp_path):
     space = tiny_space(tiny_corpus, sampler={"type": "grid", "configs": {"tiny": {"num_layers": 1, "context_dim": 4}}},
                        phase1={"batch_size": 200, "min_iterations": 2, "max_iterations": 3}, phase2={"batch_size": 64, "max_epochs": 1})  # fmt: skip
-    data = prepare_space_data(parse_space(space), quiet=True)
+    data = prepare_space_data(parse_space(space))
     path = write_space(tmp_path / "grid.yaml", space)
     out = tmp_path / "guard.json"
     r = subprocess.run([sys.executable, "scripts/accuracy_guard.py", "--space", str(path), "--data", str(data.path),

@@ -5,8 +5,6 @@ SQLite storage)."""
 from __future__ import annotations
 
 import csv
-import dataclasses
-import math
 
 import optuna
 import pytest
@@ -101,17 +99,21 @@ def test_the_bridge_gets_the_artifacts_through_the_callback(recorded_run):
 
 
 def test_the_trial_files_are_a_plot_and_a_flat_table(tmp_path):
+    """Typed per-size records (SizeRecord.to_dict()) give the table the flat records gave."""
     from archsearch.report.artifacts import write_trial_files
 
-    sizes = [{"train_tokens": t, "val_ppl": p, "val_acc": 0.1, "params": {"phase1": 10, "total": 30},
-              "metrics": {"val_er": 0.9}, "seeds": [1, 2], "cached": False} for t, p in ((400, 90.0), (800, 70.0), (1600, 55.0))]  # fmt: skip
+    sizes = [{"train_tokens": t, "val_ppl": p, "val_acc": 0.1, "params": {"phase1": 10, "total": 30}, "metrics": {"val_er": 0.9},
+              "phase_seconds": {"phase2": 1.5}, "seeds": [1, 2], "capped": ["max_epochs"], "cached": False}
+             for t, p in ((400, 90.0), (800, 70.0), (1600, 55.0))]  # fmt: skip
     fit = {"alpha": -0.35, "A": 750.0, "alpha_low": -0.5, "alpha_high": -0.2}
     files = write_trial_files(tmp_path, 7, "a", {"sizes": sizes, "fit": fit})
     assert [(p.name, m) for p, m in files] == [("trial_7_a_scaling.png", "image/png"), ("trial_7_a_sizes.csv", "text/csv")]
     assert files[0][0].read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(files[1][0].open()))
-    assert list(rows[0]) == ["train_tokens", "val_ppl", "val_acc", "params.phase1", "params.total", "metrics.val_er", "cached"]
-    assert [float(r["val_ppl"]) for r in rows] == [90.0, 70.0, 55.0] and rows[2]["metrics.val_er"] == "0.9"
+    # the columns older studies' tables had (phase1_params, val_er, phase2_seconds), not nested ones
+    assert list(rows[0]) == ["train_tokens", "val_ppl", "val_acc", "cached", "phase1_params", "total_params", "phase2_seconds",
+                             "val_er", "capped"]  # fmt: skip
+    assert [float(r["val_ppl"]) for r in rows] == [90.0, 70.0, 55.0] and rows[2]["val_er"] == "0.9" and rows[0]["capped"] == "max_epochs"
 
 
 def test_trial_config_is_the_named_one_with_run_overrides_on_top(tiny_corpus):
@@ -123,4 +125,3 @@ def test_trial_config_is_the_named_one_with_run_overrides_on_top(tiny_corpus):
         chosen_config(sp, "c")
     with pytest.raises(ConfigError, match="model.num_layers"):
         chosen_config(sp, "a", ["model.num_layers=0"])
-    assert not any(math.isnan(v) for v in params.values() if isinstance(v, float))
