@@ -10,7 +10,8 @@ for the precision used; then the total wall time. Runs go as a search runs them:
 config, its sizes smallest first in one thread (a trial's runs share their phase-2 graphs),
 the largest trials first. ``--reference`` also times the plain
 reference implementation against the engine on a small subset, on the same device.
-Needs only PyTorch (and Triton on GPUs for the fused kernels).
+Needs only PyTorch and PyYAML (and Triton on GPUs for the fused kernels); the configs and sizes
+are those of spaces/grid_4arch_offline.yaml.
 """
 
 from __future__ import annotations
