@@ -27,13 +27,6 @@ def fmt_count(n: float | int | None) -> str:
     return f"{n:g}"
 
 
-def data_progress(quiet: bool = False) -> Callable[[str], None] | None:
-    """What prepare_space_data says, printed to stderr (None with ``quiet``)."""
-    if quiet:
-        return None
-    return lambda msg: err_console.print(f"[dim]data:[/dim] {msg}")
-
-
 def fmt(v: Any, spec: str = ".4g") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"

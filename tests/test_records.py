@@ -75,8 +75,7 @@ def test_report_reads_a_study_written_before_the_typed_records(tmp_path):
 
 
 def test_objectives_read_the_size_record_by_field():
-    from archsearch.space import Objective
-    from archsearch.trial import objective_values
+    from archsearch.objectives import Objective, objective_values
 
     recs = [combine_seeds([run(1, 5.0, 0.1)], 1000, "tokens", [False])]
     names = ("final_ppl", "final_acc", "val_er", "phase1_params", "phase2_params", "total_params", "alpha")
