@@ -116,12 +116,9 @@ def test_the_trial_files_are_a_plot_and_a_flat_table(tmp_path):
     assert [float(r["val_ppl"]) for r in rows] == [90.0, 70.0, 55.0] and rows[2]["val_er"] == "0.9" and rows[0]["capped"] == "max_epochs"
 
 
-def test_trial_config_is_the_named_one_with_run_overrides_on_top(tiny_corpus):
+def test_trial_config_is_the_named_one(tiny_corpus):
     sp = parse_space(tiny_space(tiny_corpus))
     assert chosen_config(sp) == ("a", {"num_layers": 1, "context_dim": 8, "num_input_tokens": 1})
-    name, params = chosen_config(sp, "b", ["model.num_layers=3", "phase1.lr=0.01", "data.val_tokens=200"])
-    assert (name, params) == ("b", {"num_layers": 3, "context_dim": 8, "num_input_tokens": 2, "phase1.lr": 0.01})
+    assert chosen_config(sp, "b") == ("b", {"num_layers": 2, "context_dim": 8, "num_input_tokens": 2})
     with pytest.raises(ConfigError, match="--config 'c': the space has a, b"):
         chosen_config(sp, "c")
-    with pytest.raises(ConfigError, match="model.num_layers"):
-        chosen_config(sp, "a", ["model.num_layers=0"])
