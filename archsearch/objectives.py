@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from archsearch.errors import shown
+
 if TYPE_CHECKING:
     from archsearch.result import SizeRecord
     from archsearch.scaling import ScalingFit
@@ -88,6 +90,8 @@ OBJECTIVES: dict[str, ObjectiveDef] = {d.name: d for d in (
 )}  # fmt: skip
 
 DEFAULT_TARGET_TOKENS = OBJECTIVES["ppl_at"].default_target
+MAX_TARGET_TOKENS = 1e15
+"""Largest target_tokens an extrapolating objective takes."""
 
 
 def default_objective(sampler: str) -> str:
@@ -182,33 +186,33 @@ def parse_objectives(raw: Any, directions: Any, problems: list[str], sampler: st
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict):
-            problems.append(f"{where}: expected an objective name or mapping, got {item!r}")
+            problems.append(f"{where}: expected an objective name or mapping, got {shown(item)}")
             continue
         for k in item:
             if k not in ("name", "target_tokens", "direction"):
                 problems.append(f"{where}.{k}: unknown key (known: name, target_tokens, direction)")
         name = item.get("name")
-        if name not in OBJECTIVES:
-            problems.append(f"{where}: unknown objective {name!r} (one of {', '.join(OBJECTIVES)})")
+        if not isinstance(name, str) or name not in OBJECTIVES:
+            problems.append(f"{where}: unknown objective {shown(name)} (one of {', '.join(OBJECTIVES)})")
             continue
         d = OBJECTIVES[name]
         target = item.get("target_tokens")
         if d.takes_target:
             target = d.default_target if target is None else target
-            if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0 or not math.isfinite(target):
-                problems.append(f"{where}.target_tokens: expected a positive token count, got {target!r}")
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= MAX_TARGET_TOKENS:
+                problems.append(f"{where}.target_tokens: expected a positive token count up to {MAX_TARGET_TOKENS:.0e}, got {shown(target)}")
                 continue
         elif target is not None:
             takers = [n for n, o in OBJECTIVES.items() if o.takes_target]
             problems.append(f"{where}.target_tokens: only the {', '.join(takers)} objective takes a target")
         direction = item.get("direction", d.direction)
-        if direction not in DIRECTIONS:
-            problems.append(f"{where}.direction: expected minimize or maximize, got {direction!r}")
+        if not isinstance(direction, str) or direction not in DIRECTIONS:
+            problems.append(f"{where}.direction: expected minimize or maximize, got {shown(direction)}")
             continue
         out.append(Objective(name, direction, float(target) if d.takes_target else None))
     if directions is not None:
-        if not isinstance(directions, list) or len(directions) != len(out) or any(d not in DIRECTIONS for d in directions):
-            problems.append(f"study.directions: expected {len(out)} of minimize/maximize (one per objective), got {directions!r}")
+        if not isinstance(directions, list) or len(directions) != len(out) or any(not isinstance(d, str) or d not in DIRECTIONS for d in directions):
+            problems.append(f"study.directions: expected {len(out)} of minimize/maximize (one per objective), got {shown(directions)}")
         else:
             out = [Objective(o.name, d, o.target_tokens) for o, d in zip(out, directions)]
     labels = [o.label for o in out]

@@ -24,7 +24,7 @@ import yaml
 
 from archsearch.config import MAX_PARAMS, RunConfig, canonical_name, resolve_field, run_config_from_dict, run_param_counts
 from archsearch.errors import ConfigError, shown
-from archsearch.objectives import DEFAULT_TARGET_TOKENS, Objective, parse_objectives  # noqa: F401 (re-exported)
+from archsearch.objectives import DEFAULT_TARGET_TOKENS, MAX_TARGET_TOKENS, Objective, parse_objectives  # noqa: F401 (re-exported)
 from archsearch.paths import name_problem
 
 CVFP_ONLY_OBJECTIVES = ("val_er", "phase1_params", "phase2_params")
@@ -39,7 +39,6 @@ MAX_GRID = 10_000
 """Points of a Cartesian grid (counted before the grid is built)."""
 MAX_SEED = 2**32 - 1
 MAX_SEEDS = 100
-MAX_TARGET_TOKENS = 1e15
 MAX_TRIALS = 100_000
 MAX_CONCURRENT = 10_000
 MAX_FAILURES = 1_000
