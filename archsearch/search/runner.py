@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,38 @@ def init_ray(address: str | None, quiet: bool = True):
             raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]})") from None
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        with _loopback_only(ray):
+            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
     return ray
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def _loopback_only(ray):
+    """Make the embedded Ray's GCS, raylet, agents and workers listen on 127.0.0.1 alone.
+
+    ``_node_ip_address="127.0.0.1"`` by itself is not enough: ray.init replaces a loopback
+    address by the machine's routable one unless Ray believes clusters are disabled (its
+    Windows/macOS mode, switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), and its servers
+    bind to the node address. The switch is on only while this node starts, so that a later
+    ``--address`` connection in the same process reports its real address; the processes
+    started here keep it in their environment (they run on this machine only)."""
+    from ray._private import ray_constants
+
+    var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before_const = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[var] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_const
+        if before_env is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before_env
 
 
 def _probe(address: str) -> None:
