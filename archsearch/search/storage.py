@@ -270,29 +270,55 @@ def writer_lock(url: str):
     """Hold for the whole of a run. SQLite cannot take two writer processes safely (its
     locking gives 'database is locked' under load and Optuna's queue pop is not atomic
     across processes there), so a second run on the same SQLite file is refused. Other
-    storages allow concurrent runs; they only serialise their bookkeeping (study_lock)."""
+    storages allow concurrent runs; they only serialise their bookkeeping (study_lock).
+
+    The lock is a flock on the database file itself, so it follows the file whatever path
+    reaches it (a hard link, a symlink, another mount of it). flock and SQLite's own POSIX
+    locks do not interact on Linux; but closing any descriptor of the file drops the
+    process's POSIX locks, so the descriptor is kept open for the life of the process and
+    only unlocked here. Who holds it is written beside the path (``<db>.lock``)."""
     path = sqlite_path(url)
     if path is None:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _db_descriptor(path)
+    holder_path = path.with_name(path.name + ".lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = holder_path.read_text(errors="replace").strip()[:200]
+        except OSError:
+            holder = ""
+        raise StorageBusy(
+            f"another archsearch run ({holder or 'another process, through another path to the same file'}) is writing "
+            f"to {path}. SQLite cannot take two writer processes safely: wait for it, or put the study on PostgreSQL "
+            "(--storage postgresql://...) or a journal file (--storage journal:///path/study.log)."
+        ) from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise StorageBusy(
-                f"another archsearch run ({holder}) is writing to {path}. SQLite cannot take two "
-                "writer processes safely: wait for it, or put the study on PostgreSQL "
-                "(--storage postgresql://...) or a journal file (--storage journal:///path/study.log)."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+            holder_path.write_text(f"pid {os.getpid()} on {os.uname().nodename}")
+        except OSError:  # only the message would lack it
+            pass
         yield
     finally:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_DB_FDS: dict[tuple[int, int], int] = {}
+
+
+def _db_descriptor(path: Path) -> int:
+    """One open descriptor per database file (by device and inode) for this process."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # an empty file is an empty SQLite database
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in _DB_FDS:
+        os.close(fd)  # the file is idle here: no run of this process is using it
+        return _DB_FDS[key]
+    _DB_FDS[key] = fd
+    return fd
 
 
 @contextmanager

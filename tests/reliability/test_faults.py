@@ -1,0 +1,116 @@
+"""Faults of the machine around a run (the cluster, memory, the disk, files changed or damaged
+under it, a killed driver): each is noticed, named, and leaves the study consistent, with no
+trial lost or recorded twice after a rerun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import pytest
+from helpers import ROOT, cli, read_trials, tiny_space, write_space
+from optuna.trial import TrialState
+
+from archsearch.search import storage as stg
+
+CONFIGS = {f"c{i}": {"num_layers": 1 + i % 2, "context_dim": 8 * (1 + i // 2)} for i in range(4)}
+
+
+def grid_space(corpus: dict, **sections) -> dict:
+    return tiny_space(corpus, sampler={"type": "grid", "configs": CONFIGS}, **sections)
+
+
+def slow_space(corpus: dict) -> dict:
+    """Enough phase-2 epochs per size that a fault lands mid-trial."""
+    return grid_space(corpus, max_concurrent=1, phase2={"batch_size": 16, "max_epochs": 40, "patience": 40})
+
+
+def launch(space, home, *args) -> subprocess.Popen:
+    env = dict(os.environ, ARCHSEARCH_HOME=str(home), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "archsearch.cli", "run", str(space), "--quiet", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+
+
+def wait_mid_trial(db, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.3)
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.stdout.read()} {proc.stderr.read()}")
+        try:
+            trials = read_trials(db, "tiny")
+        except Exception:
+            continue
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("sizes_done", 0) >= 1]
+        if running:
+            return running[0]
+    raise AssertionError("no trial reached mid-way")
+
+
+def check_exactly_once(storage: str, configs=CONFIGS) -> list:
+    trials = optuna.load_study(study_name="tiny", storage=stg.open_storage(storage, create=False)).get_trials()
+    complete = Counter(t.user_attrs["config_name"] for t in trials if t.state == TrialState.COMPLETE)
+    assert complete == Counter(list(configs)), complete  # zero lost, zero duplicates
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    return trials
+
+
+def rerun_completes(space, home, *args) -> subprocess.CompletedProcess:
+    r = cli("run", str(space), "--quiet", *args, env={"ARCHSEARCH_HOME": str(home)}, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+# --------------------------------------------------------------------------- the one-writer lock
+
+
+HOLD = """
+import sys, time
+from archsearch.search.storage import writer_lock
+with writer_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_the_sqlite_writer_lock_follows_the_file_not_its_path(tmp_path, link):
+    db = tmp_path / "a" / "study.db"
+    db.parent.mkdir()
+    stg.open_storage(f"sqlite:///{db}")  # a real, empty study storage
+    other = tmp_path / "b" / "other-name.db"
+    other.parent.mkdir()
+    (os.link if link == "hard" else os.symlink)(db, other)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, f"sqlite:///{db}"], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(stg.StorageBusy, match="SQLite cannot take two writer processes"):
+            with stg.writer_lock(stg.resolve_url(f"sqlite:///{other}")):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with stg.writer_lock(stg.resolve_url(f"sqlite:///{other}")):  # free again once the holder is gone
+        pass
+
+
+@pytest.mark.slow
+def test_a_second_run_through_a_hard_link_is_refused(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", slow_space(tiny_corpus))
+    db = home / "archsearch.db"
+    first = launch(space, home)
+    wait_mid_trial(db, first)
+    os.link(db, tmp_path / "linked.db")
+    second = launch(space, home, "--storage", f"sqlite:///{tmp_path / 'linked.db'}")
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 2, out + err
+    assert "SQLite cannot take two writer processes" in " ".join(err.split())
+    out, err = first.communicate(timeout=900)
+    assert first.returncode == 0, out + err
+    check_exactly_once(f"sqlite:///{db}")
