@@ -114,3 +114,50 @@ def test_a_second_run_through_a_hard_link_is_refused(tmp_path, tiny_corpus):
     out, err = first.communicate(timeout=900)
     assert first.returncode == 0, out + err
     check_exactly_once(f"sqlite:///{db}")
+
+
+# --------------------------------------------------------------------------- a damaged SQLite file
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def damage(db) -> None:
+    """Bytes written over the second page (a b-tree page of Optuna's tables)."""
+    with open(db, "r+b") as f:
+        f.seek(4096)
+        f.write(os.urandom(64))
+
+
+def test_a_damaged_sqlite_file_is_detected_when_opened_and_a_rerun_into_a_new_file_trains_nothing(home, tiny_corpus, ray_local):
+    from archsearch.search import runner
+    from archsearch.space import parse_space
+
+    space = parse_space(tiny_space(tiny_corpus))
+    first = runner.run_search(space, view_mode="quiet")
+    assert [o.state for o in first.outcomes] == ["COMPLETE", "COMPLETE"] and not any(o.cached for o in first.outcomes)
+    db = home / "archsearch.db"
+    damage(db)
+    for args in (["studies"], ["dashboard"]):  # the commands that open it say so, no traceback (report and run share the check)
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(home)}, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert "is damaged" in " ".join(r.stderr.split())
+    with pytest.raises(stg.StorageDamaged) as e:
+        runner.run_search(space, view_mode="quiet")
+    text = str(e.value)
+    assert "malformed" in text or "not a database" in text  # SQLite's own diagnosis
+    recovered = home / "archsearch-recovered.db"
+    assert f"--storage sqlite:///{recovered}" in text and "run cache" in text
+
+    again = runner.run_search(space, storage=f"sqlite:///{recovered}", view_mode="quiet")
+    assert [o.state for o in again.outcomes] == ["COMPLETE", "COMPLETE"]
+    assert all(o.cached for o in again.outcomes)  # every size of every trial came from the run cache
+    by_name = {o.name: o.values for o in again.outcomes}
+    assert by_name == {o.name: o.values for o in first.outcomes}
+    check_exactly_once(f"sqlite:///{recovered}", configs={"a": {}, "b": {}})
