@@ -192,7 +192,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     family = cfg.family_object()
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
     embedding = None
-    val_ids = torch.from_numpy(np.asarray(data.val_tokens, dtype=np.int64))
+    val_ids = torch.from_numpy(data.val_ids())
     records: list[SizeRecord] = []
     complete = True
     for i, size in enumerate(sorted(plan.sizes)):
@@ -209,7 +209,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
                 continue
             if embedding is None:
                 embedding = torch.from_numpy(np.asarray(data.embedding(), dtype=np.float32))
-            train_ids = torch.from_numpy(np.asarray(data.train_stream(size, plan.size_unit), dtype=np.int64))
+            train_ids = torch.from_numpy(data.train_ids(size, plan.size_unit))
 
             def relay(event, _size=size, _i=i, _seed=seed, **info):
                 if progress:

@@ -161,3 +161,69 @@ def test_a_damaged_sqlite_file_is_detected_when_opened_and_a_rerun_into_a_new_fi
     by_name = {o.name: o.values for o in again.outcomes}
     assert by_name == {o.name: o.values for o in first.outcomes}
     check_exactly_once(f"sqlite:///{recovered}", configs={"a": {}, "b": {}})
+
+
+# --------------------------------------------------------------------------- prepared data changed under a run
+
+
+@pytest.fixture
+def data_copy(tiny_corpus, tmp_path):
+    """A private copy of the tiny corpus's prepared folder (the shared one stays intact)."""
+    import shutil
+
+    from archsearch.space import parse_space
+    from archsearch.trial import prepare_space_data
+
+    data = prepare_space_data(parse_space(tiny_space(tiny_corpus)), quiet=True)
+    copy = tmp_path / "prepared"
+    shutil.copytree(data.path, copy)
+    return copy
+
+
+def write_in_place(file, index: int, value: int) -> None:
+    """Overwrite one int32 of a .npy file without changing its size (as an editor or a
+    second writer would, through the same inode the run has mapped)."""
+    import numpy as np
+
+    arr = np.load(file, mmap_mode="r+")
+    arr[index] = value
+    arr.flush()
+    del arr
+
+
+@pytest.mark.parametrize("value", [10**6, 3])  # an id beyond the vocabulary / a valid id
+def test_prepared_data_changed_after_verification_is_data_corrupted(data_copy, tmp_path, value, monkeypatch):
+    import archsearch.data
+    from archsearch.errors import DataCorrupted
+    from archsearch.trial import TrialPlan, run_trial
+    from archsearch.space import parse_space
+
+    real = archsearch.data.load_prepared
+
+    def load_then_change(path, verify=True):
+        data = real(path, verify)  # verified: every sha256 matches
+        write_in_place(data.path / "train_tokens.npy", 5, value)
+        st = os.stat(data.path / "train_tokens.npy")
+        os.utime(data.path / "train_tokens.npy", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write
+        return data
+
+    monkeypatch.setattr(archsearch.data, "load_prepared", load_then_change)
+    space = parse_space({"data": {"source": "wiki", "sizes": {"tokens": [400, 800]}}})
+    cfg = space.run_config({"num_layers": 1, "context_dim": 8, "phase1.max_iterations": 2, "phase1.min_iterations": 1, "phase2.max_epochs": 1})
+    plan = TrialPlan(params={}, config=cfg.to_dict(), sizes=[400, 800], size_unit="tokens", seeds=[1],
+                     objectives=[o.__dict__ for o in space.objectives], data_path=str(data_copy), cache_dir=None, device="cpu", name="x")  # fmt: skip
+    with pytest.raises(DataCorrupted, match="train_tokens.npy was changed after its checksum was verified"):
+        run_trial(plan)
+
+
+def test_token_ids_outside_the_embedding_are_data_corrupted_not_index_error(data_copy):
+    from archsearch.data import load_prepared
+    from archsearch.errors import DataCorrupted
+
+    data = load_prepared(data_copy)
+    file = data_copy / "val_tokens.npy"
+    before = os.stat(file)
+    write_in_place(file, 0, 10**6)
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))  # a write within the same clock tick: no visible change
+    with pytest.raises(DataCorrupted, match=r"val_tokens.npy holds token ids \d+\.\.1000000, outside the embedding's \d+ rows"):
+        data.val_ids()
