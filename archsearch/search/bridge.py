@@ -206,8 +206,7 @@ class StudyBridge:
         with self.lock:
             lt = self.live.get(ray_id)
             if lt is not None and lt.error is None:
-                lines = (text or "").strip().splitlines()
-                lt.error = {"error": (lines[-1] if lines else "the Ray worker died"), "kind": "worker_died", "traceback": (text or "")[-4000:]}
+                lt.error = ray_failure(text)
 
     def on_complete(self, ray_id: str, error: bool = False) -> None:
         with self.lock:
@@ -348,6 +347,35 @@ class StudyBridge:
                 pass
 
 
+def ray_failure(text: str | None) -> dict[str, Any]:
+    """What a trial's Ray-level failure was, from the text Ray Tune saved for it: the memory
+    monitor killing the worker (``out_of_memory``, with Ray's reason: the node's memory use
+    against the threshold) or any other death of the worker (``worker_died``)."""
+    text = (text or "").strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Failure # ")]
+    if "OutOfMemoryError" in text or "running low on memory" in text:
+        reason = next((ln for ln in lines if "running low on memory" in ln), lines[0] if lines else "")
+        reason = reason.removeprefix("ray.exceptions.OutOfMemoryError: ")
+        detail = next((ln for ln in lines if ln.startswith("OOM kill reason:")), "")
+        message = f"Ray's memory monitor killed the trial's worker: {reason}" + (f" ({detail})" if detail else "")
+        return {"error": message[:1000], "kind": "out_of_memory", "traceback": text[-4000:]}
+    return {"error": (lines[-1] if lines else "the Ray worker died"), "kind": "worker_died", "traceback": text[-4000:]}
+
+
+def saved_error(trial) -> str | None:
+    """The plain-text error Ray Tune wrote for a trial (nothing is unpickled). Tune writes it
+    in the driver's staging folder first; ``get_error`` reads the synced copy, which may not
+    be there yet."""
+    for read in (lambda: Path(trial.error_file).read_text(errors="replace") if trial.error_file else None, trial.get_error):
+        try:
+            text = read()
+        except Exception:
+            continue
+        if isinstance(text, str) and text.strip():
+            return text
+    return None
+
+
 class _Unpicklable:
     """Ray pickles its search algorithm and scheduler for Tuner.restore, which archsearch does
     not use (the study is the state). The bridge (locks, threads, storage) stays out."""
@@ -392,12 +420,7 @@ class PrunerScheduler(_Unpicklable, FIFOScheduler):
             self.bridge.on_result(trial.trial_id, result)
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        text = None
-        try:
-            text = trial.get_error()  # the plain-text trace Ray saved; nothing is unpickled
-        except Exception:
-            pass
-        self.bridge.on_error(trial.trial_id, text if isinstance(text, str) else None)
+        self.bridge.on_error(trial.trial_id, saved_error(trial))
 
 
 def _table_row(rec: SizeRecord) -> dict[str, Any]:

@@ -300,7 +300,26 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
             log_to_file=False,
         ),
     )
-    tuner.fit()
+    with _quiet_tune_errors():
+        tuner.fit()
+
+
+@contextmanager
+def _quiet_tune_errors():
+    """Ray Tune logs every failed trial with Ray's traceback (a worker killed by the memory
+    monitor: ~100 lines) and a closing "Trials did not complete"; the bridge records each
+    failure with its cause and the summary shows it, so those two loggers stay quiet."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
 
 
 _USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")

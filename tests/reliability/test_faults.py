@@ -227,3 +227,41 @@ def test_token_ids_outside_the_embedding_are_data_corrupted_not_index_error(data
     os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))  # a write within the same clock tick: no visible change
     with pytest.raises(DataCorrupted, match=r"val_tokens.npy holds token ids \d+\.\.1000000, outside the embedding's \d+ rows"):
         data.val_ids()
+
+
+# --------------------------------------------------------------------------- Ray's memory monitor
+
+
+def test_a_worker_killed_by_rays_memory_monitor_is_out_of_memory_with_rays_reason():
+    from ray.exceptions import OutOfMemoryError
+
+    from archsearch.search.bridge import ray_failure
+
+    reason = ("1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 127.0.0.1, ID: ab12) "
+              "was 6.58GB used / 23.54GB limit (0.279587)\nOOM kill reason: Memory usage 6692663296B exceeded threshold of "
+              "252760592B (1.0% of 25276059648B limit)\nObject store memory usage: [...]")  # fmt: skip
+    saved = f"Failure # 1 (occurred at 2026-12-01_09-26-27)\n{OutOfMemoryError(reason)}\n"  # as Ray Tune writes it
+    got = ray_failure(saved)
+    assert got["kind"] == "out_of_memory"
+    assert "running low on memory" in got["error"] and "6.58GB used / 23.54GB" in got["error"] and "exceeded threshold" in got["error"]
+    assert ray_failure("Failure # 1\nray.exceptions.ActorDiedError: The actor died unexpectedly")["kind"] == "worker_died"
+
+
+@pytest.mark.slow
+def test_rays_memory_monitor_fails_the_trials_as_out_of_memory_and_a_rerun_completes(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus))
+    # a real trigger: a threshold below what the machine already uses makes Ray's monitor
+    # kill every worker that runs a trial, as it would on a node that runs out of memory
+    r = cli("run", str(space), "--quiet", env={"ARCHSEARCH_HOME": str(home), "RAY_memory_usage_threshold": "0.01",
+                                                "RAY_memory_monitor_refresh_ms": "100"}, timeout=600)  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and "OutOfMemoryError" not in r.stderr  # no Ray traceback
+    assert "study tiny now holds 2 FAIL" in r.stdout  # the summary printed
+    trials = read_trials(home / "archsearch.db", "tiny")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    for t in trials:
+        assert t.user_attrs["error_kind"] == "out_of_memory"
+        assert "memory monitor" in t.user_attrs["error"] and "exceeded threshold" in t.user_attrs["error"]
+    rerun_completes(space, home)
+    check_exactly_once(f"sqlite:///{home / 'archsearch.db'}", configs={"a": {}, "b": {}})
