@@ -513,12 +513,14 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)"),
     port: int = typer.Option(8080, help="port"),
     artifact_dir: Optional[Path] = typer.Option(None, help="trial artifacts (default: beside the storage)"),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="also answer requests addressed to this NAME or NAME:PORT (repeatable)"),
+    any_host: bool = typer.Option(False, "--any-host", help="answer requests whatever their Host header (no DNS-rebinding protection)"),
 ) -> None:
-    """Serve optuna-dashboard on a study storage."""
-    import optuna_dashboard
+    """Serve optuna-dashboard on a study storage (only to requests addressed to it)."""
     from optuna.artifacts import FileSystemArtifactStore
 
     from archsearch.search import storage as stg
+    from archsearch.search.dashboard import serve
 
     check_port(host, port)
     url, opt_storage = _existing_storage(storage)
@@ -530,7 +532,7 @@ def dashboard(
         raise ConfigError(f"--artifact-dir {art}: {why}")
     art.mkdir(parents=True, exist_ok=True)
     err_console.print(f"optuna-dashboard on http://{host}:{port}/ for {stg.mask_url(url)} (artifacts: {art}); Ctrl-C stops it")
-    optuna_dashboard.run_server(opt_storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(art)))
+    serve(opt_storage, host, port, FileSystemArtifactStore(str(art)), allow=allow_host or (), any_host=any_host)
 
 
 @app.command(short_help="List the studies of a storage with their best values.")

@@ -65,3 +65,86 @@ def test_a_run_listens_on_loopback_only(tmp_path, tiny_corpus):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- the dashboard's Host check
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port: int, host_header: str | None, method: str = "GET", path: str = "/api/studies") -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True)
+        if host_header is not None:
+            conn.putheader("Host", host_header)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def dashboard(tmp_path):
+    """``archsearch dashboard`` serving a real SQLite storage with one study; a factory taking extra options."""
+    import optuna
+
+    db = tmp_path / "studies.db"
+    optuna.create_study(study_name="kept", storage=f"sqlite:///{db}")
+    procs = []
+
+    def start(*options: str) -> int:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "archsearch.cli", "dashboard", "--storage", f"sqlite:///{db}", "--port", str(port), *options],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+        procs.append(proc)
+        for _ in range(200):
+            try:
+                request(port, f"127.0.0.1:{port}")
+                return port
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(proc.stdout.read().decode())
+                time.sleep(0.1)
+        raise AssertionError("the dashboard did not start")
+
+    start.db = db
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_dashboard_answers_only_requests_addressed_to_it(dashboard):
+    import optuna
+
+    port = dashboard()
+    for good in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+        status, body = request(port, good)
+        assert status == 200 and b"kept" in body, good
+    for forged in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", f"127.0.0.1:{port + 1}", "", None):
+        status, body = request(port, forged)
+        assert status == 403 and b"does not name this server" in body and b"kept" not in body, forged
+    # the DNS-rebinding attack itself: a page on another site deleting a study
+    sid = optuna.load_study(study_name="kept", storage=f"sqlite:///{dashboard.db}")._study_id
+    assert request(port, f"rebind.evil.example:{port}", "DELETE", f"/api/studies/{sid}")[0] == 403
+    assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{dashboard.db}")] == ["kept"]
+
+
+def test_dashboard_answers_the_names_the_user_allows(dashboard):
+    port = dashboard("--allow-host", "dash.example", "--allow-host", "other.example:9999")
+    assert request(port, f"dash.example:{port}")[0] == 200
+    assert request(port, "other.example:9999")[0] == 200  # e.g. behind a proxy on another port
+    assert request(port, f"other.example:{port}")[0] == 403
+    assert request(port, f"evil.example:{port}")[0] == 403
+    port = dashboard("--any-host")
+    assert request(port, f"evil.example:{port}")[0] == 200
