@@ -412,6 +412,14 @@ def run(
         "failed_stale": summary.failed_stale, "timings": summary.timings,
         "trials": [o.__dict__ for o in summary.outcomes],
     })  # fmt: skip
+    if summary.cluster_lost:
+        err_console.print(f"[bold red]the Ray cluster was lost[/bold red]: {summary.cluster_lost}. The study is consistent: "
+                          "its running trials failed as cluster_lost and are queued first for the next run; run the same "
+                          "command again to resume.", highlight=False)  # fmt: skip
+        from archsearch.search.runner import abandon_ray
+
+        abandon_ray()  # Ray's and Tune's exit handlers would wait a minute on the lost cluster
+        raise SystemExit(1)
     if summary.interrupted:
         err_console.print("[yellow]interrupted[/yellow]: the study is consistent; run the same command again to resume "
                           "(unfinished trials are queued first).")

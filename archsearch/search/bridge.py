@@ -119,6 +119,8 @@ class StudyBridge:
     # -- suggest -------------------------------------------------------------------------
     def suggest(self, ray_id: str) -> dict[str, Any] | str | None:
         with self.lock:
+            if self.lost is not None:
+                return Searcher.FINISHED
             trial = st.pop_waiting(self.study, cost=self.cost)
             if trial is None:
                 if self.asked_new >= self.n_new:
@@ -140,6 +142,8 @@ class StudyBridge:
     plan_gpus: float = 0.0
     vocab_size: int = 0
     """V of the embedding (a family that trains its embedding counts V x E parameters)."""
+    lost: str | None = None
+    """Why the Ray cluster is gone (see :meth:`cluster_lost`); no trial starts after that."""
 
     def cost(self, params: dict[str, Any]) -> float:
         """A queued config's relative cost, to start the largest first: its parameter count
@@ -256,7 +260,7 @@ class StudyBridge:
         self._done(lt, "FAIL", None, lt.error.get("error"), cached, lt.error.get("kind"))
         key = st.params_key(lt.params)
         self.failures[key] += 1
-        if lt.error.get("kind") == "interrupted" or self.failures[key] <= self.space.max_failures:
+        if lt.error.get("kind") in ("interrupted", "cluster_lost") or self.failures[key] <= self.space.max_failures:
             st.enqueue(self.study, lt.name, lt.params, retry_of=lt.number)
 
     def _done(self, lt, state, values, reason, cached, kind=None) -> None:
@@ -327,6 +331,20 @@ class StudyBridge:
                 w.writeheader()
                 w.writerows(rows)
             upload_artifact(artifact_store=store, file_path=str(table), study_or_trial=lt.trial, mimetype="text/csv")
+
+    def cluster_lost(self, reason: str) -> list[int]:
+        """The Ray cluster is gone (its raylet or GCS died, or stopped answering): every live
+        trial ends FAIL ``cluster_lost`` and is queued again for the next run."""
+        with self.lock:
+            self.lost = reason
+            ids = list(self.live)
+            for ray_id in ids:
+                lt = self.live.get(ray_id)
+                if lt is not None:
+                    lt.error = {"error": f"the Ray cluster was lost while the trial ran ({reason}); queued again for the next run",
+                                "kind": "cluster_lost"}  # fmt: skip
+                self.on_complete(ray_id, error=True)
+        return [o.number for o in self.outcomes if o.kind == "cluster_lost"]
 
     def fail_unfinished(self, reason: str) -> list[int]:
         """After an interrupted run: fail what is still live and queue it again."""

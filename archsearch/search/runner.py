@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ class RunSummary:
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     artifact_dir: str | None = None
+    cluster_lost: str | None = None
+    """Why the Ray cluster was lost mid-run (its raylet or GCS died, or stopped answering)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per part of the run: ray_init, data, study, trials, publish."""
 
@@ -186,18 +189,26 @@ def run_search(
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
         timings["study"] = time.perf_counter() - t
         t = time.perf_counter()
+        watch = ClusterWatch(ray, bridge, local=not address)
         try:
             with view:
+                watch.start()
                 _fit(ray, cvfp_trainable, bridge, space, gpus, cpus, results_dir)
+        except ClusterLost:
+            pass
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            watch.stop()
+            summary.cluster_lost = bridge.lost
+            if bridge.lost:
+                watch.clear_pending()
             left = bridge.fail_unfinished("interrupted before it finished; queued again for the next run")
             summary.interrupted = summary.interrupted or bool(left)
             bridge.close()
             shutil.rmtree(results_dir, ignore_errors=True)
         summary.outcomes = bridge.outcomes
-        summary.interrupted = summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes)
+        summary.interrupted = not summary.cluster_lost and (summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes))
         timings["trials"] = time.perf_counter() - t
         summary.counts = _counts(study)
         t = time.perf_counter()
@@ -220,6 +231,106 @@ def check_search_options(space: Space) -> None:
         make_pruner(space)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sampler/early_stopping: {e}") from None
+
+
+class ClusterLost(BaseException):
+    """Raised in the thread running Ray Tune when the cluster is gone (see ClusterWatch). A
+    BaseException, like KeyboardInterrupt: Tune's ``except Exception`` cleanup would wait on
+    the dead cluster (removing placement groups through the GCS blocks for a minute)."""
+
+
+WATCH_S = 1.0
+"""How often the embedded Ray's raylet and GCS processes are checked."""
+PROBE_TIMEOUT_S = 5.0
+PROBE_FAILURES = 3
+"""A cluster (--address) whose GCS has not answered this many probes in a row is lost (~15-30 s)."""
+
+
+class ClusterWatch:
+    """Notices a lost Ray cluster within seconds, where Ray Tune would wait forever.
+
+    The embedded Ray: its raylet or GCS process has exited. A cluster (``--address``): its
+    GCS has not answered PROBE_FAILURES probes in a row. Then every running trial ends FAIL
+    ``cluster_lost`` (the bridge records it and queues it again), and ClusterLost is raised
+    in the thread that runs Ray Tune, which unwinds the run to its summary."""
+
+    def __init__(self, ray, bridge, local: bool):
+        self.ray, self.bridge, self.local = ray, bridge, local
+        self._stop = threading.Event()
+        self._target = threading.get_ident()
+        self._thread = threading.Thread(target=self._run, name="archsearch-cluster-watch", daemon=True)
+
+    def start(self) -> None:
+        self._target = threading.get_ident()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.wait(WATCH_S if self.local else PROBE_TIMEOUT_S):
+            reason = self._local_loss() if self.local else None
+            if not self.local:
+                failures = 0 if self._probe() else failures + 1
+                if failures >= PROBE_FAILURES:
+                    reason = f"its GCS has not answered for {failures} probes of {PROBE_TIMEOUT_S:g} s"
+            if reason and not self._stop.is_set():
+                self.bridge.cluster_lost(reason)
+                self._raise_in_target()
+                return
+
+    def _local_loss(self) -> str | None:
+        from ray._private import ray_constants
+
+        node = self.ray._private.worker._global_node
+        if node is None:
+            return None
+        for kind in (ray_constants.PROCESS_TYPE_RAYLET, ray_constants.PROCESS_TYPE_GCS_SERVER):
+            for info in node.all_processes.get(kind, []):
+                code = info.process.poll()
+                if code is not None:
+                    return f"the embedded Ray's {kind} process (pid {info.process.pid}) exited with code {code}"
+        return None
+
+    def _probe(self) -> bool:
+        try:
+            gcs = self.ray._private.worker.global_worker.gcs_client
+            gcs.internal_kv_exists(b"archsearch-probe", b"archsearch", timeout=PROBE_TIMEOUT_S)
+            return True
+        except Exception:
+            return False
+
+    def _raise_in_target(self) -> None:
+        import ctypes
+
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), ctypes.py_object(ClusterLost))
+
+    def clear_pending(self) -> None:
+        """No ClusterLost left to land later in the thread that ran Ray Tune."""
+        import ctypes
+
+        if threading.get_ident() == self._target:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), None)
+
+
+def abandon_ray(code: int = 1) -> None:
+    """Exit now, after a lost cluster: stop what is left of the embedded Ray's processes
+    (plain signals, no call to the dead cluster) and skip the exit handlers of Ray and Ray
+    Tune, which talk to the GCS and would block for a minute."""
+    import sys
+
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    except Exception:  # pragma: no cover - best effort; the next run cleans up leftovers
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _timed(fn, *args, **kwargs):

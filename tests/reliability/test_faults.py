@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import optuna
 import pytest
@@ -265,3 +266,46 @@ def test_rays_memory_monitor_fails_the_trials_as_out_of_memory_and_a_rerun_compl
         assert "memory monitor" in t.user_attrs["error"] and "exceeded threshold" in t.user_attrs["error"]
     rerun_completes(space, home)
     check_exactly_once(f"sqlite:///{home / 'archsearch.db'}", configs={"a": {}, "b": {}})
+
+
+# --------------------------------------------------------------------------- a lost raylet or GCS
+
+
+def ray_child(driver_pid: int, name: str) -> int:
+    from helpers import descendants
+
+    for pid in descendants(driver_pid):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no {name} process under the driver")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("process", ["raylet", "gcs_server"])
+def test_a_lost_raylet_or_gcs_fails_the_running_trials_and_the_run_ends(tmp_path, tiny_corpus, process):
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", slow_space(tiny_corpus))
+    proc = launch(space, home)
+    mid = wait_mid_trial(home / "archsearch.db", proc)
+    os.kill(ray_child(proc.pid, process), 9)
+    killed = time.time()
+    try:
+        out, err = proc.communicate(timeout=60)  # never a hang
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the driver still runs 60 s after its {process} was killed")
+    noticed = time.time() - killed
+    assert proc.returncode == 1, out + err
+    assert noticed < 30, noticed
+    err = " ".join(err.split())
+    assert "the Ray cluster was lost" in err and process in err and "Traceback" not in err
+    assert "now holds" in out  # the summary printed
+    trials = read_trials(home / "archsearch.db", "tiny")
+    lost = trials[mid.number]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["error_kind"] == "cluster_lost"
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    rerun_completes(space, home)
+    check_exactly_once(f"sqlite:///{home / 'archsearch.db'}")
