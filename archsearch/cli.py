@@ -412,6 +412,12 @@ def run(
         "failed_stale": summary.failed_stale, "timings": summary.timings,
         "trials": [o.__dict__ for o in summary.outcomes],
     })  # fmt: skip
+    if summary.disk_full:
+        err_console.print(f"[bold red]the run stopped[/bold red]: {summary.disk_full}. Its trials failed as disk_full; what "
+                          "was written is consistent (SQLite rolls back a write it cannot finish; a trial it could not "
+                          "mark stays RUNNING and the next run fails it as stale and queues it again). Free some space "
+                          "and run the same command again.", highlight=False)  # fmt: skip
+        raise SystemExit(1)
     if summary.cluster_lost:
         err_console.print(f"[bold red]the Ray cluster was lost[/bold red]: {summary.cluster_lost}. The study is consistent: "
                           "its running trials failed as cluster_lost and are queued first for the next run; run the same "

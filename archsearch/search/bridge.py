@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from archsearch.errors import UserError
+from archsearch.errors import UserError, is_disk_full
 from archsearch.result import SizeRecord
 from archsearch.search import study as st
 from archsearch.search.distributions import search_distributions, suggest_all
@@ -119,7 +119,7 @@ class StudyBridge:
     # -- suggest -------------------------------------------------------------------------
     def suggest(self, ray_id: str) -> dict[str, Any] | str | None:
         with self.lock:
-            if self.lost is not None:
+            if self.lost is not None or self.halted:
                 return Searcher.FINISHED
             trial = st.pop_waiting(self.study, cost=self.cost)
             if trial is None:
@@ -143,6 +143,8 @@ class StudyBridge:
     vocab_size: int = 0
     """V of the embedding (a family that trains its embedding counts V x E parameters)."""
     lost: str | None = None
+    halted: str | None = None
+    """Why the run stops early (a full disk, see :meth:`halt`)."""
     """Why the Ray cluster is gone (see :meth:`cluster_lost`); no trial starts after that."""
 
     def cost(self, params: dict[str, Any]) -> float:
@@ -167,7 +169,29 @@ class StudyBridge:
 
     # -- results -------------------------------------------------------------------------
     def on_result(self, ray_id: str, result: dict[str, Any]) -> bool:
-        """Record one reported event; True when the trial should stop (pruned)."""
+        """Record one reported event; True when the trial should stop (pruned, or the run is
+        halting on a full disk)."""
+        with self.lock:
+            if self.halted:
+                return True
+            try:
+                return self._on_result(ray_id, result)
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                self.halt(f"the disk is full: {e}")
+                return True
+
+    def halt(self, reason: str) -> None:
+        """Stop the run after a write failed for want of space (the study storage, the run
+        cache): no trial starts, every live one is stopped and ends FAIL ``disk_full``."""
+        with self.lock:
+            self.halted = self.halted or reason.splitlines()[0][:500]
+            for lt in self.live.values():
+                if lt.error is None:
+                    lt.error = {"error": self.halted, "kind": "disk_full"}
+
+    def _on_result(self, ray_id: str, result: dict[str, Any]) -> bool:
         with self.lock:
             lt = self.live.get(ray_id)
             if lt is None or result.get("seq", 0) <= lt.seq:
@@ -181,6 +205,9 @@ class StudyBridge:
             payload = json.loads(result.get("payload") or "{}")
             if event == "failed":
                 lt.error = payload
+                if payload.get("kind") == "disk_full":
+                    self.halt(f"the disk is full: trial {lt.number}'s worker could not write ({payload.get('error')})")
+                    lt.error = dict(payload, error=self.halted)
                 return False
             if event == "final":
                 lt.result = payload
@@ -220,12 +247,17 @@ class StudyBridge:
             try:
                 self._finish(lt, error)
             except Exception as e:  # never leave a trial RUNNING because telling it failed
+                kind = "disk_full" if is_disk_full(e) else (lt.error or {}).get("kind")
+                if kind == "disk_full":
+                    self.halt(f"the disk is full: {e}")
                 try:
                     lt.trial.set_user_attr("error", f"archsearch could not record the result: {e}")
+                    if kind:
+                        lt.trial.set_user_attr("error_kind", kind)
                     self.study.tell(lt.trial, state=TrialState.FAIL)
-                except Exception:
+                except Exception:  # the storage cannot take it either: the trial stays RUNNING, and the next run fails it as stale
                     pass
-                self.outcomes.append(Outcome(lt.number, lt.name, lt.params, "FAIL", None, str(e)))
+                self.outcomes.append(Outcome(lt.number, lt.name, lt.params, "FAIL", None, str(e).splitlines()[0][:500], kind=kind))
 
     def _finish(self, lt: LiveTrial, error: bool) -> None:
         trial = lt.trial
@@ -260,7 +292,7 @@ class StudyBridge:
         self._done(lt, "FAIL", None, lt.error.get("error"), cached, lt.error.get("kind"))
         key = st.params_key(lt.params)
         self.failures[key] += 1
-        if lt.error.get("kind") in ("interrupted", "cluster_lost") or self.failures[key] <= self.space.max_failures:
+        if lt.error.get("kind") in ("interrupted", "cluster_lost", "disk_full") or self.failures[key] <= self.space.max_failures:
             st.enqueue(self.study, lt.name, lt.params, retry_of=lt.number)
 
     def _done(self, lt, state, values, reason, cached, kind=None) -> None:

@@ -36,6 +36,8 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)
     artifact_dir: str | None = None
     cluster_lost: str | None = None
+    disk_full: str | None = None
+    """Why the run stopped early for want of space (see StudyBridge.halt)."""
     """Why the Ray cluster was lost mid-run (its raylet or GCS died, or stopped answering)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per part of the run: ray_init, data, study, trials, publish."""
@@ -54,6 +56,7 @@ def init_ray(address: str | None, quiet: bool = True):
 
     if ray.is_initialized():
         return ray
+    reap_orphans()
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "ERROR", "configure_logging": True}
     if address:
         _probe(address)
@@ -63,12 +66,69 @@ def init_ray(address: str | None, quiet: bool = True):
             raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]})") from None
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
-        with _loopback_only(ray):
+        with _loopback_only(ray), _owner_mark():
             ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
     return ray
 
 
 LOOPBACK = "127.0.0.1"
+OWNER_VAR = "ARCHSEARCH_RAY_OWNER"
+"""Set in the environment of the embedded Ray's processes (GCS, raylet, and through the
+raylet its agents and workers): ``<driver pid>:<driver start time>``."""
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), which tells it from a later
+    process that reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@contextmanager
+def _owner_mark():
+    before = os.environ.get(OWNER_VAR)
+    os.environ[OWNER_VAR] = f"{os.getpid()}:{_start_time(os.getpid())}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(OWNER_VAR, None)
+        else:
+            os.environ[OWNER_VAR] = before
+
+
+def reap_orphans() -> list[int]:
+    """SIGKILL the embedded-Ray processes of archsearch drivers that are gone (a driver
+    killed with SIGKILL leaves its GCS, raylet, agents and idle workers running for minutes).
+    They are found by the owner mark in their environment; processes of live drivers, and
+    anything without the mark, are left alone. Linux (/proc); elsewhere a no-op."""
+    import signal
+
+    mine = os.getpid()
+    killed = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == mine:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        mark = next((v for v in env.split(b"\0") if v.startswith(OWNER_VAR.encode() + b"=")), None)
+        if mark is None:
+            continue
+        owner, _, started = mark.split(b"=", 1)[1].decode(errors="replace").partition(":")
+        if not owner.isdigit() or _start_time(int(owner)) == started:
+            continue  # its driver is alive
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
+    return killed
 
 
 @contextmanager
@@ -201,6 +261,7 @@ def run_search(
         finally:
             watch.stop()
             summary.cluster_lost = bridge.lost
+            summary.disk_full = bridge.halted
             if bridge.lost:
                 watch.clear_pending()
             left = bridge.fail_unfinished("interrupted before it finished; queued again for the next run")
@@ -419,10 +480,11 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
 def _quiet_tune_errors():
     """Ray Tune logs every failed trial with Ray's traceback (a worker killed by the memory
     monitor: ~100 lines) and a closing "Trials did not complete"; the bridge records each
-    failure with its cause and the summary shows it, so those two loggers stay quiet."""
+    failure with its cause and the summary shows it, so those loggers stay quiet; so does the
+    saving of Tune's experiment state (a full disk fails it, and archsearch never restores it)."""
     import logging
 
-    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune")]
+    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.execution.experiment_state")]
     before = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)

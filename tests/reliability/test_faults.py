@@ -309,3 +309,95 @@ def test_a_lost_raylet_or_gcs_fails_the_running_trials_and_the_run_ends(tmp_path
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     rerun_completes(space, home)
     check_exactly_once(f"sqlite:///{home / 'archsearch.db'}")
+
+
+# --------------------------------------------------------------------------- a killed driver's Ray processes
+
+
+def ray_processes_of(driver_pid: int) -> list[int]:
+    """Processes carrying the owner mark of ``driver_pid`` (the embedded Ray's)."""
+    from archsearch.search.runner import OWNER_VAR
+
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(f"{OWNER_VAR}={driver_pid}:".encode()) for v in env):
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_no_ray_process_of_a_killed_driver_outlives_the_next_run(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", slow_space(tiny_corpus))
+    proc = launch(space, home)
+    wait_mid_trial(home / "archsearch.db", proc)
+    left = ray_processes_of(proc.pid)
+    assert len(left) >= 4  # GCS, raylet, agents, the trial's worker
+    os.kill(proc.pid, 9)
+    proc.wait()
+    time.sleep(2)
+    assert [p for p in left if alive(p)], "nothing outlived the driver: the test would prove nothing"
+    rerun_completes(space, home)
+    assert not [p for p in left if alive(p)]
+    check_exactly_once(f"sqlite:///{home / 'archsearch.db'}")
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MB filesystem (tmpfs; needs root, as in CI's container)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(disk) -> Path:
+    """Take every free byte of ``disk``."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_trial_as_disk_full_and_a_rerun_completes(tmp_path, tiny_corpus, small_disk):
+    home = small_disk / "home"  # run cache and artifacts on the small disk, the study beside it
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = write_space(tmp_path / "s.yaml", slow_space(tiny_corpus))
+    proc = launch(space, home, "--storage", storage)
+    mid = wait_mid_trial(tmp_path / "study.db", proc)
+    filler = fill(small_disk)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    err = " ".join(err.split())
+    assert "the disk is full" in err and "No space left on device" in err and "Traceback" not in err, err
+    assert "now holds" in out  # the summary printed
+    trials = read_trials(tmp_path / "study.db", "tiny")
+    full = trials[mid.number]
+    assert full.state == TrialState.FAIL and full.user_attrs["error_kind"] == "disk_full"
+    assert not [t for t in trials if t.state == TrialState.RUNNING]  # consistent
+    filler.unlink()
+    rerun_completes(space, home, "--storage", storage)
+    check_exactly_once(storage)
