@@ -175,7 +175,7 @@ def data_copy(tiny_corpus, tmp_path):
     from archsearch.space import parse_space
     from archsearch.trial import prepare_space_data
 
-    data = prepare_space_data(parse_space(tiny_space(tiny_corpus)), quiet=True)
+    data = prepare_space_data(parse_space(tiny_space(tiny_corpus)))
     copy = tmp_path / "prepared"
     shutil.copytree(data.path, copy)
     return copy
