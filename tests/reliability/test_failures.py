@@ -62,7 +62,7 @@ def test_unreadable_data_is_a_failed_trial_naming_the_file(home, tiny_corpus, ra
         raw = bytearray((copy / "val_tokens.npy").read_bytes())
         raw[-1] ^= 0xFF
         (copy / "val_tokens.npy").write_bytes(raw)
-        return SimpleNamespace(path=copy, embed_dim=data.embed_dim)
+        return SimpleNamespace(path=copy, embed_dim=data.embed_dim, vocab_size=data.vocab_size)
 
     monkeypatch.setattr(runner, "prepare_space_data", corrupted)
     runner.run_search(parse_space(tiny_space(tiny_corpus)), view_mode="quiet")
