@@ -406,12 +406,7 @@ def run(
     summary = run_search(sp, storage=storage, study_name=study, n_trials=n_trials, address=address,
                          view_mode="quiet" if quiet else "auto")  # fmt: skip
     _print_summary(sp, summary)
-    _write_json(json_path, {
-        "study": summary.study_name, "storage": summary.storage, "seconds": summary.seconds,
-        "interrupted": summary.interrupted, "counts": summary.counts, "queued": summary.queued,
-        "failed_stale": summary.failed_stale, "timings": summary.timings,
-        "trials": [o.__dict__ for o in summary.outcomes],
-    })  # fmt: skip
+    _write_json(json_path, summary.to_dict())
     if summary.disk_full:
         err_console.print(f"[bold red]the run stopped[/bold red]: {summary.disk_full}. Its trials failed as disk_full; what "
                           "was written is consistent (SQLite rolls back a write it cannot finish; a trial it could not "

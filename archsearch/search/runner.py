@@ -46,6 +46,15 @@ class RunSummary:
     def failed(self) -> list[Any]:
         return [o for o in self.outcomes if o.state == "FAIL"]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The run's summary as plain data (what ``archsearch run --json`` writes)."""
+        return {
+            "study": self.study_name, "storage": self.storage, "seconds": self.seconds,
+            "interrupted": self.interrupted, "counts": self.counts, "queued": self.queued,
+            "failed_stale": self.failed_stale, "timings": self.timings,
+            "trials": [dict(o.__dict__) for o in self.outcomes],
+        }  # fmt: skip
+
 
 def init_ray(address: str | None, quiet: bool = True):
     """Connect to a cluster (``--address``) or start an embedded local Ray (dashboard off)."""
