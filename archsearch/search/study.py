@@ -64,6 +64,13 @@ def signature_hash(sig: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def stored_signature(study: optuna.Study) -> dict[str, Any] | None:
+    """The signature a study was created with: a study system attribute (studies made before
+    it moved there keep it among their user attributes)."""
+    stored = study._storage.get_study_system_attrs(study._study_id).get(A_SIGNATURE)
+    return stored if stored is not None else study.user_attrs.get(A_SIGNATURE)
+
+
 def _proc_start(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -116,7 +123,7 @@ def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
                 f"study {study_name!r} exists with directions {[d.name.lower() for d in study.directions]}, "
                 f"the space asks for {space.directions}; use another --study name"
             )
-        stored = study.user_attrs.get(A_SIGNATURE)
+        stored = stored_signature(study)
         if stored and stored.get("hash") != signature_hash(sig):
             diff = [k for k in sig if json.dumps(sig[k], sort_keys=True, default=str) != json.dumps(stored["value"].get(k), sort_keys=True, default=str)]
             raise ConfigError(
@@ -128,7 +135,8 @@ def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
         study = optuna.create_study(study_name=study_name, storage=storage, directions=space.directions, sampler=sampler, pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
         return create_or_load(space, storage, study_name)
-    study.set_user_attr(A_SIGNATURE, {"hash": signature_hash(sig), "value": sig})
+    # a system attribute: the dashboard's user attributes stay readable (it is a page of JSON)
+    study._storage.set_study_system_attr(study._study_id, A_SIGNATURE, {"hash": signature_hash(sig), "value": sig})
     study.set_user_attr("objectives", [o.label for o in space.objectives])
     study.set_user_attr("sizes", space.data.sizes)
     study.set_user_attr("size_unit", space.data.size_unit)
