@@ -44,6 +44,7 @@ DEFAULT_TARGET_TOKENS = 10_000_000
 TOP_LEVEL = (
     "study", "objective", "sampler", "parameters", "warm_start", "n_trials", "model", "phase1", "phase2",
     "engine", "data", "seeds", "resources", "max_concurrent", "early_stopping", "constraints", "max_failures",
+    "tracking",
 )  # fmt: skip
 MAX_GRID = 10_000
 """Points of a Cartesian grid (counted before the grid is built)."""
@@ -155,6 +156,8 @@ class Space:
     """What the command-line overrides did beyond setting their key (see apply_run_overrides)."""
     merged: dict[str, str] = field(default_factory=dict)
     """Configs that the overrides made identical to an earlier one: dropped name -> kept name."""
+    tracking: Any = None
+    """archsearch.tracking.TrackingSpec: the experiment trackers a run copies its trials to."""
 
     @property
     def families(self) -> list[str]:
@@ -686,13 +689,17 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
             problems.append(f"objective: {o.name} is a CVFP number, which this space's {', '.join(other)} "
                             f"{'families do' if len(other) > 1 else 'family does'} not report (use alpha, ppl_at, final_ppl, final_acc or total_params)")
 
+    from archsearch.tracking import parse_tracking  # pure: imports no tracker
+
+    tracking = parse_tracking(raw.get("tracking"), problems)
+
     if problems:
         raise ConfigError(problems)
     space = Space(
         path=path, raw=raw, study_name=study_name, storage=storage, objectives=objectives, sampler=sampler,
         sampler_options=options, configs=configs, parameters=parameters, n_trials=n_trials, base=base, data=data,
         seeds=seeds, gpus=gpus, cpus=cpus, max_concurrent=max_concurrent, early_stopping=early,
-        constraints=constraints, max_failures=max_failures,
+        constraints=constraints, max_failures=max_failures, tracking=tracking,
     )  # fmt: skip
     e = known_embed_dim(data)
     bad = [f"{where}.{name}: {'; '.join(v)}" for where, name, v in (

@@ -82,7 +82,7 @@ class Outcome:
 
 class StudyBridge:
     def __init__(self, study: optuna.Study, space: Space, plan: dict[str, Any], n_new: int, embed_dim: int,
-                 artifact_dir: Path | None = None, view=None):  # fmt: skip
+                 artifact_dir: Path | None = None, view=None, trackers=None):  # fmt: skip
         self.study = study
         self.space = space
         self.plan = plan
@@ -90,6 +90,8 @@ class StudyBridge:
         self.embed_dim = embed_dim
         self.artifact_dir = artifact_dir
         self.view = view
+        self.trackers = trackers
+        """archsearch.tracking.Trackers: MLflow/TensorBoard/W&B copies of each trial (or None)."""
         self.dists = search_distributions(space)
         self.live: dict[str, LiveTrial] = {}
         self.outcomes: list[Outcome] = []
@@ -223,6 +225,8 @@ class StudyBridge:
             trial.set_user_attr("sizes", [r.to_dict() for r in lt.records])
             trial.set_user_attr("sizes_done", len(lt.records))
             self._view("size", lt)
+            if self.trackers:
+                self._tracking_errors(lt, self.trackers.size(lt.number, lt.name, lt.params, lt.records[-1]))
             value = result.get("objective")
             last = len(lt.records) >= len(self.space.data.sizes)
             if len(self.study.directions) > 1 or value is None or not math.isfinite(value):
@@ -268,7 +272,7 @@ class StudyBridge:
         if lt.pruned:
             self._attrs(trial, lt.partial)
             trial.set_user_attr("pruned_reason", lt.pruned)
-            self._safe_artifacts(lt, lt.partial)
+            self._views(lt, lt.partial, "PRUNED", lt.pruned)
             self.study.tell(trial, state=TrialState.PRUNED)
             self._done(lt, "PRUNED", None, lt.pruned, cached)
             return
@@ -276,7 +280,7 @@ class StudyBridge:
             values = [lt.result["objectives"].get(o.label) for o in self.space.objectives]
             if all(v is not None and math.isfinite(v) for v in values):
                 self._attrs(trial, lt.result)
-                self._safe_artifacts(lt, lt.result)
+                self._views(lt, lt.result, "COMPLETE")
                 self.study.tell(trial, values=values)
                 self._done(lt, "COMPLETE", values, None, cached)
                 return
@@ -288,6 +292,7 @@ class StudyBridge:
         trial.set_user_attr("error_kind", lt.error.get("kind"))
         if lt.error.get("traceback"):
             trial.set_user_attr("traceback", lt.error["traceback"])
+        self._views(lt, lt.partial, "FAIL", lt.error.get("error"))
         self.study.tell(trial, state=TrialState.FAIL)
         self._done(lt, "FAIL", None, lt.error.get("error"), cached, lt.error.get("kind"))
         key = st.params_key(lt.params)
@@ -325,44 +330,81 @@ class StudyBridge:
             trial.set_user_attr("worker", result["worker"])
         trial.set_user_attr("objectives", result.get("objectives"))
 
-    def _safe_artifacts(self, lt: LiveTrial, result: dict[str, Any] | None) -> None:
-        """The artifacts are views of numbers the trial keeps: failing to draw or store them
-        (no matplotlib, a full disk) is a warning and an attribute, never a failed trial."""
-        try:
-            self._artifacts(lt, result)
-        except Exception as e:
-            import logging
+    def _views(self, lt: LiveTrial, result: dict[str, Any] | None, state: str, reason: str | None = None) -> None:
+        """What is read of a finished trial besides its attributes: the plot and per-size table
+        (dashboard artifacts), its note, and the trackers' copies. They are views of numbers the
+        trial keeps: failing to draw or store them (no matplotlib, a full disk, a tracker down)
+        is a warning and an attribute, never a failed trial."""
+        import logging
 
-            text = f"{type(e).__name__}: {e}"
-            logging.getLogger(__name__).warning("trial %d: could not write its plot and table for the dashboard (%s)", lt.number, text)
-            lt.trial.set_user_attr("artifact_error", text[:500])
+        records = [SizeRecord.from_dict(r) for r in (result or {}).get("sizes") or []] or lt.records
+        tmp_root = None
+        if self.artifact_dir is not None:  # drawn under the home, like every other write
+            self.artifact_dir.mkdir(parents=True, exist_ok=True)
+            tmp_root = self.artifact_dir
+        with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+            files, urls = [], {}
+            try:
+                files, urls = self._artifacts(lt, result, records, Path(tmp))
+            except Exception as e:
+                text = f"{type(e).__name__}: {e}"
+                logging.getLogger(__name__).warning("trial %d: could not write its plot and table for the dashboard (%s)", lt.number, text)
+                lt.trial.set_user_attr("artifact_error", text[:500])
+            try:
+                self._note(lt, result, records, state, reason, urls.get("png"))
+            except Exception as e:
+                logging.getLogger(__name__).warning("trial %d: could not write its dashboard note (%s: %s)", lt.number, type(e).__name__, e)
+            if self.trackers:
+                from archsearch.tracking import TrialLog
 
-    def _artifacts(self, lt: LiveTrial, result: dict[str, Any] | None) -> None:
-        """Log-log plot (PNG) and per-size table (CSV), shown by optuna-dashboard."""
-        if self.artifact_dir is None or not result or not result.get("sizes"):
-            return
-        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+                log = TrialLog(self.study.study_name, lt.number, lt.name, lt.params, state, records, (result or {}).get("fit"),
+                               (result or {}).get("objectives") or {}, reason, self.space.run_config(lt.params).to_dict(), files)  # fmt: skip
+                self._tracking_errors(lt, self.trackers.finish(log))
 
+    def _tracking_errors(self, lt: LiveTrial, errors: list[str]) -> None:
+        if errors:
+            lt.trial.set_user_attr("tracking_error", "; ".join(errors)[:1000])
+
+    def _artifacts(self, lt: LiveTrial, result: dict[str, Any] | None, records: list, tmp: Path) -> tuple[list[Path], dict[str, str]]:
+        """Log-log plot (PNG) and per-size table (CSV, PPL first), stored for optuna-dashboard.
+        Returns the files (for the trackers) and the dashboard URL of each stored one."""
+        if not records:
+            return [], {}
         from archsearch.report.plots import ScalingSeries, plot_scaling
+        from archsearch.search.notes import size_rows
 
-        self.artifact_dir.mkdir(parents=True, exist_ok=True)
-        store = FileSystemArtifactStore(str(self.artifact_dir))
-        sizes = [SizeRecord.from_dict(r) for r in result["sizes"]]
-        fit = result.get("fit") or {}
-        with tempfile.TemporaryDirectory(dir=self.artifact_dir) as tmp:  # under the home, like every other write
-            png = Path(tmp) / f"trial_{lt.number}_{lt.name}_scaling.png"
-            series = ScalingSeries(lt.name, [r.train_tokens for r in sizes], [r.val_ppl for r in sizes],
-                                   fit.get("alpha"), fit.get("A"), fit.get("alpha_low"), fit.get("alpha_high"),
-                                   fit.get("loo_alphas") or (), fit.get("loo_intercepts") or ())  # fmt: skip
-            plot_scaling([series], png, title=f"trial {lt.number}: {lt.name}")
-            upload_artifact(artifact_store=store, file_path=str(png), study_or_trial=lt.trial, mimetype="image/png")
-            table = Path(tmp) / f"trial_{lt.number}_{lt.name}_sizes.csv"
-            rows = [_table_row(r) for r in sizes]
-            with table.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-            upload_artifact(artifact_store=store, file_path=str(table), study_or_trial=lt.trial, mimetype="text/csv")
+        fit = (result or {}).get("fit") or {}
+        png = tmp / f"trial_{lt.number}_{lt.name}_scaling.png"
+        series = ScalingSeries(lt.name, [r.train_tokens for r in records], [r.val_ppl for r in records],
+                               fit.get("alpha"), fit.get("A"), fit.get("alpha_low"), fit.get("alpha_high"),
+                               fit.get("loo_alphas") or (), fit.get("loo_intercepts") or ())  # fmt: skip
+        plot_scaling([series], png, title=f"trial {lt.number}: {lt.name}")
+        table = tmp / f"trial_{lt.number}_{lt.name}_sizes.csv"
+        rows = size_rows(records)
+        with table.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        urls: dict[str, str] = {}
+        if self.artifact_dir is not None:
+            from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+            self.artifact_dir.mkdir(parents=True, exist_ok=True)
+            store = FileSystemArtifactStore(str(self.artifact_dir))
+            for kind, path, mime in (("png", png, "image/png"), ("csv", table, "text/csv")):
+                aid = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=lt.trial, mimetype=mime)
+                urls[kind] = f"/artifacts/{self.study._study_id}/{lt.trial._trial_id}/{aid}"  # optuna-dashboard's route
+        return [png, table], urls
+
+    def _note(self, lt: LiveTrial, result: dict[str, Any] | None, records: list, state: str, reason: str | None, plot_url: str | None) -> None:
+        import optuna_dashboard
+
+        from archsearch.search.notes import trial_note
+        from archsearch.space import DEFAULT_TARGET_TOKENS
+
+        target = next((o.target_tokens for o in self.space.objectives if o.name == "ppl_at" and o.target_tokens), DEFAULT_TARGET_TOKENS)
+        fit = (result or {}).get("fit")
+        optuna_dashboard.save_note(lt.trial, trial_note(lt.number, lt.name, state, lt.params, records, fit, target, plot_url, reason))
 
     def cluster_lost(self, reason: str) -> list[int]:
         """The Ray cluster is gone (its raylet or GCS died, or stopped answering): every live
@@ -471,16 +513,4 @@ class PrunerScheduler(_Unpicklable, FIFOScheduler):
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self.bridge.on_error(trial.trial_id, saved_error(trial))
-
-
-def _table_row(rec: SizeRecord) -> dict[str, Any]:
-    """One size as a flat CSV row: its scalar fields, then its parameter counts, metrics and
-    phase seconds as columns of their own."""
-    d = rec.to_dict()
-    row = {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
-    row.update({f"{k}_params": v for k, v in rec.params.items()})
-    row.update(rec.metrics)
-    row.update({f"{k}_seconds": v for k, v in rec.phase_seconds.items()})
-    row["capped"] = " ".join(rec.capped)
-    return row
 

@@ -230,6 +230,7 @@ def run_search(
         gpus, cpus = trial_resources(space, ray)
         data, timings["data"] = data_job.result()
     check_param_counts(space, data.embed_dim, data.vocab_size)  # a broken family fails here, before any study is written
+    trackers = _open_trackers(space, name)
     from archsearch.search.bridge import StudyBridge
     from archsearch.search.trainable import cvfp_trainable
     from archsearch.search.view import LiveView
@@ -252,7 +253,7 @@ def run_search(
             "cache_dir": str(paths.run_cache_dir()),
         }
         view = LiveView(len(space.data.sizes), space.data.size_unit, [o.label for o in space.objectives], view_mode)
-        bridge = StudyBridge(study, space, plan, n_new, data.embed_dim, artifact_dir=art, view=view)
+        bridge = StudyBridge(study, space, plan, n_new, data.embed_dim, artifact_dir=art, view=view, trackers=trackers)
         bridge.plan_gpus = gpus
         bridge.vocab_size = data.vocab_size
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
@@ -276,6 +277,7 @@ def run_search(
             left = bridge.fail_unfinished("interrupted before it finished; queued again for the next run")
             summary.interrupted = summary.interrupted or bool(left)
             bridge.close()
+            trackers.close()
             shutil.rmtree(results_dir, ignore_errors=True)
         summary.outcomes = bridge.outcomes
         summary.interrupted = not summary.cluster_lost and (summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes))
@@ -401,6 +403,22 @@ def abandon_ray(code: int = 1) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _open_trackers(space: Space, study_name: str):
+    """The space's experiment trackers, opened after every other check and before the study
+    is touched: a tracker that cannot be opened (a tracking server that does not answer) is
+    a config error that leaves the study as it was."""
+    from archsearch.search.storage import mask_url
+    from archsearch.tracking import Trackers
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default retries for minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        return Trackers.open(space.tracking, study_name, paths.home())
+    except Exception as e:
+        which = ", ".join(space.tracking.enabled) if space.tracking else "tracking"
+        raise ConfigError(f"tracking ({which}): cannot open the tracker: {mask_url(f'{type(e).__name__}: {e}')[:500]}") from None
 
 
 def _timed(fn, *args, **kwargs):

@@ -1,0 +1,105 @@
+"""Experiment trackers, opt-in in the space file: what a run logged is read back from a real
+MLflow store and from TensorBoard's event files."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+from helpers import cli, read_trials, tiny_space, write_space
+
+from archsearch.result import SizeRecord
+from archsearch.tracking import TrialLog, Trackers
+
+
+def test_a_bad_tracking_section_is_a_config_error_naming_every_key(tmp_path, tiny_corpus):
+    space = tiny_space(tiny_corpus, tracking={"mlflow": {"tracking_uri": 5, "bogus": "x"}, "neptune": True, "tensorboard": "yes",
+                                              "wandb": True})  # fmt: skip
+    r = cli("validate", str(write_space(tmp_path / "s.yaml", space)), env={"ARCHSEARCH_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2, r.stdout + r.stderr
+    for key in ("tracking.mlflow.tracking_uri", "tracking.mlflow.bogus", "tracking.neptune: unknown tracker", "tracking.tensorboard: expected"):
+        assert key in r.stderr, r.stderr
+    if importlib.util.find_spec("wandb") is None:
+        assert "tracking.wandb: needs the wandb package" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "home").exists()
+
+
+class _Broken:
+    name = "broken"
+
+    def size(self, *args):
+        raise OSError("disk full")
+
+    def finish(self, trial):
+        raise ConnectionError("http://user:hunter2@mlflow.example:5000 refused")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_tracker_is_a_warning_with_the_password_masked(caplog):
+    rec = SizeRecord(400, "tokens", 400, 300, 6.0, 0.1, 403.4, 0.1, {"total": 10}, 1.0, "cpu", "fp32", [42])
+    trackers = Trackers([_Broken()])
+    with caplog.at_level(logging.WARNING):
+        assert trackers.size(0, "a", {}, rec) == ["broken: OSError: disk full"]
+        errors = trackers.finish(TrialLog("s", 0, "a", {}, "COMPLETE", [rec]))
+    assert errors and "hunter2" not in errors[0] and "***" in errors[0]
+    assert "hunter2" not in caplog.text and "disk full" in caplog.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None or importlib.util.find_spec("tensorboard") is None,
+                    reason="needs the [tracking] extra (mlflow, tensorboard)")  # fmt: skip
+def test_mlflow_and_tensorboard_get_one_run_per_trial(tmp_path, tiny_corpus):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    home = tmp_path / "home"
+    space = tiny_space(tiny_corpus, study={"name": "trk"}, tracking={"mlflow": True, "tensorboard": {"log_dir": str(tmp_path / "tb")}})
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = {t.user_attrs["config_name"]: t for t in read_trials(home / "archsearch.db", "trk")}
+    assert not any("tracking_error" in t.user_attrs for t in trials.values())
+
+    # MLflow: the default store under ARCHSEARCH_HOME, experiment = the study
+    client = MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("trk")
+    runs = {run.data.tags["archsearch.config"]: run for run in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["a", "b"]
+    for name, run in runs.items():
+        t = trials[name]
+        assert run.info.status == "FINISHED" and run.data.tags["archsearch.state"] == "COMPLETE"
+        assert run.data.tags["archsearch.trial"] == str(t.number)
+        assert run.data.params == {k: str(v) for k, v in t.params.items()}
+        history = client.get_metric_history(run.info.run_id, "val_ppl")
+        assert [m.step for m in history] == [400, 800, 1600]  # step = training tokens
+        assert [m.value for m in history] == pytest.approx([s["val_ppl"] for s in t.user_attrs["sizes"]])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_er")] == [400, 800, 1600]
+        for k in ("alpha", "A", "r2", "alpha_low", "alpha_high"):
+            assert run.data.metrics[k] == pytest.approx(t.user_attrs[k]), k
+        assert run.data.metrics["objective_alpha"] == pytest.approx(t.values[0])
+        files = sorted(f.path for f in client.list_artifacts(run.info.run_id))
+        assert files == sorted(["config.json", f"trial_{t.number}_{name}_scaling.png", f"trial_{t.number}_{name}_sizes.csv"])
+        csv_path = client.download_artifacts(run.info.run_id, f"trial_{t.number}_{name}_sizes.csv", str(tmp_path / f"dl_{name}"))
+        assert open(csv_path).readline().startswith("size,train_tokens,val_ppl,")  # PPL first
+
+    # TensorBoard: one event directory per trial
+    for name, t in trials.items():
+        acc = EventAccumulator(str(tmp_path / "tb" / "trk" / f"trial_{t.number}_{name}"))
+        acc.Reload()
+        ppl = acc.Scalars("size/val_ppl")
+        assert [e.step for e in ppl] == [400, 800, 1600]
+        assert [e.value for e in ppl] == pytest.approx([s["val_ppl"] for s in t.user_attrs["sizes"]], rel=1e-6)
+        assert acc.Scalars("fit/alpha")[0].value == pytest.approx(t.user_attrs["alpha"], rel=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (W&B is optional)")
+def test_wandb_offline_runs(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = tiny_space(tiny_corpus, study={"name": "wb"}, tracking={"wandb": {"project": "p"}})
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home), "WANDB_SILENT": "true"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = read_trials(home / "archsearch.db", "wb")
+    assert not any("tracking_error" in t.user_attrs for t in trials)
+    offline = sorted((home / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(list(d.glob("*.wandb")) for d in offline)
