@@ -83,7 +83,10 @@ def results(study: Any, storage: str | None = None):
     ``wall_seconds``, ``reason`` (why pruned or failed), ``datetime_start``/``_complete``.
 
     ``study`` is a study name (in ``storage``, default the home's SQLite) or an optuna.Study."""
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("archsearch.results needs pandas (pip install pandas)") from None
 
     st = _study(study, storage)
     labels = list(st.user_attrs.get("objectives") or st.metric_names or [f"{i}" for i in range(len(st.directions))])
