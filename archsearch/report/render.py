@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from archsearch.report.data import GAP_TOKENS, Report, compare
-from archsearch.report.plots import ScalingSeries, _figure, plot_scaling, save
+from archsearch.report.plots import ScalingSeries, _figure, band, plot_scaling, save
 
 
 def _f(v: Any, spec: str = ".4f", pct: bool = False) -> str:
@@ -284,13 +284,22 @@ def plotly_scaling(rep: Report) -> PlotlyFigure:
     for i, s in enumerate(series(rep)):
         color = f"hsl({(i * 67) % 360},60%,45%)"
         traces.append({"type": "scatter", "x": [float(t) for t in s.tokens], "y": [float(p) for p in s.ppl],
-                       "mode": "markers", "name": s.label, "marker": {"color": color}})  # fmt: skip
+                       "mode": "markers", "name": s.label, "marker": {"color": color}, "legendgroup": s.label})  # fmt: skip
         if s.alpha is not None:
             x = np.geomspace(min(s.tokens) / 1.3, max(s.tokens) * 1.3, 50)
+            b = band(s, x)
+            if b is not None:  # the jackknife band: lower edge, then the upper edge filled down to it
+                ci = f" [{s.alpha_low:.3f}, {s.alpha_high:.3f}]" if s.alpha_low is not None and math.isfinite(s.alpha_low) else ""
+                traces.append({"type": "scatter", "x": x.tolist(), "y": b[0].tolist(), "mode": "lines", "line": {"width": 0, "color": color},
+                               "showlegend": False, "legendgroup": s.label, "hoverinfo": "skip"})  # fmt: skip
+                traces.append({"type": "scatter", "x": x.tolist(), "y": b[1].tolist(), "mode": "lines", "line": {"width": 0, "color": color},
+                               "fill": "tonexty", "fillcolor": f"hsla({(i * 67) % 360},60%,45%,0.15)", "name": f"{s.label}: 95% band{ci}",
+                               "legendgroup": s.label, "hoverinfo": "skip"})  # fmt: skip
             traces.append({"type": "scatter", "x": x.tolist(), "y": (s.A * x**s.alpha).tolist(), "mode": "lines",
-                           "name": f"{s.label}: α = {s.alpha:.3f}", "line": {"color": color}})  # fmt: skip
-    layout = {"title": {"text": "Validation PPL vs training tokens"}, "xaxis": {"type": "log", "title": {"text": "training tokens"}},
-              "yaxis": {"type": "log", "title": {"text": "validation PPL"}}}  # fmt: skip
+                           "name": f"{s.label}: α = {s.alpha:.3f}", "line": {"color": color}, "legendgroup": s.label})  # fmt: skip
+    layout = {"title": {"text": "Validation PPL vs training tokens (fitted laws, jackknife bands)"},
+              "xaxis": {"type": "log", "title": {"text": "training tokens"}}, "yaxis": {"type": "log", "title": {"text": "validation PPL"}},
+              "legend": {"orientation": "h", "yanchor": "top", "y": -0.3}}  # fmt: skip
     return PlotlyFigure(data=traces, layout=layout)
 
 
