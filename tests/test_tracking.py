@@ -93,13 +93,59 @@ def test_mlflow_and_tensorboard_get_one_run_per_trial(tmp_path, tiny_corpus):
         assert acc.Scalars("fit/alpha")[0].value == pytest.approx(t.user_attrs["alpha"], rel=1e-6)
 
 
+def wandb_records(run_dir):
+    """The records of an offline W&B run (its .wandb file: a LevelDB-style log of protobuf
+    records after a 7-byte header; recent wandb has no Python reader of its own)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf, out = 7, 32768, b"", {"history": [], "summary": {}, "config": {}}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:  # padding to the end of a block
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            r = pb.Record()
+            r.ParseFromString(buf)
+            buf = b""
+            which = r.WhichOneof("record_type")
+            if which == "history":
+                out["history"].append({("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in r.history.item})
+            elif which == "summary":
+                out["summary"].update({("/".join(u.nested_key) or u.key): json.loads(u.value_json) for u in r.summary.update})
+            elif which == "run":
+                out["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
+                out["name"] = r.run.display_name
+    return out
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (W&B is optional)")
 def test_wandb_offline_runs(tmp_path, tiny_corpus):
     home = tmp_path / "home"
     space = tiny_space(tiny_corpus, study={"name": "wb"}, tracking={"wandb": {"project": "p"}})
-    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home), "WANDB_SILENT": "true"})
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
     assert r.returncode == 0, r.stdout + r.stderr
-    trials = read_trials(home / "archsearch.db", "wb")
-    assert not any("tracking_error" in t.user_attrs for t in trials)
-    offline = sorted((home / "wandb" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(list(d.glob("*.wandb")) for d in offline)
+    trials = {t.user_attrs["config_name"]: t for t in read_trials(home / "archsearch.db", "wb")}
+    assert not any("tracking_error" in t.user_attrs for t in trials.values())
+    runs = [wandb_records(d) for d in (home / "wandb" / "wandb").glob("offline-run-*")]
+    assert sorted(run["config"]["config_name"] for run in runs) == ["a", "b"]
+    for run in runs:
+        t = trials[run["config"]["config_name"]]
+        assert run["name"] == f"{t.number}_{t.user_attrs['config_name']}"
+        assert {k: run["config"][k] for k in t.params} == t.params
+        sizes = [h for h in run["history"] if "val_ppl" in h]
+        assert [h["_step"] for h in sizes] == [400, 800, 1600]  # step = training tokens
+        assert [h["val_ppl"] for h in sizes] == pytest.approx([s["val_ppl"] for s in t.user_attrs["sizes"]])
+        assert run["summary"]["alpha"] == pytest.approx(t.user_attrs["alpha"]) and run["summary"]["state"] == "COMPLETE"
+        assert any(k.startswith("scaling/") for h in run["history"] for k in h)  # the plot, as an image
+    for d in (home / "wandb" / "wandb").glob("offline-run-*"):  # and the per-size table, as a file
+        assert len(list((d / "files").glob("trial_*_sizes.csv"))) == 1 and list((d / "files" / "media").rglob("*.png"))
