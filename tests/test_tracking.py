@@ -149,3 +149,35 @@ def test_wandb_offline_runs(tmp_path, tiny_corpus):
         assert any(k.startswith("scaling/") for h in run["history"] for k in h)  # the plot, as an image
     for d in (home / "wandb" / "wandb").glob("offline-run-*"):  # and the per-size table, as a file
         assert len(list((d / "files").glob("trial_*_sizes.csv"))) == 1 and list((d / "files" / "media").rglob("*.png"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs the [tracking] extra (mlflow)")
+def test_mlflow_run_status_follows_the_trial_and_nothing_prints(tmp_path, capfd):
+    from mlflow.tracking import MlflowClient
+
+    from archsearch.tracking import MlflowTracker
+
+    recs = [SizeRecord(s, "tokens", s, 300, 6.0, 0.1, 1000.0 / s**0.3, 0.1, {"total": 10}, 1.0, "cpu", "fp32", [42],
+                       metrics={"val_er": 0.5}) for s in (400, 800, 1600)]  # fmt: skip
+    capfd.readouterr()
+    tracker = MlflowTracker({"experiment": "exp"}, "st", tmp_path)
+    tracker.size(0, "a", {"num_layers": 2}, recs[0])
+    tracker.finish(TrialLog("st", 0, "a", {"num_layers": 2}, "PRUNED", recs[:1], reason="the median pruner stopped it"))
+    tracker.finish(TrialLog("st", 1, "b", {"num_layers": 3}, "FAIL", [], reason="NonFiniteLoss"))
+    tracker.size(2, "c", {"num_layers": 1}, recs[0])  # still running when the run is interrupted
+    tracker.close()
+    assert capfd.readouterr() == ("", "")  # MLflow's INFO lines about its tables stay quiet
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    runs = {r.data.tags["archsearch.config"]: r for r in client.search_runs([client.get_experiment_by_name("exp").experiment_id])}
+    assert {k: r.info.status for k, r in runs.items()} == {"a": "KILLED", "b": "FAILED", "c": "KILLED"}
+    assert runs["a"].data.tags["archsearch.reason"] == "the median pruner stopped it" and runs["a"].data.metrics["val_ppl"] == pytest.approx(recs[0].val_ppl)
+
+
+@pytest.mark.slow
+def test_a_tracker_that_cannot_be_opened_is_exit_2_and_leaves_no_study(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = tiny_space(tiny_corpus, tracking={"mlflow": {"tracking_uri": "http://archsearch:hunter2@127.0.0.1:9"}})
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "tracking (mlflow): cannot open the tracker" in r.stderr and "hunter2" not in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and not (home / "archsearch.db").exists()
