@@ -337,7 +337,11 @@ class StudyBridge:
         is a warning and an attribute, never a failed trial."""
         import logging
 
-        records = [SizeRecord.from_dict(r) for r in (result or {}).get("sizes") or []] or lt.records
+        try:
+            records = [SizeRecord.from_dict(r) for r in (result or {}).get("sizes") or []] or lt.records
+        except Exception as e:
+            logging.getLogger(__name__).warning("trial %d: its size records cannot be read for the dashboard views (%s: %s)", lt.number, type(e).__name__, e)
+            return
         tmp_root = None
         if self.artifact_dir is not None:  # drawn under the home, like every other write
             self.artifact_dir.mkdir(parents=True, exist_ok=True)

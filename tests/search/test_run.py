@@ -184,7 +184,7 @@ def test_search_report_has_history_and_importances(home, tiny_corpus, ray_local,
 def test_a_trial_whose_dashboard_plot_fails_still_completes(home, tiny_corpus, ray_local, monkeypatch):
     from archsearch.search.bridge import StudyBridge
 
-    def broken(self, lt, result):
+    def broken(self, *args):
         raise ImportError("No module named 'matplotlib'")
 
     monkeypatch.setattr(StudyBridge, "_artifacts", broken)
