@@ -26,14 +26,14 @@ def load(space_or_path: Any, overrides: Iterable[str] = ()):
     or a Space; ``overrides`` are the CLI's dotted ``key=value`` strings (or a mapping)."""
     from archsearch.space import Space, apply_overrides, load_space, parse_space
 
+    import copy
+
     items = [f"{k}={_yaml(v)}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides or ())
     if isinstance(space_or_path, Space):
         if items:
-            return parse_space(apply_overrides(dict(space_or_path.raw), items), space_or_path.path)
+            return parse_space(apply_overrides(copy.deepcopy(space_or_path.raw), items), space_or_path.path)
         return space_or_path
     if isinstance(space_or_path, Mapping):
-        import copy
-
         try:
             return parse_space(apply_overrides(copy.deepcopy(dict(space_or_path)), items), "<space>")
         except ConfigError as e:
