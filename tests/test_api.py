@@ -93,3 +93,17 @@ def test_run_quietly_then_read_results_as_a_dataframe(home, tiny_corpus, capfd, 
     import optuna
 
     assert archsearch.results(optuna.load_study(study_name="api", storage=summary["storage"])).shape == df.shape
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(tmp_path):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    env = dict(__import__("os").environ, ARCHSEARCH_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "{'COMPLETE': 4}" and lines[-1] == archsearch.__version__
+    assert any(line.startswith("alpha = -") for line in lines)
