@@ -37,6 +37,12 @@ def test_import_is_cheap_and_has_a_version():
     assert out[2] == "['__version__', 'fit', 'results', 'run']"
 
 
+def test_space_parsing_tracking_and_notes_import_no_tracker_ray_or_optuna():
+    code = ("import sys, archsearch.space, archsearch.tracking, archsearch.search.notes; "
+            "print(sorted(m for m in ('torch', 'ray', 'optuna', 'mlflow', 'wandb', 'tensorboard') if m in sys.modules))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip() == "[]"
+
+
 def test_fit_is_the_power_law_fit():
     tokens = [1000, 2000, 4000, 8000]
     law = archsearch.fit(tokens, [500 * t**-0.3 for t in tokens])
