@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from archsearch.errors import ConfigError
+from archsearch.result import SizeRecord
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 FIT_COLUMNS = ("alpha", "alpha_low", "alpha_high", "alpha_se", "A", "r2", "target_tokens", "ppl_at_target", "ppl_at_target_low", "ppl_at_target_high")
@@ -98,7 +99,7 @@ def results(study: Any, storage: str | None = None):
         sizes = t.user_attrs.get("sizes") or []
         if not sizes:
             rows.append(base)
-        for rec in map(_size_record, sizes):
+        for rec in map(SizeRecord.from_dict, sizes):
             low, high = rec.ppl_interval()
             m = rec.metrics
             rows.append(base | {
@@ -144,12 +145,6 @@ def _study(study: Any, storage: str | None):
     if study not in names:
         raise ConfigError(f"study {study!r}: not in {stg.mask_url(url)} (studies: {', '.join(names) or 'none'})")
     return optuna.load_study(study_name=study, storage=opt_storage)
-
-
-def _size_record(d: dict[str, Any]):
-    from archsearch.result import size_record
-
-    return size_record(d)
 
 
 def _trial_columns(t, labels: list[str], param_names: list[str]) -> dict[str, Any]:

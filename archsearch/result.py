@@ -145,8 +145,3 @@ def _from_flat(d: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("precision", "")
     out.setdefault("seeds", [])
     return out
-
-
-def size_record(d: dict[str, Any]) -> SizeRecord:
-    """A stored per-size record (a trial's ``sizes`` user attribute) as a :class:`SizeRecord`."""
-    return SizeRecord.from_dict(d)

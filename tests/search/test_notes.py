@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from archsearch.result import SizeRecord, size_record
+from archsearch.result import SizeRecord
 from archsearch.scaling import fit_power_law
 from archsearch.search.notes import size_rows, trial_note
 
@@ -45,7 +45,7 @@ def test_a_flat_stored_record_reads_as_a_size_record():
     flat = {"size": 400, "size_unit": "tokens", "train_tokens": 400, "val_tokens": 300, "val_ppl": 50.0, "val_loss": 3.9,
             "val_acc": 0.2, "val_er": 0.7, "phase1_params": 5, "phase2_params": 6, "total_params": 11, "phase1_seconds": 0.5,
             "seconds": 1.0, "device": "cpu", "precision": "fp32", "seeds": [42], "cached": True}  # fmt: skip
-    rec = size_record(flat)
+    rec = SizeRecord.from_dict(flat)
     assert rec.params == {"phase1": 5, "phase2": 6, "total": 11} and rec.metrics["val_er"] == 0.7
     assert rec.phase_seconds == {"phase1": 0.5} and rec.cached and math.isnan(rec.val_loss_se)
-    assert size_record(rec.to_dict()) == rec
+    assert SizeRecord.from_dict(rec.to_dict()) == rec
