@@ -30,6 +30,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,14 @@ def parse_tracking(raw: Any, problems: list[str]) -> TrackingSpec:
     return TrackingSpec(**out)
 
 
-def _mask(value: Any) -> Any:
-    """A URI with its password hidden (tracking URIs may carry credentials)."""
-    if isinstance(value, str):
-        from archsearch.search.storage import mask_url
+_CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
 
-        return mask_url(value)
+
+def _mask(value: Any) -> Any:
+    """Text with the password of every ``scheme://user:password@`` in it hidden (tracking
+    URIs, and the errors that quote them, may carry credentials)."""
+    if isinstance(value, str):
+        return _CREDENTIALS.sub(lambda m: f"{m['head']}***{m['tail']}", value)
     return value
 
 

@@ -409,8 +409,7 @@ def _open_trackers(space: Space, study_name: str):
     """The space's experiment trackers, opened after every other check and before the study
     is touched: a tracker that cannot be opened (a tracking server that does not answer) is
     a config error that leaves the study as it was."""
-    from archsearch.search.storage import mask_url
-    from archsearch.tracking import Trackers
+    from archsearch.tracking import Trackers, _mask
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default retries for minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -418,7 +417,7 @@ def _open_trackers(space: Space, study_name: str):
         return Trackers.open(space.tracking, study_name, paths.home())
     except Exception as e:
         which = ", ".join(space.tracking.enabled) if space.tracking else "tracking"
-        raise ConfigError(f"tracking ({which}): cannot open the tracker: {mask_url(f'{type(e).__name__}: {e}')[:500]}") from None
+        raise ConfigError(f"tracking ({which}): cannot open the tracker: {_mask(f'{type(e).__name__}: {e}')[:500]}") from None
 
 
 def _timed(fn, *args, **kwargs):
