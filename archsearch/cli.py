@@ -410,7 +410,7 @@ def run(
         "study": summary.study_name, "storage": summary.storage, "seconds": summary.seconds,
         "interrupted": summary.interrupted, "counts": summary.counts, "queued": summary.queued,
         "failed_stale": summary.failed_stale, "timings": summary.timings,
-        "trials": [o.__dict__ for o in summary.outcomes],
+        "trials": [o.__dict__ for o in summary.outcomes], "repeats": summary.repeats, "exhausted": summary.exhausted,
     })  # fmt: skip
     if summary.disk_full:
         err_console.print(f"[bold red]the run stopped[/bold red]: {summary.disk_full}. Its trials failed as disk_full; what "
@@ -480,6 +480,10 @@ def _print_summary(sp, summary) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
     console.print(f"study {summary.study_name} now holds {counts or 'no trials'}"
                   + (f"; {len(summary.failed_stale)} stale trial(s) of a killed run were failed and retried" if summary.failed_stale else ""))
+    if summary.repeats:
+        console.print(f"{summary.repeats} proposal(s) repeated configs the study already held: answered from it, not run, not counted in --n-trials")
+    if summary.exhausted:
+        console.print(f"[yellow]{summary.exhausted}[/yellow]")
     console.print(f"view it: archsearch dashboard --storage {summary.storage}")
 
 
