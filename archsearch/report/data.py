@@ -222,6 +222,14 @@ def extrapolation_caveat(tokens: float, largest: int) -> str | None:
             "numbers there extrapolate the fitted law far beyond the data and are no measurement")  # fmt: skip
 
 
+def fmt_ppl(v: float | None) -> str:
+    """A PPL or interval bound: one decimal, or three significant digits below 10 (an
+    extrapolated lower bound can be far below 1)."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
 def short_count(n: float) -> str:
     return f"{n / 1e6:g}M" if n >= 1e6 else (f"{n / 1e3:g}k" if n >= 1e3 else f"{n:g}")
 
@@ -420,7 +428,7 @@ def _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, 
     if by_target:
         t = by_target[0]
         lt = laws[t.name]
-        reason = f"PPL {lt.ppl_target:.1f} [{lt.ppl_target_low:.1f}, {lt.ppl_target_high:.1f}] at {short_count(target)} tokens by its law"
+        reason = f"PPL {fmt_ppl(lt.ppl_target)} [{fmt_ppl(lt.ppl_target_low)}, {fmt_ppl(lt.ppl_target_high)}] at {short_count(target)} tokens by its law"
         if resolved.get("ppl_at_target"):
             n_close = sum(1 for r in resolved["ppl_at_target"] if not r["resolved"])
             reason += f"; overlaps {n_close} of {len(resolved['ppl_at_target'])} others" if n_close else "; apart from every other"
@@ -550,8 +558,8 @@ def _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, 
     if by_target:
         t = by_target[0]
         lt = laws[t.name]
-        text = (f"Best PPL at {short_count(target)} tokens (extrapolated): {t.name} ({lt.ppl_target:.1f}, 95% interval "
-                f"[{lt.ppl_target_low:.1f}, {lt.ppl_target_high:.1f}]).")  # fmt: skip
+        text = (f"Best PPL at {short_count(target)} tokens (extrapolated): {t.name} ({fmt_ppl(lt.ppl_target)}, 95% interval "
+                f"[{fmt_ppl(lt.ppl_target_low)}, {fmt_ppl(lt.ppl_target_high)}]).")  # fmt: skip
         if resolved.get("ppl_at_target"):
             text += f" It is {_resolved_text(resolved['ppl_at_target'])}."
         out.append(text)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from archsearch.report.data import GAP_TOKENS, Report, compare, short_count
+from archsearch.report.data import GAP_TOKENS, Report, compare, fmt_ppl, short_count
 from archsearch.report.plots import ScalingSeries, _figure, plot_scaling, save
 
 
@@ -96,7 +96,7 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
             how = "jackknife over sizes with the per-size standard errors" if law.measured_se else "jackknife over sizes"
             out += ["", f"**Scaling law**: PPL = {law.A:.4g} × tokens^{law.alpha:.4f}, α = {law.alpha:.4f} "
                         f"(95% interval [{_f(law.alpha_low)}, {_f(law.alpha_high)}], {how}; s.e. {_f(law.alpha_se)}), R² = {law.r2:.4f}; "
-                        f"PPL at {short_count(law.target_tokens)} tokens {_f(law.ppl_target, '.1f')} [{_f(law.ppl_target_low, '.1f')}, {_f(law.ppl_target_high, '.1f')}]", ""]  # fmt: skip
+                        f"PPL at {short_count(law.target_tokens)} tokens {fmt_ppl(law.ppl_target)} [{fmt_ppl(law.ppl_target_low)}, {fmt_ppl(law.ppl_target_high)}]", ""]  # fmt: skip
         else:
             out.append("")
         for flag in rep.flags.get(c.name, []):
@@ -125,7 +125,7 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
     if r.get("ppl_at_target"):
         t = r["ppl_at_target"][0]["target_tokens"]
         out.append(f"- Best PPL at {short_count(t)} tokens by the fitted law (95% interval): "
-                   + ", ".join(f"{x['config']} ({_f(x['ppl'], '.1f')} [{_f(x['low'], '.1f')}, {_f(x['high'], '.1f')}])" for x in r["ppl_at_target"]))  # fmt: skip
+                   + ", ".join(f"{x['config']} ({fmt_ppl(x['ppl'])} [{fmt_ppl(x['low'])}, {fmt_ppl(x['high'])}])" for x in r["ppl_at_target"]))  # fmt: skip
         if "target" in rep.caveats:
             out.append(f"  ⚠ Caveat: {rep.caveats['target']}.")
     if r.get("ppl_per_parameter"):
@@ -144,7 +144,7 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
                 "|---" * (len(rep.pareto[0]["values"]) + 3) + "|"]  # fmt: skip
         for p in rep.pareto:
             out.append(f"| {p['config']} | " + " | ".join(_f(v, '.4g') for v in p["values"].values())
-                       + f" | {_f(p['ppl_target_low'], '.1f')}–{_f(p['ppl_target_high'], '.1f')} | {_m(p['total_params'])} |")  # fmt: skip
+                       + f" | {fmt_ppl(p['ppl_target_low'])}–{fmt_ppl(p['ppl_target_high'])} | {_m(p['total_params'])} |")  # fmt: skip
     er = rep.er_relation
     if er.get("rows"):
         out += ["", "## Effective rank and PPL", ""]
@@ -205,7 +205,7 @@ def summary_table(rep: Report) -> list[str]:
     for r in rep.summary:
         a = _f(r.alpha)
         p = f"{r.best_ppl:.1f}"
-        target = "-" if r.ppl_target is None else f"{_f(r.ppl_target, '.1f')} [{_f(r.ppl_target_low, '.1f')}, {_f(r.ppl_target_high, '.1f')}]"
+        target = "-" if r.ppl_target is None else f"{fmt_ppl(r.ppl_target)} [{fmt_ppl(r.ppl_target_low)}, {fmt_ppl(r.ppl_target_high)}]"
         out.append(f"| {r.config} | {_m(r.phase1_params)} | {'**' + a + '**' if r.alpha == best_alpha else a} | "
                    f"{'-' if r.alpha_low is None else f'[{_f(r.alpha_low)}, {_f(r.alpha_high)}]'} | {_f(r.r2)} | "
                    f"{'**' + p + '**' if r.best_ppl == best_ppl else p} | {r.best_tokens:,} | {_f(r.best_acc, pct=True)} | {_f(r.val_er, pct=True)} | "
