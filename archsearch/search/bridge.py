@@ -17,11 +17,11 @@ writes no user attributes, and gets no heartbeat from Optuna for ask/tell trials
   that it started; only then is it RUNNING, with Optuna's start time.
 - a proposal equal to a config already in the study is a *repeat*: answered from the study
   (told the original's value or state, so the sampler learns from it; user attr
-  ``repeat_of``), not run, not counted in the run's budget. ``MAX_REPEATS`` in a row and the
-  search stops: the space is exhausted.
+  ``repeat_of``), not run, not counted in the run's budget. ``MAX_REPEATS`` in a row with
+  nothing running and the search stops: the space is exhausted.
 - the space's rules on finished trials (``admissible``, ``capped: infeasible``) become
-  Optuna constraints (user attr ``constraint_values``, read by the sampler's
-  constraints_func), so TPE and NSGA-II learn where the infeasible configs are.
+  Optuna constraints (``Trial.set_constraint``; user attr ``constraint_values`` for
+  Optuna 4's constraints_func), so TPE and NSGA-II learn where the infeasible configs are.
 Only the driver writes to storage.
 """
 
