@@ -260,9 +260,14 @@ def plot_pareto(rep: Report, study, path: Path) -> Path | None:
     xs = [t.values[0] for t in trials]
     ys = [t.values[1] for t in trials]
     ax.scatter(xs, ys, color="C7", label="trials")
-    px = [t.values[0] for t in trials if t.number in best]
-    py = [t.values[1] for t in trials if t.number in best]
+    front = [t for t in trials if t.number in best]
+    px = [t.values[0] for t in front]
+    py = [t.values[1] for t in front]
     ax.scatter(px, py, color="C3", label="Pareto set")
+    if str(names[0]).startswith("ppl_at"):  # the front's extrapolated PPLs with their 95% intervals
+        lo = [max(0.0, t.values[0] - (t.user_attrs.get("ppl_at_target_low") or t.values[0])) for t in front]
+        hi = [max(0.0, (t.user_attrs.get("ppl_at_target_high") or t.values[0]) - t.values[0]) for t in front]
+        ax.errorbar(px, py, xerr=[lo, hi], fmt="none", ecolor="C3", alpha=0.6, capsize=3)
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.set_title("Pareto front")
