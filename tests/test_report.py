@@ -243,3 +243,17 @@ def test_header_names_date_versions_device_data_seeds_settings_and_times(tmp_pat
                  "| Device(s) | cpu |", "fingerprint abc123", "| Seeds | 42, 43 |", "`phase2.max_epochs=4`", "1 of them repeats",
                  "| Sizes | 1,000, 2,000, 4,000, 8,000 tokens |", "40 s in all"):  # fmt: skip
         assert text in md, text
+
+
+def test_pareto_plot_draws_the_front_with_intervals(tmp_path):
+    from archsearch.report.render import plot_pareto
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for ppl, params in ((300.0, 2e6), (350.0, 1e6), (400.0, 3e6)):
+        t = study.ask()
+        t.set_user_attr("ppl_at_target_low", ppl * 0.8)
+        t.set_user_attr("ppl_at_target_high", ppl * 1.25)
+        study.tell(t, [ppl, params])
+    rep = build_report([], meta={"objectives": ["ppl_at_10M", "total_params"]})
+    path = plot_pareto(rep, study, tmp_path / "pareto.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
