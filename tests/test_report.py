@@ -155,12 +155,21 @@ def test_alpha_intervals_containing_zero_and_capped_runs_are_flagged():
     # the steepest alpha and best PPL rest on capped runs: the recommendation says so
     assert rep.rankings["best_alpha"][0]["config"] == "capped"
     assert any(x.startswith("Caution on capped: its fit rests on runs that hit a training cap") for x in rep.recommendation)
-    # when it has the steepest alpha only, it is not recommended for more data
+    # when it has the best extrapolation only, it is not recommended for more data
     rep2 = build_report([cfg("capped", [4000, 2000, 1000, 600], capped=["max_epochs"]), cfg("flat", [800, 700, 600, 550])])
-    assert any("capped's steeper alpha is not a recommendation: its fit rests on" in x for x in rep2.recommendation)
+    assert any("capped's better extrapolation is not a recommendation: its fit rests on" in x for x in rep2.recommendation)
     md = markdown(rep)
     assert "> ⚠ capped: its fit rests on runs that hit a training cap" in md
     assert "| 8,000 | 500.0 | 5.0% | 90.0% | phase1_max_iterations, max_epochs |" in md
+
+
+def test_a_steep_but_bad_config_is_not_recommended_for_more_data():
+    # the case: the steepest alpha belongs to a config with many times the best PPL
+    rep = build_report([cfg("good", [3000, 2000, 1700, 1500]), cfg("steep_bad", [90000, 40000, 15000, 6000]),
+                        cfg("ok", [2600, 2100, 1800, 1600])], meta={"target_tokens": 16000})  # fmt: skip
+    assert rep.rankings["best_alpha"][0]["config"] == "steep_bad"
+    line = next(x for x in rep.recommendation if x.startswith("Recommendation:"))
+    assert "steep_bad if much more data" not in line and "steep_bad's steeper alpha alone is no reason" in line
 
 
 def test_infeasible_configs_are_ranked_last_in_a_search_and_flagged():
@@ -240,7 +249,7 @@ def test_header_names_date_versions_device_data_seeds_settings_and_times(tmp_pat
     assert rep.configs[0].sizes[0].val_er == 0.9 and rep.configs[0].sizes[0].val_loss_se == 0.01  # the SizeRecord layout
     md = md_of(rep)
     for text in ("| Report written | 20", "2026-12-01 09:00 UTC (100 s for the command, 80 s of it in trials)", "0.1.0 / engine 4",
-                 "| Device(s) | cpu |", "fingerprint abc123", "| Seeds | 42, 43 |", "`phase2.max_epochs=4`", "1 of them repeats",
+                 "| Device(s) | cpu |", "fingerprint abc123", "| Seeds | 42, 43 |", "`phase2.max_epochs=4`", "1 of these trials are repeats",
                  "| Sizes | 1,000, 2,000, 4,000, 8,000 tokens |", "40 s in all"):  # fmt: skip
         assert text in md, text
 

@@ -567,7 +567,26 @@ def _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, 
         r = rankings["ppl_per_parameter"][0]
         if r["ppl_gain"] > 0:
             out.append(f"Best PPL per parameter: {r['config']} ({r['ppl_gain']:.1f} PPL better than {r['reference']} for {_params_text(r['extra_mparams'])} more phase-1 parameters).")
-    if by_ppl and by_alpha:
+    if by_ppl and by_target:
+        # "with more data": the PPL extrapolated to the target, which weighs the level with the
+        # slope; alpha alone rewards a config that is bad but falls steeply
+        p, t = by_ppl[0], by_target[0]
+        if p.name == t.name:
+            text = f"Recommendation: {p.name}, best both at the sizes measured and extrapolated to {short_count(target)} tokens"
+        else:
+            text = f"Recommendation: {p.name} at the data sizes measured"
+            if t.name in flags:
+                text += f"; {t.name}'s better extrapolation is not a recommendation: {flags[t.name][0]}"
+            else:
+                rows = resolved.get("ppl_at_target") or []
+                apart = any(r["other"] == p.name and r["resolved"] for r in rows)
+                text += (f"; {t.name} if much more data is expected (PPL at {short_count(target)} tokens {fmt_ppl(laws[t.name].ppl_target)} "
+                         f"against {fmt_ppl(laws[p.name].ppl_target) if p.name in laws else '-'}), to be confirmed at larger sizes since "
+                         + ("their intervals are apart" if apart else "their intervals overlap"))  # fmt: skip
+        if by_alpha and by_alpha[0].name not in (p.name, t.name):
+            text += f"; {by_alpha[0].name}'s steeper alpha alone is no reason (its PPL at {by_alpha[0].best.tokens:,} tokens is {by_alpha[0].best.ppl:.1f})"
+        out.append(text + ".")
+    elif by_ppl and by_alpha:
         if by_ppl[0].name == by_alpha[0].name:
             out.append(f"Recommendation: {by_ppl[0].name}, best both in PPL and in alpha.")
         else:

@@ -43,7 +43,7 @@ def header(rep: Report) -> list[str]:
         return [f"Source: {m['source']}", ""] if m.get("source") else []
     counts = ", ".join(f"{v} {k}" for k, v in sorted(m.get("trial_counts", {}).items()))
     if m.get("repeats"):
-        counts += f" ({m['repeats']} of them repeats of configs already evaluated, answered from the study and left out below)"
+        counts += f"; {m['repeats']} of these trials are repeats of configs already evaluated, answered from the study and left out below"
     runs = m.get("runs") or []
     last = runs[-1] if runs else {}
     settings = last.get("settings") or {}

@@ -108,6 +108,8 @@ class StudyBridge:
         self.live: dict[str, LiveTrial] = {}
         self.outcomes: list[Outcome] = []
         self.asked_new = 0
+        self.waiting_repeats: dict[int, list[tuple[optuna.Trial, dict[str, Any]]]] = {}
+        """Repeats of a trial still running here, told its outcome when it ends."""
         self.repeats_in_a_row = 0
         self.repeats = 0
         self.exhausted: str | None = None
@@ -123,6 +125,7 @@ class StudyBridge:
         while not self._stop.wait(st.HEARTBEAT_S):
             with self.lock:
                 ids = [lt.trial._trial_id for lt in self.live.values()]
+                ids += [t._trial_id for waiting in self.waiting_repeats.values() for t, _ in waiting]
             for tid in ids:
                 try:
                     self.study._storage.set_trial_system_attr(tid, st.A_HEARTBEAT, time.time())
@@ -243,10 +246,18 @@ class StudyBridge:
             trial.set_user_attr("pruned_reason", f"repeat of trial {original.number} ({name}), which was pruned")
             self.study.tell(trial, state=TrialState.PRUNED)
             state, values, reason = "REPEAT", None, f"repeat of pruned trial {original.number} ({name}), not run"
-        else:  # still pending or running: the sampler sees the original (constant liar) already
-            trial.set_user_attr("fail_reason", f"repeat of trial {original.number} ({name}), still being evaluated")
+        elif original.number in {lt.number for lt in self.live.values()}:
+            # still pending or running here: it waits (WAITING, reserved) and is told the
+            # original's outcome when that one finishes
+            st.reserve(self.study, trial._trial_id)
+            self.waiting_repeats.setdefault(original.number, []).append((trial, params))
+            self._view_repeat(trial.number, name, params, f"repeat of trial {original.number} ({name}), still running: answered when it ends")
+            return
+        else:  # failed, or still running under another driver: the study has no value for it
+            how = {TrialState.FAIL: "failed", TrialState.WAITING: "did not run (interrupted)"}.get(original.state, "was still running elsewhere")
+            trial.set_user_attr("fail_reason", f"repeat of trial {original.number} ({name}), which {how}")
             self.study.tell(trial, state=TrialState.FAIL)
-            state, values, reason = "REPEAT", None, f"repeat of trial {original.number} ({name}), still running; not run"
+            state, values, reason = "REPEAT", None, f"repeat of trial {original.number} ({name}), which {how}; not run"
         self.outcomes.append(Outcome(trial.number, name, params, state, values, reason))
         self._view_repeat(trial.number, name, params, reason)
 
@@ -361,6 +372,7 @@ class StudyBridge:
             if not lt.running and lt.error is not None and lt.error.get("kind") == "interrupted":
                 st.release(self.study, lt.trial._trial_id)  # never started: back to the queue, still WAITING
                 self._view("end", lt, state="WAITING", values=None, reason="never started; queued for the next run")
+                self._answer_waiting_repeats(lt.number)  # an unfinished original: they fail
                 return
             if not lt.running:  # Ray gave up on it before its worker ran it: record what happened
                 st.start_reserved(self.study, lt.trial._trial_id)
@@ -443,6 +455,20 @@ class StudyBridge:
     def _done(self, lt, state, values, reason, cached, kind=None) -> None:
         self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind, lt.started, time.time(), lt.pid))
         self._view("end", lt, state=state, values=values, reason=reason)
+        self._answer_waiting_repeats(lt.number)
+
+    def _answer_waiting_repeats(self, number: int) -> None:
+        """The repeats that waited for trial ``number`` get its outcome now."""
+        waiting = self.waiting_repeats.pop(number, [])
+        if not waiting:
+            return
+        original = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number))
+        for trial, params in waiting:
+            st.start_reserved(self.study, trial._trial_id)  # Optuna tells only RUNNING trials
+            try:
+                self._answer_repeat(trial, params, original)
+            except Exception:  # never leave it WAITING for nothing
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
     def _attrs(self, trial: optuna.Trial, result: dict[str, Any] | None) -> None:
         if not result:
@@ -532,6 +558,9 @@ class StudyBridge:
             if lt is not None and lt.error is None:
                 lt.error = {"error": reason, "kind": "interrupted"}
             self.on_complete(ray_id, error=False)
+        with self.lock:
+            for number in list(self.waiting_repeats):
+                self._answer_waiting_repeats(number)
         return [o.number for o in self.outcomes if o.reason == reason]
 
     def _view(self, event: str, lt: LiveTrial, **info: Any) -> None:

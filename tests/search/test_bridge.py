@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from archsearch.result import SizeRecord
 from archsearch.search import study as st
 from archsearch.search.bridge import StudyBridge, capped_text
-from archsearch.search.distributions import TrialConstraints, make_sampler
+from archsearch.search.distributions import TrialConstraints, make_sampler, suggest_all
 from archsearch.space import parse_space
 
 PARAMS = {"num_layers": {"type": "int", "low": 1, "high": 2}, "context_dim": [8]}
@@ -216,3 +216,26 @@ def test_the_live_view_shows_pending_running_capped_and_done_of_total(tiny_corpu
     err = capsys.readouterr().err
     assert "pending, waiting for a worker" in err and "[capped: max_epochs]" in err and "[1/3 done]" in err
     assert "1/3 done" in view._table().title and "1 capped" in str(view._table().columns[4]._cells[0])
+
+
+def test_a_repeat_of_a_running_trial_waits_and_gets_its_value(tmp_path, tiny_corpus):
+    space = search_space(tiny_corpus, objective="final_ppl")
+    study, bridge = bridge_for(tmp_path, space)
+    try:
+        cfg = bridge.suggest("ray-1")
+        bridge.on_result("ray-1", event(1, "started"))
+        proposal = st.ask_new(study)  # the sampler proposes the running config again
+        study._storage.set_trial_system_attr(proposal._trial_id, "fixed_params", cfg["plan"]["params"])
+        again = optuna.Trial(study, proposal._trial_id)
+        suggest_all(again, bridge.dists)
+        original = study._storage.get_trial(bridge.live["ray-1"].trial._trial_id)
+        bridge._answer_repeat(again, dict(again.params), original)
+        frozen = study._storage.get_trial(again._trial_id)
+        assert frozen.state == TrialState.WAITING and frozen.user_attrs["repeat_of"] == cfg["optuna_trial"]
+        assert st.pop_waiting(optuna.load_study(study_name="s", storage=study._storage)) is None  # reserved
+        complete(bridge, "ray-1", 100.0)
+        frozen = study._storage.get_trial(again._trial_id)
+        assert frozen.state == TrialState.COMPLETE and frozen.values == [100.0]
+        assert [o.state for o in bridge.outcomes] == ["COMPLETE", "REPEAT"]
+    finally:
+        bridge.close()
