@@ -371,7 +371,7 @@ def plotly_scaling(rep: Report) -> PlotlyFigure:
 
 def summary_note(rep: Report) -> str:
     """The header, summary table, flags and recommendation as a study note for optuna-dashboard."""
-    out = [f"# {rep.title}", ""] + header(rep) + summary_table(rep)
+    out = [f"# {rep.title}", ""] + header(rep) + summary_table(rep) + _family_section(rep)
     for name, flags in rep.flags.items():
         out += [f"- ⚠ {name}: {f}" for f in flags]
     out += ["", "## Recommendation", ""] + [f"- {x}" for x in rep.recommendation]
