@@ -475,6 +475,10 @@ def _print_summary(sp, summary) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
     console.print(f"study {summary.study_name} now holds {counts or 'no trials'}"
                   + (f"; {len(summary.failed_stale)} stale trial(s) of a killed run were failed and retried" if summary.failed_stale else ""))
+    if summary.repeats:
+        console.print(f"{summary.repeats} proposal(s) repeated configs the study already held: answered from it, not run, not counted in --n-trials")
+    if summary.exhausted:
+        console.print(f"[yellow]{summary.exhausted}[/yellow]")
     console.print(f"view it: archsearch dashboard --storage {summary.storage}")
 
 

@@ -72,8 +72,9 @@ def test_run_quietly_then_read_results_as_a_dataframe(home, tiny_corpus, capfd, 
     assert out == "" and err == ""  # quiet: nothing printed, not even by Ray or Optuna
 
     # the summary `archsearch run --json` writes
-    assert set(summary) == {"study", "storage", "seconds", "interrupted", "counts", "queued", "failed_stale", "timings", "trials"}
+    assert set(summary) == {"study", "storage", "seconds", "interrupted", "counts", "queued", "failed_stale", "timings", "trials", "repeats", "exhausted"}
     assert summary["study"] == "api" and summary["counts"] == {"COMPLETE": 2} and not summary["interrupted"]
+    assert summary["repeats"] == 0 and summary["exhausted"] is None  # a queue of two distinct configs
     assert sorted(t["name"] for t in summary["trials"]) == ["a", "b"]
     json.dumps(summary)  # plain data
 

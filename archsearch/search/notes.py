@@ -48,9 +48,10 @@ def _f(v: Any, spec: str = ".4f") -> str:
 
 def trial_note(number: int, name: str, state: str, params: dict[str, Any], records: Sequence[SizeRecord],
                fit: dict[str, Any] | None, target_tokens: float, plot_url: str | None = None,
-               reason: str | None = None) -> str:  # fmt: skip
+               reason: str | None = None, flags: Sequence[str] = ()) -> str:  # fmt: skip
     """The trial's note (Markdown): config, alpha +- interval, PPL at ``target_tokens`` +-
-    interval, the plot (click: full size), the per-size table with PPL first."""
+    interval, its flags (capped runs, an alpha interval containing 0, infeasible), the plot
+    (click: full size), the per-size table with PPL first (capped sizes marked)."""
     out = [f"## {name}", "", f"Trial {number}, {state}" + (f": {reason}" if reason else "") + ".", ""]
     if params:
         out += ["Params: " + ", ".join(f"`{k}` = {v}" for k, v in params.items()), ""]
@@ -62,18 +63,44 @@ def trial_note(number: int, name: str, state: str, params: dict[str, Any], recor
             out.append("")
             out.append(f"**PPL at {target_tokens:,.0f} tokens = {ex.ppl:.1f}** (95% interval [{_f(ex.low, '.4g')}, {_f(ex.high, '.4g')}]), by the fitted law")
         out.append("")
+    if flags:
+        out += ["**Flags:**", "", *(f"- ⚠ {f}" for f in flags), ""]
     if plot_url:
         out += [f"[![PPL vs training tokens]({plot_url})]({plot_url})", "", f"[open the plot full size]({plot_url})", ""]
     if records:
-        out += ["| Tokens | Val PPL | PPL 95% | Val Acc | Val ER | Train ER | P1 iters | Seconds |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += ["| Tokens | Val PPL | PPL 95% | Val Acc | Val ER | Train ER | P1 iters | Seconds | Capped |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in records:
             low, high = r.ppl_interval()
             ppl_ci = f"[{low:.1f}, {high:.1f}]" if math.isfinite(low) else "-"
             m = r.metrics
             out.append(f"| {r.train_tokens:,} | {r.val_ppl:.1f} | {ppl_ci} | {_f(100 * r.val_acc, '.1f')}% | "
                        f"{_pct(m.get('val_er'))} | {_pct(m.get('train_er'))} | {_f(m.get('phase1_iterations'), 'g')} | "
-                       f"{r.seconds:.1f}{' (cached)' if r.cached else ''} |")  # fmt: skip
+                       f"{r.seconds:.1f}{' (cached)' if r.cached else ''} | {', '.join(r.capped) or '-'} |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def capped_text(records: Sequence[SizeRecord]) -> list[str]:
+    """"<size> <unit>: <flag>, ..." for every size whose runs hit a training cap."""
+    return [f"{r.size:,} {r.size_unit}: {', '.join(r.capped)}" for r in records if r.capped]
+
+
+def note_flags(records: Sequence[SizeRecord], fit: dict[str, Any] | None, infeasible: str | None) -> list[str]:
+    """What the trial's dashboard note warns about, as the report does: sizes whose runs hit a
+    training cap (and those trained again with raised caps), an α interval that contains 0, and
+    why the trial is infeasible."""
+    flags = []
+    capped = capped_text(records)
+    if capped:
+        flags.append("capped: " + "; ".join(capped) + ". Its α and extrapolations rest on runs cut off while still improving")
+    retried = [f"{r.size:,} {r.size_unit} ({', '.join(f'{k}={v}' for k, v in r.retried.items())})" for r in records if r.retried]
+    if retried:
+        flags.append("trained again with raised caps: " + "; ".join(retried))
+    low, high = (fit or {}).get("alpha_low"), (fit or {}).get("alpha_high")
+    if low is not None and high is not None and low <= 0 <= high:
+        flags.append(f"α interval [{low:.4f}, {high:.4f}] contains 0: these sizes do not show its PPL falling with data")
+    if infeasible:
+        flags.append(f"infeasible: {infeasible}")
+    return flags
 
 
 def _pct(v: Any) -> str:

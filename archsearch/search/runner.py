@@ -36,11 +36,15 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)
     artifact_dir: str | None = None
     cluster_lost: str | None = None
+    """Why the Ray cluster was lost mid-run (its raylet or GCS died, or stopped answering)."""
     disk_full: str | None = None
     """Why the run stopped early for want of space (see StudyBridge.halt)."""
-    """Why the Ray cluster was lost mid-run (its raylet or GCS died, or stopped answering)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per part of the run: ray_init, data, study, trials, publish."""
+    repeats: int = 0
+    """Proposals answered from the study (configs it already held), not run."""
+    exhausted: str | None = None
+    """Set when the search stopped because the sampler proposed only repeats."""
 
     @property
     def failed(self) -> list[Any]:
@@ -52,7 +56,7 @@ class RunSummary:
             "study": self.study_name, "storage": self.storage, "seconds": self.seconds,
             "interrupted": self.interrupted, "counts": self.counts, "queued": self.queued,
             "failed_stale": self.failed_stale, "timings": self.timings,
-            "trials": [dict(o.__dict__) for o in self.outcomes],
+            "trials": [dict(o.__dict__) for o in self.outcomes], "repeats": self.repeats, "exhausted": self.exhausted,
         }  # fmt: skip
 
 
@@ -251,6 +255,7 @@ def run_search(
             "objectives": [o.__dict__ for o in space.objectives],
             "data_path": str(data.path),
             "cache_dir": str(paths.run_cache_dir()),
+            "extra": {"capped_retry": space.capped_retry} if space.capped_retry else {},
         }
         view = LiveView(len(space.data.sizes), space.data.size_unit, [o.label for o in space.objectives], view_mode)
         bridge = StudyBridge(study, space, plan, n_new, data.embed_dim, artifact_dir=art, view=view, trackers=trackers)
@@ -280,9 +285,11 @@ def run_search(
             trackers.close()
             shutil.rmtree(results_dir, ignore_errors=True)
         summary.outcomes = bridge.outcomes
+        summary.repeats, summary.exhausted = bridge.repeats, bridge.exhausted
         summary.interrupted = not summary.cluster_lost and (summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes))
         timings["trials"] = time.perf_counter() - t
         summary.counts = _counts(study)
+        _record_run(study, space, data, t0, timings["trials"], bridge)
         t = time.perf_counter()
         if summary.counts.get("COMPLETE"):
             _publish(study, url)
@@ -418,6 +425,57 @@ def _open_trackers(space: Space, study_name: str):
     except Exception as e:
         which = ", ".join(space.tracking.enabled) if space.tracking else "tracking"
         raise ConfigError(f"tracking ({which}): cannot open the tracker: {_mask(f'{type(e).__name__}: {e}')[:500]}") from None
+MAX_RUN_RECORDS = 100
+"""Runs of a study kept in its ``runs`` attribute (the newest)."""
+
+
+def _record_run(study, space: Space, data, t0: float, trial_seconds: float, bridge) -> None:
+    """What the report's header needs of this run, appended to the study's ``runs`` attribute:
+    date, versions, data fingerprint, seeds, the settings that differ from the defaults, the
+    command's wall time so far and the trials' time. Never fails the run."""
+    import datetime
+    import logging
+
+    try:
+        from importlib.metadata import version
+
+        from archsearch.runcache import ENGINE_VERSION
+
+        runs = list(study.user_attrs.get("runs") or [])
+        runs.append({
+            "date": datetime.datetime.fromtimestamp(t0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "archsearch_version": version("archsearch"), "engine_version": ENGINE_VERSION,
+            "data_fingerprint": _fingerprint(data), "seeds": list(space.seeds),
+            "settings": non_default_settings(space), "seconds": round(time.time() - t0, 1),
+            "trial_seconds": round(trial_seconds, 1), "trials": sum(1 for o in bridge.outcomes if o.state != "REPEAT"),
+            "repeats": bridge.repeats, "exhausted": bridge.exhausted,
+        })  # fmt: skip
+        study.set_user_attr("runs", runs[-MAX_RUN_RECORDS:])
+    except Exception as e:  # pragma: no cover - bookkeeping must not fail a finished run
+        logging.getLogger(__name__).warning("could not record the run in the study: %s", e)
+
+
+def _fingerprint(data) -> str | None:
+    for name in ("fingerprint", "stream_fingerprint"):
+        value = getattr(data, name, None)
+        if isinstance(value, str):
+            return value[:16]
+    return None
+
+
+def non_default_settings(space: Space) -> dict[str, Any]:
+    """Every run setting (model/phase1/phase2/engine) the space sets away from its default."""
+    from archsearch.config import RunConfig
+
+    base, default = space.base.to_dict(), RunConfig().to_dict()
+    out: dict[str, Any] = {}
+    for section, values in base.items():
+        if not isinstance(values, dict):
+            continue
+        for k, v in values.items():
+            if default.get(section, {}).get(k) != v:
+                out[f"{section}.{k}"] = v
+    return out
 
 
 def _timed(fn, *args, **kwargs):
@@ -487,7 +545,9 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
             search_alg=StudySearcher(bridge),
             scheduler=PrunerScheduler(bridge),
             num_samples=-1,
-            max_concurrent_trials=space.max_concurrent,
+            # no more trials than the cluster runs at once: a trial handed out waits only for
+            # its worker to start, never for another trial's CPU or GPU
+            max_concurrent_trials=_slots(ray, space, gpus, cpus),
             reuse_actors=True,  # a worker keeps torch imported between trials
         ),
         run_config=tune.RunConfig(

@@ -36,15 +36,68 @@ GRACE_S = float(os.environ.get("ARCHSEARCH_GRACE_S", 60))
 A_OWNER = "archsearch:owner"
 A_HEARTBEAT = "archsearch:heartbeat"
 A_SIGNATURE = "archsearch:signature"
+A_RESERVED = "archsearch:reserved"
+"""On a WAITING trial: the driver that handed it to Ray, which has not started it yet (a
+trial becomes RUNNING only once its worker runs it). Other drivers leave it alone while
+that driver lives."""
 
 
 def params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+def trial_key_params(t: FrozenTrial) -> dict[str, Any]:
+    """A trial's config: its queued params, else its sampled params."""
+    return dict(t.system_attrs.get("fixed_params") or t.params)
+
+
 def trial_key(t: FrozenTrial) -> str:
     """Identity of a trial's config: its queued params, else its sampled params."""
-    return params_key(t.system_attrs.get("fixed_params") or t.params)
+    return params_key(trial_key_params(t))
+
+
+def config_key(params: dict[str, Any]) -> str:
+    """Identity of a config for repeats: params with floats rounded to 12 significant digits,
+    so that values on a space's step grid that differ only by float arithmetic are one config
+    (Optuna's distributions already round proposals to their steps)."""
+    return params_key({k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in params.items()})
+
+
+def ask_new(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()`` without taking a WAITING trial: Optuna's ask pops the queue first,
+    which here holds grid/warm-start configs (taken by :func:`pop_waiting`, costliest first)
+    and trials reserved for a Ray trial that has not started yet."""
+    study._thread_local.cached_all_trials = None
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+
+
+def reserve(study: optuna.Study, trial_id: int) -> None:
+    """Put a trial just taken or created (RUNNING) back to WAITING, reserved for this driver."""
+    storage = study._storage
+    storage.set_trial_system_attr(trial_id, A_RESERVED, {**owner_record(), "at": time.time()})
+    storage.set_trial_system_attr(trial_id, A_HEARTBEAT, time.time())
+    storage.set_trial_state_values(trial_id, state=TrialState.WAITING)
+
+
+def start_reserved(study: optuna.Study, trial_id: int) -> bool:
+    """Its worker runs it: WAITING -> RUNNING (Optuna stamps datetime_start now)."""
+    try:
+        return bool(study._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def release(study: optuna.Study, trial_id: int) -> None:
+    """A reserved trial that never started goes back to the queue for any driver."""
+    try:
+        study._storage.set_trial_system_attr(trial_id, A_RESERVED, None)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
+def _reserved_by_live_driver(t: FrozenTrial, now: float) -> bool:
+    r = t.system_attrs.get(A_RESERVED)
+    return bool(r) and owner_alive(r, t.system_attrs.get(A_HEARTBEAT), now)
 
 
 def signature(space: Space) -> dict[str, Any]:
@@ -214,9 +267,13 @@ def pop_waiting(study: optuna.Study, cost: Callable[[dict[str, Any]], float] | N
 
     Without ``cost``, the oldest first. With it, the costliest first by ``cost(params)``
     (the queue's own order breaking ties): when several workers share a queue, starting the
-    long trials first keeps one long trial from running alone at the end."""
+    long trials first keeps one long trial from running alone at the end. Trials a live
+    driver reserved for a Ray trial that has not started are skipped; a dead driver's are
+    taken."""
     storage = study._storage
-    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    now = time.time()
+    waiting = [t for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+               if not _reserved_by_live_driver(t, now)]  # fmt: skip
     if cost is not None:
         waiting = sorted(waiting, key=lambda t: -_cost_of(cost, t))
     for t in waiting:

@@ -76,6 +76,8 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         seq += 1
         tune.report({"archsearch_event": event, "seq": seq, "payload": json.dumps(_clean(payload)), "node": node or "", "pid": os.getpid(), **extra})
 
+    report("started", {})  # the driver marks the trial RUNNING only now (it was WAITING, pending)
+
     def on_size(record: SizeRecord, partial: dict[str, Any]) -> None:
         nonlocal cum_tokens
         cum_tokens += record.train_tokens

@@ -6,7 +6,7 @@ import math
 
 from archsearch.result import SizeRecord
 from archsearch.scaling import fit_power_law
-from archsearch.search.notes import size_rows, trial_note
+from archsearch.search.notes import note_flags, size_rows, trial_note
 
 
 def records():
@@ -49,3 +49,27 @@ def test_a_flat_stored_record_reads_as_a_size_record():
     assert rec.params == {"phase1": 5, "phase2": 6, "total": 11} and rec.metrics["val_er"] == 0.7
     assert rec.phase_seconds == {"phase1": 0.5} and rec.cached and math.isnan(rec.val_loss_se)
     assert SizeRecord.from_dict(rec.to_dict()) == rec
+
+
+def test_the_note_flags_capped_runs_an_alpha_interval_with_zero_and_infeasible():
+    """Both sides of one note: the config heading, alpha and PPL at target with intervals, and the
+    cap / interval / infeasibility flags the report gives, with the capped size marked in the table."""
+    recs = records()
+    recs[-1].capped = ["max_epochs"]
+    recs[-1].retried = {"phase2.max_epochs": 20}
+    fit = fit_power_law([r.train_tokens for r in recs], [r.val_ppl for r in recs]).to_dict()
+    assert note_flags(recs, fit, None) == [
+        "capped: 1,600 tokens: max_epochs. Its α and extrapolations rest on runs cut off while still improving",
+        "trained again with raised caps: 1,600 tokens (phase2.max_epochs=20)",
+    ]
+    flags = note_flags(recs, dict(fit, alpha_low=-0.1, alpha_high=0.2), "admissible.max_ppl_ratio: 2.00x the best")
+    assert flags[2] == "α interval [-0.1000, 0.2000] contains 0: these sizes do not show its PPL falling with data"
+    assert flags[3] == "infeasible: admissible.max_ppl_ratio: 2.00x the best"
+    note = trial_note(3, "baseline", "COMPLETE", {}, recs, fit, 1e7, None, None, flags)
+    assert note.startswith("## baseline\n") and "**α = " in note and "**PPL at 10,000,000 tokens = " in note
+    assert "- ⚠ capped: 1,600 tokens: max_epochs" in note and "- ⚠ infeasible: admissible" in note
+    table = [line for line in note.splitlines() if line.startswith("| ")]
+    assert table[0].endswith("| Capped |") and table[-1].endswith("| max_epochs |") and table[1].endswith("| - |")
+    assert note.index("**Flags:**") < note.index("| Tokens |")
+    assert note_flags(records(), fit, None) == []  # nothing to warn about: no flags section
+    assert "Flags" not in trial_note(3, "baseline", "COMPLETE", {}, records(), fit, 1e7)
