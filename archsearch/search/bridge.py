@@ -61,6 +61,7 @@ class LiveTrial:
     trial: optuna.Trial
     name: str
     params: dict[str, Any]
+    handed_out: float = field(default_factory=time.time)
     started: float = field(default_factory=time.time)
     seq: int = 0
     records: list[SizeRecord] = field(default_factory=list)
@@ -90,7 +91,9 @@ class Outcome:
     """For FAIL: what failed (the exception's type, out_of_memory, worker_died, interrupted)."""
     started: float | None = None
     ended: float | None = None
-    """Wall-clock times (epoch seconds) the driver handed the trial out and recorded its end."""
+    """Wall-clock times (epoch seconds) its worker started it and the driver recorded its end."""
+    handed_out: float | None = None
+    """When the driver handed it to Ray (the order of hand-out: largest queued configs first)."""
     pid: int | None = None
     """The worker process that ran it."""
 
@@ -459,7 +462,7 @@ class StudyBridge:
         set_constraints(trial, values)
 
     def _done(self, lt, state, values, reason, cached, kind=None) -> None:
-        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind, lt.started, time.time(), lt.pid))
+        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind, lt.started, time.time(), lt.pid, lt.handed_out))
         self._view("end", lt, state=state, values=values, reason=reason)
         self._answer_waiting_repeats(lt.number)
 

@@ -69,8 +69,8 @@ def test_grid_study_gets_exactly_its_configs_complete_with_attributes(home, tiny
         assert sorted(m.mimetype for m in metas) == ["image/png", "text/csv"]
     assert study.metric_names == ["alpha"]
     # the larger config (b: 2 layers, 2 input tokens) is handed out first; the run says where its time went
-    starts = {o.name: o.started for o in summary.outcomes}
-    assert starts["b"] < starts["a"]
+    handed = {o.name: o.handed_out for o in summary.outcomes}
+    assert handed["b"] < handed["a"]
     assert all(o.started < o.ended and o.pid for o in summary.outcomes)
     for t in trials:  # the worker that ran it, and how long it had been up when the trial began
         w = t.user_attrs["worker"]
