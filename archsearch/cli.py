@@ -389,12 +389,21 @@ def run(
     summary = run_search(sp, storage=storage, study_name=study, n_trials=n_trials, address=address,
                          view_mode="quiet" if quiet else "auto")  # fmt: skip
     _print_summary(sp, summary)
-    _write_json(json_path, {
-        "study": summary.study_name, "storage": summary.storage, "seconds": summary.seconds,
-        "interrupted": summary.interrupted, "counts": summary.counts, "queued": summary.queued,
-        "failed_stale": summary.failed_stale, "timings": summary.timings,
-        "trials": [o.__dict__ for o in summary.outcomes],
-    })  # fmt: skip
+    _write_json(json_path, summary.to_dict())
+    if summary.disk_full:
+        err_console.print(f"[bold red]the run stopped[/bold red]: {summary.disk_full}. Its trials failed as disk_full; what "
+                          "was written is consistent (SQLite rolls back a write it cannot finish; a trial it could not "
+                          "mark stays RUNNING and the next run fails it as stale and queues it again). Free some space "
+                          "and run the same command again.", highlight=False)  # fmt: skip
+        raise SystemExit(1)
+    if summary.cluster_lost:
+        err_console.print(f"[bold red]the Ray cluster was lost[/bold red]: {summary.cluster_lost}. The study is consistent: "
+                          "its running trials failed as cluster_lost and are queued first for the next run; run the same "
+                          "command again to resume.", highlight=False)  # fmt: skip
+        from archsearch.search.runner import abandon_ray
+
+        abandon_ray()  # Ray's and Tune's exit handlers would wait a minute on the lost cluster
+        raise SystemExit(1)
     if summary.interrupted:
         err_console.print("[yellow]interrupted[/yellow]: the study is consistent; run the same command again to resume "
                           "(unfinished trials are queued first).")
@@ -449,6 +458,10 @@ def _print_summary(sp, summary) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
     console.print(f"study {summary.study_name} now holds {counts or 'no trials'}"
                   + (f"; {len(summary.failed_stale)} stale trial(s) of a killed run were failed and retried" if summary.failed_stale else ""))
+    if summary.repeats:
+        console.print(f"{summary.repeats} proposal(s) repeated configs the study already held: answered from it, not run, not counted in --n-trials")
+    if summary.exhausted:
+        console.print(f"[yellow]{summary.exhausted}[/yellow]")
     console.print(f"view it: archsearch dashboard --storage {summary.storage}")
 
 
@@ -496,12 +509,14 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)"),
     port: int = typer.Option(8080, help="port"),
     artifact_dir: Optional[Path] = typer.Option(None, help="trial artifacts (default: beside the storage)"),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="also answer requests addressed to this NAME or NAME:PORT (repeatable)"),
+    any_host: bool = typer.Option(False, "--any-host", help="answer requests whatever their Host header (no DNS-rebinding protection)"),
 ) -> None:
-    """Serve optuna-dashboard on a study storage."""
-    import optuna_dashboard
+    """Serve optuna-dashboard on a study storage (only to requests addressed to it)."""
     from optuna.artifacts import FileSystemArtifactStore
 
     from archsearch.search import storage as stg
+    from archsearch.search.dashboard import serve
 
     check_port(host, port)
     url, opt_storage = _existing_storage(storage)
@@ -513,7 +528,7 @@ def dashboard(
         raise ConfigError(f"--artifact-dir {art}: {why}")
     art.mkdir(parents=True, exist_ok=True)
     err_console.print(f"optuna-dashboard on http://{host}:{port}/ for {stg.mask_url(url)} (artifacts: {art}); Ctrl-C stops it")
-    optuna_dashboard.run_server(opt_storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(art)))
+    serve(opt_storage, host, port, FileSystemArtifactStore(str(art)), allow=allow_host or (), any_host=any_host)
 
 
 @app.command(short_help="List the studies of a storage with their best values.")

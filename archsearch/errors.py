@@ -71,3 +71,20 @@ class FitError(UserError, ValueError):
 
 class NonFiniteLoss(RuntimeError):
     """A training loss turned NaN or Inf; the run cannot give a meaningful PPL."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A write failed for want of space: ENOSPC (or EDQUOT) anywhere in the exception's chain,
+    or SQLite's own words for it ("database or disk is full")."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "database or disk is full" in text or "No space left on device" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False

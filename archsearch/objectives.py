@@ -96,8 +96,10 @@ MAX_TARGET_TOKENS = 1e15
 
 def default_objective(sampler: str) -> str:
     """The objective of a space file without an ``objective`` section, for its sampler
-    (``grid``, ``tpe``, ...): alpha, the report's own measure, for every sampler."""
-    return "alpha"
+    (``grid``, ``tpe``, ...): a grid keeps alpha, the report's own measure; searches (every
+    other sampler) default to the PPL extrapolated to the default target (alpha alone
+    rewards models that are bad but fall steeply)."""
+    return "alpha" if sampler == "grid" else "ppl_at"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from archsearch.errors import ConfigError
 from archsearch.space import Space
 from archsearch.trial import TrialPlan
 
+
 def trial_plan(space: Space, params: dict[str, Any], *, name: str, data_path: str, use_cache: bool = True,
                device: str = "cpu") -> TrialPlan:  # fmt: skip
     """The plan of config ``params`` (searched fields, canonical names) of ``space`` on the
@@ -32,7 +33,14 @@ def trial_plan(space: Space, params: dict[str, Any], *, name: str, data_path: st
         cache_dir=str(paths.run_cache_dir()) if use_cache else None,
         device=device,
         name=name,
+        extra=plan_extra(space),
     )
+
+
+def plan_extra(space: Space) -> dict[str, Any]:
+    """What a worker needs of the space's rules beyond the run config: ``capped_retry`` (the
+    raised caps a capped size is trained again with, ``capped: {retry: ...}``)."""
+    return {"capped_retry": dict(space.capped_retry)} if space.capped_retry else {}
 
 
 def chosen_config(space: Space, config: str | None = None) -> tuple[str, dict[str, Any]]:

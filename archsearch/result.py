@@ -92,6 +92,9 @@ class SizeRecord:
     val_ppl_seeds: list[float] = field(default_factory=list)
     family: str = "cvfp"
     """The family of the size's runs (records written before families read as cvfp)."""
+    retried: dict[str, int] = field(default_factory=dict)
+    """The raised caps the size was trained again with (a space's ``capped: {retry: ...}``),
+    empty when its first runs stood."""
 
     @property
     def total_params(self) -> int:

@@ -34,6 +34,7 @@ PRUNERS = ("none", "median", "percentile", "threshold", "successive_halving", "h
 TOP_LEVEL = (
     "study", "objective", "sampler", "parameters", "warm_start", "n_trials", "model", "phase1", "phase2",
     "engine", "data", "seeds", "resources", "max_concurrent", "early_stopping", "constraints", "max_failures",
+    "tracking", "admissible", "capped",
 )  # fmt: skip
 MAX_GRID = 10_000
 """Points of a Cartesian grid (counted before the grid is built)."""
@@ -48,6 +49,12 @@ MAX_YAML_BYTES = 128 * 1024
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 50_000
 """Values of a YAML document after aliases are expanded (an alias bomb stops here)."""
+CAPPED_RULES = ("flag", "infeasible", "retry")
+"""What a space does with a trial whose runs hit a training cap: flag it (default), make it
+infeasible (an Optuna constraint the sampler learns), or train the capped size again with
+raised caps (``capped: {retry: {phase1.max_iterations: 80, phase2.max_epochs: 20}}``)."""
+RETRY_KEYS = ("phase1.max_iterations", "phase2.max_epochs")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,24 @@ class Space:
     """What the command-line overrides did beyond setting their key (see apply_run_overrides)."""
     merged: dict[str, str] = field(default_factory=dict)
     """Configs that the overrides made identical to an earlier one: dropped name -> kept name."""
+    tracking: Any = None
+    """archsearch.tracking.TrackingSpec: the experiment trackers a run copies its trials to."""
+    admissible: dict[str, float] = field(default_factory=dict)
+    """Rules on finished trials: ``max_ppl_ratio`` (a config whose PPL at the largest size is
+    worse than the best so far by more than this factor is infeasible)."""
+    capped: str = "flag"
+    """flag | infeasible | retry: trials whose runs hit a training cap (CAPPED_RULES)."""
+    capped_retry: dict[str, int] = field(default_factory=dict)
+    """With ``capped: {retry: {...}}``: the raised caps a capped size is trained again with."""
+
+    @property
+    def has_trial_constraints(self) -> bool:
+        """Whether finished trials carry Optuna constraint values (``constraint_values``)."""
+        return bool(self.admissible) or self.capped == "infeasible"
+
+    @property
+    def n_trial_constraints(self) -> int:
+        return len(self.admissible) + (self.capped == "infeasible")
 
     @property
     def families(self) -> list[str]:
@@ -654,6 +679,14 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
         if other and o.name in CVFP_ONLY_OBJECTIVES:
             problems.append(f"objective: {o.name} is a CVFP number, which this space's {', '.join(other)} "
                             f"{'families do' if len(other) > 1 else 'family does'} not report (use alpha, ppl_at, final_ppl, final_acc or total_params)")
+    admissible = _admissible(raw.get("admissible"), problems)
+    capped, capped_retry = _capped(raw.get("capped", "flag"), base, problems)
+    if (admissible or capped == "infeasible") and sampler in ("grid", "cmaes"):
+        problems.append(f"{'admissible' if admissible else 'capped'}: the {sampler} sampler cannot learn constraints; they are for tpe, nsga2 and random")
+
+    from archsearch.tracking import parse_tracking  # pure: imports no tracker
+
+    tracking = parse_tracking(raw.get("tracking"), problems)
 
     if problems:
         raise ConfigError(problems)
@@ -661,7 +694,8 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
         path=path, raw=raw, study_name=study_name, storage=storage, objectives=objectives, sampler=sampler,
         sampler_options=options, configs=configs, parameters=parameters, n_trials=n_trials, base=base, data=data,
         seeds=seeds, gpus=gpus, cpus=cpus, max_concurrent=max_concurrent, early_stopping=early,
-        constraints=constraints, max_failures=max_failures,
+        constraints=constraints, max_failures=max_failures, tracking=tracking, admissible=admissible, capped=capped,
+        capped_retry=capped_retry,
     )  # fmt: skip
     e = known_embed_dim(data)
     bad = [f"{where}.{name}: {'; '.join(v)}" for where, name, v in (
@@ -1068,6 +1102,46 @@ def _early_stopping(raw, objectives, problems) -> dict[str, Any]:
     if pruner != "none" and len(objectives) > 1:
         problems.append("early_stopping: Optuna cannot prune a multi-objective study; drop early_stopping or use one objective")
     return dict(raw, pruner=pruner)
+
+
+def _capped(raw, base: RunConfig, problems) -> tuple[str, dict[str, int]]:
+    if isinstance(raw, str) and raw in ("flag", "infeasible"):
+        return raw, {}
+    if not (isinstance(raw, dict) and set(raw) == {"retry"} and isinstance(raw["retry"], dict) and raw["retry"]):
+        problems.append(f"capped: expected flag, infeasible or {{retry: {{phase1.max_iterations: N, phase2.max_epochs: N}}}}, got {raw!r}")
+        return "flag", {}
+    out = {}
+    for k, v in raw["retry"].items():
+        if k not in RETRY_KEYS:
+            problems.append(f"capped.retry.{k}: only the caps can be raised ({', '.join(RETRY_KEYS)})")
+            continue
+        section, key = k.split(".")
+        now = getattr(getattr(base, section, None), key, None)
+        if now is None:
+            problems.append(f"capped.retry.{k}: this space's runs have no such cap (the caps are CVFP's)")
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= now:
+            problems.append(f"capped.retry.{k}: expected an integer above the space's {k} = {now}, got {v!r}")
+            continue
+        out[k] = v
+    return "retry", out
+
+
+def _admissible(raw, problems) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"admissible: expected a mapping like {{max_ppl_ratio: 1.5}}, got {raw!r}")
+        return {}
+    out = {}
+    for k, v in raw.items():
+        if k != "max_ppl_ratio":
+            problems.append(f"admissible.{k}: unknown rule (known: max_ppl_ratio)")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1:
+            problems.append(f"admissible.max_ppl_ratio: expected a factor >= 1, got {v!r}")
+        else:
+            out[k] = float(v)
+    return out
 
 
 def _constraints(raw, problems) -> dict[str, float]:

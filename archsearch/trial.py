@@ -94,7 +94,7 @@ def combine_seeds(runs: list[RunResult], size: int, size_unit: str, cached: list
 def fit_sizes(records: list[SizeRecord]) -> ScalingFit | None:
     if len(records) < 2:
         return None
-    return fit_power_law([r.train_tokens for r in records], [r.val_ppl for r in records])
+    return fit_power_law([r.train_tokens for r in records], [r.val_ppl for r in records], ln_se=[r.val_loss_se for r in records])
 
 
 def summarize(plan: TrialPlan, records: list[SizeRecord], seconds: float, complete: bool) -> dict[str, Any]:
@@ -132,6 +132,15 @@ def resolved_precision(cfg: RunConfig, device_type: str) -> RunConfig:
     return cfg
 
 
+CAP_SETTINGS = {"phase1_max_iterations": "phase1.max_iterations", "max_epochs": "phase2.max_epochs"}
+"""The run setting behind each cap flag (archsearch.result.CAP_FLAGS; CVFP's)."""
+
+
+def retry_settings(retry: dict[str, int], capped: set[str]) -> dict[str, int]:
+    """The raised settings a space's ``capped: {retry: ...}`` gives for the caps hit."""
+    return {CAP_SETTINGS[f]: retry[CAP_SETTINGS[f]] for f in sorted(capped) if CAP_SETTINGS.get(f) in retry}
+
+
 OnSize = Callable[[SizeRecord, dict[str, Any]], bool | None]
 """on_size(size_record, partial_result) -> False to stop the trial after this size."""
 
@@ -150,38 +159,49 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     family = cfg.family_object()
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
     embedding = None
-    val_ids = torch.from_numpy(np.asarray(data.val_tokens, dtype=np.int64))
+    val_ids = torch.from_numpy(data.val_ids())
     records: list[SizeRecord] = []
     complete = True
+    retry = plan.extra.get("capped_retry") or {}
     for i, size in enumerate(sorted(plan.sizes)):
-        runs: list[RunResult] = []
-        cached: list[bool] = []
-        for seed in plan.seeds:
-            key = run_key(cfg, data.stream_fingerprint(size, plan.size_unit), seed)
-            hit = cache.get(key) if cache is not None else None
-            if hit is not None:
-                runs.append(hit)
-                cached.append(True)
-                if progress:
-                    progress("cached", size=size, size_index=i, seed=seed)
-                continue
-            if embedding is None:
-                embedding = torch.from_numpy(np.asarray(data.embedding(), dtype=np.float32))
-            train_ids = torch.from_numpy(np.asarray(data.train_stream(size, plan.size_unit), dtype=np.int64))
 
-            def relay(event, _size=size, _i=i, _seed=seed, **info):
-                if progress:
-                    progress(event, size=_size, size_index=_i, seed=_seed, **info)
+        def run_size(cfg_used: RunConfig, _size=size, _i=i) -> tuple[list[RunResult], list[bool]]:
+            nonlocal embedding
+            runs: list[RunResult] = []
+            cached: list[bool] = []
+            for seed in plan.seeds:
+                key = run_key(cfg_used, data.stream_fingerprint(_size, plan.size_unit), seed)
+                hit = cache.get(key) if cache is not None else None
+                if hit is not None:
+                    runs.append(hit)
+                    cached.append(True)
+                    if progress:
+                        progress("cached", size=_size, size_index=_i, seed=seed)
+                    continue
+                if embedding is None:
+                    embedding = torch.from_numpy(np.asarray(data.embedding(), dtype=np.float32))
+                train_ids = torch.from_numpy(data.train_ids(_size, plan.size_unit))
 
-            relay("start")
-            run = family.train(cfg.family_config, RunData(embedding, train_ids, val_ids), seed, plan.device, relay)
-            if not isinstance(run, RunResult):
-                raise TypeError(f"family {cfg.family!r}: train returned {type(run).__name__}, not an archsearch.result.RunResult")
-            if cache is not None:
-                cache.put(key, run)
-            runs.append(run)
-            cached.append(False)
+                def relay(event, _seed=seed, **info):
+                    if progress:
+                        progress(event, size=_size, size_index=_i, seed=_seed, **info)
+
+                relay("start")
+                run = family.train(cfg_used.family_config, RunData(embedding, train_ids, val_ids), seed, plan.device, relay)
+                if not isinstance(run, RunResult):
+                    raise TypeError(f"family {cfg_used.family!r}: train returned {type(run).__name__}, not an archsearch.result.RunResult")
+                if cache is not None:
+                    cache.put(key, run)
+                runs.append(run)
+                cached.append(False)
+            return runs, cached
+
+        runs, cached = run_size(cfg)
+        raised = retry_settings(retry, {f for r in runs for f in r.capped})
+        if raised:  # the space raises the caps a run hit: the size is trained again with them
+            runs, cached = run_size(cfg.replace(**raised))
         records.append(combine_seeds(runs, size, plan.size_unit, cached))
+        records[-1].retried = raised
         partial = summarize(plan, records, time.perf_counter() - t0, complete=len(records) == len(plan.sizes))
         if on_size is not None and on_size(records[-1], partial) is False and len(records) < len(plan.sizes):
             complete = False

@@ -53,3 +53,63 @@ def read_trials(db: Path, study: str):
     from archsearch.search.storage import open_storage
 
     return optuna.load_study(study_name=study, storage=open_storage(f"sqlite:///{db}", create=False)).get_trials()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, str, int]]:
+    """(pid, protocol, address, port) of every listening TCP and bound UDP socket the
+    processes hold, read from /proc (no psutil needed)."""
+    import ipaddress
+    import struct
+
+    def decode(hex_addr: str) -> tuple[str, int]:
+        host, port = hex_addr.split(":")
+        raw = bytes.fromhex(host)
+        words = struct.unpack("<" + "I" * (len(raw) // 4), raw)  # each 32-bit word is host-endian
+        packed = struct.pack(">" + "I" * len(words), *words)
+        ip = ipaddress.ip_address(packed)
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return str(ip), int(port, 16)
+
+    found = []
+    for pid in pids:
+        inodes = set()
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # gone, or not ours
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        for proto in ("tcp", "tcp6", "udp", "udp6"):
+            try:
+                lines = Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                f = line.split()
+                listening = f[3] == "0A" if proto.startswith("tcp") else True
+                if f[9] in inodes and listening:
+                    found.append((pid, proto, *decode(f[1])))
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import optuna
 import pytest
@@ -93,3 +94,175 @@ def test_report_of_a_real_study_has_every_section_and_plot(small_study):
     assert "## Summary" in optuna_dashboard.get_note(study)
     attrs = study._storage.get_study_system_attrs(study._study_id)
     assert any(k.startswith("dashboard:plot_data:archsearch-scaling") for k in attrs)
+
+
+# --------------------------------------------------------------------------- crafted cases
+
+from archsearch.report.data import ConfigResult, SizeRow  # noqa: E402
+from archsearch.report.render import markdown  # noqa: E402
+
+TOKENS = [1000, 2000, 4000, 8000]
+
+
+def cfg(name, ppl, p1=1000, se=None, capped=(), er=(0.9, 0.9, 0.9, 0.9), **kw) -> ConfigResult:
+    sizes = [SizeRow(tokens=t, ppl=p, acc=0.05, val_er=e, val_loss_se=se, capped=list(capped) if i == len(ppl) - 1 else [])
+             for i, (t, p, e) in enumerate(zip(TOKENS, ppl, er))]  # fmt: skip
+    return ConfigResult(name, {"num_layers": 2, "context_dim": 64, "num_input_tokens": 1}, p1, sizes, embed_dim=384, phase2_params=500, **kw)
+
+
+def test_best_absolute_ppl_is_given_at_its_own_size():
+    # the quickstart's case: input_tokens_2's lowest PPL was measured at 4,000 tokens, not at 8,000
+    rep = build_report([cfg("a", [4000, 2000, 1600, 1604]), cfg("b", [3000, 1800, 1545.8, 1572])])
+    assert rep.rankings["best_ppl"][0] == {"config": "b", "ppl": 1545.8, "tokens": 4000, "ppl_low": None, "ppl_high": None}
+    assert rep.recommendation[0].startswith("Best absolute PPL: b (1545.8 at 4,000 tokens)")
+    row = next(r for r in rep.summary if r.config == "b")
+    assert (row.best_ppl, row.best_tokens) == (1545.8, 4000)
+    assert "1545.8 at 4,000 tokens" in rep.conclusions[0]["reason"]
+
+
+def test_no_paragraph_is_repeated_when_the_best_ppl_config_has_the_flattest_alpha():
+    # best PPL = flattest alpha: the gap pair (steepest, best PPL) and (steepest, flattest) is one pair
+    rep = build_report([cfg("steep", [5000, 2500, 1700, 1650]), cfg("flat", [1700, 1600, 1560, 1545]), cfg("mid", [3000, 2000, 1700, 1600])])
+    assert len({(g.a, g.b) for g in rep.gaps}) == len(rep.gaps)
+    md = markdown(rep)
+    paragraphs = [p for p in md.split("\n\n") if p.strip()]
+    assert len(paragraphs) == len(set(paragraphs))
+
+
+def test_extrapolations_beyond_ten_times_the_data_carry_a_caveat():
+    small = build_report([cfg("a", [4000, 2000, 1600, 1500]), cfg("b", [3000, 1800, 1550, 1450])])
+    assert set(small.caveats) == {"1M", "10M", "target"} and "1,250×" in small.caveats["10M"]
+    md = markdown(small)
+    assert md.count("⚠ Caveat: 1M tokens is 125×") == 1 and "⚠ PPL at target: 10M tokens is 1,250×" in md
+    # sizes up to 587,970 tokens: 1M is 1.7x (no caveat), 10M is 17x (caveat)
+    big = [ConfigResult(n, {}, 1000, [SizeRow(t, p) for t, p in zip([62891, 122795, 240132, 587970], ppl)])
+           for n, ppl in (("a", [751.4, 489.8, 364.6, 249.3]), ("b", [587.0, 400.2, 329.3, 198.1]))]  # fmt: skip
+    rep = build_report(big)
+    assert set(rep.caveats) == {"10M", "target"}
+    assert "1M tokens is" not in markdown(rep)
+
+
+def test_alpha_intervals_containing_zero_and_capped_runs_are_flagged():
+    rep = build_report([
+        cfg("noisy", [1700, 1500, 1650, 1550]),                       # flat and noisy: alpha interval contains 0
+        cfg("capped", [4000, 2000, 1000, 500], capped=["phase1_max_iterations", "max_epochs"]),
+        cfg("clean", [4000, 2100, 1050, 520]),
+    ])  # fmt: skip
+    rows = {r.config: r for r in rep.summary}
+    assert "α∋0" in rows["noisy"].flags and rep.laws["noisy"].alpha_contains_zero
+    assert rows["capped"].flags == ["capped"] and rows["clean"].flags == []
+    assert "phase1_max_iterations at 1/4 sizes" in rep.flags["capped"][0] and "under-trained" in rep.flags["capped"][0]
+    # the steepest alpha and best PPL rest on capped runs: the recommendation says so
+    assert rep.rankings["best_alpha"][0]["config"] == "capped"
+    assert any(x.startswith("Caution on capped: its fit rests on runs that hit a training cap") for x in rep.recommendation)
+    # when it has the best extrapolation only, it is not recommended for more data
+    rep2 = build_report([cfg("capped", [4000, 2000, 1000, 600], capped=["max_epochs"]), cfg("flat", [800, 700, 600, 550])])
+    assert any("capped's better extrapolation is not a recommendation: its fit rests on" in x for x in rep2.recommendation)
+    md = markdown(rep)
+    assert "> ⚠ capped: its fit rests on runs that hit a training cap" in md
+    assert "| 8,000 | 500.0 | 5.0% | 90.0% | phase1_max_iterations, max_epochs |" in md
+
+
+def test_a_steep_but_bad_config_is_not_recommended_for_more_data():
+    # the issue's case: the steepest alpha belongs to a config with many times the best PPL
+    rep = build_report([cfg("good", [3000, 2000, 1700, 1500]), cfg("steep_bad", [90000, 40000, 15000, 6000]),
+                        cfg("ok", [2600, 2100, 1800, 1600])], meta={"target_tokens": 16000})  # fmt: skip
+    assert rep.rankings["best_alpha"][0]["config"] == "steep_bad"
+    line = next(x for x in rep.recommendation if x.startswith("Recommendation:"))
+    assert "steep_bad if much more data" not in line and "steep_bad's steeper alpha alone is no reason" in line
+
+
+def test_infeasible_configs_are_ranked_last_in_a_search_and_flagged():
+    bad = cfg("bad", [4000, 1500, 600, 250], infeasible="admissible.max_ppl_ratio: ...")
+    rep = build_report([bad, cfg("good", [1000, 900, 820, 760])], meta={"objectives": ["alpha"]}, top=1)
+    assert [r.config for r in rep.summary] == ["good"]
+    rep = build_report([bad, cfg("good", [1000, 900, 820, 760])])
+    assert "infeasible" in next(r for r in rep.summary if r.config == "bad").flags
+
+
+def test_per_size_standard_errors_give_intervals_and_resolve_or_not():
+    se_small, se_big = 0.001, 0.2
+    resolved = build_report([cfg("a", [4000, 2000, 1600, 1000], se=se_small), cfg("b", [3000, 1800, 1550, 1500], se=se_small)])
+    assert resolved.resolved["best_ppl"] == [{"leader": "a", "other": "b", "resolved": True}]
+    unresolved = build_report([cfg("a", [4000, 2000, 1600, 1000], se=se_big), cfg("b", [3000, 1800, 1550, 1100], se=se_big)])
+    assert unresolved.resolved["best_ppl"][0]["resolved"] is False
+    assert "not resolved against b" in unresolved.recommendation[0]
+    low, high = unresolved.configs[0].sizes[-1].ppl_interval()
+    assert low == pytest.approx(1000 * math.exp(-1.959964 * se_big), rel=1e-6) and high == pytest.approx(1000 * math.exp(1.959964 * se_big), rel=1e-6)
+    # the law's interval includes the measured errors: wider than the jackknife alone
+    plain = build_report([cfg("a", [4000, 2000, 1600, 1000]), cfg("b", [3000, 1800, 1550, 1100])])
+    assert unresolved.laws["a"].alpha_high - unresolved.laws["a"].alpha_low > plain.laws["a"].alpha_high - plain.laws["a"].alpha_low
+    assert unresolved.laws["a"].measured_se and not plain.laws["a"].measured_se
+
+
+def test_effective_rank_relation_conclusion_table_and_pareto_front():
+    configs = [cfg("hi_er", [3000, 1800, 1500, 1400], p1=2000, er=(0.9, 0.9, 0.9, 0.95)),
+               cfg("mid_er", [3100, 1900, 1600, 1500], p1=1000, er=(0.9, 0.9, 0.9, 0.85)),
+               cfg("lo_er", [3200, 2000, 1700, 1600], p1=1500, er=(0.9, 0.9, 0.9, 0.75))]  # fmt: skip
+    for c, v in zip(configs, ([5.0, 2500], [6.0, 1500], [7.0, 2000])):
+        c.values = v
+    rep = build_report(configs, meta={"objectives": ["ppl_at_10M", "total_params"], "directions": ["minimize", "minimize"]})
+    assert rep.er_relation["spearman"] == pytest.approx(-1.0)
+    assert [r["config"] for r in rep.er_relation["rows"]] == ["hi_er", "mid_er", "lo_er"]
+    crit = {c["criterion"]: c for c in rep.conclusions}
+    assert set(crit) == {"absolute PPL", "data efficiency", "PPL at 10M tokens", "cost-performance"}
+    assert crit["absolute PPL"]["config"] == "hi_er" and "PPL 1400.0 at 8,000 tokens" in crit["absolute PPL"]["reason"]
+    assert crit["cost-performance"]["config"] == "hi_er" and "100.0 PPL better than mid_er" in crit["cost-performance"]["reason"]
+    assert [p["config"] for p in rep.pareto] == ["hi_er", "mid_er"]  # lo_er is dominated by mid_er
+    assert rep.pareto[0]["ppl_target_low"] < rep.pareto[0]["ppl_target"] < rep.pareto[0]["ppl_target_high"]
+    md = markdown(rep)
+    for section in ("## Effective rank and PPL", "Spearman ρ = -1.00", "## Conclusion", "| cost-performance | hi_er |", "## Pareto front"):
+        assert section in md, section
+
+
+def test_header_names_date_versions_device_data_seeds_settings_and_times(tmp_path):
+    """A crafted study (real SQLite) with a repeat: the header from the study's run record,
+    the repeat counted and left out of the rows."""
+    from archsearch.report import study_report
+    from archsearch.report.render import markdown as md_of
+
+    study = optuna.create_study(study_name="crafted", storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.set_user_attr("objectives", ["alpha"])
+    study.set_user_attr("sampler", "tpe")
+    study.set_user_attr("data_source", "wiki")
+    study.set_user_attr("sizes", TOKENS)
+    study.set_user_attr("size_unit", "tokens")
+    study.set_user_attr("runs", [{"date": "2026-12-01 09:00 UTC", "archsearch_version": "0.1.0", "engine_version": 4,
+                                  "data_fingerprint": "abc123", "seeds": [42, 43], "settings": {"phase2.max_epochs": 4},
+                                  "seconds": 100.0, "trial_seconds": 80.0}])  # fmt: skip
+    from archsearch.result import SizeRecord
+
+    sizes = [SizeRecord(size=t, size_unit="tokens", train_tokens=t, val_tokens=2000, val_loss=math.log(p), val_loss_se=0.01,
+                        val_ppl=p, val_acc=0.05, params={"phase1": 1000, "phase2": 500, "total": 1500}, seconds=1.0,
+                        device="cpu", precision="fp32", seeds=[42], metrics={"val_er": 0.9}).to_dict()
+             for t, p in zip(TOKENS, [4000, 2000, 1600, 1500])]  # fmt: skip
+    for i, attrs in enumerate([{"config_name": "a"}, {"config_name": "a", "repeat_of": 0}]):
+        t = study.ask({"num_layers": optuna.distributions.IntDistribution(1, 3)})
+        for k, v in attrs.items():
+            t.set_user_attr(k, v)
+        t.set_user_attr("sizes", sizes)
+        t.set_user_attr("device", "cpu")
+        t.set_user_attr("wall_seconds", 40.0)
+        study.tell(t, -0.5)
+    rep = study_report(study, "sqlite:///x")
+    assert [c.name for c in rep.configs] == ["a"] and rep.meta["repeats"] == 1
+    assert rep.configs[0].sizes[0].val_er == 0.9 and rep.configs[0].sizes[0].val_loss_se == 0.01  # the SizeRecord layout
+    md = md_of(rep)
+    for text in ("| Report written | 20", "2026-12-01 09:00 UTC (100 s for the command, 80 s of it in trials)", "0.1.0 / engine 4",
+                 "| Device(s) | cpu |", "fingerprint abc123", "| Seeds | 42, 43 |", "`phase2.max_epochs=4`", "1 of these trials are repeats",
+                 "| Sizes | 1,000, 2,000, 4,000, 8,000 tokens |", "40 s in all"):  # fmt: skip
+        assert text in md, text
+
+
+def test_pareto_plot_draws_the_front_with_intervals(tmp_path):
+    from archsearch.report.render import plot_pareto
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for ppl, params in ((300.0, 2e6), (350.0, 1e6), (400.0, 3e6)):
+        t = study.ask()
+        t.set_user_attr("ppl_at_target_low", ppl * 0.8)
+        t.set_user_attr("ppl_at_target_high", ppl * 1.25)
+        study.tell(t, [ppl, params])
+    rep = build_report([], meta={"objectives": ["ppl_at_10M", "total_params"]})
+    path = plot_pareto(rep, study, tmp_path / "pareto.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

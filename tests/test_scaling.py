@@ -91,3 +91,46 @@ def test_two_sizes_fit_without_interval():
 def test_invalid_input_is_a_clear_error(tokens, ppl, message):
     with pytest.raises(FitError, match=message):
         fit_power_law(tokens, ppl)
+
+
+def test_measured_standard_errors_widen_the_interval_as_documented():
+    """Direct computation: slope and extrapolation are linear in ln PPL, so the measurement
+    variance is sum w_i^2 se_i^2; it adds to the jackknife variance under the same t."""
+    ppl = REPORT["baseline"][0]
+    se = [0.02, 0.015, 0.03, 0.01]
+    plain, fit = fit_power_law(TOKENS, ppl), fit_power_law(TOKENS, ppl, ln_se=se)
+    assert fit.alpha == plain.alpha and fit.A == plain.A
+    x = np.log(TOKENS)
+    w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+    meas = math.sqrt(sum((wi * si) ** 2 for wi, si in zip(w, se)))
+    jack = (plain.alpha - plain.alpha_low) / stats.t.ppf(0.975, 3)
+    half = stats.t.ppf(0.975, 3) * math.sqrt(jack**2 + meas**2)
+    assert fit.alpha_se_measured == pytest.approx(meas)
+    assert fit.alpha_high - fit.alpha == pytest.approx(half)
+    assert fit.alpha_low < plain.alpha_low and "standard errors" in fit.ci_method
+    # the extrapolation at 1e7 tokens: c_i = 1/n + (x0 - mean x) w_i
+    x0 = math.log(1e7)
+    c = 1 / 4 + (x0 - x.mean()) * w
+    meas_p = math.sqrt(sum((ci * si) ** 2 for ci, si in zip(c, se)))
+    ex, ex0 = fit.extrapolate(1e7), plain.extrapolate(1e7)
+    jack_p = math.log(ex0.high / ex0.ppl) / stats.t.ppf(0.975, 3)
+    assert math.log(ex.high / ex.ppl) == pytest.approx(stats.t.ppf(0.975, 3) * math.hypot(jack_p, meas_p))
+
+
+def test_measured_term_matches_a_simulation_of_the_noise():
+    """The propagated variance equals the spread of slopes refitted on noisy ln PPLs."""
+    t = np.array([1e3, 3e3, 1e4, 5e4])
+    se = np.array([0.05, 0.04, 0.03, 0.02])
+    fit = fit_power_law(t, 900 * t**-0.3, ln_se=se)
+    rng = np.random.default_rng(0)
+    y = np.log(900 * t**-0.3) + rng.normal(size=(20000, 4)) * se
+    slopes = np.polyfit(np.log(t), y.T, 1)[0]
+    assert fit.alpha_se_measured == pytest.approx(slopes.std(), rel=0.03)
+    # an exact law has no jackknife width: the interval is the measurement term alone
+    assert fit.alpha_high - fit.alpha == pytest.approx(stats.t.ppf(0.975, 3) * fit.alpha_se_measured)
+
+
+def test_missing_standard_errors_leave_the_jackknife_alone():
+    ppl = REPORT["baseline"][0]
+    fit = fit_power_law(TOKENS, ppl, ln_se=[0.02, None, 0.03, 0.01])
+    assert fit.alpha_low == fit_power_law(TOKENS, ppl).alpha_low and fit.ln_se == ()

@@ -93,3 +93,33 @@ def test_constraint_violations():
            "constraints": {"max_phase1_params": 1e6}, "data": {"source": "wiki", "sizes": {"tokens": [100, 200]}}}
     with pytest.raises(ConfigError, match="phase1_params"):
         parse_space(raw)
+
+
+def test_searches_default_to_ppl_at_target_and_grids_to_alpha():
+    data = {"source": "wiki", "sizes": {"tokens": [100, 200]}}
+    search = parse_space({"sampler": {"type": "tpe"}, "parameters": {"num_layers": [1, 2]}, "data": data})
+    assert [(o.name, o.target_tokens, o.direction) for o in search.objectives] == [("ppl_at", 1e7, "minimize")]
+    assert [o.name for o in parse_space({"sampler": "grid", "data": data}).objectives] == ["alpha"]
+    assert [o.name for o in parse_space({"data": data}).objectives] == ["alpha"]  # a grid by default
+    # alpha stays available, guarded by the admissibility rule and the capped rule
+    sp = parse_space({"sampler": "tpe", "objective": "alpha", "parameters": {"num_layers": [1, 2]}, "data": data,
+                      "admissible": {"max_ppl_ratio": 1.5}, "capped": "infeasible"})  # fmt: skip
+    assert sp.admissible == {"max_ppl_ratio": 1.5} and sp.capped == "infeasible" and sp.n_trial_constraints == 2
+
+
+def test_bad_admissibility_and_capped_rules_are_named():
+    data = {"source": "wiki", "sizes": {"tokens": [100, 200]}}
+    with pytest.raises(ConfigError) as e:
+        parse_space({"sampler": "tpe", "parameters": {"num_layers": [1, 2]}, "data": data,
+                     "admissible": {"max_ppl_ratio": 0.5, "min_acc": 1}, "capped": "retry"})  # fmt: skip
+    text = str(e.value)
+    for needle in ("admissible.max_ppl_ratio: expected a factor >= 1", "admissible.min_acc: unknown rule", "capped: expected flag, infeasible or {retry"):
+        assert needle in text, needle
+    with pytest.raises(ConfigError) as e:
+        parse_space({"data": data, "phase2": {"max_epochs": 10}, "capped": {"retry": {"phase2.max_epochs": 5, "phase1.lr": 1}}})
+    assert "capped.retry.phase2.max_epochs: expected an integer above the space's phase2.max_epochs = 10" in str(e.value)
+    assert "capped.retry.phase1.lr: only the caps can be raised" in str(e.value)
+    sp = parse_space({"data": data, "capped": {"retry": {"phase1.max_iterations": 80, "phase2.max_epochs": 20}}})
+    assert sp.capped == "retry" and sp.capped_retry == {"phase1.max_iterations": 80, "phase2.max_epochs": 20}
+    with pytest.raises(ConfigError, match="the grid sampler cannot learn constraints"):
+        parse_space({"sampler": "grid", "data": data, "admissible": {"max_ppl_ratio": 2}})

@@ -147,6 +147,7 @@ class PreparedData:
         train_tokens: np.ndarray,
         train_doc_ends: np.ndarray,
         val_tokens: np.ndarray,
+        stamps: dict[str, tuple[int, int, int] | None] | None = None,
     ):
         self.path = path
         self.meta = meta
@@ -158,6 +159,9 @@ class PreparedData:
         self.val_tokens = val_tokens  # (M,) int32
         self._embedding: np.ndarray | None = None
         self._stream_fps: dict[int, str] = {}
+        self._stamps = stamps or {name: _stamp(path / name) for name in DATA_FILES}
+        """Each file as it was verified: the token arrays are memory-mapped, so a file written
+        in place afterwards would change what a run reads (see :meth:`check_unchanged`)."""
 
     def __repr__(self) -> str:
         d = self.describe()
@@ -171,8 +175,43 @@ class PreparedData:
         if self._embedding is None:
             from safetensors.numpy import load_file
 
-            self._embedding = load_file(str(self.path / EMBEDDING))["embedding"]
+            embedding = load_file(str(self.path / EMBEDDING))["embedding"]
+            self.check_unchanged(EMBEDDING)
+            self._embedding = embedding
         return self._embedding
+
+    def check_unchanged(self, *names: str) -> None:
+        """DataCorrupted if a file was written in place since it was verified (same inode, other
+        size or modification time). A file replaced by a new one (another inode) is not a
+        change for this object: its mapping still reads the verified bytes."""
+        for name in names or DATA_FILES:
+            now = _stamp(self.path / name)
+            then = self._stamps[name]
+            if now is None or (now[0] == then[0] and now != then):
+                raise DataCorrupted(
+                    f"{self.path}: {name} was changed after its checksum was verified (it is memory-mapped, so the "
+                    "run would read other data); the next run verifies the folder again and rebuilds it"
+                )
+
+    def _ids(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """An in-memory int64 copy of token ids, checked: read from the verified file and
+        every id a row of the embedding (an id out of range would be an IndexError deep in a run)."""
+        out = np.array(ids, dtype=np.int64)
+        self.check_unchanged(name)
+        if out.size and (int(out.min()) < 0 or int(out.max()) >= self.vocab_size):
+            raise DataCorrupted(
+                f"{self.path}: {name} holds token ids {int(out.min())}..{int(out.max())}, outside the embedding's "
+                f"{self.vocab_size} rows (damaged or modified)"
+            )
+        return out
+
+    def train_ids(self, size: int, unit: str) -> np.ndarray:
+        """:meth:`train_stream` as a checked in-memory int64 copy (what a run trains on)."""
+        return self._ids(TRAIN_TOKENS, self.train_stream(size, unit))
+
+    def val_ids(self) -> np.ndarray:
+        """The validation stream as a checked in-memory int64 copy."""
+        return self._ids(VAL_TOKENS, self.val_tokens)
 
     def available(self, unit: str) -> int:
         """Training documents ("samples") or tokens ("tokens") this folder holds."""
@@ -219,6 +258,14 @@ class PreparedData:
         }
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _check_unit(unit: str) -> None:
     if unit not in UNITS:
         raise ValueError(f"unknown size unit {unit!r} (one of {', '.join(UNITS)})")
@@ -249,9 +296,11 @@ def load_prepared(path: str | Path, verify: bool = True) -> PreparedData:
     if not path.is_dir():
         raise DataUnavailable(f"no prepared data folder at {path}")
     meta = read_meta(path)
+    stamps = {}
     for name in DATA_FILES:
         record = meta["files"].get(name)
         file = path / name
+        stamps[name] = _stamp(file)  # before the check: a write during it shows as a change
         if record is None:
             raise DataCorrupted(f"{path}: {META} has no checksum for {name}")
         if not file.is_file():
@@ -282,4 +331,4 @@ def load_prepared(path: str | Path, verify: bool = True) -> PreparedData:
     )
     if not consistent:
         raise DataCorrupted(f"{path}: token arrays do not agree with the counts in {META}")
-    return PreparedData(path, meta, train, ends, val)
+    return PreparedData(path, meta, train, ends, val, stamps)

@@ -7,13 +7,15 @@ __all__ = ["ConfigResult", "Report", "SizeRow", "build_report", "compare", "publ
 
 
 def study_report(study, storage_label: str = "", top: int | None = 10) -> Report:
-    """The report of a study; searches keep their ``top`` configs by alpha in the tables."""
+    """The report of a study; searches keep their ``top`` configs by their first objective."""
     from archsearch.report.sources import from_study
 
     configs, meta = from_study(study, storage_label)
     search = meta.get("sampler") not in (None, "grid")
     keep = top if search and top is not None and len(configs) > top else None
-    meta.update(top=keep, n_configs=len(configs))
+    from archsearch.report.data import ranked_by
+
+    meta.update(top=keep, n_configs=len(configs), ranked_by=ranked_by(meta))
     return build_report(configs, title=f"Study {study.study_name}", meta=meta, top=keep)
 
 

@@ -18,6 +18,11 @@ from archsearch.scaling import ScalingFit, fit_power_law
 
 GAP_TOKENS = (1_000_000, 10_000_000)
 """Token counts at which the PPL gap between configs is stated."""
+DEFAULT_TARGET = 10_000_000
+"""Target of the PPL-at-target ranking when the study's objective names none."""
+EXTRAPOLATION_CAVEAT_FACTOR = 10
+"""A number at more than this many times the largest trained size gets a caveat."""
+Z95 = 1.959963984540054
 
 
 @dataclass
@@ -29,6 +34,17 @@ class SizeRow:
     samples: int | None = None
     train_er: float | None = None
     phase1_iterations: float | None = None
+    val_loss_se: float | None = None
+    """Standard error of ln PPL at this size (from the per-token losses; None: not measured)."""
+    capped: list[str] = field(default_factory=list)
+    """Training caps the size's runs hit (archsearch.result.CAP_FLAGS)."""
+    phase1_convergence_rate: float | None = None
+    best_epoch: float | None = None
+
+    def ppl_interval(self) -> tuple[float, float] | None:
+        if self.val_loss_se is None or not math.isfinite(self.val_loss_se):
+            return None
+        return self.ppl * math.exp(-Z95 * self.val_loss_se), self.ppl * math.exp(Z95 * self.val_loss_se)
 
 
 @dataclass
@@ -45,6 +61,17 @@ class ConfigResult:
     extra: dict[str, Any] = field(default_factory=dict)
     family: str = "cvfp"
     total_params: int | None = None
+    infeasible: str | None = None
+    """Why the study marked it infeasible (admissibility rule, capped runs); None: feasible."""
+
+    @property
+    def largest(self) -> SizeRow:
+        return max(self.sizes, key=lambda s: s.tokens)
+
+    @property
+    def best(self) -> SizeRow:
+        """The size with the lowest PPL (its own size, not the largest one)."""
+        return min(self.sizes, key=lambda s: s.ppl)
 
 
 @dataclass
@@ -61,6 +88,17 @@ class Law:
     loo_alphas: list[float] = field(default_factory=list)
     loo_intercepts: list[float] = field(default_factory=list)
     """The leave-one-out fits behind the interval (for the plots' bands)."""
+    target_tokens: float = DEFAULT_TARGET
+    ppl_target: float = math.nan
+    ppl_target_low: float = math.nan
+    ppl_target_high: float = math.nan
+    ci_method: str = ""
+    measured_se: bool = False
+    """Whether the interval includes the per-size standard errors (else the jackknife alone)."""
+
+    @property
+    def alpha_contains_zero(self) -> bool:
+        return math.isfinite(self.alpha_low) and self.alpha_low <= 0 <= self.alpha_high
 
 
 @dataclass
@@ -73,6 +111,15 @@ class SummaryRow:
     best_acc: float | None
     val_er: float | None
     """Validation ER at the size with the best PPL (the largest, normally)."""
+    best_tokens: int = 0
+    """The size at which best_ppl was measured."""
+    alpha_low: float | None = None
+    alpha_high: float | None = None
+    ppl_target: float | None = None
+    ppl_target_low: float | None = None
+    ppl_target_high: float | None = None
+    flags: list[str] = field(default_factory=list)
+    """Short flags: "α∋0", "capped", "infeasible"."""
 
 
 @dataclass
@@ -105,6 +152,17 @@ class Report:
     (empty when every config is CVFP)."""
     matched: list[dict[str, Any]] = field(default_factory=list)
     """Configs of different families at matched parameter counts, side by side."""
+    caveats: dict[str, str] = field(default_factory=dict)
+    """Per extrapolated count ("1M", "10M", "target"): why a number there is a guess."""
+    flags: dict[str, list[str]] = field(default_factory=dict)
+    """Per config: sentences on what its numbers rest on (α interval contains 0, capped runs, infeasible)."""
+    resolved: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per criterion: the leader against every other config, whether their intervals are apart."""
+    er_relation: dict[str, Any] = field(default_factory=dict)
+    conclusions: list[dict[str, str]] = field(default_factory=list)
+    """Rows of the conclusion table: criterion, config, reason (in numbers)."""
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    """Multi-objective studies: the front, each config with its values and intervals."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,12 +180,14 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def law_of(cfg: ConfigResult) -> tuple[Law, ScalingFit] | None:
+def law_of(cfg: ConfigResult, target_tokens: float = DEFAULT_TARGET) -> tuple[Law, ScalingFit] | None:
     if len(cfg.sizes) < 2:
         return None
-    fit = fit_power_law([s.tokens for s in cfg.sizes], [s.ppl for s in cfg.sizes])
+    fit = fit_power_law([s.tokens for s in cfg.sizes], [s.ppl for s in cfg.sizes], ln_se=[s.val_loss_se for s in cfg.sizes])
+    ex = fit.extrapolate(target_tokens)
     law = Law(fit.alpha, fit.A, fit.r2, fit.alpha_se, fit.alpha_low, fit.alpha_high, fit.ppl_factor_per_decade(),
-              {t: fit.predict(t) for t in GAP_TOKENS}, list(fit.loo_alphas), list(fit.loo_intercepts))  # fmt: skip
+              {t: fit.predict(t) for t in GAP_TOKENS}, list(fit.loo_alphas), list(fit.loo_intercepts),
+              float(target_tokens), ex.ppl, ex.low, ex.high, fit.ci_method, bool(fit.ln_se))  # fmt: skip
     return law, fit
 
 
@@ -144,46 +204,144 @@ def median_size(configs: Sequence[ConfigResult]) -> int:
     return sizes[(len(sizes) - 1) // 2]
 
 
+def _apart(a_low: float, a_high: float, b_low: float, b_high: float) -> bool:
+    if any(x is None or not math.isfinite(x) for x in (a_low, a_high, b_low, b_high)):
+        return False  # no interval: nothing is resolved
+    return a_high < b_low or b_high < a_low
+
+
 def intervals_overlap(a: Law, b: Law) -> bool:
-    if any(math.isnan(x) for x in (a.alpha_low, a.alpha_high, b.alpha_low, b.alpha_high)):
-        return True  # no interval (two sizes): nothing is resolved
-    return a.alpha_low <= b.alpha_high and b.alpha_low <= a.alpha_high
+    return not _apart(a.alpha_low, a.alpha_high, b.alpha_low, b.alpha_high)
+
+
+def extrapolation_caveat(tokens: float, largest: int) -> str | None:
+    """A caveat for a number at ``tokens`` when that is more than 10x the largest trained size."""
+    if largest <= 0 or tokens <= EXTRAPOLATION_CAVEAT_FACTOR * largest:
+        return None
+    return (f"{short_count(tokens)} tokens is {tokens / largest:,.0f}× the largest trained size ({largest:,} tokens): "
+            "numbers there extrapolate the fitted law far beyond the data and are no measurement")  # fmt: skip
+
+
+def fmt_ppl(v: float | None) -> str:
+    """A PPL or interval bound: one decimal, or three significant digits below 10 (an
+    extrapolated lower bound can be far below 1)."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
+def short_count(n: float) -> str:
+    return f"{n / 1e6:g}M" if n >= 1e6 else (f"{n / 1e3:g}k" if n >= 1e3 else f"{n:g}")
+
+
+def target_of(meta: dict[str, Any]) -> float:
+    """The study's ppl_at target (objective label ppl_at_10M -> 1e7), else DEFAULT_TARGET."""
+    if meta.get("target_tokens"):
+        return float(meta["target_tokens"])
+    for label in meta.get("objectives") or []:
+        if str(label).startswith("ppl_at_"):
+            text = str(label).removeprefix("ppl_at_")
+            mult = {"k": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:], 1.0)
+            try:
+                return float(text.rstrip("kMB")) * mult
+            except ValueError:
+                pass
+    return DEFAULT_TARGET
+
+
+def ranked_by(meta: dict[str, Any]) -> str:
+    """What a search's top configs are chosen by: its first objective where the report knows it."""
+    first = str((meta.get("objectives") or ["alpha"])[0])
+    return "ppl_at" if first.startswith("ppl_at") else ("final_ppl" if first == "final_ppl" else "alpha")
+
+
+def _flags(c: ConfigResult, law: Law | None) -> tuple[list[str], list[str]]:
+    """(short flags, sentences) for one config."""
+    short, text = [], []
+    if c.infeasible:
+        short.append("infeasible")
+        text.append(f"marked infeasible by the study: {c.infeasible}")
+    capped = [s for s in c.sizes if s.capped]
+    if capped:
+        short.append("capped")
+        kinds = sorted({f for s in capped for f in s.capped})
+        per = "; ".join(f"{k} at {sum(1 for s in c.sizes if k in s.capped)}/{len(c.sizes)} sizes" for k in kinds)
+        text.append(f"its fit rests on runs that hit a training cap while still improving ({per}: "
+                    f"{', '.join(f'{s.tokens:,}' for s in capped)} tokens); its α and extrapolations flatter an under-trained model")  # fmt: skip
+    if law is not None and law.alpha_contains_zero:
+        short.append("α∋0")
+        text.append(f"its α interval [{law.alpha_low:.4f}, {law.alpha_high:.4f}] contains 0: these sizes do not show its PPL falling with data")
+    return short, text
+
+
+def _sort_key(c: ConfigResult, laws: dict[str, Law], by: str) -> tuple:
+    law = laws.get(c.name)
+    if by == "ppl_at":
+        v = law.ppl_target if law else math.inf
+    elif by == "final_ppl":
+        v = c.largest.ppl
+    else:
+        v = law.alpha if law else math.inf
+    return (c.infeasible is not None, v if math.isfinite(v) else math.inf)
 
 
 def build_report(configs: Sequence[ConfigResult], title: str = "Architecture comparison", meta: dict | None = None,
                  top: int | None = None, direction: str = "minimize") -> Report:  # fmt: skip
-    """Every number of the report. ``top`` keeps the best ``top`` configs by alpha (searches)."""
+    """Every number of the report. ``top`` keeps the best ``top`` configs (searches) by the
+    study's first objective (PPL at target, final PPL or alpha), feasible ones first."""
+    meta = dict(meta or {})
+    target = target_of(meta)
     configs = [c for c in configs if c.sizes]
-    fits = {c.name: law_of(c) for c in configs}
+    fits = {c.name: law_of(c, target) for c in configs}
     laws = {n: lf[0] for n, lf in fits.items() if lf is not None}
+    by = ranked_by(meta)
     if top is not None:
-        ranked = sorted(configs, key=lambda c: laws[c.name].alpha if c.name in laws else math.inf)
-        configs = ranked[:top]
+        configs = sorted(configs, key=lambda c: _sort_key(c, laws, by))[:top]
         laws = {c.name: laws[c.name] for c in configs if c.name in laws}
+    flags: dict[str, list[str]] = {}
     summary = []
     for c in configs:
-        best = min(c.sizes, key=lambda s: s.ppl)
+        best = c.best
         law = laws.get(c.name)
+        short, text = _flags(c, law)
+        if text:
+            flags[c.name] = text
         summary.append(SummaryRow(c.name, c.phase1_params, law.alpha if law else None, law.r2 if law else None, best.ppl,
-                                  max((s.acc for s in c.sizes if s.acc is not None), default=None), best.val_er))  # fmt: skip
+                                  max((s.acc for s in c.sizes if s.acc is not None), default=None), best.val_er, best.tokens,
+                                  law.alpha_low if law else None, law.alpha_high if law else None,
+                                  law.ppl_target if law else None, law.ppl_target_low if law else None,
+                                  law.ppl_target_high if law else None, short))  # fmt: skip
     settings = [{"config": c.name, **{k: c.params.get(k) for k in ("num_layers", "context_dim", "num_input_tokens")},
                  "embed_dim": c.embed_dim, **{k: v for k, v in c.params.items() if "." in k}} for c in configs]  # fmt: skip
 
     with_law = [c for c in configs if c.name in laws]
     by_alpha = sorted(with_law, key=lambda c: laws[c.name].alpha)
-    by_ppl = sorted(configs, key=lambda c: min(s.ppl for s in c.sizes))
+    by_ppl = sorted(configs, key=lambda c: c.best.ppl)
+    by_target = sorted(with_law, key=lambda c: laws[c.name].ppl_target)
     rankings: dict[str, list[dict[str, Any]]] = {
-        "best_ppl": [{"config": c.name, "ppl": min(s.ppl for s in c.sizes)} for c in by_ppl],
+        "best_ppl": [{"config": c.name, "ppl": c.best.ppl, "tokens": c.best.tokens,
+                      "ppl_low": (c.best.ppl_interval() or (None, None))[0], "ppl_high": (c.best.ppl_interval() or (None, None))[1]}
+                     for c in by_ppl],  # fmt: skip
         "best_alpha": [{"config": c.name, "alpha": laws[c.name].alpha, "alpha_low": laws[c.name].alpha_low,
                         "alpha_high": laws[c.name].alpha_high} for c in by_alpha],  # fmt: skip
+        "ppl_at_target": [{"config": c.name, "target_tokens": target, "ppl": laws[c.name].ppl_target,
+                           "low": laws[c.name].ppl_target_low, "high": laws[c.name].ppl_target_high} for c in by_target],  # fmt: skip
     }
     rankings["ppl_per_parameter"] = _ppl_per_parameter(configs)
+
+    largest = max((s.tokens for c in configs for s in c.sizes), default=0)
+    caveats = {}
+    for t in GAP_TOKENS:
+        if (text := extrapolation_caveat(t, largest)) is not None:
+            caveats[short_count(t)] = text
+    if (text := extrapolation_caveat(target, largest)) is not None:
+        caveats["target"] = text
 
     anchor = median_size(configs) if configs else 1
     gaps = []
     if len(by_alpha) >= 2:
         pairs = [(by_alpha[0], by_alpha[-1])]
-        if by_ppl and by_ppl[0].name in laws and by_ppl[0].name != by_alpha[0].name:
+        if by_ppl and by_ppl[0].name in laws and by_ppl[0].name not in (by_alpha[0].name, by_alpha[-1].name):
             pairs.insert(0, (by_alpha[0], by_ppl[0]))
         for a, b in pairs:
             la, lb = laws[a.name], laws[b.name]
@@ -192,10 +350,129 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
                             {t: alpha_gap(la.alpha, lb.alpha, t, anchor) for t in GAP_TOKENS}, anchor))  # fmt: skip
 
     overlaps = [(a.name, b.name) for i, a in enumerate(by_alpha) for b in by_alpha[i + 1 :] if intervals_overlap(laws[a.name], laws[b.name])]
-    recommendation = _recommend(by_ppl, by_alpha, laws, overlaps, rankings)
+    resolved = _resolved(by_ppl, by_alpha, by_target, laws)
+    er = _er_relation(configs)
+    conclusions = _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, caveats)
+    recommendation = _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, target, flags)
+    pareto = _pareto(configs, laws, meta)
     families, matched = family_tables(configs, laws)
-    return Report(title, summary, settings, list(configs), laws, gaps, rankings, recommendation, overlaps, dict(meta or {}),
-                  families, matched)  # fmt: skip
+    return Report(title, summary, settings, list(configs), laws, gaps, rankings, recommendation, overlaps, meta,
+                  families=families, matched=matched, caveats=caveats, flags=flags, resolved=resolved, er_relation=er,
+                  conclusions=conclusions, pareto=pareto)  # fmt: skip
+
+
+def _resolved(by_ppl, by_alpha, by_target, laws) -> dict[str, list[dict[str, Any]]]:
+    """The leader of each criterion against every other config: are their intervals apart?
+    Best PPL: the per-size standard errors (at each config's own best size); α and PPL at
+    target: the fits' intervals."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    lead = by_ppl[0].best.ppl_interval() if by_ppl else None
+    if len(by_ppl) >= 2 and lead is not None:  # older studies recorded no standard errors
+        out["best_ppl"] = [{"leader": by_ppl[0].name, "other": c.name,
+                            "resolved": bool((iv := c.best.ppl_interval()) and _apart(*lead, *iv))} for c in by_ppl[1:]]  # fmt: skip
+    for key, ranked, lo, hi in (("best_alpha", by_alpha, "alpha_low", "alpha_high"), ("ppl_at_target", by_target, "ppl_target_low", "ppl_target_high")):
+        if len(ranked) >= 2:
+            la = laws[ranked[0].name]
+            out[key] = [{"leader": ranked[0].name, "other": c.name,
+                         "resolved": _apart(getattr(la, lo), getattr(la, hi), getattr(laws[c.name], lo), getattr(laws[c.name], hi))}
+                        for c in ranked[1:]]  # fmt: skip
+    return out
+
+
+def _resolved_text(rows: list[dict[str, Any]]) -> str:
+    apart = [r["other"] for r in rows if r["resolved"]]
+    close = [r["other"] for r in rows if not r["resolved"]]
+    parts = []
+    if apart:
+        parts.append(f"resolved against {', '.join(apart)}")
+    if close:
+        parts.append(f"not resolved against {', '.join(close)} (intervals overlap)")
+    return "; ".join(parts)
+
+
+def _er_relation(configs: Sequence[ConfigResult]) -> dict[str, Any]:
+    """Validation ER against PPL at each config's largest size, as in the published report's
+    "Effective Rank" finding; Spearman's rank correlation with three configs or more."""
+    rows = [{"config": c.name, "val_er": c.largest.val_er, "ppl": c.largest.ppl, "tokens": c.largest.tokens}
+            for c in configs if c.largest.val_er is not None]  # fmt: skip
+    rows.sort(key=lambda r: -r["val_er"])
+    out: dict[str, Any] = {"rows": rows, "spearman": None}
+    if len(rows) >= 3 and len({r["val_er"] for r in rows}) > 1 and len({r["ppl"] for r in rows}) > 1:
+        from scipy import stats
+
+        out["spearman"] = float(stats.spearmanr([r["val_er"] for r in rows], [r["ppl"] for r in rows]).statistic)
+    return out
+
+
+def _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, caveats) -> list[dict[str, str]]:
+    rows = []
+    if by_ppl:
+        b = by_ppl[0]
+        reason = f"PPL {b.best.ppl:.1f} at {b.best.tokens:,} tokens (lowest)"
+        if b.best.acc is not None:
+            reason += f", accuracy {100 * b.best.acc:.1f}%"
+        if len(by_ppl) > 1:
+            nxt = by_ppl[1]
+            reason += f"; next {nxt.name} {nxt.best.ppl:.1f} ({100 * (nxt.best.ppl / b.best.ppl - 1):+.1f}%)"
+            if resolved.get("best_ppl"):
+                reason += ", resolved" if resolved["best_ppl"][0]["resolved"] else ", not resolved by the per-size standard errors"
+        rows.append({"criterion": "absolute PPL", "config": b.name, "reason": reason})
+    if by_alpha:
+        a = by_alpha[0]
+        la = laws[a.name]
+        reason = f"α = {la.alpha:.4f} [{la.alpha_low:.4f}, {la.alpha_high:.4f}] (most negative)"
+        if resolved.get("best_alpha"):
+            n_close = sum(1 for r in resolved["best_alpha"] if not r["resolved"])
+            reason += f"; overlaps {n_close} of {len(resolved['best_alpha'])} others" if n_close else "; apart from every other"
+        rows.append({"criterion": "data efficiency", "config": a.name, "reason": reason})
+    if by_target:
+        t = by_target[0]
+        lt = laws[t.name]
+        reason = f"PPL {fmt_ppl(lt.ppl_target)} [{fmt_ppl(lt.ppl_target_low)}, {fmt_ppl(lt.ppl_target_high)}] at {short_count(target)} tokens by its law"
+        if resolved.get("ppl_at_target"):
+            n_close = sum(1 for r in resolved["ppl_at_target"] if not r["resolved"])
+            reason += f"; overlaps {n_close} of {len(resolved['ppl_at_target'])} others" if n_close else "; apart from every other"
+        if "target" in caveats:
+            reason += f" (extrapolated {target / max(s.tokens for s in t.sizes):,.0f}× beyond the data)"
+        rows.append({"criterion": f"PPL at {short_count(target)} tokens", "config": t.name, "reason": reason})
+    if rankings.get("ppl_per_parameter"):
+        r = rankings["ppl_per_parameter"][0]
+        if r["ppl_gain"] > 0:
+            rows.append({"criterion": "cost-performance", "config": r["config"],
+                         "reason": f"{r['ppl_gain']:.1f} PPL better than {r['reference']} for {_params_text(r['extra_mparams'])} more phase-1 "
+                                   f"parameters ({r['ppl_gain_per_extra_mparam']:+.2f} PPL per extra million)"})  # fmt: skip
+        else:
+            rows.append({"criterion": "cost-performance", "config": r["reference"],
+                         "reason": f"the smallest config: no larger one beats its PPL ({r['config']} is {-r['ppl_gain']:.1f} PPL worse)"})  # fmt: skip
+    return rows
+
+
+def _params_text(mparams: float) -> str:
+    return f"{mparams:.2f}M" if mparams >= 1 else f"{1000 * mparams:.1f}k"
+
+
+def _pareto(configs: Sequence[ConfigResult], laws: dict[str, Law], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The non-dominated feasible configs of a multi-objective study, by their recorded values."""
+    directions = meta.get("directions") or []
+    if len(directions) < 2:
+        return []
+    pts = [c for c in configs if c.values and len(c.values) == len(directions) and c.infeasible is None]
+    sign = [1 if d == "minimize" else -1 for d in directions]
+
+    def dominates(a, b) -> bool:
+        va, vb = [s * v for s, v in zip(sign, a.values)], [s * v for s, v in zip(sign, b.values)]
+        return all(x <= y for x, y in zip(va, vb)) and any(x < y for x, y in zip(va, vb))
+
+    front = [c for c in pts if not any(dominates(o, c) for o in pts if o is not c)]
+    front.sort(key=lambda c: c.values[0])
+    out = []
+    for c in front:
+        law = laws.get(c.name)
+        out.append({"config": c.name, "values": dict(zip(meta.get("objectives") or [], c.values)),
+                    "ppl_target": law.ppl_target if law else None, "ppl_target_low": law.ppl_target_low if law else None,
+                    "ppl_target_high": law.ppl_target_high if law else None, "alpha_low": law.alpha_low if law else None,
+                    "alpha_high": law.alpha_high if law else None, "total_params": c.total_params})  # fmt: skip
+    return out
 
 
 MATCH_TOLERANCE = 0.05
@@ -246,25 +523,28 @@ def _ppl_per_parameter(configs: Sequence[ConfigResult]) -> list[dict[str, Any]]:
     counted = [c for c in configs if c.phase1_params]
     if len(counted) < 2:
         return []
-    ref = min(counted, key=lambda c: (c.phase1_params, min(s.ppl for s in c.sizes)))
-    ref_ppl = min(s.ppl for s in ref.sizes)
+    ref = min(counted, key=lambda c: (c.phase1_params, c.best.ppl))
+    ref_ppl = ref.best.ppl
     rows = []
     for c in counted:
         if c is ref:
             continue
         extra = (c.phase1_params - ref.phase1_params) / 1e6
-        gain = ref_ppl - min(s.ppl for s in c.sizes)
+        gain = ref_ppl - c.best.ppl
         rows.append({"config": c.name, "ppl_gain_per_extra_mparam": gain / extra if extra > 0 else (math.inf if gain > 0 else -math.inf),
                      "extra_mparams": extra, "ppl_gain": gain, "reference": ref.name})  # fmt: skip
     rows.sort(key=lambda r: -r["ppl_gain_per_extra_mparam"])
     return rows
 
 
-def _recommend(by_ppl, by_alpha, laws, overlaps, rankings) -> list[str]:
+def _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, target, flags) -> list[str]:
     out = []
     if by_ppl:
         b = by_ppl[0]
-        out.append(f"Best absolute PPL: {b.name} ({min(s.ppl for s in b.sizes):.1f} at {max(s.tokens for s in b.sizes):,} tokens).")
+        text = f"Best absolute PPL: {b.name} ({b.best.ppl:.1f} at {b.best.tokens:,} tokens)."
+        if resolved.get("best_ppl"):
+            text += f" Against the per-size standard errors it is {_resolved_text(resolved['best_ppl'])}."
+        out.append(text)
     if by_alpha:
         a = by_alpha[0]
         la = laws[a.name]
@@ -275,17 +555,51 @@ def _recommend(by_ppl, by_alpha, laws, overlaps, rankings) -> list[str]:
         else:
             text += " Its interval overlaps no other config's."
         out.append(text)
+    if by_target:
+        t = by_target[0]
+        lt = laws[t.name]
+        text = (f"Best PPL at {short_count(target)} tokens (extrapolated): {t.name} ({fmt_ppl(lt.ppl_target)}, 95% interval "
+                f"[{fmt_ppl(lt.ppl_target_low)}, {fmt_ppl(lt.ppl_target_high)}]).")  # fmt: skip
+        if resolved.get("ppl_at_target"):
+            text += f" It is {_resolved_text(resolved['ppl_at_target'])}."
+        out.append(text)
     if rankings.get("ppl_per_parameter"):
         r = rankings["ppl_per_parameter"][0]
         if r["ppl_gain"] > 0:
-            extra = f"{r['extra_mparams']:.2f}M" if r["extra_mparams"] >= 1 else f"{1000 * r['extra_mparams']:.1f}k"
-            out.append(f"Best PPL per parameter: {r['config']} ({r['ppl_gain']:.1f} PPL better than {r['reference']} for {extra} more phase-1 parameters).")
-    if by_ppl and by_alpha:
+            out.append(f"Best PPL per parameter: {r['config']} ({r['ppl_gain']:.1f} PPL better than {r['reference']} for {_params_text(r['extra_mparams'])} more phase-1 parameters).")
+    if by_ppl and by_target:
+        # "with more data": the PPL extrapolated to the target, which weighs the level with the
+        # slope; alpha alone rewards a config that is bad but falls steeply
+        p, t = by_ppl[0], by_target[0]
+        if p.name == t.name:
+            text = f"Recommendation: {p.name}, best both at the sizes measured and extrapolated to {short_count(target)} tokens"
+        else:
+            text = f"Recommendation: {p.name} at the data sizes measured"
+            if t.name in flags:
+                text += f"; {t.name}'s better extrapolation is not a recommendation: {flags[t.name][0]}"
+            else:
+                rows = resolved.get("ppl_at_target") or []
+                apart = any(r["other"] == p.name and r["resolved"] for r in rows)
+                text += (f"; {t.name} if much more data is expected (PPL at {short_count(target)} tokens {fmt_ppl(laws[t.name].ppl_target)} "
+                         f"against {fmt_ppl(laws[p.name].ppl_target) if p.name in laws else '-'}), to be confirmed at larger sizes since "
+                         + ("their intervals are apart" if apart else "their intervals overlap"))  # fmt: skip
+        if by_alpha and by_alpha[0].name not in (p.name, t.name):
+            text += f"; {by_alpha[0].name}'s steeper alpha alone is no reason (its PPL at {by_alpha[0].best.tokens:,} tokens is {by_alpha[0].best.ppl:.1f})"
+        out.append(text + ".")
+    elif by_ppl and by_alpha:
         if by_ppl[0].name == by_alpha[0].name:
             out.append(f"Recommendation: {by_ppl[0].name}, best both in PPL and in alpha.")
         else:
-            out.append(f"Recommendation: {by_ppl[0].name} at the data sizes measured; {by_alpha[0].name} if much more data is expected, "
-                       "to be confirmed at larger sizes since the alpha intervals " + ("overlap." if overlaps else "are apart."))  # fmt: skip
+            text = f"Recommendation: {by_ppl[0].name} at the data sizes measured"
+            a = by_alpha[0]
+            if a.name in flags:
+                text += f"; {a.name}'s steeper alpha is not a recommendation: {flags[a.name][0]}"
+            else:
+                text += f"; {a.name} if much more data is expected, to be confirmed at larger sizes since the alpha intervals " + ("overlap" if overlaps else "are apart")
+            out.append(text + ".")
+    flagged = [n for n in flags if n in {c.name for c in by_ppl[:1] + by_alpha[:1] + by_target[:1]}]
+    for n in flagged:
+        out.append(f"Caution on {n}: " + "; ".join(flags[n]) + ".")
     return out
 
 

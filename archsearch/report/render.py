@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from archsearch.report.data import GAP_TOKENS, Report, compare
-from archsearch.report.plots import ScalingSeries, _figure, plot_scaling, save
+from archsearch.report.data import GAP_TOKENS, Report, compare, fmt_ppl, short_count
+from archsearch.report.plots import ScalingSeries, _figure, band, plot_scaling, save
 
 
 def _f(v: Any, spec: str = ".4f", pct: bool = False) -> str:
@@ -36,31 +36,40 @@ def _short(count: int) -> str:
     return f"{count / 1e6:g}M" if count >= 1e6 else f"{count / 1e3:g}k"
 
 
+def header(rep: Report) -> list[str]:
+    """What a reader needs to reproduce or weigh the numbers: when, with what, on what, how long."""
+    m = rep.meta
+    if m.get("kind") != "study":
+        return [f"Source: {m['source']}", ""] if m.get("source") else []
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(m.get("trial_counts", {}).items()))
+    if m.get("repeats"):
+        counts += f"; {m['repeats']} of these trials are repeats of configs already evaluated, answered from the study and left out below"
+    runs = m.get("runs") or []
+    last = runs[-1] if runs else {}
+    settings = last.get("settings") or {}
+    rows = [
+        ("Report written", m.get("report_date") or "-"),
+        ("Study", f"`{m['study']}` ({m.get('storage', '')}): {counts}"),
+        ("Sampler, objective", f"{m.get('sampler')}; " + ", ".join(f"{o} ({d})" for o, d in zip(m.get("objectives", []), m.get("directions", [])))),
+        ("Runs", "; ".join(f"{r.get('date', '-')} ({r.get('seconds', 0):.0f} s for the command, {r.get('trial_seconds', 0):.0f} s of it in trials)" for r in runs) or "-"),
+        ("archsearch / engine", f"{last.get('archsearch_version', '-')} / engine {last.get('engine_version', '-')}"),
+        ("Device(s)", ", ".join(m.get("devices") or ["-"])),
+        ("Data", f"{m.get('data_source')}, fingerprint {last.get('data_fingerprint', '-')}"),
+        ("Sizes", f"{', '.join(f'{s:,}' for s in m.get('sizes') or [])} {m.get('size_unit', '')}"),
+        ("Seeds", ", ".join(str(x) for x in last.get("seeds") or []) or "-"),
+        ("Settings other than the defaults", ", ".join(f"`{k}={v}`" for k, v in settings.items()) or ("none" if runs else "-")),
+        ("Trial time", f"{m.get('wall_seconds', 0):.0f} s in all (sum over the reported trials)"),
+    ]
+    return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+
+
 def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compare_label: str = "", plots: list[str] = ()) -> str:
     m = rep.meta
-    out = [f"# {rep.title}", ""]
-    if m.get("kind") == "study":
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(m.get("trial_counts", {}).items()))
-        out += [
-            f"Study `{m['study']}` ({m.get('storage', '')}): {counts}. Sampler {m.get('sampler')}, objective "
-            f"{', '.join(f'{o} ({d})' for o, d in zip(m.get('objectives', []), m.get('directions', [])))}. "
-            f"Data: {m.get('data_source')}, sizes {', '.join(f'{s:,}' for s in m.get('sizes') or [])} {m.get('size_unit', '')}. "
-            f"Device: {', '.join(m.get('devices') or ['-'])}; {m.get('wall_seconds', 0):.0f} s of trial time in all.",
-            "",
-        ]
-    elif m.get("source"):
-        out += [f"Source: {m['source']}", ""]
+    out = [f"# {rep.title}", ""] + header(rep)
     if m.get("top"):
-        out += [f"A search: the tables show the {len(rep.summary)} best configs by alpha (of {m.get('n_configs')}).", ""]
+        out += [f"A search: the tables show the {len(rep.summary)} best configs by {m.get('ranked_by', 'alpha')} (of {m.get('n_configs')}).", ""]
 
-    out += ["## Summary", "", "| Config | Phase1 Params | α (slope) | R² | Best PPL | Best Acc | Val ER |", "|---|---|---|---|---|---|---|"]
-    best_alpha = min((r.alpha for r in rep.summary if r.alpha is not None), default=None)
-    best_ppl = min((r.best_ppl for r in rep.summary), default=None)
-    for r in rep.summary:
-        a = _f(r.alpha)
-        p = f"{r.best_ppl:.1f}"
-        out.append(f"| {r.config} | {_m(r.phase1_params)} | {'**' + a + '**' if r.alpha == best_alpha else a} | {_f(r.r2)} | "
-                   f"{'**' + p + '**' if r.best_ppl == best_ppl else p} | {_f(r.best_acc, pct=True)} | {_f(r.val_er, pct=True)} |")  # fmt: skip
+    out += summary_table(rep)
     out += _family_section(rep)
     out += ["", "## Settings", ""]
     keys = [k for k in rep.settings[0] if k != "config"] if rep.settings else []
@@ -75,16 +84,23 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
         shape = f" ({p.get('num_layers')} layers / {p.get('context_dim')} dim / {k} token{'s' if k != 1 else ''})" if p.get("num_layers") else ""
         out += [f"### {i}. {c.name}{shape}", ""]
         samples = any(s.samples is not None for s in c.sizes)
-        head = ("| Samples " if samples else "") + "| Tokens | Val PPL | Val Acc | Val ER |"
+        se = any(s.val_loss_se is not None for s in c.sizes)
+        head = ("| Samples " if samples else "") + "| Tokens | Val PPL |" + (" 95% (per-token s.e.) |" if se else "") + " Val Acc | Val ER | Capped |"
         out += [head, "|---" * (head.count("|") - 1) + "|"]
         for s in c.sizes:
-            out.append((f"| {s.samples} " if samples else "") + f"| {s.tokens:,} | {s.ppl:.1f} | {_f(s.acc, pct=True)} | {_f(s.val_er, pct=True)} |")
+            iv = s.ppl_interval()
+            out.append((f"| {s.samples} " if samples else "") + f"| {s.tokens:,} | {s.ppl:.1f} |" + (f" {iv[0]:.1f}–{iv[1]:.1f} |" if iv else (" - |" if se else ""))
+                       + f" {_f(s.acc, pct=True)} | {_f(s.val_er, pct=True)} | {', '.join(s.capped) or '-'} |")  # fmt: skip
         law = rep.laws.get(c.name)
         if law:
+            how = "jackknife over sizes with the per-size standard errors" if law.measured_se else "jackknife over sizes"
             out += ["", f"**Scaling law**: PPL = {law.A:.4g} × tokens^{law.alpha:.4f}, α = {law.alpha:.4f} "
-                        f"(95% interval [{_f(law.alpha_low)}, {_f(law.alpha_high)}], jackknife over sizes; s.e. {_f(law.alpha_se)}), R² = {law.r2:.4f}", ""]  # fmt: skip
+                        f"(95% interval [{_f(law.alpha_low)}, {_f(law.alpha_high)}], {how}; s.e. {_f(law.alpha_se)}), R² = {law.r2:.4f}; "
+                        f"PPL at {short_count(law.target_tokens)} tokens {fmt_ppl(law.ppl_target)} [{fmt_ppl(law.ppl_target_low)}, {fmt_ppl(law.ppl_target_high)}]", ""]  # fmt: skip
         else:
             out.append("")
+        for flag in rep.flags.get(c.name, []):
+            out += [f"> ⚠ {c.name}: {flag}.", ""]
 
     out += ["## What α means", "", "Scaling law: `PPL = A × tokens^α`; 10× more tokens multiplies PPL by 10^α.", ""]
     for name, law in sorted(rep.laws.items(), key=lambda kv: kv[1].alpha):
@@ -96,19 +112,51 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
         out += ["", f"**{g.a} vs {g.b}** (Δα = {g.d_alpha:+.4f}): their fitted laws put {g.a}'s PPL {fitted} relative to {g.b}'s. "
                     f"The slope difference alone, from equal PPL at {g.anchor_tokens:,} tokens (the median size), opens a gap of {alone}; "
                     "the gap grows with data."]  # fmt: skip
+    far = [rep.caveats[short_count(t)] for t in GAP_TOKENS if short_count(t) in rep.caveats]
+    if far:
+        out += [""] + [f"> ⚠ Caveat: {c}." for c in far]
 
     out += ["", "## Rankings", ""]
     r = rep.rankings
     if r.get("best_ppl"):
-        out.append("- Best absolute PPL: " + ", ".join(f"{x['config']} ({x['ppl']:.1f})" for x in r["best_ppl"]))
+        out.append("- Best absolute PPL (at its own size): " + ", ".join(f"{x['config']} ({x['ppl']:.1f} at {x['tokens']:,})" for x in r["best_ppl"]))
     if r.get("best_alpha"):
-        out.append("- Best α: " + ", ".join(f"{x['config']} ({x['alpha']:.4f})" for x in r["best_alpha"]))
+        out.append("- Best α (95% interval): " + ", ".join(f"{x['config']} ({x['alpha']:.4f} [{_f(x['alpha_low'])}, {_f(x['alpha_high'])}])" for x in r["best_alpha"]))
+    if r.get("ppl_at_target"):
+        t = r["ppl_at_target"][0]["target_tokens"]
+        out.append(f"- Best PPL at {short_count(t)} tokens by the fitted law (95% interval): "
+                   + ", ".join(f"{x['config']} ({fmt_ppl(x['ppl'])} [{fmt_ppl(x['low'])}, {fmt_ppl(x['high'])}])" for x in r["ppl_at_target"]))  # fmt: skip
+        if "target" in rep.caveats:
+            out.append(f"  ⚠ Caveat: {rep.caveats['target']}.")
     if r.get("ppl_per_parameter"):
         ref = r["ppl_per_parameter"][0]["reference"]
         out.append(f"- Best PPL per parameter (PPL gained per extra million phase-1 parameters over {ref}): "
                    + ", ".join(f"{x['config']} ({x['ppl_gain_per_extra_mparam']:+.2f})" for x in r["ppl_per_parameter"]))  # fmt: skip
     if rep.overlaps:
         out.append("- Overlapping α intervals: " + ", ".join(f"{a} / {b}" for a, b in rep.overlaps))
+    labels = {"best_ppl": "Best PPL (per-size standard errors)", "best_alpha": "Best α", "ppl_at_target": "Best PPL at target"}
+    for key, rows in rep.resolved.items():
+        apart = [x["other"] for x in rows if x["resolved"]]
+        close = [x["other"] for x in rows if not x["resolved"]]
+        out.append(f"- {labels[key]}, {rows[0]['leader']}: resolved against {', '.join(apart) or 'none'}; not resolved against {', '.join(close) or 'none'}")
+    if rep.pareto:
+        out += ["", "## Pareto front", "", "| Config | " + " | ".join(rep.pareto[0]["values"]) + " | PPL at target 95% | Total params |",
+                "|---" * (len(rep.pareto[0]["values"]) + 3) + "|"]  # fmt: skip
+        for p in rep.pareto:
+            out.append(f"| {p['config']} | " + " | ".join(_f(v, '.4g') for v in p["values"].values())
+                       + f" | {fmt_ppl(p['ppl_target_low'])}–{fmt_ppl(p['ppl_target_high'])} | {_m(p['total_params'])} |")  # fmt: skip
+    er = rep.er_relation
+    if er.get("rows"):
+        out += ["", "## Effective rank and PPL", ""]
+        if er.get("spearman") is not None:
+            rho = er["spearman"]
+            trend = "higher ER goes with lower PPL" if rho < 0 else "higher ER goes with higher PPL"
+            out.append(f"Validation ER against PPL at each config's largest size: Spearman ρ = {rho:+.2f} over {len(er['rows'])} configs ({trend}).")
+            out.append("")
+        out += [f"- {x['config']}: ER {100 * x['val_er']:.1f}% → PPL {x['ppl']:.1f} at {x['tokens']:,} tokens" for x in er["rows"]]
+    if rep.conclusions:
+        out += ["", "## Conclusion", "", "| Criterion | Best config | Why (numbers) |", "|---|---|---|"]
+        out += [f"| {c['criterion']} | {c['config']} | {c['reason']} |" for c in rep.conclusions]
     out += ["", "## Recommendation", ""] + [f"- {x}" for x in rep.recommendation]
 
     if comparison is not None and not comparison:
@@ -147,6 +195,27 @@ def _family_section(rep: Report) -> list[str]:
                        f"{a['best_ppl']:.1f} | {b['config']} | {_f(b['alpha'])} [{_f(b['alpha_low'])}, {_f(b['alpha_high'])}] | {b['best_ppl']:.1f} | "
                        f"{_f(m['d_alpha'], '+.4f')} | {m['ppl_ratio']:.3f} | {overlap} |")  # fmt: skip
     return out
+
+
+def summary_table(rep: Report) -> list[str]:
+    out = ["## Summary", "", "| Config | Phase1 Params | α (slope) | α 95% | R² | Best PPL | at tokens | Best Acc | Val ER | PPL at target 95% | Flags |",
+           "|---" * 11 + "|"]  # fmt: skip
+    best_alpha = min((r.alpha for r in rep.summary if r.alpha is not None), default=None)
+    best_ppl = min((r.best_ppl for r in rep.summary), default=None)
+    for r in rep.summary:
+        a = _f(r.alpha)
+        p = f"{r.best_ppl:.1f}"
+        target = "-" if r.ppl_target is None else f"{fmt_ppl(r.ppl_target)} [{fmt_ppl(r.ppl_target_low)}, {fmt_ppl(r.ppl_target_high)}]"
+        out.append(f"| {r.config} | {_m(r.phase1_params)} | {'**' + a + '**' if r.alpha == best_alpha else a} | "
+                   f"{'-' if r.alpha_low is None else f'[{_f(r.alpha_low)}, {_f(r.alpha_high)}]'} | {_f(r.r2)} | "
+                   f"{'**' + p + '**' if r.best_ppl == best_ppl else p} | {r.best_tokens:,} | {_f(r.best_acc, pct=True)} | {_f(r.val_er, pct=True)} | "
+                   f"{target} | {', '.join(r.flags) or '-'} |")  # fmt: skip
+    if any(r.flags for r in rep.summary):
+        out += ["", "Flags: `α∋0` the α interval contains 0; `capped` the fit rests on runs that hit a training cap; "
+                    "`infeasible` the study's admissibility or capped rule rejected it."]  # fmt: skip
+    if "target" in rep.caveats:
+        out += ["", f"⚠ PPL at target: {rep.caveats['target']}."]
+    return out + [""]
 
 
 def series(rep: Report) -> list[ScalingSeries]:
@@ -191,9 +260,14 @@ def plot_pareto(rep: Report, study, path: Path) -> Path | None:
     xs = [t.values[0] for t in trials]
     ys = [t.values[1] for t in trials]
     ax.scatter(xs, ys, color="C7", label="trials")
-    px = [t.values[0] for t in trials if t.number in best]
-    py = [t.values[1] for t in trials if t.number in best]
+    front = [t for t in trials if t.number in best]
+    px = [t.values[0] for t in front]
+    py = [t.values[1] for t in front]
     ax.scatter(px, py, color="C3", label="Pareto set")
+    if str(names[0]).startswith("ppl_at"):  # the front's extrapolated PPLs with their 95% intervals
+        lo = [max(0.0, t.values[0] - (t.user_attrs.get("ppl_at_target_low") or t.values[0])) for t in front]
+        hi = [max(0.0, (t.user_attrs.get("ppl_at_target_high") or t.values[0]) - t.values[0]) for t in front]
+        ax.errorbar(px, py, xerr=[lo, hi], fmt="none", ecolor="C3", alpha=0.6, capsize=3)
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.set_title("Pareto front")
@@ -233,7 +307,8 @@ def runs_rows(rep: Report) -> list[dict[str, Any]]:
         for s in c.sizes:
             rows.append({"config": c.name, "family": c.family, "trial": c.number, **{k: v for k, v in c.params.items()}, "phase1_params": c.phase1_params,
                          "samples": s.samples, "tokens": s.tokens, "val_ppl": s.ppl, "val_acc": s.acc, "val_er": s.val_er,
-                         "train_er": s.train_er, "phase1_iterations": s.phase1_iterations})  # fmt: skip
+                         "train_er": s.train_er, "phase1_iterations": s.phase1_iterations,
+                         "val_loss_se": s.val_loss_se, "capped": ";".join(s.capped)})  # fmt: skip
     return rows
 
 
@@ -284,18 +359,29 @@ def plotly_scaling(rep: Report) -> PlotlyFigure:
     for i, s in enumerate(series(rep)):
         color = f"hsl({(i * 67) % 360},60%,45%)"
         traces.append({"type": "scatter", "x": [float(t) for t in s.tokens], "y": [float(p) for p in s.ppl],
-                       "mode": "markers", "name": s.label, "marker": {"color": color}})  # fmt: skip
+                       "mode": "markers", "name": s.label, "marker": {"color": color}, "legendgroup": s.label})  # fmt: skip
         if s.alpha is not None:
             x = np.geomspace(min(s.tokens) / 1.3, max(s.tokens) * 1.3, 50)
+            b = band(s, x)
+            if b is not None:  # the jackknife band: lower edge, then the upper edge filled down to it
+                ci = f" [{s.alpha_low:.3f}, {s.alpha_high:.3f}]" if s.alpha_low is not None and math.isfinite(s.alpha_low) else ""
+                traces.append({"type": "scatter", "x": x.tolist(), "y": b[0].tolist(), "mode": "lines", "line": {"width": 0, "color": color},
+                               "showlegend": False, "legendgroup": s.label, "hoverinfo": "skip"})  # fmt: skip
+                traces.append({"type": "scatter", "x": x.tolist(), "y": b[1].tolist(), "mode": "lines", "line": {"width": 0, "color": color},
+                               "fill": "tonexty", "fillcolor": f"hsla({(i * 67) % 360},60%,45%,0.15)", "name": f"{s.label}: 95% band{ci}",
+                               "legendgroup": s.label, "hoverinfo": "skip"})  # fmt: skip
             traces.append({"type": "scatter", "x": x.tolist(), "y": (s.A * x**s.alpha).tolist(), "mode": "lines",
-                           "name": f"{s.label}: α = {s.alpha:.3f}", "line": {"color": color}})  # fmt: skip
-    layout = {"title": {"text": "Validation PPL vs training tokens"}, "xaxis": {"type": "log", "title": {"text": "training tokens"}},
-              "yaxis": {"type": "log", "title": {"text": "validation PPL"}}}  # fmt: skip
+                           "name": f"{s.label}: α = {s.alpha:.3f}", "line": {"color": color}, "legendgroup": s.label})  # fmt: skip
+    layout = {"title": {"text": "Validation PPL vs training tokens (fitted laws, jackknife bands)"},
+              "xaxis": {"type": "log", "title": {"text": "training tokens"}}, "yaxis": {"type": "log", "title": {"text": "validation PPL"}},
+              "legend": {"orientation": "h", "yanchor": "top", "y": -0.3}}  # fmt: skip
     return PlotlyFigure(data=traces, layout=layout)
 
 
 def summary_note(rep: Report) -> str:
-    """The summary table (and recommendation) as a study note for optuna-dashboard."""
-    text = markdown(rep)
-    head = text.split("## Settings")[0]
-    return head + "\n## Recommendation\n\n" + "\n".join(f"- {x}" for x in rep.recommendation) + "\n"
+    """The header, summary table, flags and recommendation as a study note for optuna-dashboard."""
+    out = [f"# {rep.title}", ""] + header(rep) + summary_table(rep) + _family_section(rep)
+    for name, flags in rep.flags.items():
+        out += [f"- ⚠ {name}: {f}" for f in flags]
+    out += ["", "## Recommendation", ""] + [f"- {x}" for x in rep.recommendation]
+    return "\n".join(out) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,39 +32,54 @@ def from_reference(path: str | Path = REFERENCE) -> tuple[list[ConfigResult], di
     return configs, {"title": doc.get("title"), "source": doc.get("source"), "kind": "published"}
 
 
+def size_row(s: dict[str, Any]) -> SizeRow:
+    """A report row from one entry of a trial's "sizes" attribute (SizeRecord.to_dict(), or the
+    flat form of older studies, which SizeRecord.from_dict converts)."""
+    rec = SizeRecord.from_dict(s)
+    se = rec.val_loss_se if rec.val_loss_se is not None and math.isfinite(rec.val_loss_se) else None
+    return SizeRow(tokens=rec.train_tokens, ppl=rec.val_ppl, acc=rec.val_acc, val_er=rec.metrics.get("val_er"),
+                   samples=rec.size if rec.size_unit == "samples" else None, train_er=rec.metrics.get("train_er"),
+                   phase1_iterations=rec.metrics.get("phase1_iterations"), val_loss_se=se, capped=list(rec.capped),
+                   phase1_convergence_rate=rec.metrics.get("phase1_convergence_rate"),
+                   best_epoch=rec.metrics.get("phase2_best_epoch"))  # fmt: skip
+
+
 def from_study(study, storage_label: str = "") -> tuple[list[ConfigResult], dict[str, Any]]:
-    """The study's COMPLETE trials as configs (pruned and failed ones are counted in meta)."""
+    """The study's COMPLETE trials as configs (pruned and failed ones are counted in meta).
+    Repeats (a proposal of a config already evaluated, answered from the study: user attr
+    ``repeat_of``) are counted, never reported as configs of their own."""
+    import datetime
+
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
+    repeats = [t for t in trials if t.user_attrs.get("repeat_of") is not None]
     counts = Counter(t.state.name for t in trials)
     configs, names = [], Counter()
     for t in trials:
-        if t.state != TrialState.COMPLETE or not t.user_attrs.get("sizes"):
+        if t.state != TrialState.COMPLETE or not t.user_attrs.get("sizes") or t.user_attrs.get("repeat_of") is not None:
             continue
         name = t.user_attrs.get("config_name") or f"trial_{t.number}"
         names[name] += 1
         if names[name] > 1:
             name = f"{name}#{t.number}"
-        sizes = [SizeRecord.from_dict(s) for s in t.user_attrs["sizes"]]  # also reads the old flat form
-        unit = sizes[0].size_unit
+        sizes = t.user_attrs["sizes"]
         configs.append(ConfigResult(
             name=name,
             params=dict(t.params),
             phase1_params=t.user_attrs.get("phase1_params"),
             phase2_params=t.user_attrs.get("phase2_params"),
-            sizes=[SizeRow(tokens=s.train_tokens, ppl=s.val_ppl, acc=s.val_acc, val_er=s.metrics.get("val_er"),
-                           samples=s.size if unit == "samples" else None, train_er=s.metrics.get("train_er"),
-                           phase1_iterations=s.metrics.get("phase1_iterations")) for s in sizes],  # fmt: skip
-            embed_dim=sizes[0].metrics.get("embed_dim"),
+            sizes=[size_row(s) for s in sizes],
+            embed_dim=SizeRecord.from_dict(sizes[0]).metrics.get("embed_dim"),
             state="COMPLETE",
             number=t.number,
             values=list(t.values or []),
             extra={k: t.user_attrs.get(k) for k in ("device", "wall_seconds", "alpha_low", "alpha_high")},
-            family=t.user_attrs.get("family") or sizes[0].family,
+            family=t.user_attrs.get("family") or SizeRecord.from_dict(sizes[0]).family,
             total_params=t.user_attrs.get("total_params"),
+            infeasible=t.user_attrs.get("infeasible"),
         ))  # fmt: skip
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("repeat_of") is None]
     meta = {
         "kind": "study",
         "study": study.study_name,
@@ -75,6 +91,9 @@ def from_study(study, storage_label: str = "") -> tuple[list[ConfigResult], dict
         "sizes": study.user_attrs.get("sizes"),
         "size_unit": study.user_attrs.get("size_unit"),
         "trial_counts": dict(counts),
+        "repeats": len(repeats),
+        "runs": study.user_attrs.get("runs") or [],
+        "report_date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds": sum(t.user_attrs.get("wall_seconds") or 0 for t in complete),
         "devices": sorted({t.user_attrs.get("device") for t in complete if t.user_attrs.get("device")}),
         "pareto": [t.number for t in study.best_trials] if len(study.directions) > 1 and complete else [],

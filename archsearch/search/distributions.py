@@ -70,9 +70,25 @@ def full_params(space: Space, params: dict[str, Any]) -> dict[str, Any]:
     return {name: params.get(name, _base_value(space, name)) for name in space.searched_fields if name in params or applies(name)}
 
 
+class TrialConstraints:
+    """Optuna 4's constraints_func for the space's rules on finished trials (``admissible``,
+    ``capped: infeasible``): the values the bridge recorded (<= 0 feasible); trials without
+    them (pruned, failed) count as feasible. Optuna 5 reads the constraints the bridge sets
+    on the trial itself (``Trial.set_constraint``) and needs no function."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, trial) -> list[float]:
+        values = trial.user_attrs.get("constraint_values")
+        return [float(v) for v in values.values()] if values and len(values) == self.n else [0.0] * self.n
+
+
 def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
     opts = dict(space.sampler_options)
     s = space.sampler
+    if space.has_trial_constraints and s in ("tpe", "nsga2") and not hasattr(optuna.Trial, "set_constraint"):
+        opts["constraints_func"] = TrialConstraints(space.n_trial_constraints)
     if s == "grid":
         # every grid point is queued explicitly; the sampler only has to exist
         return optuna.samplers.RandomSampler(seed=0)

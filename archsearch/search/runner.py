@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,29 @@ class RunSummary:
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     artifact_dir: str | None = None
+    cluster_lost: str | None = None
+    """Why the Ray cluster was lost mid-run (its raylet or GCS died, or stopped answering)."""
+    disk_full: str | None = None
+    """Why the run stopped early for want of space (see StudyBridge.halt)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per part of the run: ray_init, data, study, trials, publish."""
+    repeats: int = 0
+    """Proposals answered from the study (configs it already held), not run."""
+    exhausted: str | None = None
+    """Set when the search stopped because the sampler proposed only repeats."""
 
     @property
     def failed(self) -> list[Any]:
         return [o for o in self.outcomes if o.state == "FAIL"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run's summary as plain data (what ``archsearch run --json`` writes)."""
+        return {
+            "study": self.study_name, "storage": self.storage, "seconds": self.seconds,
+            "interrupted": self.interrupted, "counts": self.counts, "queued": self.queued,
+            "failed_stale": self.failed_stale, "timings": self.timings,
+            "trials": [dict(o.__dict__) for o in self.outcomes], "repeats": self.repeats, "exhausted": self.exhausted,
+        }  # fmt: skip
 
 
 def init_ray(address: str | None, quiet: bool = True):
@@ -52,6 +71,7 @@ def init_ray(address: str | None, quiet: bool = True):
 
     if ray.is_initialized():
         return ray
+    reap_orphans()
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "ERROR", "configure_logging": True}
     if address:
         _probe(address)
@@ -61,8 +81,95 @@ def init_ray(address: str | None, quiet: bool = True):
             raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]})") from None
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        with _loopback_only(ray), _owner_mark():
+            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
     return ray
+
+
+LOOPBACK = "127.0.0.1"
+OWNER_VAR = "ARCHSEARCH_RAY_OWNER"
+"""Set in the environment of the embedded Ray's processes (GCS, raylet, and through the
+raylet its agents and workers): ``<driver pid>:<driver start time>``."""
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), which tells it from a later
+    process that reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@contextmanager
+def _owner_mark():
+    before = os.environ.get(OWNER_VAR)
+    os.environ[OWNER_VAR] = f"{os.getpid()}:{_start_time(os.getpid())}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(OWNER_VAR, None)
+        else:
+            os.environ[OWNER_VAR] = before
+
+
+def reap_orphans() -> list[int]:
+    """SIGKILL the embedded-Ray processes of archsearch drivers that are gone (a driver
+    killed with SIGKILL leaves its GCS, raylet, agents and idle workers running for minutes).
+    They are found by the owner mark in their environment; processes of live drivers, and
+    anything without the mark, are left alone. Linux (/proc); elsewhere a no-op."""
+    import signal
+
+    mine = os.getpid()
+    killed = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == mine:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        mark = next((v for v in env.split(b"\0") if v.startswith(OWNER_VAR.encode() + b"=")), None)
+        if mark is None:
+            continue
+        owner, _, started = mark.split(b"=", 1)[1].decode(errors="replace").partition(":")
+        if not owner.isdigit() or _start_time(int(owner)) == started:
+            continue  # its driver is alive
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
+    return killed
+
+
+@contextmanager
+def _loopback_only(ray):
+    """Make the embedded Ray's GCS, raylet, agents and workers listen on 127.0.0.1 alone.
+
+    ``_node_ip_address="127.0.0.1"`` by itself is not enough: ray.init replaces a loopback
+    address by the machine's routable one unless Ray believes clusters are disabled (its
+    Windows/macOS mode, switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), and its servers
+    bind to the node address. The switch is on only while this node starts, so that a later
+    ``--address`` connection in the same process reports its real address; the processes
+    started here keep it in their environment (they run on this machine only)."""
+    from ray._private import ray_constants
+
+    var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before_const = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[var] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_const
+        if before_env is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before_env
 
 
 def _probe(address: str) -> None:
@@ -101,11 +208,12 @@ def run_search(
     n_trials: int | None = None,
     address: str | None = None,
     view_mode: str = "auto",
-    artifacts: Callable[..., None] | None = None,
+    artifacts: Callable[..., Any] | None = None,
 ) -> RunSummary:
-    """Run ``space``'s study. ``artifacts(trial, config_name, result)`` stores each finished
-    trial's views (default: its plot and table in the storage's artifact folder, see
-    :mod:`archsearch.report.artifacts`)."""
+    """Run ``space``'s study. ``artifacts(trial, config_name, records, fit, folder)`` draws and
+    stores each finished trial's views and returns their files (default: its plot and table in
+    the storage's artifact folder, see :mod:`archsearch.report.artifacts` and
+    ``archsearch.search.bridge.ArtifactsFn``)."""
     import optuna
 
     from archsearch.search import storage as stg
@@ -133,6 +241,7 @@ def run_search(
         gpus, cpus = trial_resources(space, ray)
         data, timings["data"] = data_job.result()
     check_param_counts(space, data.embed_dim, data.vocab_size)  # a broken family fails here, before any study is written
+    trackers = _open_trackers(space, name)
     from archsearch.search.bridge import StudyBridge
     from archsearch.search.trainable import cvfp_trainable
     from archsearch.search.view import LiveView
@@ -150,28 +259,41 @@ def run_search(
             from archsearch.report.artifacts import TrialArtifacts
 
             artifacts = TrialArtifacts(art)
-        make_plan = functools.partial(trial_plan, space, data_path=str(data.path))
+        make_plan = functools.partial(trial_plan, space, data_path=str(data.path))  # extra (capped_retry) included
         view = LiveView(len(space.data.sizes), space.data.size_unit, [o.label for o in space.objectives], view_mode)
-        bridge = StudyBridge(study, space, make_plan, n_new, data.embed_dim, artifacts=artifacts, view=view)
+        bridge = StudyBridge(study, space, make_plan, n_new, data.embed_dim, artifacts=artifacts, view=view, trackers=trackers,
+                             scratch_dir=art)  # fmt: skip
         bridge.plan_gpus = gpus
         bridge.vocab_size = data.vocab_size
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
         timings["study"] = time.perf_counter() - t
         t = time.perf_counter()
+        watch = ClusterWatch(ray, bridge, local=not address)
         try:
             with view:
+                watch.start()
                 _fit(ray, cvfp_trainable, bridge, space, gpus, cpus, results_dir)
+        except ClusterLost:
+            pass
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            watch.stop()
+            summary.cluster_lost = bridge.lost
+            summary.disk_full = bridge.halted
+            if bridge.lost:
+                watch.clear_pending()
             left = bridge.fail_unfinished("interrupted before it finished; queued again for the next run")
             summary.interrupted = summary.interrupted or bool(left)
             bridge.close()
+            trackers.close()
             shutil.rmtree(results_dir, ignore_errors=True)
         summary.outcomes = bridge.outcomes
-        summary.interrupted = summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes)
+        summary.repeats, summary.exhausted = bridge.repeats, bridge.exhausted
+        summary.interrupted = not summary.cluster_lost and (summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes))
         timings["trials"] = time.perf_counter() - t
         summary.counts = _counts(study)
+        _record_run(study, space, data, t0, timings["trials"], bridge)
         t = time.perf_counter()
         if summary.counts.get("COMPLETE"):
             _publish(study, url)
@@ -192,6 +314,172 @@ def check_search_options(space: Space) -> None:
         make_pruner(space)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sampler/early_stopping: {e}") from None
+
+
+class ClusterLost(BaseException):
+    """Raised in the thread running Ray Tune when the cluster is gone (see ClusterWatch). A
+    BaseException, like KeyboardInterrupt: Tune's ``except Exception`` cleanup would wait on
+    the dead cluster (removing placement groups through the GCS blocks for a minute)."""
+
+
+WATCH_S = 1.0
+"""How often the embedded Ray's raylet and GCS processes are checked."""
+PROBE_TIMEOUT_S = 5.0
+PROBE_FAILURES = 3
+"""A cluster (--address) whose GCS has not answered this many probes in a row is lost (~15-30 s)."""
+
+
+class ClusterWatch:
+    """Notices a lost Ray cluster within seconds, where Ray Tune would wait forever.
+
+    The embedded Ray: its raylet or GCS process has exited. A cluster (``--address``): its
+    GCS has not answered PROBE_FAILURES probes in a row. Then every running trial ends FAIL
+    ``cluster_lost`` (the bridge records it and queues it again), and ClusterLost is raised
+    in the thread that runs Ray Tune, which unwinds the run to its summary."""
+
+    def __init__(self, ray, bridge, local: bool):
+        self.ray, self.bridge, self.local = ray, bridge, local
+        self._stop = threading.Event()
+        self._target = threading.get_ident()
+        self._thread = threading.Thread(target=self._run, name="archsearch-cluster-watch", daemon=True)
+
+    def start(self) -> None:
+        self._target = threading.get_ident()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.wait(WATCH_S if self.local else PROBE_TIMEOUT_S):
+            reason = self._local_loss() if self.local else None
+            if not self.local:
+                failures = 0 if self._probe() else failures + 1
+                if failures >= PROBE_FAILURES:
+                    reason = f"its GCS has not answered for {failures} probes of {PROBE_TIMEOUT_S:g} s"
+            if reason and not self._stop.is_set():
+                self.bridge.cluster_lost(reason)
+                self._raise_in_target()
+                return
+
+    def _local_loss(self) -> str | None:
+        from ray._private import ray_constants
+
+        node = self.ray._private.worker._global_node
+        if node is None:
+            return None
+        for kind in (ray_constants.PROCESS_TYPE_RAYLET, ray_constants.PROCESS_TYPE_GCS_SERVER):
+            for info in node.all_processes.get(kind, []):
+                code = info.process.poll()
+                if code is not None:
+                    return f"the embedded Ray's {kind} process (pid {info.process.pid}) exited with code {code}"
+        return None
+
+    def _probe(self) -> bool:
+        try:
+            gcs = self.ray._private.worker.global_worker.gcs_client
+            gcs.internal_kv_exists(b"archsearch-probe", b"archsearch", timeout=PROBE_TIMEOUT_S)
+            return True
+        except Exception:
+            return False
+
+    def _raise_in_target(self) -> None:
+        import ctypes
+
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), ctypes.py_object(ClusterLost))
+
+    def clear_pending(self) -> None:
+        """No ClusterLost left to land later in the thread that ran Ray Tune."""
+        import ctypes
+
+        if threading.get_ident() == self._target:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), None)
+
+
+def abandon_ray(code: int = 1) -> None:
+    """Exit now, after a lost cluster: stop what is left of the embedded Ray's processes
+    (plain signals, no call to the dead cluster) and skip the exit handlers of Ray and Ray
+    Tune, which talk to the GCS and would block for a minute."""
+    import sys
+
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    except Exception:  # pragma: no cover - best effort; the next run cleans up leftovers
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _open_trackers(space: Space, study_name: str):
+    """The space's experiment trackers, opened after every other check and before the study
+    is touched: a tracker that cannot be opened (a tracking server that does not answer) is
+    a config error that leaves the study as it was."""
+    from archsearch.tracking import Trackers, _mask
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default retries for minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        return Trackers.open(space.tracking, study_name, paths.home())
+    except Exception as e:
+        which = ", ".join(space.tracking.enabled) if space.tracking else "tracking"
+        raise ConfigError(f"tracking ({which}): cannot open the tracker: {_mask(f'{type(e).__name__}: {e}')[:500]}") from None
+MAX_RUN_RECORDS = 100
+"""Runs of a study kept in its ``runs`` attribute (the newest)."""
+
+
+def _record_run(study, space: Space, data, t0: float, trial_seconds: float, bridge) -> None:
+    """What the report's header needs of this run, appended to the study's ``runs`` attribute:
+    date, versions, data fingerprint, seeds, the settings that differ from the defaults, the
+    command's wall time so far and the trials' time. Never fails the run."""
+    import datetime
+    import logging
+
+    try:
+        from importlib.metadata import version
+
+        from archsearch.runcache import ENGINE_VERSION
+
+        runs = list(study.user_attrs.get("runs") or [])
+        runs.append({
+            "date": datetime.datetime.fromtimestamp(t0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "archsearch_version": version("archsearch"), "engine_version": ENGINE_VERSION,
+            "data_fingerprint": _fingerprint(data), "seeds": list(space.seeds),
+            "settings": non_default_settings(space), "seconds": round(time.time() - t0, 1),
+            "trial_seconds": round(trial_seconds, 1), "trials": sum(1 for o in bridge.outcomes if o.state != "REPEAT"),
+            "repeats": bridge.repeats, "exhausted": bridge.exhausted,
+        })  # fmt: skip
+        study.set_user_attr("runs", runs[-MAX_RUN_RECORDS:])
+    except Exception as e:  # pragma: no cover - bookkeeping must not fail a finished run
+        logging.getLogger(__name__).warning("could not record the run in the study: %s", e)
+
+
+def _fingerprint(data) -> str | None:
+    for name in ("fingerprint", "stream_fingerprint"):
+        value = getattr(data, name, None)
+        if isinstance(value, str):
+            return value[:16]
+    return None
+
+
+def non_default_settings(space: Space) -> dict[str, Any]:
+    """Every run setting (model/phase1/phase2/engine) the space sets away from its default."""
+    from archsearch.config import RunConfig
+
+    base, default = space.base.to_dict(), RunConfig().to_dict()
+    out: dict[str, Any] = {}
+    for section, values in base.items():
+        if not isinstance(values, dict):
+            continue
+        for k, v in values.items():
+            if default.get(section, {}).get(k) != v:
+                out[f"{section}.{k}"] = v
+    return out
 
 
 def _timed(fn, *args, **kwargs):
@@ -261,7 +549,9 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
             search_alg=StudySearcher(bridge),
             scheduler=PrunerScheduler(bridge),
             num_samples=-1,
-            max_concurrent_trials=space.max_concurrent,
+            # no more trials than the cluster runs at once: a trial handed out waits only for
+            # its worker to start, never for another trial's CPU or GPU
+            max_concurrent_trials=_slots(ray, space, gpus, cpus),
             reuse_actors=True,  # a worker keeps torch imported between trials
         ),
         run_config=tune.RunConfig(
@@ -272,7 +562,27 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
             log_to_file=False,
         ),
     )
-    tuner.fit()
+    with _quiet_tune_errors():
+        tuner.fit()
+
+
+@contextmanager
+def _quiet_tune_errors():
+    """Ray Tune logs every failed trial with Ray's traceback (a worker killed by the memory
+    monitor: ~100 lines) and a closing "Trials did not complete"; the bridge records each
+    failure with its cause and the summary shows it, so those loggers stay quiet; so does the
+    saving of Tune's experiment state (a full disk fails it, and archsearch never restores it)."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.execution.experiment_state")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
 
 
 _USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")

@@ -199,6 +199,7 @@ def open_storage(url: str, create: bool = True):
             path = sqlite_path(url)
             if not create and not path.exists():
                 raise FileNotFoundError(path)
+            check_sqlite_file(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             engine_kwargs = {"connect_args": {"timeout": 60}}
         else:
@@ -215,7 +216,7 @@ def open_storage(url: str, create: bool = True):
                     time.sleep(0.5 * (attempt + 1))
                     continue
                 raise
-    except FileNotFoundError:
+    except (FileNotFoundError, StorageDamaged):
         raise
     except ImportError as e:
         raise UserError(f"storage {mask_url(url)}: a database driver is missing ({redact(e, url)}); for PostgreSQL: pip install 'psycopg[binary]'") from None
@@ -239,6 +240,50 @@ def _root_cause(e: BaseException) -> BaseException:
             return e
         e = nxt
     return e
+
+
+class StorageDamaged(UserError):
+    pass
+
+
+def check_sqlite_file(path: Path) -> None:
+    """``PRAGMA quick_check`` of an existing SQLite file, read-only: a damaged page structure
+    (bytes written over it, a torn copy, a file that is not a database) is found when the
+    storage is opened, not in the middle of a run's first write. It reads every page once
+    (milliseconds for a study file of a few MB); a missing or empty file passes."""
+    import sqlite3
+
+    try:
+        if path.stat().st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            conn.text_factory = bytes  # the check's report may quote damaged text
+            rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+        finally:
+            conn.close()
+        problems = [r[0].decode(errors="replace") if isinstance(r[0], bytes) else str(r[0]) for r in rows]
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):  # a writer holds it; it is checked on the writer's side
+            return
+        problems = [str(e)]
+    except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+        problems = [str(e)]
+    if problems == ["ok"]:
+        return
+    raise StorageDamaged(damaged_message(path, "; ".join(problems)[:300]))
+
+
+def damaged_message(path: Path, detail: str) -> str:
+    recovered = path.with_name(f"{path.stem}-recovered{path.suffix or '.db'}")
+    return (
+        f"the SQLite study storage {path} is damaged ({detail}). Keep it for inspection and run the same "
+        f"command into a new file, e.g. --storage sqlite:///{recovered}: every computed run is in the run cache "
+        f"({paths.run_cache_dir()}), so the rerun rebuilds the study without training."
+    )
 
 
 def _with_driver(url: str) -> str:
@@ -270,29 +315,55 @@ def writer_lock(url: str):
     """Hold for the whole of a run. SQLite cannot take two writer processes safely (its
     locking gives 'database is locked' under load and Optuna's queue pop is not atomic
     across processes there), so a second run on the same SQLite file is refused. Other
-    storages allow concurrent runs; they only serialise their bookkeeping (study_lock)."""
+    storages allow concurrent runs; they only serialise their bookkeeping (study_lock).
+
+    The lock is a flock on the database file itself, so it follows the file whatever path
+    reaches it (a hard link, a symlink, another mount of it). flock and SQLite's own POSIX
+    locks do not interact on Linux; but closing any descriptor of the file drops the
+    process's POSIX locks, so the descriptor is kept open for the life of the process and
+    only unlocked here. Who holds it is written beside the path (``<db>.lock``)."""
     path = sqlite_path(url)
     if path is None:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _db_descriptor(path)
+    holder_path = path.with_name(path.name + ".lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = holder_path.read_text(errors="replace").strip()[:200]
+        except OSError:
+            holder = ""
+        raise StorageBusy(
+            f"another archsearch run ({holder or 'another process, through another path to the same file'}) is writing "
+            f"to {path}. SQLite cannot take two writer processes safely: wait for it, or put the study on PostgreSQL "
+            "(--storage postgresql://...) or a journal file (--storage journal:///path/study.log)."
+        ) from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise StorageBusy(
-                f"another archsearch run ({holder}) is writing to {path}. SQLite cannot take two "
-                "writer processes safely: wait for it, or put the study on PostgreSQL "
-                "(--storage postgresql://...) or a journal file (--storage journal:///path/study.log)."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+            holder_path.write_text(f"pid {os.getpid()} on {os.uname().nodename}")
+        except OSError:  # only the message would lack it
+            pass
         yield
     finally:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_DB_FDS: dict[tuple[int, int], int] = {}
+
+
+def _db_descriptor(path: Path) -> int:
+    """One open descriptor per database file (by device and inode) for this process."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # an empty file is an empty SQLite database
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in _DB_FDS:
+        os.close(fd)  # the file is idle here: no run of this process is using it
+        return _DB_FDS[key]
+    _DB_FDS[key] = fd
+    return fd
 
 
 @contextmanager

@@ -36,15 +36,68 @@ GRACE_S = float(os.environ.get("ARCHSEARCH_GRACE_S", 60))
 A_OWNER = "archsearch:owner"
 A_HEARTBEAT = "archsearch:heartbeat"
 A_SIGNATURE = "archsearch:signature"
+A_RESERVED = "archsearch:reserved"
+"""On a WAITING trial: the driver that handed it to Ray, which has not started it yet (a
+trial becomes RUNNING only once its worker runs it). Other drivers leave it alone while
+that driver lives."""
 
 
 def params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+def trial_key_params(t: FrozenTrial) -> dict[str, Any]:
+    """A trial's config: its queued params, else its sampled params."""
+    return dict(t.system_attrs.get("fixed_params") or t.params)
+
+
 def trial_key(t: FrozenTrial) -> str:
     """Identity of a trial's config: its queued params, else its sampled params."""
-    return params_key(t.system_attrs.get("fixed_params") or t.params)
+    return params_key(trial_key_params(t))
+
+
+def config_key(params: dict[str, Any]) -> str:
+    """Identity of a config for repeats: params with floats rounded to 12 significant digits,
+    so that values on a space's step grid that differ only by float arithmetic are one config
+    (Optuna's distributions already round proposals to their steps)."""
+    return params_key({k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in params.items()})
+
+
+def ask_new(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()`` without taking a WAITING trial: Optuna's ask pops the queue first,
+    which here holds grid/warm-start configs (taken by :func:`pop_waiting`, costliest first)
+    and trials reserved for a Ray trial that has not started yet."""
+    study._thread_local.cached_all_trials = None
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+
+
+def reserve(study: optuna.Study, trial_id: int) -> None:
+    """Put a trial just taken or created (RUNNING) back to WAITING, reserved for this driver."""
+    storage = study._storage
+    storage.set_trial_system_attr(trial_id, A_RESERVED, {**owner_record(), "at": time.time()})
+    storage.set_trial_system_attr(trial_id, A_HEARTBEAT, time.time())
+    storage.set_trial_state_values(trial_id, state=TrialState.WAITING)
+
+
+def start_reserved(study: optuna.Study, trial_id: int) -> bool:
+    """Its worker runs it: WAITING -> RUNNING (Optuna stamps datetime_start now)."""
+    try:
+        return bool(study._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def release(study: optuna.Study, trial_id: int) -> None:
+    """A reserved trial that never started goes back to the queue for any driver."""
+    try:
+        study._storage.set_trial_system_attr(trial_id, A_RESERVED, None)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
+def _reserved_by_live_driver(t: FrozenTrial, now: float) -> bool:
+    r = t.system_attrs.get(A_RESERVED)
+    return bool(r) and owner_alive(r, t.system_attrs.get(A_HEARTBEAT), now)
 
 
 def signature(space: Space) -> dict[str, Any]:
@@ -62,6 +115,13 @@ def signature(space: Space) -> dict[str, Any]:
 
 def signature_hash(sig: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stored_signature(study: optuna.Study) -> dict[str, Any] | None:
+    """The signature a study was created with: a study system attribute (studies made before
+    it moved there keep it among their user attributes)."""
+    stored = study._storage.get_study_system_attrs(study._study_id).get(A_SIGNATURE)
+    return stored if stored is not None else study.user_attrs.get(A_SIGNATURE)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -116,7 +176,7 @@ def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
                 f"study {study_name!r} exists with directions {[d.name.lower() for d in study.directions]}, "
                 f"the space asks for {space.directions}; use another --study name"
             )
-        stored = study.user_attrs.get(A_SIGNATURE)
+        stored = stored_signature(study)
         if stored and stored.get("hash") != signature_hash(sig):
             diff = [k for k in sig if json.dumps(sig[k], sort_keys=True, default=str) != json.dumps(stored["value"].get(k), sort_keys=True, default=str)]
             raise ConfigError(
@@ -128,7 +188,8 @@ def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
         study = optuna.create_study(study_name=study_name, storage=storage, directions=space.directions, sampler=sampler, pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
         return create_or_load(space, storage, study_name)
-    study.set_user_attr(A_SIGNATURE, {"hash": signature_hash(sig), "value": sig})
+    # a system attribute: the dashboard's user attributes stay readable (it is a page of JSON)
+    study._storage.set_study_system_attr(study._study_id, A_SIGNATURE, {"hash": signature_hash(sig), "value": sig})
     study.set_user_attr("objectives", [o.label for o in space.objectives])
     study.set_user_attr("sizes", space.data.sizes)
     study.set_user_attr("size_unit", space.data.size_unit)
@@ -206,9 +267,13 @@ def pop_waiting(study: optuna.Study, cost: Callable[[dict[str, Any]], float] | N
 
     Without ``cost``, the oldest first. With it, the costliest first by ``cost(params)``
     (the queue's own order breaking ties): when several workers share a queue, starting the
-    long trials first keeps one long trial from running alone at the end."""
+    long trials first keeps one long trial from running alone at the end. Trials a live
+    driver reserved for a Ray trial that has not started are skipped; a dead driver's are
+    taken."""
     storage = study._storage
-    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    now = time.time()
+    waiting = [t for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+               if not _reserved_by_live_driver(t, now)]  # fmt: skip
     if cost is not None:
         waiting = sorted(waiting, key=lambda t: -_cost_of(cost, t))
     for t in waiting:

@@ -16,6 +16,7 @@ import time
 import traceback
 from typing import Any
 
+from archsearch.errors import is_disk_full
 from archsearch.result import SizeRecord
 from archsearch.trial import TrialPlan, run_trial
 
@@ -75,6 +76,8 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         seq += 1
         tune.report({"archsearch_event": event, "seq": seq, "payload": json.dumps(_clean(payload)), "node": node or "", "pid": os.getpid(), **extra})
 
+    report("started", {})  # the driver marks the trial RUNNING only now (it was WAITING, pending)
+
     def on_size(record: SizeRecord, partial: dict[str, Any]) -> None:
         nonlocal cum_tokens
         cum_tokens += record.train_tokens
@@ -105,7 +108,7 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         result = run_trial(plan, on_size=on_size, progress=progress)
     except Exception as e:  # the trial failed; the study goes on
         tb = traceback.format_exc(limit=8)
-        kind = "out_of_memory" if is_out_of_memory(e) else type(e).__name__
+        kind = "out_of_memory" if is_out_of_memory(e) else "disk_full" if is_disk_full(e) else type(e).__name__
         report("failed", {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]})
         return
     report("final", dict(result, worker=worker))

@@ -5,6 +5,7 @@ SQLite storage)."""
 from __future__ import annotations
 
 import csv
+import math
 
 import optuna
 import pytest
@@ -31,8 +32,8 @@ def recorded_run(tiny_corpus, tmp_path_factory):
     space = tiny_space(tiny_corpus, sampler={"type": "grid", "configs": CONFIGS}, seeds=[3, 4])
     calls, plans = [], []
 
-    def artifacts(trial, name, result):
-        calls.append((trial.number, name, result))
+    def artifacts(trial, name, records, fit, folder):
+        calls.append((trial.number, name, records, fit, folder.is_dir()))
 
     real_suggest = StudyBridge.suggest
 
@@ -89,31 +90,48 @@ def test_the_bridge_gets_the_artifacts_through_the_callback(recorded_run):
     study = recorded_run["study"]
     (trial,) = study.get_trials()
     assert trial.state == TrialState.COMPLETE
-    ((number, name, result),) = recorded_run["calls"]  # once per finished trial, with its result
-    assert (number, name) == (trial.number, "a")
-    assert [s["val_ppl"] for s in result["sizes"]] == [s["val_ppl"] for s in trial.user_attrs["sizes"]]
-    assert result["fit"]["alpha"] == pytest.approx(trial.values[0])
-    # the callback replaced the default one: the bridge itself stored no plot or table
+    ((number, name, records, fit, had_folder),) = recorded_run["calls"]  # once per finished trial, with its sizes and fit
+    assert (number, name, had_folder) == (trial.number, "a", True)
+    assert [r.val_ppl for r in records] == [s["val_ppl"] for s in trial.user_attrs["sizes"]]
+    assert fit["alpha"] == pytest.approx(trial.values[0])
+    # the callback replaced the default one: the bridge itself stored no plot or table (its
+    # temporary folder for the callback's files is gone), and the note links no plot
     assert optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage) == []
-    assert not (recorded_run["home"] / "artifacts").exists()
+    art = recorded_run["home"] / "artifacts"
+    assert not art.exists() or not any(art.iterdir())
+    import optuna_dashboard
+
+    note = optuna_dashboard.get_note(optuna.Trial(study, trial._trial_id))
+    assert note.startswith("## a\n") and "/artifacts/" not in note
 
 
 def test_the_trial_files_are_a_plot_and_a_flat_table(tmp_path):
-    """Typed per-size records (SizeRecord.to_dict()) give the table the flat records gave."""
+    """Typed per-size records and the flat dicts of older studies give the same table: PPL
+    first, the nested numbers as columns of their own (phase1_params, val_er, phase2_seconds)."""
     from archsearch.report.artifacts import write_trial_files
+    from archsearch.result import SizeRecord
 
-    sizes = [{"train_tokens": t, "val_ppl": p, "val_acc": 0.1, "params": {"phase1": 10, "total": 30}, "metrics": {"val_er": 0.9},
-              "phase_seconds": {"phase2": 1.5}, "seeds": [1, 2], "capped": ["max_epochs"], "cached": False}
+    sizes = [{"size": t, "size_unit": "tokens", "train_tokens": t, "val_tokens": 300, "val_loss": math.log(p), "val_loss_se": 0.01,
+              "val_ppl": p, "val_acc": 0.1, "params": {"phase1": 10, "total": 30}, "metrics": {"val_er": 0.9},
+              "phase_seconds": {"phase2": 1.5}, "seconds": 2.0, "device": "cpu", "precision": "fp32", "seeds": [1, 2],
+              "capped": ["max_epochs"] if t == 400 else [], "cached": False}
              for t, p in ((400, 90.0), (800, 70.0), (1600, 55.0))]  # fmt: skip
     fit = {"alpha": -0.35, "A": 750.0, "alpha_low": -0.5, "alpha_high": -0.2}
-    files = write_trial_files(tmp_path, 7, "a", {"sizes": sizes, "fit": fit})
-    assert [(p.name, m) for p, m in files] == [("trial_7_a_scaling.png", "image/png"), ("trial_7_a_sizes.csv", "text/csv")]
-    assert files[0][0].read_bytes()[:4] == b"\x89PNG"
-    rows = list(csv.DictReader(files[1][0].open()))
-    # the columns older studies' tables had (phase1_params, val_er, phase2_seconds), not nested ones
-    assert list(rows[0]) == ["train_tokens", "val_ppl", "val_acc", "cached", "phase1_params", "total_params", "phase2_seconds",
-                             "val_er", "capped"]  # fmt: skip
-    assert [float(r["val_ppl"]) for r in rows] == [90.0, 70.0, 55.0] and rows[2]["val_er"] == "0.9" and rows[0]["capped"] == "max_epochs"
+    files = write_trial_files(tmp_path, 7, "a", [SizeRecord.from_dict(s) for s in sizes], fit)
+    assert [(f.path.name, f.mimetype, f.url) for f in files] == [("trial_7_a_scaling.png", "image/png", None),
+                                                                ("trial_7_a_sizes.csv", "text/csv", None)]  # fmt: skip
+    assert files[0].path.read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(files[1].path.open()))
+    assert list(rows[0])[:6] == ["size", "train_tokens", "val_ppl", "val_ppl_low", "val_ppl_high", "val_acc"]
+    assert {"phase1_params", "total_params", "phase2_seconds", "val_er", "capped"} <= set(rows[0])
+    assert [float(r["val_ppl"]) for r in rows] == [90.0, 70.0, 55.0] and rows[2]["val_er"] == "0.9"
+    assert [r["capped"] for r in rows] == ["max_epochs", "", ""]
+    flat = {k: v for k, v in sizes[0].items() if k not in ("params", "metrics", "phase_seconds")}
+    flat.update(phase1_params=10, total_params=30, val_er=0.9, phase2_seconds=1.5)
+    (tmp_path / "flat").mkdir()
+    again = write_trial_files(tmp_path / "flat", 7, "a", [SizeRecord.from_dict(flat)], fit)
+    (row,) = list(csv.DictReader(again[1].path.open()))
+    assert row == rows[0]
 
 
 def test_trial_config_is_the_named_one(tiny_corpus):

@@ -69,8 +69,8 @@ def test_grid_study_gets_exactly_its_configs_complete_with_attributes(home, tiny
         assert sorted(m.mimetype for m in metas) == ["image/png", "text/csv"]
     assert study.metric_names == ["alpha"]
     # the larger config (b: 2 layers, 2 input tokens) is handed out first; the run says where its time went
-    starts = {o.name: o.started for o in summary.outcomes}
-    assert starts["b"] < starts["a"]
+    handed = {o.name: o.handed_out for o in summary.outcomes}
+    assert handed["b"] < handed["a"]
     assert all(o.started < o.ended and o.pid for o in summary.outcomes)
     for t in trials:  # the worker that ran it, and how long it had been up when the trial began
         w = t.user_attrs["worker"]
@@ -103,18 +103,49 @@ def test_tpe_adds_n_trials_beyond_the_warm_start(home, tiny_corpus, ray_local):
     space = tiny_space(
         tiny_corpus,
         study={"name": "tpe"},
-        sampler={"type": "tpe", "seed": 0, "n_startup_trials": 2},
+        # startup proposals are independent: in a 9-point space TPE's model, seeded alike each
+        # run, can propose the best configs again and again (repeats), which is another test's
+        sampler={"type": "tpe", "seed": 0, "n_startup_trials": 20},
         parameters={"num_layers": {"type": "int", "low": 1, "high": 3}, "context_dim": [4, 8, 12]},
         warm_start={"configs": {"warm": {"num_layers": 2, "context_dim": 8}}},
     )
-    run(space, n_trials=3)
-    trials = load(home, "tpe").get_trials()
+    summary = run(space, n_trials=3)
+    trials = [t for t in load(home, "tpe").get_trials() if t.user_attrs.get("repeat_of") is None]  # repeats are answered, not run
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({(t.params["num_layers"], t.params["context_dim"]) for t in trials}) == 4  # four distinct configs
     assert [t.user_attrs["config_name"] for t in trials].count("warm") == 1
+    assert len([o for o in summary.outcomes if o.state != "REPEAT"]) == 4
     run(space, n_trials=2)
-    trials = load(home, "tpe").get_trials()
+    trials = [t for t in load(home, "tpe").get_trials() if t.user_attrs.get("repeat_of") is None]
     assert len(trials) == 6  # the warm start is not queued again
     assert [t.user_attrs["config_name"] for t in trials].count("warm") == 1
+
+
+def test_a_search_runs_trials_only_once_started_and_stops_when_the_space_is_exhausted(home, tiny_corpus, ray_local, monkeypatch):
+    """2 CPUs, max_concurrent 4: at every event the study's RUNNING trials are exactly those
+    whose workers reported; a 2-point space with --n-trials 5 ends "space exhausted"."""
+    import archsearch.search.bridge as bridge_mod
+
+    monkeypatch.setattr(bridge_mod, "MAX_REPEATS", 5)
+    seen = []
+    on_result = bridge_mod.StudyBridge.on_result
+
+    def checked(self, ray_id, result):
+        out = on_result(self, ray_id, result)
+        running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        started = {lt.number for lt in self.live.values() if lt.running}
+        seen.append((running, started))
+        return out
+
+    monkeypatch.setattr(bridge_mod.StudyBridge, "on_result", checked)
+    space = tiny_space(tiny_corpus, study={"name": "small"}, sampler={"type": "random", "seed": 0}, max_concurrent=4,
+                       parameters={"num_layers": {"type": "int", "low": 1, "high": 2}, "context_dim": [8]})  # fmt: skip
+    summary = run(space, n_trials=5)
+    assert seen and all(running == started for running, started in seen), seen
+    assert summary.exhausted and "2 distinct configs evaluated" in summary.exhausted and summary.repeats >= 5
+    trials = load(home, "small").get_trials()
+    assert sum(1 for t in trials if t.user_attrs.get("repeat_of") is None) == 2
+    assert all(t.state != TrialState.RUNNING and t.state != TrialState.WAITING for t in trials)
 
 
 def test_early_stopped_trial_is_pruned_never_complete(home, tiny_corpus, ray_local):
@@ -158,7 +189,7 @@ def test_pareto_search_with_two_objectives(home, tiny_corpus, ray_local):
     )
     run(space, n_trials=4)
     study = load(home, "pareto")
-    trials = study.get_trials()
+    trials = [t for t in study.get_trials() if t.user_attrs.get("repeat_of") is None]  # repeats are answered, not run
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert study.metric_names == ["ppl_at_1M", "phase1_params"]
     for t in trials:
@@ -182,7 +213,9 @@ def test_search_report_has_history_and_importances(home, tiny_corpus, ray_local,
 
 
 def test_a_trial_whose_dashboard_plot_fails_still_completes(home, tiny_corpus, ray_local):
-    def broken(trial, name, result):
+    import optuna_dashboard
+
+    def broken(trial, name, records, fit, folder):
         raise ImportError("No module named 'matplotlib'")
 
     space = tiny_space(tiny_corpus, sampler={"type": "grid", "configs": {"a": {"num_layers": 1, "context_dim": 8}}})
@@ -191,6 +224,9 @@ def test_a_trial_whose_dashboard_plot_fails_still_completes(home, tiny_corpus, r
     (trial,) = load(home).get_trials()
     assert trial.state == TrialState.COMPLETE and "matplotlib" in trial.user_attrs["artifact_error"]
     assert trial.values == [pytest.approx(trial.user_attrs["alpha"])]
+    study = load(home)  # its note is written all the same, without the plot
+    note = optuna_dashboard.get_note(optuna.Trial(study, trial._trial_id))
+    assert "## a" in note and "Val PPL" in note and "/artifacts/" not in note
 
 
 class _Cluster:

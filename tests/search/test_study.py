@@ -108,3 +108,25 @@ def test_owner_alive_checks_pid_and_start_time():
     assert st.owner_alive(me, None, time.time())
     assert not st.owner_alive(dict(me, start="0"), None, time.time())  # same pid, another process
     assert not st.owner_alive({"host": "elsewhere", "pid": os.getpid()}, None, time.time())
+
+
+def test_the_signature_is_kept_out_of_the_user_attributes(tmp_path, tiny_corpus, grid):
+    study = new_study(tmp_path, grid)
+    assert not any("signature" in k for k in study.user_attrs)  # the dashboard's study attributes stay readable
+    assert st.stored_signature(study)["hash"] == st.signature_hash(st.signature(grid))
+    other = tiny_space(tiny_corpus)
+    other["seeds"] = [1, 2]
+    with pytest.raises(ConfigError, match="seeds"):
+        new_study(tmp_path, parse_space(other))
+
+
+def test_a_study_with_the_signature_among_its_user_attributes_is_still_checked(tmp_path, tiny_corpus, grid):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    old = optuna.create_study(study_name="s", storage=storage)  # as archsearch wrote studies before
+    sig = st.signature(grid)
+    old.set_user_attr(st.A_SIGNATURE, {"hash": st.signature_hash(sig), "value": sig})
+    assert st.create_or_load(grid, storage, "s").study_name == "s"
+    other = tiny_space(tiny_corpus)
+    other["data"]["sizes"] = {"tokens": [400, 900]}
+    with pytest.raises(ConfigError, match="data"):
+        st.create_or_load(parse_space(other), storage, "s")

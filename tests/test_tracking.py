@@ -1,0 +1,183 @@
+"""Experiment trackers, opt-in in the space file: what a run logged is read back from a real
+MLflow store and from TensorBoard's event files."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+from helpers import cli, read_trials, tiny_space, write_space
+
+from archsearch.result import SizeRecord
+from archsearch.tracking import TrialLog, Trackers
+
+
+def test_a_bad_tracking_section_is_a_config_error_naming_every_key(tmp_path, tiny_corpus):
+    space = tiny_space(tiny_corpus, tracking={"mlflow": {"tracking_uri": 5, "bogus": "x"}, "neptune": True, "tensorboard": "yes",
+                                              "wandb": True})  # fmt: skip
+    r = cli("validate", str(write_space(tmp_path / "s.yaml", space)), env={"ARCHSEARCH_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2, r.stdout + r.stderr
+    for key in ("tracking.mlflow.tracking_uri", "tracking.mlflow.bogus", "tracking.neptune: unknown tracker", "tracking.tensorboard: expected"):
+        assert key in r.stderr, r.stderr
+    if importlib.util.find_spec("wandb") is None:
+        assert "tracking.wandb: needs the wandb package" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "home").exists()
+
+
+class _Broken:
+    name = "broken"
+
+    def size(self, *args):
+        raise OSError("disk full")
+
+    def finish(self, trial):
+        raise ConnectionError("http://user:hunter2@mlflow.example:5000 refused")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_tracker_is_a_warning_with_the_password_masked(caplog):
+    rec = SizeRecord(400, "tokens", 400, 300, 6.0, 0.1, 403.4, 0.1, {"total": 10}, 1.0, "cpu", "fp32", [42])
+    trackers = Trackers([_Broken()])
+    with caplog.at_level(logging.WARNING):
+        assert trackers.size(0, "a", {}, rec) == ["broken: OSError: disk full"]
+        errors = trackers.finish(TrialLog("s", 0, "a", {}, "COMPLETE", [rec]))
+    assert errors and "hunter2" not in errors[0] and "***" in errors[0]
+    assert "hunter2" not in caplog.text and "disk full" in caplog.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None or importlib.util.find_spec("tensorboard") is None,
+                    reason="needs the [tracking] extra (mlflow, tensorboard)")  # fmt: skip
+def test_mlflow_and_tensorboard_get_one_run_per_trial(tmp_path, tiny_corpus):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    home = tmp_path / "home"
+    space = tiny_space(tiny_corpus, study={"name": "trk"}, tracking={"mlflow": True, "tensorboard": {"log_dir": str(tmp_path / "tb")}})
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = {t.user_attrs["config_name"]: t for t in read_trials(home / "archsearch.db", "trk")}
+    assert not any("tracking_error" in t.user_attrs for t in trials.values())
+
+    # MLflow: the default store under ARCHSEARCH_HOME, experiment = the study
+    client = MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("trk")
+    runs = {run.data.tags["archsearch.config"]: run for run in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["a", "b"]
+    for name, run in runs.items():
+        t = trials[name]
+        assert run.info.status == "FINISHED" and run.data.tags["archsearch.state"] == "COMPLETE"
+        assert run.data.tags["archsearch.trial"] == str(t.number)
+        assert run.data.params == {k: str(v) for k, v in t.params.items()}
+        history = client.get_metric_history(run.info.run_id, "val_ppl")
+        assert [m.step for m in history] == [400, 800, 1600]  # step = training tokens
+        assert [m.value for m in history] == pytest.approx([s["val_ppl"] for s in t.user_attrs["sizes"]])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_er")] == [400, 800, 1600]
+        for k in ("alpha", "A", "r2", "alpha_low", "alpha_high"):
+            assert run.data.metrics[k] == pytest.approx(t.user_attrs[k]), k
+        assert run.data.metrics["objective_alpha"] == pytest.approx(t.values[0])
+        files = sorted(f.path for f in client.list_artifacts(run.info.run_id))
+        assert files == sorted(["config.json", f"trial_{t.number}_{name}_scaling.png", f"trial_{t.number}_{name}_sizes.csv"])
+        csv_path = client.download_artifacts(run.info.run_id, f"trial_{t.number}_{name}_sizes.csv", str(tmp_path / f"dl_{name}"))
+        assert open(csv_path).readline().startswith("size,train_tokens,val_ppl,")  # PPL first
+
+    # TensorBoard: one event directory per trial
+    for name, t in trials.items():
+        acc = EventAccumulator(str(tmp_path / "tb" / "trk" / f"trial_{t.number}_{name}"))
+        acc.Reload()
+        ppl = acc.Scalars("size/val_ppl")
+        assert [e.step for e in ppl] == [400, 800, 1600]
+        assert [e.value for e in ppl] == pytest.approx([s["val_ppl"] for s in t.user_attrs["sizes"]], rel=1e-6)
+        assert acc.Scalars("fit/alpha")[0].value == pytest.approx(t.user_attrs["alpha"], rel=1e-6)
+
+
+def wandb_records(run_dir):
+    """The records of an offline W&B run (its .wandb file: a LevelDB-style log of protobuf
+    records after a 7-byte header; recent wandb has no Python reader of its own)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf, out = 7, 32768, b"", {"history": [], "summary": {}, "config": {}}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:  # padding to the end of a block
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            r = pb.Record()
+            r.ParseFromString(buf)
+            buf = b""
+            which = r.WhichOneof("record_type")
+            if which == "history":
+                out["history"].append({("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in r.history.item})
+            elif which == "summary":
+                out["summary"].update({("/".join(u.nested_key) or u.key): json.loads(u.value_json) for u in r.summary.update})
+            elif which == "run":
+                out["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
+                out["name"] = r.run.display_name
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (W&B is optional)")
+def test_wandb_offline_runs(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = tiny_space(tiny_corpus, study={"name": "wb"}, tracking={"wandb": {"project": "p"}})
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = {t.user_attrs["config_name"]: t for t in read_trials(home / "archsearch.db", "wb")}
+    assert not any("tracking_error" in t.user_attrs for t in trials.values())
+    runs = [wandb_records(d) for d in (home / "wandb" / "wandb").glob("offline-run-*")]
+    assert sorted(run["config"]["config_name"] for run in runs) == ["a", "b"]
+    for run in runs:
+        t = trials[run["config"]["config_name"]]
+        assert run["name"] == f"{t.number}_{t.user_attrs['config_name']}"
+        assert {k: run["config"][k] for k in t.params} == t.params
+        sizes = [h for h in run["history"] if "val_ppl" in h]
+        assert [h["_step"] for h in sizes] == [400, 800, 1600]  # step = training tokens
+        assert [h["val_ppl"] for h in sizes] == pytest.approx([s["val_ppl"] for s in t.user_attrs["sizes"]])
+        assert run["summary"]["alpha"] == pytest.approx(t.user_attrs["alpha"]) and run["summary"]["state"] == "COMPLETE"
+        assert any(k.startswith("scaling/") for h in run["history"] for k in h)  # the plot, as an image
+    for d in (home / "wandb" / "wandb").glob("offline-run-*"):  # and the per-size table, as a file
+        assert len(list((d / "files").glob("trial_*_sizes.csv"))) == 1 and list((d / "files" / "media").rglob("*.png"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs the [tracking] extra (mlflow)")
+def test_mlflow_run_status_follows_the_trial_and_nothing_prints(tmp_path, capfd):
+    from mlflow.tracking import MlflowClient
+
+    from archsearch.tracking import MlflowTracker
+
+    recs = [SizeRecord(s, "tokens", s, 300, 6.0, 0.1, 1000.0 / s**0.3, 0.1, {"total": 10}, 1.0, "cpu", "fp32", [42],
+                       metrics={"val_er": 0.5}) for s in (400, 800, 1600)]  # fmt: skip
+    capfd.readouterr()
+    tracker = MlflowTracker({"experiment": "exp"}, "st", tmp_path)
+    tracker.size(0, "a", {"num_layers": 2}, recs[0])
+    tracker.finish(TrialLog("st", 0, "a", {"num_layers": 2}, "PRUNED", recs[:1], reason="the median pruner stopped it"))
+    tracker.finish(TrialLog("st", 1, "b", {"num_layers": 3}, "FAIL", [], reason="NonFiniteLoss"))
+    tracker.size(2, "c", {"num_layers": 1}, recs[0])  # still running when the run is interrupted
+    tracker.close()
+    assert capfd.readouterr() == ("", "")  # MLflow's INFO lines about its tables stay quiet
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    runs = {r.data.tags["archsearch.config"]: r for r in client.search_runs([client.get_experiment_by_name("exp").experiment_id])}
+    assert {k: r.info.status for k, r in runs.items()} == {"a": "KILLED", "b": "FAILED", "c": "KILLED"}
+    assert runs["a"].data.tags["archsearch.reason"] == "the median pruner stopped it" and runs["a"].data.metrics["val_ppl"] == pytest.approx(recs[0].val_ppl)
+
+
+@pytest.mark.slow
+def test_a_tracker_that_cannot_be_opened_is_exit_2_and_leaves_no_study(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = tiny_space(tiny_corpus, tracking={"mlflow": {"tracking_uri": "http://archsearch:hunter2@127.0.0.1:9"}})
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "tracking (mlflow): cannot open the tracker" in r.stderr and "hunter2" not in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and not (home / "archsearch.db").exists()
