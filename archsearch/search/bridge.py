@@ -462,7 +462,7 @@ class StudyBridge:
         set_constraints(trial, values)
 
     def _done(self, lt, state, values, reason, cached, kind=None) -> None:
-        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind, lt.started, time.time(), lt.pid, lt.handed_out))
+        self.outcomes.append(Outcome(lt.number, lt.name, lt.params, state, values, reason, cached, kind, started=lt.started, ended=time.time(), pid=lt.pid, handed_out=lt.handed_out))
         self._view("end", lt, state=state, values=values, reason=reason)
         self._answer_waiting_repeats(lt.number)
 
