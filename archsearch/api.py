@@ -135,12 +135,7 @@ def _study(study: Any, storage: str | None):
         return study
     from archsearch.search import storage as stg
 
-    url = stg.resolve_url(storage)
-    try:
-        opt_storage = stg.open_storage(url, create=False)
-    except FileNotFoundError:
-        raise ConfigError(f"storage {stg.mask_url(url)}: no such study storage (run a study first)") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, opt_storage = stg.existing_storage(storage, "storage")
     names = [s.study_name for s in optuna.get_all_study_summaries(opt_storage, include_best_trial=False)]
     if study not in names:
         raise ConfigError(f"study {study!r}: not in {stg.mask_url(url)} (studies: {', '.join(names) or 'none'})")

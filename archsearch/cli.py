@@ -470,17 +470,9 @@ def _print_summary(sp, summary) -> None:
 
 def _existing_storage(storage: str | None):
     """(resolved URL, Optuna storage) of a storage that must exist already (nothing is created)."""
-    import optuna
+    from archsearch.search.storage import existing_storage
 
-    from archsearch.search import storage as stg
-
-    url = stg.resolve_url(storage)
-    try:
-        opt_storage = stg.open_storage(url, create=False)
-    except FileNotFoundError:
-        raise ConfigError(f"--storage {stg.mask_url(url)}: no such study storage (run a study first)") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return url, opt_storage
+    return existing_storage(storage, "--storage")
 
 
 def check_port(host: str, port: int) -> None:

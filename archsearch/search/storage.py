@@ -179,6 +179,20 @@ def journal_path(url: str) -> Path | None:
     return Path(url.split("://", 1)[1]) if kind(url) == "journal" else None
 
 
+def existing_storage(storage: str | None, label: str = "--storage"):
+    """(resolved URL, Optuna storage) of a storage that must exist already (nothing is created);
+    ConfigError naming ``label`` where it does not."""
+    import optuna
+
+    url = resolve_url(storage)
+    try:
+        opt_storage = open_storage(url, create=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{label} {mask_url(url)}: no such study storage (run a study first)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return url, opt_storage
+
+
 def open_storage(url: str, create: bool = True):
     """An Optuna storage for ``url`` (already resolved). ``create=False`` never writes: a
     missing SQLite/journal file raises FileNotFoundError instead of being created."""
