@@ -21,7 +21,7 @@ from archsearch.cvfp.fast import head  # noqa: E402
 from archsearch.cvfp.fast.graphs import Phase2Step  # noqa: E402
 from archsearch.cvfp.fast.layers import FusedContextBlock, FusedTokenBlock  # noqa: E402
 from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding  # noqa: E402
-from archsearch.cvfp.phases import _phase1_span  # noqa: E402
+from archsearch.cvfp.phases import phase1_span  # noqa: E402
 from archsearch.cvfp.precision import precision_scope  # noqa: E402
 
 V, E = 50_257, 768
@@ -258,7 +258,7 @@ def main() -> None:
     fused_cblock = FusedContextBlock(cblock)
 
     def p1_chunk(block=fused_cblock):
-        _phase1_span(block, emb, win, inputs, prev, out_all, 0, 64_000, 16, cfg)  # 8 batches of phase1.batch_size 8000
+        phase1_span(block, emb, win, inputs, prev, out_all, 0, 64_000, 16, cfg)  # 8 batches of phase1.batch_size 8000
 
     for fused in (False, True):
         out[f"phase1_chunk_64k_ms_fused_norm_{fused}"] = cuda_time(lambda fused=fused: p1_chunk(fused_cblock if fused else cblock), 5)
@@ -282,7 +282,7 @@ def main() -> None:
         Ws = torch.stack(Wc)
         per = {}
         per["persistent_us_per_step"] = cuda_time(lambda: recurrent_persistent(P, Ws, G, Bt, 1e-5), 3) * 1e3 / T
-        per["graph_us_per_step"] = cuda_time(lambda: R._triton_pass(P, Wc, norms, 1e-5), 3) * 1e3 / T
+        per["graph_us_per_step"] = cuda_time(lambda: R.triton_pass(P, Wc, norms, 1e-5), 3) * 1e3 / T
         out[f"recurrent_L{L2}_C{C2}"] = per
         print(f"recurrent L={L2} C={C2}: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()))
     print(json.dumps({k: v for k, v in out.items()}, indent=1))

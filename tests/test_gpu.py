@@ -39,7 +39,7 @@ def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
     torch.set_float32_matmul_precision("highest")
     ref = torch.empty(L, T, C, device="cuda")
     R._steps(torch.zeros(C, device="cuda"), P, Wc, norms, ref, 1e-5)
-    out = R._triton_pass(P, Wc, norms, 1e-5)
+    out = R.triton_pass(P, Wc, norms, 1e-5)
     assert out.shape == ref.shape
     assert float((out - ref).norm() / ref.norm()) < 1e-4
     from archsearch.cvfp.fast.kernels import recurrent_persistent

@@ -84,7 +84,7 @@ def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, c
         opt.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=device)  # loss, cvfp, diversity summed over finite batches
         for s, e in spans:
-            sums += _phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, cfg)
+            sums += phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, cfg)
         torch.nn.utils.clip_grad_norm_(block.parameters(), p1.grad_clip)
         opt.step()
         rate = float(((out_all - prev).pow(2).mean(dim=1) < p1.convergence_threshold).float().mean())
@@ -99,7 +99,7 @@ def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, c
     return Phase1Result(prev, iteration, rate, history)
 
 
-def _phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, cfg) -> torch.Tensor:
+def phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, cfg) -> torch.Tensor:
     """Forward/backward of positions s..e (whole batches, or the last partial one); returns
     the summed (loss, cvfp, diversity) of its finite batches. A batch whose loss is NaN/Inf is
     skipped (§4): then the span is redone batch by batch, so that the bad batch's activations
@@ -117,7 +117,7 @@ def _phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, 
         return torch.zeros(3, device=device)
     total = torch.zeros(3, device=device)
     for bs in range(s, e, B):
-        total += _phase1_span(block, emb, windows, inputs, prev, out_all, bs, bs + B, num_batches, cfg)
+        total += phase1_span(block, emb, windows, inputs, prev, out_all, bs, bs + B, num_batches, cfg)
     return total
 
 

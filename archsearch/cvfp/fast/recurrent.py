@@ -18,7 +18,7 @@ from archsearch.config import RunConfig
 from archsearch.cvfp.fast.device import graph_capture, triton_available
 from archsearch.cvfp.model import ContextBlock, TokenEmbedding
 
-GRAPH_STEPS = 128  # steps per captured graph (even, see _triton_pass)
+GRAPH_STEPS = 128  # steps per captured graph (even, see triton_pass)
 
 
 def _token_half(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, batch: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tens
             if result is not None:
                 return result
         if mode in ("auto", "persistent", "graph") and fused:
-            return _triton_pass(P, Wc, norms, eps)
+            return triton_pass(P, Wc, norms, eps)
         if mode == "graph" and device.type == "cuda" and T >= GRAPH_STEPS:
             _graph_pass(ctx, P, Wc, norms, out, eps)
         else:
@@ -106,7 +106,7 @@ def _graph_pass(ctx, P, Wc, norms, out, eps) -> None:
         _steps(ctx, P[:, full:], Wc, norms, out[:, full:], eps)
 
 
-def _triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True, steps: int = GRAPH_STEPS) -> torch.Tensor:
+def triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True, steps: int = GRAPH_STEPS) -> torch.Tensor:
     """The recurrence as one fused kernel per layer and step, replayed from a CUDA graph.
 
     Global kernel k finishes layer (k-1) % L of step (k-1) // L and starts layer k % L of
