@@ -17,7 +17,9 @@ __all__ = ["__version__", "fit", "load", "results", "run"]
 
 
 def _version() -> str:
-    """The installed distribution's version; from pyproject.toml in a source tree that is not installed."""
+    """The installed distribution's version; in a source tree that is not installed (no
+    package metadata on the path: a GPU host running a copied checkout), pyproject.toml's
+    version marked ``+src`` (``0.1.0+src``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -31,7 +33,7 @@ def _version() -> str:
             m = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M)
         except OSError:
             m = None
-        return m.group(1) if m else "0+unknown"
+        return f"{m.group(1)}+src" if m else "0+unknown"
 
 
 __version__ = _version()

@@ -43,14 +43,10 @@ OverridesArg = typer.Argument(
 
 
 def version() -> str:
-    """The installed archsearch's version (its package metadata)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    """archsearch's version: the installed distribution's, else the source tree's (``+src``)."""
+    from archsearch import __version__
 
-    try:
-        return dist_version("archsearch")
-    except PackageNotFoundError:  # a source tree on sys.path, not installed
-        return "unknown (not installed)"
+    return __version__
 
 
 def _print_version(value: bool) -> None:

@@ -441,14 +441,13 @@ def _record_run(study, space: Space, data, t0: float, trial_seconds: float, brid
     import logging
 
     try:
-        from importlib.metadata import version
-
+        from archsearch import __version__
         from archsearch.runcache import ENGINE_VERSION
 
         runs = list(study.user_attrs.get("runs") or [])
         runs.append({
             "date": datetime.datetime.fromtimestamp(t0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "archsearch_version": version("archsearch"), "engine_version": ENGINE_VERSION,
+            "archsearch_version": __version__, "engine_version": ENGINE_VERSION,
             "data_fingerprint": _fingerprint(data), "seeds": list(space.seeds),
             "settings": non_default_settings(space), "seconds": round(time.time() - t0, 1),
             "trial_seconds": round(trial_seconds, 1), "trials": sum(1 for o in bridge.outcomes if o.state != "REPEAT"),
