@@ -33,3 +33,20 @@ def test_quickstart_runs_the_grid(tmp_path):
     assert sorted(t.user_attrs["config_name"] for t in trials) == ["baseline", "context_dim_96", "input_tokens_2", "layers_3"]
     assert all(t.state == TrialState.COMPLETE and len(t.user_attrs["sizes"]) == 4 for t in trials)
     assert "archsearch dashboard --storage" in r.stdout
+
+
+def test_readme_quickstart_table_is_the_committed_report():
+    """The README's quickstart numbers are docs/quickstart's (regenerated together)."""
+    import json
+    import re
+
+    summary = json.loads((ROOT / "docs" / "quickstart" / "summary.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    report = (ROOT / "docs" / "quickstart" / "report.md").read_text()
+    laws = summary["laws"]
+    assert len(laws) == 4
+    for name, law in laws.items():
+        row = re.search(rf"^\| {name} \| [^|]+ \| \**(-?\d+\.\d{{4}})\** \| \[(-?\d+\.\d{{4}}), (-?\d+\.\d{{4}})\] \| (\d\.\d{{4}}) \|", readme, re.M)
+        assert row, f"README has no quickstart row for {name}"
+        assert [float(x) for x in row.groups()] == [round(law[k], 4) for k in ("alpha", "alpha_low", "alpha_high", "r2")], name
+        assert f"| {name} | " in report and f"{law['alpha']:.4f}" in report

@@ -62,9 +62,10 @@ def test_old_flat_size_dict_reads_by_field():
 
 
 def test_report_reads_a_study_written_before_the_typed_records(tmp_path):
-    """docs/quickstart/study.db holds the old flat per-size dicts."""
+    """tests/fixtures/study_flat_records.db (the quickstart study committed in docs/quickstart until
+    it was run again) holds the old flat per-size dicts."""
     db = tmp_path / "study.db"
-    shutil.copy(ROOT / "docs" / "quickstart" / "study.db", db)
+    shutil.copy(ROOT / "tests" / "fixtures" / "study_flat_records.db", db)
     out = tmp_path / "report"
     r = cli("report", "--storage", f"sqlite:///{db}", "--study", "quickstart", "--out", str(out), env={"ARCHSEARCH_HOME": str(tmp_path / "home")})
     assert r.returncode == 0, r.stderr
