@@ -75,10 +75,11 @@ def fit(tokens: Sequence[float], ppl: Sequence[float], level: float = 0.95):
 
 def results(study: Any, storage: str | None = None):
     """A pandas DataFrame with one row per trial x size (a trial with no finished size: one
-    row with the size columns empty). Columns, typed: ``trial``, ``config``, the searched
-    params, ``state``, ``size``, ``size_unit``, ``tokens`` (training tokens), ``val_tokens``,
+    row with the size columns empty). Columns, typed: ``trial``, ``config``, ``family`` (the
+    model family: cvfp, gpt, ...), the searched params, ``state``, ``size``, ``size_unit``, ``tokens`` (training tokens), ``val_tokens``,
     ``ppl`` (+ ``ppl_low``/``ppl_high``), ``acc``, ``er``, ``train_er``, ``loss``, ``loss_se``,
-    ``phase1_iterations``, ``seconds``, ``cached``, the trial's fit (``alpha``, ``alpha_low``,
+    ``phase1_iterations``, ``seconds``, ``cached``, ``capped`` (the size hit a training cap)
+    and ``capped_by`` (which: ``max_epochs``, ``phase1_max_iterations``), the trial's fit (``alpha``, ``alpha_low``,
     ``alpha_high``, ``alpha_se``, ``A``, ``r2``, ``ppl_at_target`` ...), ``value_<objective>``
     per objective, ``phase1_params``/``phase2_params``/``total_params``, ``device``,
     ``wall_seconds``, ``reason`` (why pruned or failed), ``datetime_start``/``_complete``.
@@ -92,7 +93,8 @@ def results(study: Any, storage: str | None = None):
     st = _study(study, storage)
     labels = list(st.user_attrs.get("objectives") or st.metric_names or [f"{i}" for i in range(len(st.directions))])
     trials = st.get_trials(deepcopy=False)
-    param_names: list[str] = list(dict.fromkeys(k for t in trials for k in t.distributions))
+    # a searched or fixed ``family`` is the family column, not a param column
+    param_names: list[str] = list(dict.fromkeys(k for t in trials for k in t.distributions if k != "family"))
     rows = []
     for t in trials:
         base = _trial_columns(t, labels, param_names)
@@ -107,18 +109,19 @@ def results(study: Any, storage: str | None = None):
                 "ppl": rec.val_ppl, "ppl_low": low, "ppl_high": high, "acc": rec.val_acc, "er": m.get("val_er"),
                 "train_er": m.get("train_er"), "loss": rec.val_loss, "loss_se": rec.val_loss_se,
                 "phase1_iterations": m.get("phase1_iterations"), "seconds": rec.seconds, "cached": rec.cached,
+                "capped": bool(rec.capped), "capped_by": ",".join(rec.capped), "family": base["family"] or rec.family,
                 "phase1_params": rec.params.get("phase1", base["phase1_params"]),
                 "phase2_params": rec.params.get("phase2", base["phase2_params"]),
                 "total_params": rec.params.get("total", base["total_params"]),
             })  # fmt: skip
-    columns = ["trial", "config", *param_names, "state", "size", "size_unit", "tokens", "val_tokens", "ppl", "ppl_low", "ppl_high",
-               "acc", "er", "train_er", "loss", "loss_se", "phase1_iterations", "seconds", "cached", *FIT_COLUMNS,
+    columns = ["trial", "config", "family", *param_names, "state", "size", "size_unit", "tokens", "val_tokens", "ppl", "ppl_low", "ppl_high",
+               "acc", "er", "train_er", "loss", "loss_se", "phase1_iterations", "seconds", "cached", "capped", "capped_by", *FIT_COLUMNS,
                *(f"value_{label}" for label in labels), "phase1_params", "phase2_params", "total_params", "device",
                "wall_seconds", "reason", "datetime_start", "datetime_complete"]  # fmt: skip
     df = pd.DataFrame(rows, columns=columns)
     types = _param_dtypes(trials, param_names) | {
-        "trial": "int64", "config": "string", "state": pd.CategoricalDtype(STATES), "size": "Int64", "size_unit": "string",
-        "tokens": "Int64", "val_tokens": "Int64", "cached": "boolean", "phase1_params": "Int64", "phase2_params": "Int64",
+        "trial": "int64", "config": "string", "family": "string", "state": pd.CategoricalDtype(STATES), "size": "Int64", "size_unit": "string",
+        "tokens": "Int64", "val_tokens": "Int64", "cached": "boolean", "capped": "boolean", "capped_by": "string", "phase1_params": "Int64", "phase2_params": "Int64",
         "total_params": "Int64", "device": "string", "reason": "string",
         "datetime_start": "datetime64[ns]", "datetime_complete": "datetime64[ns]",
     }  # fmt: skip
@@ -145,7 +148,8 @@ def _study(study: Any, storage: str | None):
 def _trial_columns(t, labels: list[str], param_names: list[str]) -> dict[str, Any]:
     ua = t.user_attrs
     values = list(t.values) if t.values is not None else []
-    out: dict[str, Any] = {"trial": t.number, "config": ua.get("config_name") or f"trial_{t.number}", "state": t.state.name}
+    out: dict[str, Any] = {"trial": t.number, "config": ua.get("config_name") or f"trial_{t.number}", "state": t.state.name,
+                           "family": ua.get("family") or t.params.get("family")}  # None: read from its sizes (cvfp before families)
     out.update({k: t.params.get(k) for k in param_names})
     fit = ua.get("fit") or {}
     out.update({k: ua.get(k, fit.get(k)) for k in FIT_COLUMNS})

@@ -65,7 +65,8 @@ def test_results_of_an_unknown_study_names_it(home):
 
 
 def test_run_quietly_then_read_results_as_a_dataframe(home, tiny_corpus, capfd, ray_in_process):
-    space = tiny_space(tiny_corpus, study={"name": "api"})
+    space = tiny_space(tiny_corpus, study={"name": "api"}, model={"gpt": {"d_model": 16, "n_heads": 2, "context_length": 16, "batch_size": 16}})
+    space["sampler"]["configs"]["g"] = {"family": "gpt", "num_layers": 1}  # a grid of both families
     capfd.readouterr()
     summary = archsearch.run(space, overrides=["phase2.max_epochs=1"])
     out, err = capfd.readouterr()
@@ -73,32 +74,43 @@ def test_run_quietly_then_read_results_as_a_dataframe(home, tiny_corpus, capfd, 
 
     # the summary `archsearch run --json` writes
     assert set(summary) == {"study", "storage", "seconds", "interrupted", "counts", "queued", "failed_stale", "timings", "trials", "repeats", "exhausted"}
-    assert summary["study"] == "api" and summary["counts"] == {"COMPLETE": 2} and not summary["interrupted"]
-    assert summary["repeats"] == 0 and summary["exhausted"] is None  # a queue of two distinct configs
-    assert sorted(t["name"] for t in summary["trials"]) == ["a", "b"]
+    assert summary["study"] == "api" and summary["counts"] == {"COMPLETE": 3} and not summary["interrupted"]
+    assert summary["repeats"] == 0 and summary["exhausted"] is None  # a queue of three distinct configs
+    assert sorted(t["name"] for t in summary["trials"]) == ["a", "b", "g"]
     json.dumps(summary)  # plain data
 
     df = archsearch.results("api")
-    assert len(df) == 2 * 3  # 2 trials x 3 sizes
+    assert len(df) == 3 * 3  # 3 trials x 3 sizes
     dtypes = {c: str(t) for c, t in df.dtypes.items()}
-    assert {k: dtypes[k] for k in ("trial", "config", "num_layers", "context_dim", "state", "size", "tokens", "ppl", "acc", "er",
-                                   "alpha", "alpha_low", "alpha_high", "value_alpha", "phase1_params", "cached")} == {
-        "trial": "int64", "config": "string", "num_layers": "Int64", "context_dim": "Int64", "state": "category", "size": "Int64",
-        "tokens": "Int64", "ppl": "float64", "acc": "float64", "er": "float64", "alpha": "float64", "alpha_low": "float64",
-        "alpha_high": "float64", "value_alpha": "float64", "phase1_params": "Int64", "cached": "boolean"}  # fmt: skip
-    assert list(df.columns[:6]) == ["trial", "config", "num_layers", "context_dim", "num_input_tokens", "state"]
+    assert {k: dtypes[k] for k in ("trial", "config", "family", "num_layers", "context_dim", "state", "size", "tokens", "ppl", "acc",
+                                   "er", "alpha", "alpha_low", "alpha_high", "value_alpha", "phase1_params", "total_params", "cached",
+                                   "capped", "capped_by")} == {
+        "trial": "int64", "config": "string", "family": "string", "num_layers": "Int64", "context_dim": "Int64", "state": "category",
+        "size": "Int64", "tokens": "Int64", "ppl": "float64", "acc": "float64", "er": "float64", "alpha": "float64",
+        "alpha_low": "float64", "alpha_high": "float64", "value_alpha": "float64", "phase1_params": "Int64", "total_params": "Int64",
+        "cached": "boolean", "capped": "boolean", "capped_by": "string"}  # fmt: skip
+    assert list(df.columns[:4]) == ["trial", "config", "family", "num_layers"] and "family" not in df.columns[3:]
     assert set(df["state"]) == {"COMPLETE"} and set(df["size_unit"]) == {"tokens"}
-    assert df.groupby("config")["tokens"].apply(list).to_dict() == {"a": [400, 800, 1600], "b": [400, 800, 1600]}
+    assert {c: set(rows["family"]) for c, rows in df.groupby("config")} == {"a": {"cvfp"}, "b": {"cvfp"}, "g": {"gpt"}}
+    assert df.groupby("config")["tokens"].apply(list).to_dict() == {c: [400, 800, 1600] for c in "abg"}
     for name, rows in df.groupby("config"):
         law = archsearch.fit(list(rows["tokens"]), list(rows["ppl"]))  # the trial's alpha is the fit of its rows
         assert rows["alpha"].iloc[0] == pytest.approx(law.alpha) and rows["value_alpha"].iloc[0] == pytest.approx(law.alpha)
         assert rows["alpha_low"].iloc[0] < law.alpha < rows["alpha_high"].iloc[0]
-        assert rows["num_layers"].iloc[0] == {"a": 1, "b": 2}[name]
-    assert (df["acc"].between(0, 1)).all() and (df["er"] > 0).all() and (df["phase1_params"] > 0).all()
-    assert not math.isnan(df["ppl"].min())
-    # the same study through an optuna.Study object
+        assert rows["num_layers"].iloc[0] == {"a": 1, "b": 2, "g": 1}[name]
+    cvfp, gpt = df[df["family"] == "cvfp"], df[df["family"] == "gpt"]
+    assert (df["acc"].between(0, 1)).all() and (df["total_params"] > 0).all() and not math.isnan(df["ppl"].min())
+    # CVFP's own numbers are there for its rows; a GPT has no phases and no effective rank
+    assert (cvfp["er"] > 0).all() and (cvfp["phase1_params"] > 0).all()
+    assert gpt["er"].isna().all() and gpt["phase1_params"].isna().all()
     import optuna
 
+    # capped follows each size's flags (tiny runs stop at max_epochs=1 while improving)
+    for t in optuna.load_study(study_name="api", storage=summary["storage"]).trials:
+        rows = df[df["trial"] == t.number]
+        assert list(rows["capped_by"]) == [",".join(s["capped"]) for s in t.user_attrs["sizes"]]
+        assert list(rows["capped"]) == [bool(s["capped"]) for s in t.user_attrs["sizes"]]
+    # the same study through an optuna.Study object
     assert archsearch.results(optuna.load_study(study_name="api", storage=summary["storage"])).shape == df.shape
 
 
@@ -114,3 +126,65 @@ def test_the_readme_example_runs(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0] == "{'COMPLETE': 4}" and lines[-1] == archsearch.__version__
     assert any(line.startswith("alpha = -") for line in lines)
+
+
+def _uninstalled_copy(tmp_path):
+    """A copy of the source tree and a view of this environment's packages without
+    archsearch's own metadata or editable finder: what a GPU host running a copied
+    checkout sees. Python runs with -S (no site: no .pth, no editable install)."""
+    import shutil
+    import site
+    import sysconfig
+
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "archsearch", tree / "archsearch", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for sp in dict.fromkeys([sysconfig.get_paths()["purelib"], *site.getsitepackages()]):
+        for entry in __import__("pathlib").Path(sp).iterdir():
+            name = entry.name.lower()
+            if name.startswith(("archsearch", "__editable__")) or (deps / entry.name).exists():
+                continue
+            (deps / entry.name).symlink_to(entry)
+    env = {"PYTHONPATH": f"{tree}:{deps}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    return tree, env
+
+
+def test_version_of_a_source_tree_without_installed_metadata(tmp_path):
+    import tomllib
+
+    tree, env = _uninstalled_copy(tmp_path)
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] + "+src"
+
+    def py(code: str) -> str:
+        r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout.strip()
+
+    check = ("import importlib.metadata as m, archsearch\n"
+             "try:\n    m.version('archsearch'); print('installed')\nexcept m.PackageNotFoundError:\n    print('none')\n"
+             "print(archsearch.__file__); print(archsearch.__version__)")  # fmt: skip
+    found, where, ver = py(check).splitlines()
+    assert found == "none" and where.startswith(str(tree))  # the copy, with no metadata anywhere on the path
+    assert ver == expected
+    assert py("from archsearch.cli import app; app(['--version'])") == f"archsearch {expected}"
+    # the run record of the report's header (it raised "No package metadata" before)
+    record = ("from types import SimpleNamespace as NS\n"
+              "from archsearch.search.runner import _record_run\nfrom archsearch.space import parse_space\n"
+              "class Study:\n    user_attrs = {}\n    def set_user_attr(self, k, v): self.user_attrs[k] = v\n"
+              "st = Study()\n"
+              "_record_run(st, parse_space({'data': {'source': 'wiki', 'sizes': {'tokens': [1000, 2000]}}}), NS(fingerprint='f' * 16), 0.0, 1.0, NS(outcomes=[], repeats=0, exhausted=None))\n"
+              "print(st.user_attrs['runs'][-1]['archsearch_version'])")  # fmt: skip
+    assert py(record) == expected
+
+
+def test_results_of_a_study_written_before_families(tmp_path):
+    """Studies from before families and cap flags read as cvfp, not capped."""
+    import shutil
+
+    db = tmp_path / "old.db"
+    shutil.copy(ROOT / "tests" / "fixtures" / "study_flat_records.db", db)
+    df = archsearch.results("quickstart", storage=f"sqlite:///{db}")
+    assert len(df) == 4 * 4 and set(df["family"]) == {"cvfp"} and not df["capped"].any() and set(df["capped_by"]) == {""}
+    assert df.loc[df["config"] == "baseline", "alpha"].iloc[0] == pytest.approx(-0.7102, abs=1e-4)
