@@ -1,7 +1,9 @@
 """optuna-dashboard in a real headless Chromium (Debian's), for a grid and for a TPE study:
 the study graph with interval bands, each trial's note (config, alpha +- interval, PPL at the
-target +- interval, the per-size table), its plot opening full size, and study user
-attributes without the signature. Screenshots go to test-artifacts/."""
+target +- interval, the per-size table), its plot opening full size, study user attributes
+without the signature, the trial list labelled with config names, and the trial table
+(optuna-dashboard's "Smart Selection" page; its old /trialTable address is sent there) with
+a config_name column and rows that fit on the screen. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -98,6 +100,19 @@ def check_study(tmp_path, home, study: str, tag: str) -> None:
             width, height = png_size(urllib.request.urlopen(base + src.group(1), timeout=30).read())
             assert width >= 600 and height >= 400
             assert f'href="{src.group(1)}"' in dom
+
+        # the trial list names each trial's config ("Trial N · name")
+        names = {t["number"]: next(a["value"] for a in t["user_attrs"] if a["key"] == "config_name") for t in detail["trials"]
+                 if any(a["key"] == "config_name" for a in t["user_attrs"])}  # fmt: skip
+        assert names and all(f"Trial {n} \u00b7 {name}</" in dom for n, name in names.items()), re.findall(r"Trial \d+[^<]*", dom)
+
+        # the trial table: its old address is sent to it; config_name is a column, every trial a row
+        table_dom = chromium(f"{base}/dashboard/studies/{sid}/trialTable", tmp_path / "u4", ARTIFACTS / f"dashboard_{tag}_table.png")
+        assert ">UserAttribute config_name<" in table_dom and ">UserAttribute sizes<" not in table_dom
+        header = re.findall(r">((?:Param|UserAttribute) [^<]+)<", table_dom)
+        assert header.index("UserAttribute config_name") == sum(h.startswith("Param ") for h in header)  # right after the params
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", table_dom)
+        assert all(name in cells for name in names.values()) and max(map(len, cells)) <= 80  # no cell of thousands of characters
 
         note_dom = chromium(f"{base}/dashboard/studies/{sid}/note", tmp_path / "u3", ARTIFACTS / f"dashboard_{tag}_note.png")
         assert "Summary" in note_dom and "Recommendation" in note_dom  # the summary note
