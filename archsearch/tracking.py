@@ -6,8 +6,11 @@ driver alone (the bridge sees every trial's results, so nothing races between Ra
 - MLflow: one run per trial (experiment = the study name), its searched params, per-size
   metrics as steps (step = training tokens), the fit (alpha, A, R², interval, extrapolated
   PPL) as metrics, the config, the log-log plot and the per-size table as artifacts; the
-  run's status says how the trial ended. Default store: SQLite under
-  ``$ARCHSEARCH_HOME/mlflow`` (MLflow 3 keeps its plain-file store in maintenance mode).
+  run's status says how the trial ended. Default store: SQLite, ``$ARCHSEARCH_HOME/mlflow/mlflow.db``
+  (MLflow 3's own default is ``sqlite:///mlflow.db``: it keeps its plain-file store in
+  maintenance mode and refuses to open one unless ``MLFLOW_ALLOW_FILE_STORE=true``). A
+  ``tracking_uri`` that names a file store (``file:./mlruns`` or a path) is that opt-in: it
+  sets the variable for this process (unless it is set) and MLflow writes the file store.
 - TensorBoard: one event directory per trial under ``$ARCHSEARCH_HOME/tensorboard/<study>``:
   per-size scalars at step = training tokens, the fit as scalars, the params as hparams.
 - W&B: offline runs (``wandb sync`` uploads them later) under ``$ARCHSEARCH_HOME/wandb``.
@@ -30,6 +33,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +209,12 @@ class Trackers:
         self._each("close")
 
 
+def is_file_store(uri: str) -> bool:
+    """An MLflow tracking URI that names its plain-file store: ``file:`` or a bare path."""
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):", uri)
+    return scheme is None or scheme.group(1).lower() == "file" or len(scheme.group(1)) == 1  # C:\... is a path
+
+
 class MlflowTracker:
     name = "mlflow"
 
@@ -219,6 +229,9 @@ class MlflowTracker:
         if uri is None:
             root.mkdir(parents=True, exist_ok=True)
             uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"
+        elif is_file_store(uri):
+            # MLflow 3 refuses its file store unless this is set; naming one is that opt-in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.uri = uri
         self.client = MlflowClient(uri)
         name = spec.get("experiment") or study

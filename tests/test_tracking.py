@@ -181,3 +181,31 @@ def test_a_tracker_that_cannot_be_opened_is_exit_2_and_leaves_no_study(tmp_path,
     assert r.returncode == 2, r.stdout + r.stderr
     assert "tracking (mlflow): cannot open the tracker" in r.stderr and "hunter2" not in r.stdout + r.stderr
     assert "Traceback" not in r.stderr and not (home / "archsearch.db").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs the [tracking] extra (mlflow)")
+@pytest.mark.parametrize("form", ["file-uri", "path"])
+def test_mlflow_file_store_when_named(tmp_path, monkeypatch, form):
+    """MLflow 3 refuses its file store by default; a tracking_uri naming one opts in, and
+    what was logged reads back from the files (a plain MlflowClient on them)."""
+    from mlflow.tracking import MlflowClient
+
+    from archsearch.tracking import MlflowTracker, is_file_store
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")  # so that the test's end restores the variable as it was
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    store = tmp_path / "mlruns"
+    uri = store.as_uri() if form == "file-uri" else str(store)
+    assert is_file_store(uri) and not is_file_store("sqlite:///x.db") and not is_file_store("http://h:5000")
+    recs = [SizeRecord(s, "tokens", s, 300, 6.0, 0.1, 1000.0 / s**0.3, 0.1, {"total": 10}, 1.0, "cpu", "fp32", [42])
+            for s in (400, 800)]  # fmt: skip
+    tracker = MlflowTracker({"tracking_uri": uri, "experiment": "exp"}, "st", tmp_path / "home")
+    for rec in recs:
+        tracker.size(0, "a", {"num_layers": 2}, rec)
+    tracker.finish(TrialLog("st", 0, "a", {"num_layers": 2}, "COMPLETE", recs, fit={"alpha": -0.3, "r2": 0.9}))
+    assert not (tmp_path / "home" / "mlflow").exists()  # not the default SQLite store
+    assert (store / "meta.yaml").exists() or any(store.glob("*/meta.yaml"))  # MLflow's file layout
+    client = MlflowClient(store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params == {"num_layers": "2"} and run.data.metrics["alpha"] == -0.3
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [(r.train_tokens, r.val_ppl) for r in recs]
