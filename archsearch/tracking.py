@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archsearch.errors import shown
 from archsearch.result import SizeRecord
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,18 @@ class TrackingSpec:
 
 
 def parse_tracking(raw: Any, problems: list[str]) -> TrackingSpec:
-    """Validate the ``tracking`` section; append every problem (with its key) to ``problems``."""
+    """Validate the ``tracking`` section; append every problem (with its key) to ``problems``.
+    Bad values are quoted as the space parser quotes them (:func:`~archsearch.errors.shown`:
+    cut to a bounded length), with any password masked."""
     if raw is None:
         return TrackingSpec()
     if not isinstance(raw, dict):
-        problems.append(f"tracking: expected a mapping like {{mlflow: true}}, got {raw!r}")
+        problems.append(f"tracking: expected a mapping like {{mlflow: true}}, got {_shown(raw)}")
         return TrackingSpec()
     out: dict[str, dict[str, Any] | None] = {}
     for name, value in raw.items():
         if name not in KEYS:
-            problems.append(f"tracking.{name}: unknown tracker (known: {', '.join(KEYS)})")
+            problems.append(f"tracking.{_key(name)}: unknown tracker (known: {', '.join(KEYS)})")
             continue
         if value is None or value is False:
             out[name] = None
@@ -90,15 +93,15 @@ def parse_tracking(raw: Any, problems: list[str]) -> TrackingSpec:
         if value is True:
             value = {}
         if not isinstance(value, dict):
-            problems.append(f"tracking.{name}: expected true, false or a mapping of {', '.join(KEYS[name])}, got {value!r}")
+            problems.append(f"tracking.{name}: expected true, false or a mapping of {', '.join(KEYS[name])}, got {_shown(value)}")
             continue
         ok = True
         for k, v in value.items():
             if k not in KEYS[name]:
-                problems.append(f"tracking.{name}.{k}: unknown key (known: {', '.join(KEYS[name])})")
+                problems.append(f"tracking.{name}.{_key(k)}: unknown key (known: {', '.join(KEYS[name])})")
                 ok = False
             elif not isinstance(v, str) or not v.strip():
-                problems.append(f"tracking.{name}.{k}: expected a non-empty string, got {_mask(v)!r}")
+                problems.append(f"tracking.{name}.{k}: expected a non-empty string, got {_shown(v)}")
                 ok = False
         if not any(importlib.util.find_spec(m) is not None for m in PACKAGES[name]):
             problems.append(f"tracking.{name}: needs the {PACKAGES[name][0]} package, which is not installed "
@@ -107,6 +110,15 @@ def parse_tracking(raw: Any, problems: list[str]) -> TrackingSpec:
         if ok:
             out[name] = dict(value)
     return TrackingSpec(**out)
+
+
+def _shown(value: Any) -> str:
+    return shown(_mask(value))
+
+
+def _key(key: Any) -> str:
+    """A key of the user's in a message's dotted path (as the space parser writes it)."""
+    return shown(str(key), 60).strip("'")
 
 
 _CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")

@@ -209,3 +209,14 @@ def test_mlflow_file_store_when_named(tmp_path, monkeypatch, form):
     (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params == {"num_layers": "2"} and run.data.metrics["alpha"] == -0.3
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [(r.train_tokens, r.val_ppl) for r in recs]
+
+
+def test_bad_tracking_values_are_quoted_short_and_masked():
+    """As in the rest of a space file: a huge bad value is cut, not echoed; passwords hidden."""
+    from archsearch.tracking import parse_tracking
+
+    problems: list[str] = []
+    parse_tracking({"x" * 5000: 1, "mlflow": {"tracking_uri": ["a"] * 100_000}, "tensorboard": "http://u:hunter2@h/" + "q" * 5000}, problems)
+    assert len(problems) == 3 and all(len(p) < 200 for p in problems), problems
+    assert "... (5,002 chars): unknown tracker" in problems[0] and "<a list of 100,000 items>" in problems[1]
+    assert "hunter2" not in problems[2] and "u:***@h" in problems[2]
