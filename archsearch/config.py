@@ -103,6 +103,12 @@ class EngineConfig:
     fused_layers: bool = True
     """On GPUs with Triton, run each standard layer as one fused autograd Function
     (cvfp/fast/layers.py; speed only, off for A/B measurements)."""
+    concurrent_sizes: int = 0
+    """Sizes of a trial trained at once, in threads of the trial's process, each on its own
+    CUDA stream (speed only: every run draws from its own generators, so the numbers are those
+    of one size after another): 0 = auto (2 on a GPU, 1 on a CPU) | 1 | 2 | 4. The trial's
+    first size to be trained runs alone (it compiles the kernels and pays the first CUDA use
+    before any thread captures a graph); CVFP only (other families run one size at a time)."""
     recurrent: str = "auto"
     """How the recurrent validation pass runs (speed only): auto (persistent on GPUs with
     Triton, else eager) | persistent (one fused kernel for the whole pass) | graph (one
@@ -360,6 +366,7 @@ _BOUNDS: dict[str, tuple[float, bool, float | None]] = {
     "engine.er_max_rows": (1, False, 1_000_000),
     "engine.phase1_chunk_batches": (1, False, 1_024),
     "engine.eval_batch_size": (1, False, BATCH_MAX),
+    "engine.concurrent_sizes": (0, False, 8),
 }
 MAX_PARAMS = 4e9
 """Trainable parameters of one config, phase 1 + phase 2 (fp32 weights, gradients and Adam's

@@ -11,6 +11,7 @@ caller's callbacks.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,8 +146,121 @@ OnSize = Callable[[SizeRecord, dict[str, Any]], bool | None]
 """on_size(size_record, partial_result) -> False to stop the trial after this size."""
 
 
+CONCURRENT_SIZES_GPU = 2
+"""``engine.concurrent_sizes: 0`` (auto) on a GPU: two runs on one GPU overlap one run's
+latency-bound recurrent validation pass with the other's matrix work (benchmarks/NOTES.md)."""
+
+
+def concurrent_sizes(cfg: RunConfig, device_type: str) -> int:
+    """How many sizes of a trial run at once: ``engine.concurrent_sizes``, auto resolved
+    (2 on CUDA, 1 elsewhere); always 1 for a family other than CVFP (its runs may draw from
+    global random state, which threads would share)."""
+    if cfg.family != "cvfp":
+        return 1
+    n = cfg.engine.concurrent_sizes
+    if n == 0:
+        return CONCURRENT_SIZES_GPU if device_type == "cuda" else 1
+    return n
+
+
+_POOLS: dict[int, Any] = {}
+_POOLS_LOCK = threading.Lock()
+_THREAD = threading.local()
+
+
+def _pool(n: int):
+    """The process's pool of ``n`` size threads, kept for the next trial: each thread keeps its
+    own CUDA stream and phase-2 session (cvfp/fast/graphs.py), so a worker's later trials reuse
+    them as one thread's later sizes do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"archsearch-size{n}")
+        return _POOLS[n]
+
+
+def _on_own_stream(device: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the calling thread's own CUDA stream of ``device`` (plain call elsewhere)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return fn()
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    streams = _THREAD.__dict__.setdefault("streams", {})
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(torch.device("cuda", index))
+    with torch.cuda.device(index), torch.cuda.stream(streams[index]):
+        out = fn()
+        streams[index].synchronize()  # the results are complete before another thread reads them
+        return out
+
+
+def in_order(items: list[Any], work: Callable[[Any], Any], n: int, device: str = "cpu"):
+    """Yield ``work(item)`` for every item, in the items' order, running up to ``n`` items at
+    once in threads (each on its own CUDA stream of ``device``). With ``n == 1`` everything runs
+    in the calling thread, one item after another. At most ``n`` items are started ahead
+    of the one the caller is waiting for, so closing the generator early (a pruned trial)
+    wastes at most ``n - 1`` runs: items not yet started are cancelled and those running are
+    waited for, and so they are when ``work`` raises (the first exception in item order is
+    raised, after every earlier item's result was yielded, as one item after another would)."""
+    if n <= 1 or len(items) <= 1:
+        for item in items:
+            yield work(item)
+        return
+    from collections import deque
+
+    pool = _pool(n)
+    pending = deque()
+    nxt = 0
+    try:
+        while nxt < len(items) or pending:
+            while nxt < len(items) and len(pending) < n:
+                item = items[nxt]
+                pending.append(pool.submit(_on_own_stream, device, lambda item=item: work(item)))
+                nxt += 1
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        for f in pending:
+            if not f.cancelled():
+                try:
+                    f.result()
+                except BaseException:  # an item after the one that stopped the loop: not asked for
+                    pass
+
+
+def warm_key(cfg: RunConfig, device: str) -> tuple[str, str, str]:
+    """What a run's compiled kernels depend on: the model's shape, the engine settings, the device."""
+    import json
+
+    return (json.dumps(cfg.to_dict()["model"], sort_keys=True), json.dumps(cfg.to_dict()["engine"], sort_keys=True), device)
+
+
+_WARM: set[Any] = set()
+_WARM_LOCK = threading.Lock()
+
+
+def first_use_alone(shape: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()``; the first call for a ``shape`` in this process runs alone among the callers
+    of this function (the others wait for it): a model shape's first run compiles its Triton
+    kernels and makes the process's first CUDA, cuBLAS and Triton use, and no other thread
+    must capture a CUDA graph meanwhile (benchmarks/NOTES.md, "in-process concurrency")."""
+    with _WARM_LOCK:  # held through a first run: a call for any shape waits for it to end
+        if shape not in _WARM:
+            out = fn()
+            _WARM.add(shape)
+            return out
+    return fn()
+
+
 def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable[..., None] | None = None) -> dict[str, Any]:
-    """Train ``plan``'s architecture at every size (smallest first) and fit the law."""
+    """Train ``plan``'s architecture at every size (smallest first) and fit the law.
+
+    Up to ``engine.concurrent_sizes`` sizes train at once (:func:`in_order`); the records, the
+    ``on_size`` calls and a failure come in size order, as with one size after another."""
     import numpy as np
     import torch
 
@@ -155,55 +269,73 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
 
     t0 = time.perf_counter()
     data = load_prepared(plan.data_path)
-    cfg = resolved_precision(plan.run_config, torch.device(plan.device).type)
+    device_type = torch.device(plan.device).type
+    cfg = resolved_precision(plan.run_config, device_type)
     family = cfg.family_object()
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
-    embedding = None
+    embedding: list[Any] = []
+    embedding_lock = threading.Lock()
+    progress_lock = threading.Lock()
     val_ids = torch.from_numpy(data.val_ids())
     records: list[SizeRecord] = []
     complete = True
     retry = plan.extra.get("capped_retry") or {}
-    for i, size in enumerate(sorted(plan.sizes)):
+    sizes = sorted(plan.sizes)
+    threads = concurrent_sizes(cfg, device_type)
 
-        def run_size(cfg_used: RunConfig, _size=size, _i=i) -> tuple[list[RunResult], list[bool]]:
-            nonlocal embedding
-            runs: list[RunResult] = []
-            cached: list[bool] = []
-            for seed in plan.seeds:
-                key = run_key(cfg_used, data.stream_fingerprint(_size, plan.size_unit), seed)
-                hit = cache.get(key) if cache is not None else None
-                if hit is not None:
-                    runs.append(hit)
-                    cached.append(True)
-                    if progress:
-                        progress("cached", size=_size, size_index=_i, seed=seed)
-                    continue
-                if embedding is None:
-                    embedding = torch.from_numpy(np.asarray(data.embedding(), dtype=np.float32))
-                train_ids = torch.from_numpy(data.train_ids(_size, plan.size_unit))
+    def report(event, **info):
+        if progress:
+            with progress_lock:  # sizes in threads: one event at a time reaches the caller
+                progress(event, **info)
 
-                def relay(event, _seed=seed, **info):
-                    if progress:
-                        progress(event, size=_size, size_index=_i, seed=_seed, **info)
+    def run_size(cfg_used: RunConfig, size: int, i: int) -> tuple[list[RunResult], list[bool]]:
+        runs: list[RunResult] = []
+        cached: list[bool] = []
+        for seed in plan.seeds:
+            key = run_key(cfg_used, data.stream_fingerprint(size, plan.size_unit), seed)
+            hit = cache.get(key) if cache is not None else None
+            if hit is not None:
+                runs.append(hit)
+                cached.append(True)
+                report("cached", size=size, size_index=i, seed=seed)
+                continue
+            with embedding_lock:
+                if not embedding:
+                    embedding.append(torch.from_numpy(np.asarray(data.embedding(), dtype=np.float32)))
+            train_ids = torch.from_numpy(data.train_ids(size, plan.size_unit))
 
-                relay("start")
-                run = family.train(cfg_used.family_config, RunData(embedding, train_ids, val_ids), seed, plan.device, relay)
-                if not isinstance(run, RunResult):
-                    raise TypeError(f"family {cfg_used.family!r}: train returned {type(run).__name__}, not an archsearch.result.RunResult")
-                if cache is not None:
-                    cache.put(key, run)
-                runs.append(run)
-                cached.append(False)
-            return runs, cached
+            def relay(event, _seed=seed, **info):
+                report(event, size=size, size_index=i, seed=_seed, **info)
 
-        runs, cached = run_size(cfg)
+            relay("start")
+            train = lambda: family.train(cfg_used.family_config, RunData(embedding[0], train_ids, val_ids), seed, plan.device, relay)  # noqa: E731
+            run = first_use_alone(warm_key(cfg_used, plan.device), train) if threads > 1 else train()
+            if not isinstance(run, RunResult):
+                raise TypeError(f"family {cfg_used.family!r}: train returned {type(run).__name__}, not an archsearch.result.RunResult")
+            if cache is not None:
+                cache.put(key, run)
+            runs.append(run)
+            cached.append(False)
+        return runs, cached
+
+    def train_size(item: tuple[int, int]) -> SizeRecord:
+        i, size = item
+        runs, cached = run_size(cfg, size, i)
         raised = retry_settings(retry, {f for r in runs for f in r.capped})
         if raised:  # the space raises the caps a run hit: the size is trained again with them
-            runs, cached = run_size(cfg.replace(**raised))
-        records.append(combine_seeds(runs, size, plan.size_unit, cached))
-        records[-1].retried = raised
-        partial = summarize(plan, records, time.perf_counter() - t0, complete=len(records) == len(plan.sizes))
-        if on_size is not None and on_size(records[-1], partial) is False and len(records) < len(plan.sizes):
-            complete = False
-            break
+            runs, cached = run_size(cfg.replace(**raised), size, i)
+        record = combine_seeds(runs, size, plan.size_unit, cached)
+        record.retried = raised
+        return record
+
+    sized = in_order(list(enumerate(sizes)), train_size, threads, plan.device)
+    try:
+        for record in sized:
+            records.append(record)
+            partial = summarize(plan, records, time.perf_counter() - t0, complete=len(records) == len(plan.sizes))
+            if on_size is not None and on_size(records[-1], partial) is False and len(records) < len(plan.sizes):
+                complete = False
+                break
+    finally:
+        sized.close()  # a pruned or failed trial: sizes not started are cancelled, running ones finish
     return summarize(plan, records, time.perf_counter() - t0, complete)
