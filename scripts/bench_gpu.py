@@ -1,6 +1,12 @@
 """Benchmark of the report's whole workload: 4 configs x 4 sizes, phases timed, JSON out.
 
     python scripts/bench_gpu.py --precision bf16 --concurrency 2 --out benchmarks/h100_bf16.json
+    python scripts/bench_gpu.py --concurrent-sizes 2 --out benchmarks/h200_bench_sizes2.json
+
+``--concurrency N``: N trials at once (threads pulling trials, each trial's sizes in a row);
+``--concurrent-sizes N``: the trials one after another, each trial's sizes N at once, the way
+``archsearch run`` trains a trial with ``engine.concurrent_sizes: N`` (archsearch.trial's
+in_order and first_use_alone: a kept pool of threads, one CUDA stream each).
 
 The report's shapes with random data (no data access needed): V = 50,257, E = 768, training
 streams of 62,891 / 122,795 / 240,132 / 587,970 tokens, a 31,024-token validation stream,
@@ -17,6 +23,7 @@ are those of spaces/grid_4arch_offline.yaml.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -34,6 +41,7 @@ import torch  # noqa: E402
 from archsearch.config import param_counts, run_config_from_dict, token_widths  # noqa: E402
 from archsearch.cvfp.run import train_run  # noqa: E402
 from archsearch.space import load_space  # noqa: E402
+from archsearch.trial import first_use_alone, in_order  # noqa: E402
 
 # the report's grid: its configs and training-token counts, as the shipped space file has them
 GRID = load_space(Path(__file__).resolve().parent.parent / "spaces" / "grid_4arch_offline.yaml")
@@ -170,6 +178,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="a device, or several separated by commas (cuda:0,cuda:1): runs are spread over them")
     ap.add_argument("--precision", default="bf16", choices=list(PEAK_TFLOPS))
     ap.add_argument("--concurrency", type=int, default=1, help="runs sharing the device at once (threads, one CUDA stream each)")
+    ap.add_argument("--concurrent-sizes", type=int, default=1, help="sizes of one trial trained at once, as engine.concurrent_sizes makes archsearch.trial do (threads of a kept pool, one CUDA stream each, first use of a shape alone)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every size (for a quick smoke run)")
     ap.add_argument("--epochs", type=int, default=5)
@@ -204,9 +213,9 @@ def main() -> None:
         if d.type == "cuda":
             torch.cuda.set_device(d)
         for L, C, k in sorted({CONFIGS[name] for name in args.configs.split(",")}):
-            one_run(("warmup", (L, C, k), 4 * 4096 + 100), W, train, val, d, args.precision, 1)
+            first_use_alone(((L, C, k), args.precision, str(d)), lambda: one_run(("warmup", (L, C, k), 4 * 4096 + 100), W, train, val, d, args.precision, 1))
     release_phase2_graphs()
-    if args.concurrency > 1:  # a stuck run shows where it is stuck
+    if args.concurrency > 1 or args.concurrent_sizes > 1:  # a stuck run shows where it is stuck
         import faulthandler
 
         faulthandler.dump_traceback_later(args.hang_after, exit=True)
@@ -226,13 +235,27 @@ def main() -> None:
                 trial = todo.get_nowait()
             except queue.Empty:
                 return
-            for job in trial:
+
+            def sized(job):  # one size of the trial; an error is reported, not raised
                 try:
-                    if stream is not None:
-                        with torch.cuda.stream(stream):
-                            r = one_run(job, W, train, val, device, args.precision, args.epochs)
-                    else:
-                        r = one_run(job, W, train, val, device, args.precision, args.epochs)
+                    return first_use_alone((job[1], args.precision, str(device)), lambda: one_run(job, W, train, val, device, args.precision, args.epochs))
+                except Exception as e:
+                    return e
+
+            if args.concurrent_sizes > 1:  # as archsearch.trial.run_trial runs a trial's sizes
+                done = in_order(trial, sized, args.concurrent_sizes, str(device))
+            else:
+                def one_by_one():
+                    for job in trial:
+                        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                            r = sized(job)
+                        yield r
+
+                done = one_by_one()
+            for job, r in zip(trial, done):
+                try:
+                    if isinstance(r, Exception):
+                        raise r
                     results.append(r)
                     p = r["phases"]
                     print(f"{r['config']:>17} {r['train_tokens']:>8,}: {r['seconds']:6.2f} s | phase 1 {p['phase1']['seconds']:5.2f} s "
@@ -252,7 +275,7 @@ def main() -> None:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
     wall = time.perf_counter() - t0
-    if args.concurrency > 1:
+    if args.concurrency > 1 or args.concurrent_sizes > 1:
         import faulthandler
 
         faulthandler.cancel_dump_traceback_later()
@@ -272,6 +295,7 @@ def main() -> None:
         "torch": torch.__version__,
         "precision": args.precision,
         "concurrency": args.concurrency,
+        "concurrent_sizes": args.concurrent_sizes,
         "devices": [str(d) for d in devices],
         "recurrent": args.recurrent,
         "scale": args.scale,

@@ -334,3 +334,42 @@ def test_variant_layer_runs_on_the_plain_path_on_gpu(caplog):
     events.clear()
     train_run(cfg, W, train, val, seed=3, device="cuda", progress=lambda e, **i: events.append(e))
     assert "notice" not in events  # the standard form takes the fast paths silently
+
+
+@pytest.mark.parametrize("C", [768, 1152])
+def test_gram_effective_rank_matches_svd_on_gpu(C):
+    """The engine's effective rank (Gram eigenvalues, float64, on the GPU) against an SVD in
+    float64 on the CPU of the same rows, on LayerNorm'd uncentred rows with dominant directions."""
+    from archsearch.cvfp.metrics import effective_rank
+    from archsearch.cvfp.reference import Reference
+
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(20_000, 8, generator=g) @ (3 * torch.randn(8, C, generator=g)) + torch.randn(20_000, C, generator=g)
+    x = torch.nn.functional.layer_norm(x + 2.0, (C,))
+    got = effective_rank(x.cuda(), 10_000, torch.Generator().manual_seed(1))
+    want = Reference.effective_rank(x.double(), 10_000, torch.Generator().manual_seed(1))
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_concurrent_sizes_on_gpu_equal_one_after_another(tiny_corpus):
+    """engine.concurrent_sizes 2 on the GPU (threads, one CUDA stream each, captured graphs,
+    Triton kernels): every size's numbers equal those of the sizes one after another, to the bit."""
+    from test_concurrent_sizes import SIZES, numbers
+
+    from archsearch.plan import prepare_space_data
+    from archsearch.space import parse_space
+    from archsearch.trial import TrialPlan, run_trial
+    from helpers import tiny_space
+
+    space = parse_space(tiny_space(tiny_corpus, data=dict(tiny_space(tiny_corpus)["data"], sizes={"tokens": SIZES})))
+    data = prepare_space_data(space)
+
+    def plan(n):
+        params = {"num_layers": 2, "context_dim": 64, "num_input_tokens": 2, "engine.concurrent_sizes": n}
+        return TrialPlan(params=params, config=space.run_config(params).to_dict(), sizes=SIZES, size_unit="tokens", seeds=[42, 7],
+                         objectives=[o.__dict__ for o in space.objectives], data_path=str(data.path), device="cuda")  # fmt: skip
+
+    seq = run_trial(plan(1))
+    for _ in range(3):  # a race would show in some repeats, not necessarily the first
+        assert numbers(run_trial(plan(2))) == numbers(seq)
+    assert numbers(run_trial(plan(4))) == numbers(seq)
