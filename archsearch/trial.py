@@ -11,6 +11,7 @@ caller's callbacks.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -197,19 +198,22 @@ def _on_own_stream(device: str, fn: Callable[[], Any]) -> Any:
         return out
 
 
-def in_order(items: list[Any], work: Callable[[Any], Any], n: int, device: str = "cpu"):
+def in_order(items: list[Any], work: Callable[[Any], Any], n: int, device: str = "cpu", idle: Callable[[], None] | None = None):
     """Yield ``work(item)`` for every item, in the items' order, running up to ``n`` items at
     once in threads (each on its own CUDA stream of ``device``). With ``n == 1`` everything runs
     in the calling thread, one item after another. At most ``n`` items are started ahead
     of the one the caller is waiting for, so closing the generator early (a pruned trial)
     wastes at most ``n - 1`` runs: items not yet started are cancelled and those running are
     waited for, and so they are when ``work`` raises (the first exception in item order is
-    raised, after every earlier item's result was yielded, as one item after another would)."""
+    raised, after every earlier item's result was yielded, as one item after another would).
+    ``idle()`` is called in the calling thread while it waits (every ~20 ms) and once more
+    before each result is yielded."""
     if n <= 1 or len(items) <= 1:
         for item in items:
             yield work(item)
         return
     from collections import deque
+    from concurrent.futures import wait
 
     pool = _pool(n)
     pending = deque()
@@ -220,7 +224,13 @@ def in_order(items: list[Any], work: Callable[[Any], Any], n: int, device: str =
                 item = items[nxt]
                 pending.append(pool.submit(_on_own_stream, device, lambda item=item: work(item)))
                 nxt += 1
-            yield pending.popleft().result()
+            first = pending.popleft()
+            while idle is not None and not first.done():
+                idle()
+                wait([first], timeout=0.02)
+            if idle is not None:
+                idle()
+            yield first.result()
     finally:
         for f in pending:
             f.cancel()
@@ -260,7 +270,9 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     """Train ``plan``'s architecture at every size (smallest first) and fit the law.
 
     Up to ``engine.concurrent_sizes`` sizes train at once (:func:`in_order`); the records, the
-    ``on_size`` calls and a failure come in size order, as with one size after another."""
+    ``on_size`` calls and a failure come in size order, as with one size after another, and
+    every callback (``on_size``, ``progress``) is called in the calling thread (a Ray Tune
+    session, a live view): the sizes' threads queue their progress events for it."""
     import numpy as np
     import torch
 
@@ -275,7 +287,6 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
     embedding: list[Any] = []
     embedding_lock = threading.Lock()
-    progress_lock = threading.Lock()
     val_ids = torch.from_numpy(data.val_ids())
     records: list[SizeRecord] = []
     complete = True
@@ -283,10 +294,23 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     sizes = sorted(plan.sizes)
     threads = concurrent_sizes(cfg, device_type)
 
+    caller = threading.get_ident()
+    events: queue.SimpleQueue = queue.SimpleQueue()
+
     def report(event, **info):
         if progress:
-            with progress_lock:  # sizes in threads: one event at a time reaches the caller
+            if threading.get_ident() == caller:
                 progress(event, **info)
+            else:  # a size in a thread: the event reaches the caller from the caller's thread
+                events.put((event, info))
+
+    def relay_events():
+        while True:
+            try:
+                event, info = events.get_nowait()
+            except queue.Empty:
+                return
+            progress(event, **info)
 
     def run_size(cfg_used: RunConfig, size: int, i: int) -> tuple[list[RunResult], list[bool]]:
         runs: list[RunResult] = []
@@ -328,7 +352,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
         record.retried = raised
         return record
 
-    sized = in_order(list(enumerate(sizes)), train_size, threads, plan.device)
+    sized = in_order(list(enumerate(sizes)), train_size, threads, plan.device, idle=relay_events if progress else None)
     try:
         for record in sized:
             records.append(record)

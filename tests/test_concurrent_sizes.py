@@ -50,12 +50,25 @@ def test_two_sizes_at_once_equal_one_after_another_to_the_bit(prepared):
 
     def progress(e, **i):
         par_events.append((e, i.get("size"), i.get("seed")))
-        ran_in.add(threading.current_thread().name)
+        called_in.add(threading.current_thread().name)
 
-    par = run_trial(plan_for(prepared, 2, seeds=(42,)), progress=progress)
+    import archsearch.cvfp.run as engine
+
+    real, called_in, ran_in = engine.train_run, set(), set()
+
+    def train_run(*a, **k):
+        ran_in.add(threading.current_thread().name)
+        return real(*a, **k)
+
+    engine.train_run = train_run
+    try:
+        par = run_trial(plan_for(prepared, 2, seeds=(42,)), progress=progress)
+    finally:
+        engine.train_run = real
     assert numbers(par) == numbers(seq)
     assert [r["size"] for r in par["sizes"]] == SIZES and par["complete"]
-    assert any(name.startswith("archsearch-size2") for name in ran_in)  # the runs did go to the threads
+    assert len(ran_in) == 2 and all(name.startswith("archsearch-size2") for name in ran_in)  # the runs went to two threads
+    assert called_in == {threading.current_thread().name}  # every progress event came in the caller's thread
     # the same events per (size, seed), in the order each run emitted them
     for size in SIZES:
         for seed in (42,):
