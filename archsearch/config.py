@@ -89,7 +89,7 @@ class EngineConfig:
     """auto (bf16 on GPUs, fp32 on CPUs) | fp32 | tf32 (TF32 matmuls) | bf16 (bf16 autocast,
     fp32 master weights, LayerNorms and losses). What is computed is the same function; only
     the arithmetic of the matrix products changes. bf16 is the GPU default because it meets
-    the accuracy guard (benchmarks/accuracy_guard_*.json: every PPL within 1% of fp32,
+    the accuracy guard (benchmarks/h200_accuracy_guard.json: every PPL within 1% of fp32,
     alpha within 0.01) at about twice the speed."""
     er_max_rows: int = 10_000
     """Effective rank uses at most this many random rows of a context matrix."""

@@ -1,6 +1,6 @@
 """Accuracy guard: the fast path against an fp32 run of the same engine, on real data.
 
-    python scripts/accuracy_guard.py --data studies/data/wiki-<hash> --fast bf16 --out benchmarks/accuracy_guard.json
+    python scripts/accuracy_guard.py --data studies/data/wiki-<hash> --fast bf16 --out benchmarks/h200_accuracy_guard.json
 
 Runs the configs of a grid space (default ``spaces/grid_4arch_offline.yaml``: the report's four
 configs at the report's token counts) on a prepared wiki folder, once with ``--fast``

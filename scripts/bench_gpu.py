@@ -1,6 +1,6 @@
 """Benchmark of the report's whole workload: 4 configs x 4 sizes, phases timed, JSON out.
 
-    python scripts/bench_gpu.py --precision bf16 --concurrency 2 --out benchmarks/h100_bf16.json
+    python scripts/bench_gpu.py --precision bf16 --concurrency 2 --out benchmarks/h200_bench_c2.json
     python scripts/bench_gpu.py --concurrent-sizes 2 --out benchmarks/h200_bench_sizes2.json
 
 ``--concurrency N``: N trials at once (threads pulling trials, each trial's sizes in a row);

@@ -1,6 +1,6 @@
 """`archsearch run` on 1 GPU and on all GPUs of a host: speed-up of a search through Ray Tune.
 
-    python scripts/bench_ray_gpus.py --out benchmarks/h200x2_ray.json
+    python scripts/bench_ray_gpus.py --out benchmarks/h200x2_ray_grid4.json
     python scripts/bench_ray_gpus.py --extra-configs 12 --out ...   # a 16-config grid
 
 Each measured command is the framework's own path, a subprocess running

@@ -1,7 +1,7 @@
 """Where a run's GPU time goes: per-kernel profiles of phase-2 steps and a phase-1 iteration,
 and timings of the head's pieces and of the recurrent-pass variants. JSON + tables out.
 
-    python scripts/profile_gpu.py --out benchmarks/profile.json
+    python scripts/profile_gpu.py --out benchmarks/h200_profile.json
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def _ce_rows_kernel(
             tl.store(base + idx, (g * grad_scale).to(logits_ptr.dtype.element_ty), mask=idx < VP)
 
 
-# (columns a block, group, warps), measured on an H200 (benchmarks/h200_v8_ce_group_sweep.json,
+# (columns a block, group, warps), measured on an H200 (benchmarks/h200_ce_group_sweep.json,
 # 4,096 rows of 50,257): with the gradient 0.314 ms, without 0.147 ms (the kernel of one exp
 # pair per element that this replaced: 0.408 / 0.234 ms; a copy of the logits: 0.197 ms)
 CE_TUNING = {True: (2048, 4, 4), False: (2048, 8, 4)}
@@ -361,7 +361,7 @@ def _col_sum_kernel(x_ptr, out_ptr, P, W: tl.constexpr, BLOCK_P: tl.constexpr, B
 def col_sum(x):
     """``x.sum(0)`` of a contiguous fp32 (P, W) matrix of partial sums, deterministic. For the
     norm backward's 528 x 2304 partials on an H200, replayed from a CUDA graph: 8.0 us per call
-    against 9.4 us for torch's reduction over the leading axis (benchmarks/h200_v7_profile.json)."""
+    against 9.4 us for torch's reduction over the leading axis (9151006:benchmarks/h200_v7_profile.json)."""
     import torch
 
     P, W = x.shape
