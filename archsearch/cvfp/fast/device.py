@@ -53,7 +53,8 @@ def gemm_caps(device: torch.device) -> tuple[bool, bool]:
 
 CAPTURE_LOCK = threading.Lock()
 """Held while a CUDA graph is captured and around calls that may synchronise the whole
-device (cuSOLVER's SVD): several runs may share a GPU from threads of one process."""
+device (cuSOLVER's eigensolver, of the effective ranks): several runs may share a GPU from threads of
+one process."""
 
 _CAPTURE_STREAMS: dict = {}
 
