@@ -82,9 +82,25 @@ def init_ray(address: str | None, quiet: bool = True):
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
         with _loopback_only(ray), _owner_mark():
-            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
+            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **local_init_options(), **kwargs)
     return ray
 
+
+WARM_WORKERS_VAR = "ARCHSEARCH_RAY_WARM_WORKERS"
+
+
+def local_init_options() -> dict[str, Any]:
+    """ray.init options of the embedded local Ray beyond the dashboard's and the address's.
+
+    With ``ARCHSEARCH_RAY_WARM_WORKERS=1`` every worker Ray starts, among them the idle ones it
+    prestarts (one per CPU) while the driver prepares the data and the study, imports torch and
+    the engine at once (trainable.warm_worker), so a trial's worker no longer imports them
+    after its hand-out. Off by default: on the 2-core CPU the imports only move onto cores that
+    are already busy (no gain measured, benchmarks/NOTES.md), and on a host of many CPUs every
+    prestarted worker would hold torch (~0.4 GB each)."""
+    if os.environ.get(WARM_WORKERS_VAR, "") in ("1", "true", "yes"):
+        return {"runtime_env": {"worker_process_setup_hook": "archsearch.search.trainable.warm_worker"}}
+    return {}
 
 LOOPBACK = "127.0.0.1"
 OWNER_VAR = "ARCHSEARCH_RAY_OWNER"

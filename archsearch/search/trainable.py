@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -57,12 +58,13 @@ def _process_age() -> float | None:
 
 def cvfp_trainable(config: dict[str, Any]) -> None:
     entered, age = time.time(), _process_age()
+    torch_before = "torch" in sys.modules  # imported already by warm_worker (ARCHSEARCH_RAY_WARM_WORKERS)
     t = time.perf_counter()
     import ray
     import torch
     from ray import tune
 
-    worker = {"pid": os.getpid(), "entered": entered, "process_age_s": age, "imports_s": time.perf_counter() - t}
+    worker = {"pid": os.getpid(), "entered": entered, "process_age_s": age, "imports_s": time.perf_counter() - t, "torch_before_trial": torch_before}
 
     plan = TrialPlan(**config["plan"])
     plan.device = "cuda" if config.get("gpus", 0) > 0 and torch.cuda.is_available() else "cpu"
@@ -112,3 +114,18 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         report("failed", {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]})
         return
     report("final", dict(result, worker=worker))
+
+
+def warm_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` of the embedded local Ray (search/runner.init_ray):
+    every worker process, among them those Ray prestarts while the driver prepares the data
+    and the study, imports torch and the engine when it starts, so the trial it is later given
+    does not wait for them (seconds per worker). Never raises: a failed import is retried, and
+    reported, by the trial itself."""
+    try:
+        import torch  # noqa: F401
+
+        import archsearch.cvfp.run  # noqa: F401
+        import torch.optim  # noqa: F401
+    except Exception:  # pragma: no cover - the trial imports them again and reports the error
+        pass
