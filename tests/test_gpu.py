@@ -351,25 +351,27 @@ def test_gram_effective_rank_matches_svd_on_gpu(C):
     assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_concurrent_sizes_on_gpu_equal_one_after_another(tiny_corpus):
-    """engine.concurrent_sizes 2 on the GPU (threads, one CUDA stream each, captured graphs,
-    Triton kernels): every size's numbers equal those of the sizes one after another, to the bit."""
-    from test_concurrent_sizes import SIZES, numbers
+def test_concurrent_sizes_on_gpu_equal_one_after_another():
+    """A trial's sizes 2 and 4 at once on the GPU, as archsearch.trial runs them (in_order: threads
+    of a kept pool, one CUDA stream each; first_use_alone), bf16 with the fused layers, captured
+    graphs and Triton kernels: every run's numbers equal those of the runs one after another."""
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.run import train_run
+    from archsearch.trial import first_use_alone, in_order
 
-    from archsearch.plan import prepare_space_data
-    from archsearch.space import parse_space
-    from archsearch.trial import TrialPlan, run_trial
-    from helpers import tiny_space
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3000, 64, generator=g) * 0.5
+    train, val = torch.randint(0, 3000, (24000,), generator=g), torch.randint(0, 3000, (1500,), generator=g)
+    cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 96, "num_input_tokens": 2},
+                                "phase1": {"batch_size": 2000}, "phase2": {"batch_size": 1000, "max_epochs": 3},
+                                "engine": {"precision": "bf16"}})  # fmt: skip
+    sizes = [3000, 6000, 12000, 24000]
 
-    space = parse_space(tiny_space(tiny_corpus, data=dict(tiny_space(tiny_corpus)["data"], sizes={"tokens": SIZES})))
-    data = prepare_space_data(space)
+    def numbers(n_train):
+        r = first_use_alone(("gpu-test", 3, 96, 2), lambda: train_run(cfg, W, train[:n_train], val, seed=7, device="cuda"))
+        m = {k: v for k, v in r.metrics.items() if not k.endswith(("_per_s", "_us", "_seconds"))}
+        return r.val_loss, r.val_ppl, r.val_loss_se, r.val_acc, m, r.history
 
-    def plan(n):
-        params = {"num_layers": 2, "context_dim": 64, "num_input_tokens": 2, "engine.concurrent_sizes": n}
-        return TrialPlan(params=params, config=space.run_config(params).to_dict(), sizes=SIZES, size_unit="tokens", seeds=[42, 7],
-                         objectives=[o.__dict__ for o in space.objectives], data_path=str(data.path), device="cuda")  # fmt: skip
-
-    seq = run_trial(plan(1))
-    for _ in range(3):  # a race would show in some repeats, not necessarily the first
-        assert numbers(run_trial(plan(2))) == numbers(seq)
-    assert numbers(run_trial(plan(4))) == numbers(seq)
+    seq = list(in_order(sizes, numbers, 1, "cuda"))
+    for n in (2, 2, 2, 4):  # a race would show in some repeats, not necessarily the first
+        assert list(in_order(sizes, numbers, n, "cuda")) == seq, n
