@@ -355,6 +355,8 @@ def test_concurrent_sizes_on_gpu_equal_one_after_another():
     """A trial's sizes 2 and 4 at once on the GPU, as archsearch.trial runs them (in_order: threads
     of a kept pool, one CUDA stream each; first_use_alone), bf16 with the fused layers, captured
     graphs and Triton kernels: every run's numbers equal those of the runs one after another."""
+    import json
+
     from archsearch.config import run_config_from_dict
     from archsearch.cvfp.run import train_run
     from archsearch.trial import first_use_alone, in_order
@@ -370,7 +372,7 @@ def test_concurrent_sizes_on_gpu_equal_one_after_another():
     def numbers(n_train):
         r = first_use_alone(("gpu-test", 3, 96, 2), lambda: train_run(cfg, W, train[:n_train], val, seed=7, device="cuda"))
         m = {k: v for k, v in r.metrics.items() if not k.endswith(("_per_s", "_us", "_seconds"))}
-        return r.val_loss, r.val_ppl, r.val_loss_se, r.val_acc, m, r.history
+        return json.dumps([r.val_loss, r.val_ppl, r.val_loss_se, r.val_acc, m, r.history], sort_keys=True)  # NaN compares as text
 
     seq = list(in_order(sizes, numbers, 1, "cuda"))
     for n in (2, 2, 2, 4):  # a race would show in some repeats, not necessarily the first
