@@ -88,3 +88,20 @@ def is_disk_full(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failed: CUDA's OutOfMemoryError, Python's MemoryError or the CPU
+    allocator's RuntimeError, anywhere in the exception's chain (a failed CUDA-graph capture
+    reports its own error with the OOM as its context)."""
+    import torch
+
+    oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, oom) or "can't allocate memory" in text or "out of memory" in text.lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False

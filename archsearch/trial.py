@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archsearch.config import RunConfig, resolve_precision, run_config_from_dict
+from archsearch.errors import is_out_of_memory
 from archsearch.result import RunResult, SizeRecord
 from archsearch.runcache import RunCache, run_key
 from archsearch.scaling import ScalingFit, fit_power_law
@@ -141,6 +142,92 @@ CAP_SETTINGS = {"phase1_max_iterations": "phase1.max_iterations", "max_epochs": 
 def retry_settings(retry: dict[str, int], capped: set[str]) -> dict[str, int]:
     """The raised settings a space's ``capped: {retry: ...}`` gives for the caps hit."""
     return {CAP_SETTINGS[f]: retry[CAP_SETTINGS[f]] for f in sorted(capped) if CAP_SETTINGS.get(f) in retry}
+
+
+def free_memory() -> None:
+    """Collect unreachable objects (tensors in reference cycles) and hand PyTorch's cached
+    CUDA blocks back to the driver, so that this process's next run, or another process on
+    the same GPU (``resources.gpus`` < 1), can allocate them."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def release_family(family: Any) -> bool:
+    """The family's own clean-up (its optional ``release``): whether it kept anything."""
+    release = getattr(family, "release", None)
+    return bool(release()) if release is not None else False
+
+
+def free_after_failure(family: Any, error: BaseException) -> bool:
+    """After a failed run: the locals of the finished frames of ``error``'s traceback (the
+    run's tensors) are cleared, the family drops what it keeps (kept sessions, graphs), the
+    allocator's cache is emptied. Returns whether the family had kept something."""
+    import traceback
+
+    traceback.clear_frames(error.__traceback__)
+    kept = release_family(family)
+    free_memory()
+    return kept
+
+
+def free_worker(plan: TrialPlan, failed: bool) -> None:
+    """After a trial, in a worker that runs others. Always: the allocator's cached blocks go
+    back to the driver (a worker sharing the GPU can allocate them). After a failed trial
+    also everything kept for later trials: the calling thread's family state (kept phase-2
+    session) and the size threads (:func:`release_size_threads`, with theirs), so the next
+    trial starts as in a fresh process. After a completed one the kept sessions stay, for a
+    later trial of the same shape."""
+    if failed:
+        try:
+            family = plan.run_config.family_object()
+        except Exception:  # a plan that never made a family kept nothing
+            family = None
+        if family is not None:
+            release_family(family)
+        release_size_threads()
+    free_memory()
+
+
+def release_size_threads() -> None:
+    """End the process's size threads (:func:`_pool`): each one's thread-local state, its
+    kept phase-2 session and CUDA stream included, goes with it; the next trial starts new
+    ones. Only between trials (it waits for the threads' work)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.shutdown(wait=True)
+
+
+def train_run_once(family: Any, cfg: RunConfig, data: Any, seed: int, device: str, progress: Callable[..., None]) -> RunResult:
+    """``family.train`` with the clean-up of a failure (:func:`free_after_failure`): the failed
+    run leaves nothing allocated behind. An out-of-memory failure while the family had a kept
+    session is retried once after the clean-up (the kept session may be what filled the
+    memory); a second failure is raised. A result that is not a RunResult is a TypeError
+    naming the family and the type."""
+    retried = False
+    while True:
+        try:
+            run = family.train(cfg.family_config, data, seed, device, progress)
+            break
+        except Exception as e:
+            kept = free_after_failure(family, e)
+            if retried or not kept or not is_out_of_memory(e):
+                raise
+            message = f"{type(e).__name__} with a kept phase-2 session: freed it, training the run again once"
+        # the failed attempt's exception (and its frames) are gone here
+        free_memory()
+        retried = True
+        progress("notice", message=message)
+    if not isinstance(run, RunResult):
+        kind = type(run).__qualname__ if type(run).__module__ == "builtins" else f"{type(run).__module__}.{type(run).__qualname__}"
+        raise TypeError(f"family {cfg.family!r}: train returned {kind}, not an archsearch.result.RunResult")
+    return run
 
 
 OnSize = Callable[[SizeRecord, dict[str, Any]], bool | None]
@@ -332,10 +419,8 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
                 report(event, size=size, size_index=i, seed=_seed, **info)
 
             relay("start")
-            train = lambda: family.train(cfg_used.family_config, RunData(embedding[0], train_ids, val_ids), seed, plan.device, relay)  # noqa: E731
+            train = lambda: train_run_once(family, cfg_used, RunData(embedding[0], train_ids, val_ids), seed, plan.device, relay)  # noqa: E731
             run = first_use_alone(warm_key(cfg_used, plan.device), train) if threads > 1 else train()
-            if not isinstance(run, RunResult):
-                raise TypeError(f"family {cfg_used.family!r}: train returned {type(run).__name__}, not an archsearch.result.RunResult")
             if cache is not None:
                 cache.put(key, run)
             runs.append(run)

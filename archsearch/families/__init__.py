@@ -26,6 +26,10 @@ a ready-made holder for them):
     ``val_acc``: one per epoch) for the live view and ``archsearch trial``'s progress line.
 ``version`` (optional, default 1)
     Bump it when the family's computation changes: it is part of the run-cache key.
+``release() -> bool`` (optional)
+    Drop what the family keeps between runs in the calling thread (CVFP: its kept phase-2
+    session, CUDA graphs and buffers) and say whether anything was kept. A trial calls it
+    after a failed run, before it frees the allocator's cache, and a worker after each trial.
 
 Built-in families: ``cvfp`` (the default; :mod:`archsearch.families.cvfp`) and ``gpt``
 (:mod:`archsearch.families.gpt`). A user's family is named in a space file by
@@ -95,6 +99,7 @@ class Family:
     train: Callable[..., RunResult]
     version: int = 1
     description: str = ""
+    release: Callable[[], bool] | None = None
 
 
 class FamilyError(ConfigError):
@@ -204,6 +209,8 @@ def protocol_problems(fam: Any) -> list[str]:
     for attr in ("param_counts", "train"):
         if not callable(getattr(fam, attr, None)):
             out.append(f"{attr} must be callable")
+    if getattr(fam, "release", None) is not None and not callable(fam.release):
+        out.append("release must be callable or None")
     version = getattr(fam, "version", 1)
     if isinstance(version, bool) or not isinstance(version, int):
         out.append(f"version must be an integer, got {version!r}")

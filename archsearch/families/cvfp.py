@@ -26,7 +26,14 @@ def train(cfg: RunConfig, data: RunData, seed: int, device: str = "cpu", progres
     return train_run(cfg, data.embedding, data.train_ids, data.val_ids, seed, device, progress or noop)
 
 
+def release() -> bool:
+    """Drop the calling thread's kept phase-2 session (graphs, buffers, Adam; GPU runs only)."""
+    from archsearch.cvfp.fast.graphs import release_phase2_graphs
+
+    return release_phase2_graphs()
+
+
 family = Family(
-    name="cvfp", config=RunConfig, param_counts=param_counts, train=train, version=1,
+    name="cvfp", config=RunConfig, param_counts=param_counts, train=train, version=1, release=release,
     description="Context Vector Fixed-Point model (shared/reference/cvfp.md); versioned by runcache.ENGINE_VERSION",
 )  # fmt: skip

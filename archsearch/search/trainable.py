@@ -17,9 +17,11 @@ import time
 import traceback
 from typing import Any
 
-from archsearch.errors import is_disk_full
+from archsearch.errors import is_disk_full, is_out_of_memory
 from archsearch.result import SizeRecord
-from archsearch.trial import TrialPlan, run_trial
+from archsearch.trial import TrialPlan, free_worker, run_trial
+
+__all__ = ["cvfp_trainable", "is_out_of_memory"]
 
 PROGRESS_S = 5.0
 """Phase-level progress reaches the driver at most this often."""
@@ -34,14 +36,6 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA OOM, Python MemoryError, or the CPU allocator's failure (a RuntimeError)."""
-    import torch
-
-    oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
-    return isinstance(e, oom) or "can't allocate memory" in str(e) or "out of memory" in str(e).lower()
 
 
 def _process_age() -> float | None:
@@ -106,12 +100,20 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
             text = "validation contexts"
         report("progress", {"size_index": size_index, "size": size, "text": text})
 
+    failure = None
     try:
         result = run_trial(plan, on_size=on_size, progress=progress)
     except Exception as e:  # the trial failed; the study goes on
         tb = traceback.format_exc(limit=8)
         kind = "out_of_memory" if is_out_of_memory(e) else "disk_full" if is_disk_full(e) else type(e).__name__
-        report("failed", {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]})
+        failure = {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]}
+        e.__traceback__ = None  # its frames hold the run's tensors
+    finally:
+        # this worker's next trial (or a co-tenant of its GPU) gets the memory back; after a
+        # failure nothing of the trial's is kept
+        free_worker(plan, failed=failure is not None)
+    if failure is not None:
+        report("failed", failure)
         return
     report("final", dict(result, worker=worker))
 

@@ -279,9 +279,11 @@ class Phase2Session:
 _SESSIONS = threading.local()
 
 
-def release_phase2_graphs() -> None:
-    """Free the calling thread's kept phase-2 session (graphs and buffers; see Phase2Session)."""
-    _SESSIONS.__dict__.pop("session", None)
+def release_phase2_graphs() -> bool:
+    """Free the calling thread's kept phase-2 session (graphs and buffers; see Phase2Session).
+    Returns whether one was kept. The memory goes back to PyTorch's allocator cache (see
+    archsearch.trial.free_memory for handing it back to the driver)."""
+    return _SESSIONS.__dict__.pop("session", None) is not None
 
 
 def _session_key(tblock, emb: TokenEmbedding, train, val, cfg: RunConfig) -> tuple:

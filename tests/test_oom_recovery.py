@@ -1,0 +1,132 @@
+"""A run that fails (out of memory above all) leaves nothing behind in its process: the next
+trial of the same worker runs as in a fresh one (CPU; tests/test_gpu_oom.py does it on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_space
+
+import archsearch.cvfp.run as engine
+from archsearch.cvfp.fast import graphs
+from archsearch.errors import is_out_of_memory
+from archsearch.space import parse_space
+from archsearch.trial import TrialPlan, run_trial
+
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+real_stepper = engine.EagerStepper
+
+
+@pytest.fixture(autouse=True)
+def no_kept_session():
+    yield
+    graphs.release_phase2_graphs()
+
+
+@pytest.fixture
+def plan(tiny_corpus, tmp_path):
+    from archsearch.plan import prepare_space_data
+
+    space = parse_space(tiny_space(tiny_corpus, data=dict(tiny_space(tiny_corpus)["data"], sizes={"tokens": [400, 800]})))
+    data = prepare_space_data(space)
+    params = {"num_layers": 1, "context_dim": 8, "num_input_tokens": 1}
+    return TrialPlan(params=params, config=space.run_config(params).to_dict(), sizes=[400, 800], size_unit="tokens", seeds=[42],
+                     objectives=[o.__dict__ for o in space.objectives], data_path=str(data.path), cache_dir=None)  # fmt: skip
+
+
+def numbers(result):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "phase_seconds", "metrics")} for r in result["sizes"]]
+
+
+class KeptSession:
+    """Stands for a kept phase-2 session (only GPU runs keep real ones)."""
+
+    key = ("kept",)
+
+
+def failing_stepper(monkeypatch, fail_calls: set[int]):
+    """Phase 2's step raises CUDA's OutOfMemoryError on the given calls (counted over the
+    process), in the middle of an epoch; every other call is the real step."""
+    real, calls = engine.EagerStepper, [0]
+
+    class Stepper(real):
+        def __call__(self, s, e):
+            calls[0] += 1
+            if calls[0] in fail_calls:
+                raise OOM("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+            return super().__call__(s, e)
+
+    monkeypatch.setattr(engine, "EagerStepper", Stepper)
+    return calls
+
+
+def frames_of(tb):
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
+def test_after_an_oom_the_next_trial_of_the_process_equals_a_clean_one(plan, monkeypatch):
+    clean = run_trial(plan)
+    graphs._SESSIONS.session = KeptSession()  # an earlier trial's session, left kept...
+    failing_stepper(monkeypatch, fail_calls=set(range(3, 10**6)))  # ...and this trial's runs fail from phase 2's 3rd step on
+    with pytest.raises(OOM) as e:
+        run_trial(plan)
+    assert is_out_of_memory(e.value)
+    assert getattr(graphs._SESSIONS, "session", None) is None  # the kept session was dropped
+    run_frames = [f for f in frames_of(e.value.__traceback__) if f.f_code.co_name in ("_train_run", "train_phase2")]
+    assert run_frames and all(f.f_locals == {} for f in run_frames)  # no frame keeps the run's tensors
+
+    monkeypatch.setattr(engine, "EagerStepper", real_stepper)  # the real step again
+    assert numbers(run_trial(plan)) == numbers(clean)
+
+
+def test_an_oom_with_a_kept_session_is_trained_again_once_after_freeing_it(plan, monkeypatch):
+    clean = run_trial(plan)
+    graphs._SESSIONS.session = KeptSession()
+    calls = failing_stepper(monkeypatch, fail_calls={3})  # only the first run's 3rd step fails
+    events = []
+    result = run_trial(plan, progress=lambda event, **info: events.append((event, info)))
+    assert getattr(graphs._SESSIONS, "session", None) is None
+    assert [i["message"] for ev, i in events if ev == "notice"] == [
+        "OutOfMemoryError with a kept phase-2 session: freed it, training the run again once"]
+    assert numbers(result) == numbers(clean) and calls[0] > 3
+
+
+def test_an_oom_without_a_kept_session_is_not_retried(plan, monkeypatch):
+    graphs.release_phase2_graphs()
+    calls = failing_stepper(monkeypatch, fail_calls={3})
+    with pytest.raises(OOM):
+        run_trial(plan)
+    assert calls[0] == 3
+
+
+def test_a_second_oom_after_the_retry_is_raised(plan, monkeypatch):
+    graphs._SESSIONS.session = KeptSession()
+    failing_stepper(monkeypatch, fail_calls=set(range(1, 10**6)))
+    with pytest.raises(OOM):
+        run_trial(plan)
+    assert getattr(graphs._SESSIONS, "session", None) is None
+
+
+def test_an_oom_in_a_graph_capture_is_still_out_of_memory():
+    """A failed capture raises its own error with the OOM as its context."""
+    try:
+        try:
+            raise OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except OOM:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as e:
+        assert is_out_of_memory(e)
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+def test_a_family_returning_something_else_fails_naming_the_family_and_the_type(plan, monkeypatch):
+    import archsearch.families.cvfp as fam
+
+    import dataclasses
+
+    broken = dataclasses.replace(fam.family, train=lambda *a, **k: {"val_ppl": 3.0})
+    monkeypatch.setattr("archsearch.config.RunConfig.family_object", lambda self: broken)
+    with pytest.raises(TypeError, match=r"^family 'cvfp': train returned dict, not an archsearch.result.RunResult$"):
+        run_trial(plan)
