@@ -52,7 +52,9 @@ def test_rankings_and_recommendation_match_the_report(published):
     r = published.rankings
     assert r["best_ppl"][0]["config"] == "input_tokens_2"
     assert r["best_alpha"][0]["config"] == "context_dim_1152"
-    assert r["ppl_per_parameter"][0]["config"] == "input_tokens_2"  # the report's "cost performance"
+    # the report's "cost performance": input_tokens_2 (the only config within 5% of the best PPL)
+    assert next(x for x in r["cost_performance"] if x["pick"])["config"] == "input_tokens_2"
+    assert [x["config"] for x in r["cost_performance"]] == ["baseline", "input_tokens_2"]  # the front, fewest parameters first
     # with four sizes the jackknife intervals of the alphas overlap: the report must say so
     assert ("context_dim_1152", "input_tokens_2") in published.overlaps
     assert any("not resolved" in line for line in published.recommendation)
@@ -207,12 +209,41 @@ def test_effective_rank_relation_conclusion_table_and_pareto_front():
     crit = {c["criterion"]: c for c in rep.conclusions}
     assert set(crit) == {"absolute PPL", "data efficiency", "PPL at 10M tokens", "cost-performance"}
     assert crit["absolute PPL"]["config"] == "hi_er" and "PPL 1400.0 at 8,000 tokens" in crit["absolute PPL"]["reason"]
-    assert crit["cost-performance"]["config"] == "hi_er" and "100.0 PPL better than mid_er" in crit["cost-performance"]["reason"]
+    assert crit["cost-performance"]["config"] == "hi_er"  # the best PPL; mid_er, half the parameters, is 7.1% worse
+    assert "lowest PPL at 8,000 tokens (1400.0" in crit["cost-performance"]["reason"]
+    assert "no config with fewer parameters is within 5% of it (the closest, mid_er: 1500.0, +7.1% with 2.00× fewer)" in crit["cost-performance"]["reason"]
     assert [p["config"] for p in rep.pareto] == ["hi_er", "mid_er"]  # lo_er is dominated by mid_er
     assert rep.pareto[0]["ppl_target_low"] < rep.pareto[0]["ppl_target"] < rep.pareto[0]["ppl_target_high"]
     md = markdown(rep)
     for section in ("## Effective rank and PPL", "Spearman ρ = -1.00", "## Conclusion", "| cost-performance | hi_er |", "## Pareto front"):
         assert section in md, section
+
+
+def test_cost_performance_is_the_fewest_parameters_within_5_percent_of_the_best_ppl():
+    """A search-like study: many configs, the smallest of them bad. The pick does not depend
+    on which config happens to be the smallest."""
+    tiny_bad = cfg("tiny_bad", [9000, 8000, 7000, 6000], total_params=1_000)
+    lean = cfg("lean", [3000, 1900, 1600, 1530], total_params=40_000, se=0.05)
+    big = cfg("big", [2900, 1850, 1550, 1500], total_params=400_000, se=0.05)
+    worse_big = cfg("worse_big", [3000, 2000, 1700, 1600], total_params=500_000)  # off the front
+    pruned = cfg("pruned", [1000, 900], total_params=2_000)  # never reached the largest size: not compared
+    bad = cfg("bad_but_infeasible", [1000, 900, 800, 700], total_params=5_000, infeasible="admissible.max_ppl_ratio: ...")
+    rep = build_report([tiny_bad, lean, big, worse_big, pruned, bad])
+    front = rep.rankings["cost_performance"]
+    assert [(x["config"], x["pick"], x["best"]) for x in front] == [("tiny_bad", False, False), ("lean", True, False), ("big", False, True)]
+    assert front[1]["ppl_vs_best"] == pytest.approx(0.02) and front[1]["tokens"] == 8000 and front[1]["count"] == "total"
+    row = next(c for c in rep.conclusions if c["criterion"] == "cost-performance")
+    assert row["config"] == "lean"
+    assert row["reason"] == ("PPL 1530.0 at 8,000 tokens with 40.0k parameters: within 5% of the best, big (1500.0, +2.0%), "
+                             "with 10.00× fewer parameters; the two are not resolved by the per-size standard errors")  # fmt: skip
+    # the same study with its smallest config left out: the same pick (the old rule's reference moved)
+    again = build_report([lean, big, worse_big])
+    assert next(x for x in again.rankings["cost_performance"] if x["pick"])["config"] == "lean"
+    # a lean config 6% worse is outside the tolerance: the best is the pick
+    rep = build_report([cfg("lean6", [3000, 1900, 1600, 1590], total_params=40_000), big])
+    assert next(x for x in rep.rankings["cost_performance"] if x["pick"])["config"] == "big"
+    md = markdown(build_report([tiny_bad, lean, big]))
+    assert "| cost-performance | lean |" in md and "lean ★ (0.04M, 1530.0, +2.0%)" in md
 
 
 def test_header_names_date_versions_device_data_seeds_settings_and_times(tmp_path):

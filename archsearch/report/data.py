@@ -327,7 +327,7 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
         "ppl_at_target": [{"config": c.name, "target_tokens": target, "ppl": laws[c.name].ppl_target,
                            "low": laws[c.name].ppl_target_low, "high": laws[c.name].ppl_target_high} for c in by_target],  # fmt: skip
     }
-    rankings["ppl_per_parameter"] = _ppl_per_parameter(configs)
+    rankings["cost_performance"] = _cost_performance(configs)
 
     largest = max((s.tokens for c in configs for s in c.sizes), default=0)
     caveats = {}
@@ -404,6 +404,15 @@ def _er_relation(configs: Sequence[ConfigResult]) -> dict[str, Any]:
     return out
 
 
+def _overlap_count(rows: list[dict[str, Any]] | None) -> str:
+    """"; overlaps n of m others" (or "; apart from every other") for a leader's rows of
+    :func:`_resolved`; "" without rows."""
+    if not rows:
+        return ""
+    n_close = sum(1 for r in rows if not r["resolved"])
+    return f"; overlaps {n_close} of {len(rows)} others" if n_close else "; apart from every other"
+
+
 def _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, caveats) -> list[dict[str, str]]:
     rows = []
     if by_ppl:
@@ -421,29 +430,19 @@ def _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, 
         a = by_alpha[0]
         la = laws[a.name]
         reason = f"α = {la.alpha:.4f} [{la.alpha_low:.4f}, {la.alpha_high:.4f}] (most negative)"
-        if resolved.get("best_alpha"):
-            n_close = sum(1 for r in resolved["best_alpha"] if not r["resolved"])
-            reason += f"; overlaps {n_close} of {len(resolved['best_alpha'])} others" if n_close else "; apart from every other"
+        reason += _overlap_count(resolved.get("best_alpha"))
         rows.append({"criterion": "data efficiency", "config": a.name, "reason": reason})
     if by_target:
         t = by_target[0]
         lt = laws[t.name]
         reason = f"PPL {fmt_ppl(lt.ppl_target)} [{fmt_ppl(lt.ppl_target_low)}, {fmt_ppl(lt.ppl_target_high)}] at {short_count(target)} tokens by its law"
-        if resolved.get("ppl_at_target"):
-            n_close = sum(1 for r in resolved["ppl_at_target"] if not r["resolved"])
-            reason += f"; overlaps {n_close} of {len(resolved['ppl_at_target'])} others" if n_close else "; apart from every other"
+        reason += _overlap_count(resolved.get("ppl_at_target"))
         if "target" in caveats:
             reason += f" (extrapolated {target / max(s.tokens for s in t.sizes):,.0f}× beyond the data)"
         rows.append({"criterion": f"PPL at {short_count(target)} tokens", "config": t.name, "reason": reason})
-    if rankings.get("ppl_per_parameter"):
-        r = rankings["ppl_per_parameter"][0]
-        if r["ppl_gain"] > 0:
-            rows.append({"criterion": "cost-performance", "config": r["config"],
-                         "reason": f"{r['ppl_gain']:.1f} PPL better than {r['reference']} for {_params_text(r['extra_mparams'])} more phase-1 "
-                                   f"parameters ({r['ppl_gain_per_extra_mparam']:+.2f} PPL per extra million)"})  # fmt: skip
-        else:
-            rows.append({"criterion": "cost-performance", "config": r["reference"],
-                         "reason": f"the smallest config: no larger one beats its PPL ({r['config']} is {-r['ppl_gain']:.1f} PPL worse)"})  # fmt: skip
+    if rankings.get("cost_performance"):
+        config, reason = _cost_reason(rankings["cost_performance"])
+        rows.append({"criterion": "cost-performance", "config": config, "reason": reason})
     return rows
 
 
@@ -516,25 +515,68 @@ def family_tables(configs: Sequence[ConfigResult], laws: dict[str, Law]) -> tupl
     return rows, matched
 
 
-def _ppl_per_parameter(configs: Sequence[ConfigResult]) -> list[dict[str, Any]]:
-    """PPL gained per extra million phase-1 parameters over the smallest config (at each
-    config's best PPL). The smallest config is the reference (no value); configs that are
-    worse than it get a negative number."""
-    counted = [c for c in configs if c.phase1_params]
-    if len(counted) < 2:
+COST_TOLERANCE = 0.05
+"""Cost-performance: the config with the fewest parameters whose PPL is within this fraction
+of the best PPL (at the study's largest size)."""
+
+
+def _cost_performance(configs: Sequence[ConfigResult]) -> list[dict[str, Any]]:
+    """The parameters-PPL front at the study's largest size, fewest parameters first, the
+    cost-performance pick marked (``pick``): the config with the fewest parameters whose PPL
+    is at most (1 + COST_TOLERANCE) times the best one there (``best``). Feasible configs
+    trained at that size only (pruned ones are not compared at a size they did not reach).
+    Parameters: the total trainable ones where every config has them, else CVFP's phase-1
+    ones (published reports). The pick depends on no reference config, so it means the same
+    in a grid of four and a search of a hundred."""
+    largest = max((s.tokens for c in configs for s in c.sizes), default=0)
+    at = {c.name: next(s for s in c.sizes if s.tokens == largest) for c in configs
+          if c.infeasible is None and any(s.tokens == largest for s in c.sizes)}  # fmt: skip
+    pts = [c for c in configs if c.name in at]
+    count = "total" if pts and all(c.total_params for c in pts) else "phase1"
+    pts = [c for c in pts if (c.total_params if count == "total" else c.phase1_params)]
+    if len(pts) < 2:
         return []
-    ref = min(counted, key=lambda c: (c.phase1_params, c.best.ppl))
-    ref_ppl = ref.best.ppl
+    n_params = {c.name: c.total_params if count == "total" else c.phase1_params for c in pts}
+    pts.sort(key=lambda c: (n_params[c.name], at[c.name].ppl))
+    front, lowest = [], math.inf
+    for c in pts:  # fewest parameters first: on the front when it beats every cheaper config
+        if at[c.name].ppl < lowest:
+            front.append(c)
+            lowest = at[c.name].ppl
+    best = front[-1]
+    limit = at[best.name].ppl * (1 + COST_TOLERANCE)
+    pick = next(c for c in front if at[c.name].ppl <= limit)
     rows = []
-    for c in counted:
-        if c is ref:
-            continue
-        extra = (c.phase1_params - ref.phase1_params) / 1e6
-        gain = ref_ppl - c.best.ppl
-        rows.append({"config": c.name, "ppl_gain_per_extra_mparam": gain / extra if extra > 0 else (math.inf if gain > 0 else -math.inf),
-                     "extra_mparams": extra, "ppl_gain": gain, "reference": ref.name})  # fmt: skip
-    rows.sort(key=lambda r: -r["ppl_gain_per_extra_mparam"])
+    for c in front:
+        low, high = at[c.name].ppl_interval() or (None, None)
+        rows.append({"config": c.name, "params": n_params[c.name], "count": count, "tokens": largest, "ppl": at[c.name].ppl,
+                     "ppl_low": low, "ppl_high": high, "ppl_vs_best": at[c.name].ppl / at[best.name].ppl - 1,
+                     "pick": c is pick, "best": c is best, "tolerance": COST_TOLERANCE})  # fmt: skip
     return rows
+
+
+def _cost_reason(front: list[dict[str, Any]]) -> tuple[str, str]:
+    """(config, reason) of the conclusion table's cost-performance row."""
+    pick = next(r for r in front if r["pick"])
+    best = next(r for r in front if r["best"])
+    what = "parameters" if pick["count"] == "total" else "phase-1 parameters"
+    tol = f"{100 * pick['tolerance']:.0f}%"
+    if pick is best:
+        reason = f"lowest PPL at {pick['tokens']:,} tokens ({pick['ppl']:.1f}, {_params_text(pick['params'] / 1e6)} {what})"
+        cheaper = [r for r in front if r["params"] < pick["params"]]
+        if cheaper:
+            c = cheaper[-1]
+            reason += (f"; no config with fewer parameters is within {tol} of it (the closest, {c['config']}: "
+                       f"{c['ppl']:.1f}, {100 * c['ppl_vs_best']:+.1f}% with {best['params'] / c['params']:.2f}× fewer)")  # fmt: skip
+        else:
+            reason += "; it also has the fewest parameters"
+        return pick["config"], reason
+    reason = (f"PPL {pick['ppl']:.1f} at {pick['tokens']:,} tokens with {_params_text(pick['params'] / 1e6)} {what}: within {tol} of the best, "
+              f"{best['config']} ({best['ppl']:.1f}, {100 * pick['ppl_vs_best']:+.1f}%), with {best['params'] / pick['params']:.2f}× fewer parameters")  # fmt: skip
+    if pick["ppl_low"] is not None and best["ppl_low"] is not None:
+        apart = _apart(pick["ppl_low"], pick["ppl_high"], best["ppl_low"], best["ppl_high"])
+        reason += "; the difference is resolved by the per-size standard errors" if apart else "; the two are not resolved by the per-size standard errors"
+    return pick["config"], reason
 
 
 def _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, target, flags) -> list[str]:
@@ -563,10 +605,9 @@ def _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, 
         if resolved.get("ppl_at_target"):
             text += f" It is {_resolved_text(resolved['ppl_at_target'])}."
         out.append(text)
-    if rankings.get("ppl_per_parameter"):
-        r = rankings["ppl_per_parameter"][0]
-        if r["ppl_gain"] > 0:
-            out.append(f"Best PPL per parameter: {r['config']} ({r['ppl_gain']:.1f} PPL better than {r['reference']} for {_params_text(r['extra_mparams'])} more phase-1 parameters).")
+    if rankings.get("cost_performance"):
+        config, reason = _cost_reason(rankings["cost_performance"])
+        out.append(f"Best cost-performance (fewest parameters within {100 * COST_TOLERANCE:.0f}% of the best PPL): {config}, {reason}.")
     if by_ppl and by_target:
         # "with more data": the PPL extrapolated to the target, which weighs the level with the
         # slope; alpha alone rewards a config that is bad but falls steeply

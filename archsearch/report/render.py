@@ -128,10 +128,13 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
                    + ", ".join(f"{x['config']} ({fmt_ppl(x['ppl'])} [{fmt_ppl(x['low'])}, {fmt_ppl(x['high'])}])" for x in r["ppl_at_target"]))  # fmt: skip
         if "target" in rep.caveats:
             out.append(f"  ⚠ Caveat: {rep.caveats['target']}.")
-    if r.get("ppl_per_parameter"):
-        ref = r["ppl_per_parameter"][0]["reference"]
-        out.append(f"- Best PPL per parameter (PPL gained per extra million phase-1 parameters over {ref}): "
-                   + ", ".join(f"{x['config']} ({x['ppl_gain_per_extra_mparam']:+.2f})" for x in r["ppl_per_parameter"]))  # fmt: skip
+    if r.get("cost_performance"):
+        front = r["cost_performance"]
+        what = "parameters" if front[0]["count"] == "total" else "phase-1 parameters"
+        out.append(f"- Parameters-PPL front at {front[0]['tokens']:,} tokens ({what}; ★ the fewest within "
+                   f"{100 * front[0]['tolerance']:.0f}% of the best PPL): "
+                   + ", ".join(f"{x['config']}{' ★' if x['pick'] else ''} ({x['params'] / 1e6:.2f}M, {x['ppl']:.1f}, {100 * x['ppl_vs_best']:+.1f}%)"
+                               for x in front))  # fmt: skip
     if rep.overlaps:
         out.append("- Overlapping α intervals: " + ", ".join(f"{a} / {b}" for a, b in rep.overlaps))
     labels = {"best_ppl": "Best PPL (per-size standard errors)", "best_alpha": "Best α", "ppl_at_target": "Best PPL at target"}
