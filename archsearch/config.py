@@ -22,7 +22,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from archsearch.errors import ConfigError, shown
+from archsearch.errors import ConfigError, bound_problem, number_text, shown
 
 
 @dataclass
@@ -373,14 +373,10 @@ MAX_PARAMS = 4e9
 two moments: 16 bytes each, 64 GB at the limit)."""
 
 
-def _num(x: float) -> str:
-    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
-
-
 def bounds_table() -> list[tuple[str, str]]:
     """(field, allowed range) rows, as the README documents them."""
     return [
-        (name, f"{'(' if strict else '['}{_num(low)}, {_num(high)}]" if high is not None else f"{'>' if strict else '>='} {_num(low)}, finite")
+        (name, f"{'(' if strict else '['}{number_text(low)}, {number_text(high)}]" if high is not None else f"{'>' if strict else '>='} {number_text(low)}, finite")
         for name, (low, strict, high) in _BOUNDS.items()
     ]
 
@@ -420,11 +416,9 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
             bound = _BOUNDS.get(f"{section}.{key}")
             if bound is not None:
                 low, strict, high = bound
-                if (strict and not v > low) or (not strict and not v >= low):
-                    problems.append(f"{loc}: must be {'>' if strict else '>='} {low:g}, got {shown(value)}")
-                    continue
-                if high is not None and v > high:
-                    problems.append(f"{loc}: must be <= {_num(high)} (the limit of a real GPU; see the README), got {shown(value)}")
+                why = "the limit of a real GPU; see the README"
+                if (problem := bound_problem(loc, v, low, high, strict_low=strict, why=why, given=value)) is not None:
+                    problems.append(problem)
                     continue
             values[key] = v
         try:

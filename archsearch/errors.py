@@ -28,6 +28,25 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     return text
 
 
+def number_text(x: float) -> str:
+    """A bound as a message prints it: integers with thousands separators (32,768), others in %g."""
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+def bound_problem(where: str, value: float, low: float | None = None, high: float | None = None, *,
+                  strict_low: bool = False, why: str = "", given: object = None) -> str | None:  # fmt: skip
+    """The problem of a number outside its bounds ([low, high]; (low, high] with
+    ``strict_low``), or None; ``why`` says why the upper limit is where it is, ``given`` is
+    the value as written (default: ``value``). The one wording of bounds for run settings
+    (config.py), space options (space.py) and family fields (families/)."""
+    given = value if given is None else given
+    if low is not None and (value <= low if strict_low else value < low):
+        return f"{where}: must be {'>' if strict_low else '>='} {number_text(low)}, got {shown(given)}"
+    if high is not None and value > high:
+        return f"{where}: must be <= {number_text(high)}{f' ({why})' if why else ''}, got {shown(given)}"
+    return None
+
+
 class UserError(Exception):
     """Bad input or a missing resource the user must fix; exit code 2."""
 

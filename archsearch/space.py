@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from archsearch.config import MAX_PARAMS, RunConfig, canonical_name, resolve_field, run_config_from_dict, run_param_counts
-from archsearch.errors import ConfigError, shown
+from archsearch.errors import ConfigError, bound_problem, shown
 from archsearch.objectives import DEFAULT_TARGET_TOKENS, MAX_TARGET_TOKENS, Objective, parse_objectives  # noqa: F401 (re-exported)
 from archsearch.paths import name_problem
 
@@ -748,11 +748,8 @@ def _number(d, key, default, where, problems, low=None, strict=False, high=None)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         problems.append(f"{where}.{key}: expected a finite number, got {shown(v)}")
         return default
-    if low is not None and (v <= low if strict else v < low):
-        problems.append(f"{where}.{key}: must be {'>' if strict else '>='} {low:g}, got {shown(v)}")
-        return default
-    if high is not None and v > high:
-        problems.append(f"{where}.{key}: must be <= {high:g}, got {shown(v)}")
+    if (problem := bound_problem(f"{where}.{key}", v, low, high, strict_low=strict)) is not None:
+        problems.append(problem)
         return default
     return float(v)
 

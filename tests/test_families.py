@@ -190,7 +190,7 @@ def test_family_config_errors_are_listed_with_their_keys():
     assert any(x.startswith("model.num_layers: must be >= 1") for x in p)
     assert any(x.startswith("model.mlp_ratio: expected a finite number") for x in p)
     assert any(x.startswith("model.size: unknown field") for x in p)
-    assert any(x.startswith("model.context_length: must be <= 8192") for x in p)  # bounded before anything is allocated
+    assert any(x.startswith("model.context_length: must be <= 8,192") for x in p)  # bounded before anything is allocated
     assert any(x.startswith("phase1.lr") for x in p)
     with pytest.raises(ConfigError, match=r"model.n_heads: 3 does not divide d_model \(10\)"):
         run_config_from_dict({"model": {"family": "gpt", "d_model": 10, "n_heads": 3}})

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archsearch.errors import ConfigError
+from archsearch.errors import ConfigError, bound_problem
 from archsearch.result import RunResult
 
 __all__ = [
@@ -294,15 +294,11 @@ def _check_bounds(where: str, v: Any, meta: Any, problems: list[str]) -> bool:
     if choices is not None and v not in choices:
         problems.append(f"{where}: must be one of {', '.join(map(str, choices))}, got {v!r}")
         return False
-    low, high = meta.get("low"), meta.get("high")
-    strict = meta.get("strict_low", False)
-    if low is not None and (v <= low if strict else v < low):
-        problems.append(f"{where}: must be {'>' if strict else '>='} {low:g}, got {v!r}")
-        return False
-    if high is not None and v > high:
-        problems.append(f"{where}: must be <= {high:g} (limit chosen so that nothing huge is allocated), got {v!r}")
-        return False
-    return True
+    why = "limit chosen so that nothing huge is allocated"
+    problem = bound_problem(where, v, meta.get("low"), meta.get("high"), strict_low=meta.get("strict_low", False), why=why)
+    if problem is not None:
+        problems.append(problem)
+    return problem is None
 
 
 def bounded(default: Any, low: float | None = None, high: float | None = None, *, strict_low: bool = False,

@@ -281,10 +281,10 @@ CORPUS: list[tuple[str, str | None, list[str], list[str]]] = [
     ("warm_start_name_dotdot", "sampler: tpe\nparameters: {num_layers: [1, 2]}\nwarm_start: {configs: {'..': {num_layers: 2}}}\n" + GOOD, [], ["warm_start.configs...: config names are"]),
     ("study_storage_mapping", None, ["study.storage={url: x}"], ["study.storage: expected a storage URL string, got a dict"]),
     # ---- resources and run settings
-    ("gpus_1e9", None, ["resources.gpus=1e9"], ["resources.gpus: must be <= 1024"]),
+    ("gpus_1e9", None, ["resources.gpus=1e9"], ["resources.gpus: must be <= 1,024"]),
     ("gpus_inf", None, ["resources.gpus=.inf"], ["resources.gpus: expected a finite number"]),
     ("cpus_nan", None, ["resources.cpus=.nan"], ["resources.cpus: expected a finite number"]),
-    ("cpus_1e9", None, ["resources.cpus=1e9"], ["resources.cpus: must be <= 4096"]),
+    ("cpus_1e9", None, ["resources.cpus=1e9"], ["resources.cpus: must be <= 4,096"]),
     ("max_concurrent_1e12", None, ["max_concurrent=1000000000000"], ["max_concurrent: expected an integer 1 to 10,000"]),
     ("n_trials_1e12", None, ["n_trials=1000000000000"], ["n_trials: expected an integer 0 to 100,000"]),
     ("max_failures_1e9", None, ["max_failures=1000000000"], ["max_failures: expected an integer 0 to 1,000"]),
