@@ -285,6 +285,46 @@ def test_header_names_date_versions_device_data_seeds_settings_and_times(tmp_pat
         assert text in md, text
 
 
+def test_the_report_rejudges_admissibility_against_the_final_best(tmp_path):
+    """A crafted search (real SQLite) as the bridge records it with admissible: {max_ppl_ratio:
+    1.5}: the first trial was admitted against itself, the third was not; against the final
+    best the first is above the ratio too: flagged as admitted only because it came early and
+    ranked with the infeasible ones."""
+    from archsearch.report import study_report
+    from archsearch.report.render import markdown as md_of
+    from archsearch.result import SizeRecord
+
+    study = optuna.create_study(study_name="adm", storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.set_user_attr("objectives", ["alpha"])
+    study.set_user_attr("sampler", "tpe")
+    best = None
+    for name, final, a in (("early", 2000.0, 0.9), ("good", 1000.0, 0.4), ("late", 1800.0, 0.8), ("close", 1400.0, 0.5)):
+        sizes = [SizeRecord(size=t, size_unit="tokens", train_tokens=t, val_tokens=2000, val_loss=math.log(p), val_loss_se=0.01,
+                            val_ppl=p, val_acc=0.05, params={"phase1": 1000, "phase2": 500, "total": 1500}, seconds=1.0,
+                            device="cpu", precision="fp32", seeds=[42], metrics={"val_er": 0.9}).to_dict()
+                 for t, p in zip(TOKENS, [final * (TOKENS[-1] / t) ** a for t in TOKENS])]  # fmt: skip
+        best = final if best is None else min(best, final)
+        t = study.ask({"num_layers": optuna.distributions.IntDistribution(1, 9)})
+        t.set_user_attr("config_name", name)
+        t.set_user_attr("sizes", sizes)
+        t.set_user_attr("final_ppl", final)
+        t.set_user_attr("admissibility", {"final_ppl": final, "best_final_ppl": best, "ppl_ratio": final / best, "max_ppl_ratio": 1.5})
+        if final / best > 1.5:
+            t.set_user_attr("infeasible", f"admissible.max_ppl_ratio: its PPL at the largest size ({final:.1f}) is {final / best:.2f}x ...")
+        study.tell(t, -a)  # the worse, the steeper: early has the best alpha
+    rep = study_report(study, "sqlite:///x")
+    by = {c.name: c for c in rep.configs}
+    assert by["late"].infeasible and by["late"].admitted_early is None  # judged infeasible when it finished
+    assert by["good"].admitted_early is None and by["close"].admitted_early is None  # 1.4x the final best: still within 1.5
+    assert by["early"].admitted_early == ("admitted only because it came early: its PPL at the largest size (2000.0) was 1.00x the best "
+                                          "when it finished (2000.0), but is 2.00x the study's final best (1000.0), above admissible.max_ppl_ratio 1.5")  # fmt: skip
+    # the top 3 by alpha, feasible first: early's steepest alpha no longer puts it first
+    assert [c.name for c in study_report(study, "sqlite:///x", top=3).configs] == ["close", "good", "early"]
+    assert "admitted early" in next(r for r in rep.summary if r.config == "early").flags
+    md = md_of(rep)
+    assert "early: admitted only because it came early" in md and "`admitted early` the admissibility rule admitted it" in md
+
+
 def test_pareto_plot_draws_the_front_with_intervals(tmp_path):
     from archsearch.report.render import plot_pareto
 

@@ -9,6 +9,7 @@ renderers in ``render.py`` only format and draw.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,14 @@ class ConfigResult:
     total_params: int | None = None
     infeasible: str | None = None
     """Why the study marked it infeasible (admissibility rule, capped runs); None: feasible."""
+    admitted_early: str | None = None
+    """Set by the report (:func:`rejudge`): why the admissibility rule, which admitted it
+    against the best so far, rejects it against the study's final best; None: it passes."""
+
+    @property
+    def feasible(self) -> bool:
+        """Neither marked infeasible by the study nor rejected by the report's re-judging."""
+        return self.infeasible is None and self.admitted_early is None
 
     @property
     def largest(self) -> SizeRow:
@@ -255,12 +264,42 @@ def ranked_by(meta: dict[str, Any]) -> str:
     return "ppl_at" if first.startswith("ppl_at") else ("final_ppl" if first == "final_ppl" else "alpha")
 
 
+def rejudge(configs: Sequence[ConfigResult]) -> list[ConfigResult]:
+    """The admissibility rule (``admissible.max_ppl_ratio``) again, against the study's final
+    best PPL at the largest size. A search judged each trial when it finished, against the
+    best so far, so an early trial was admitted against a weaker best than a later one: a
+    config the rule admitted that is above the ratio now gets ``admitted_early`` (the report
+    ranks and treats it as infeasible; the study's constraint stays as it was told). Only
+    configs the rule judged (``extra["admissibility"]``) are re-judged."""
+    judged = [c for c in configs if (c.extra or {}).get("admissibility")]
+    if not judged:
+        return list(configs)
+    finals = [c.extra["admissibility"].get("final_ppl") or c.largest.ppl for c in judged]
+    best = min(finals)
+    out = []
+    for c in configs:
+        rule = (c.extra or {}).get("admissibility")
+        if rule and c.infeasible is None:
+            final = rule.get("final_ppl") or c.largest.ppl
+            ratio, limit = final / best, rule["max_ppl_ratio"]
+            if ratio > limit:
+                c = dataclasses.replace(c, admitted_early=(
+                    f"admitted only because it came early: its PPL at the largest size ({final:.1f}) was {rule['ppl_ratio']:.2f}x the "
+                    f"best when it finished ({rule['best_final_ppl']:.1f}), but is {ratio:.2f}x the study's final best ({best:.1f}), "
+                    f"above admissible.max_ppl_ratio {limit:g}"))  # fmt: skip
+        out.append(c)
+    return out
+
+
 def _flags(c: ConfigResult, law: Law | None) -> tuple[list[str], list[str]]:
     """(short flags, sentences) for one config."""
     short, text = [], []
     if c.infeasible:
         short.append("infeasible")
         text.append(f"marked infeasible by the study: {c.infeasible}")
+    if c.admitted_early:
+        short.append("admitted early")
+        text.append(c.admitted_early)
     capped = [s for s in c.sizes if s.capped]
     if capped:
         short.append("capped")
@@ -282,7 +321,7 @@ def _sort_key(c: ConfigResult, laws: dict[str, Law], by: str) -> tuple:
         v = c.largest.ppl
     else:
         v = law.alpha if law else math.inf
-    return (c.infeasible is not None, v if math.isfinite(v) else math.inf)
+    return (not c.feasible, v if math.isfinite(v) else math.inf)
 
 
 def build_report(configs: Sequence[ConfigResult], title: str = "Architecture comparison", meta: dict | None = None,
@@ -291,7 +330,7 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
     study's first objective (PPL at target, final PPL or alpha), feasible ones first."""
     meta = dict(meta or {})
     target = target_of(meta)
-    configs = [c for c in configs if c.sizes]
+    configs = rejudge([c for c in configs if c.sizes])
     fits = {c.name: law_of(c, target) for c in configs}
     laws = {n: lf[0] for n, lf in fits.items() if lf is not None}
     by = ranked_by(meta)
@@ -455,7 +494,7 @@ def _pareto(configs: Sequence[ConfigResult], laws: dict[str, Law], meta: dict[st
     directions = meta.get("directions") or []
     if len(directions) < 2:
         return []
-    pts = [c for c in configs if c.values and len(c.values) == len(directions) and c.infeasible is None]
+    pts = [c for c in configs if c.values and len(c.values) == len(directions) and c.feasible]
     sign = [1 if d == "minimize" else -1 for d in directions]
 
     def dominates(a, b) -> bool:
@@ -530,7 +569,7 @@ def _cost_performance(configs: Sequence[ConfigResult]) -> list[dict[str, Any]]:
     in a grid of four and a search of a hundred."""
     largest = max((s.tokens for c in configs for s in c.sizes), default=0)
     at = {c.name: next(s for s in c.sizes if s.tokens == largest) for c in configs
-          if c.infeasible is None and any(s.tokens == largest for s in c.sizes)}  # fmt: skip
+          if c.feasible and any(s.tokens == largest for s in c.sizes)}  # fmt: skip
     pts = [c for c in configs if c.name in at]
     count = "total" if pts and all(c.total_params for c in pts) else "phase1"
     pts = [c for c in pts if (c.total_params if count == "total" else c.phase1_params)]

@@ -215,7 +215,8 @@ def summary_table(rep: Report) -> list[str]:
                    f"{target} | {', '.join(r.flags) or '-'} |")  # fmt: skip
     if any(r.flags for r in rep.summary):
         out += ["", "Flags: `α∋0` the α interval contains 0; `capped` the fit rests on runs that hit a training cap; "
-                    "`infeasible` the study's admissibility or capped rule rejected it."]  # fmt: skip
+                    "`infeasible` the study's admissibility or capped rule rejected it; `admitted early` the admissibility rule "
+                    "admitted it against the best so far, not against the study's final best (ranked as infeasible)."]  # fmt: skip
     if "target" in rep.caveats:
         out += ["", f"⚠ PPL at target: {rep.caveats['target']}."]
     return out + [""]
