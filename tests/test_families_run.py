@@ -73,6 +73,12 @@ def test_multi_objective_search_over_both_families_and_its_report(tmp_path, tiny
     section = md.split("## By family")[1].split("## Settings")[0]
     rows = [line for line in section.splitlines() if line.startswith("| cvfp") or line.startswith("| gpt")]
     assert {line.split("|")[1].strip() for line in rows} == {"cvfp", "gpt"} and len(rows) == 4
+    # Settings: one table per family, by its own field names (a gpt trial's recorded context_dim is CVFP's)
+    settings = md.split("## Settings")[1].split("## Results per config")[0]
+    gpt_table = settings.split("**gpt**")[1]
+    head = next(line for line in gpt_table.splitlines() if line.startswith("| Config"))
+    assert "d_model" in head and "mlp_ratio" in head and "context_length" in head and "context_dim" not in head, head
+    assert "| gpt_small | 1 | 64 | 2.0 | 64 | 0.003 | 16 | 3 |" in gpt_table, gpt_table  # searched or away from gpt's defaults
     summary = json.loads((out / "summary.json").read_text())
     assert {r["family"] for r in summary["families"]} == {"cvfp", "gpt"}
     assert all(r["alpha_low"] <= r["alpha"] <= r["alpha_high"] for r in summary["families"])

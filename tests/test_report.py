@@ -337,3 +337,34 @@ def test_pareto_plot_draws_the_front_with_intervals(tmp_path):
     rep = build_report([], meta={"objectives": ["ppl_at_10M", "total_params"]})
     path = plot_pareto(rep, study, tmp_path / "pareto.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_settings_table_is_per_family_with_the_familys_own_field_names():
+    """A cross-family study: a gpt trial also records CVFP's searched fields (context_dim); its
+    row shows its own fields (d_model, mlp_ratio, ...), never CVFP's columns."""
+    from archsearch.report.render import markdown as md_of
+
+    c = cfg("cvfp_a", [3000, 1800, 1500, 1400])
+    c.params = {"num_layers": 2, "context_dim": 384, "num_input_tokens": 1, "family": "cvfp", "mlp_ratio": 3.6}
+    g1 = cfg("gpt_a", [2000, 1500, 1300, 1200], family="gpt", model={"family": "gpt", "num_layers": 1, "d_model": 384, "n_heads": 6,
+             "mlp_ratio": 1.67, "context_length": 256, "lr": 0.001, "dropout": 0.1})  # fmt: skip
+    g1.params = {"num_layers": 1, "context_dim": 547, "num_input_tokens": 1, "family": "gpt", "mlp_ratio": 1.67}
+    g2 = cfg("gpt_b", [2100, 1600, 1350, 1250], family="gpt", model={"family": "gpt", "num_layers": 2, "d_model": 384, "n_heads": 6,
+             "mlp_ratio": 3.84, "context_length": 256, "lr": 0.001, "dropout": 0.1})  # fmt: skip
+    g2.params = {"num_layers": 2, "context_dim": 547, "num_input_tokens": 1, "family": "gpt", "mlp_ratio": 3.84}
+    rep = build_report([c, g1, g2])
+    rows = {r["config"]: r for r in rep.settings}
+    assert rows["cvfp_a"] == {"config": "cvfp_a", "family": "cvfp", "num_layers": 2, "context_dim": 384, "num_input_tokens": 1, "embed_dim": 384}
+    # gpt: searched (num_layers, mlp_ratio) and away from its defaults (d_model, n_heads, context_length, dropout); lr is the default
+    assert rows["gpt_a"] == {"config": "gpt_a", "family": "gpt", "num_layers": 1, "d_model": 384, "n_heads": 6, "mlp_ratio": 1.67,
+                             "context_length": 256, "dropout": 0.1}  # fmt: skip
+    md = md_of(rep)
+    assert "**gpt**\n\n| Config | num_layers | d_model | n_heads | mlp_ratio | context_length | dropout |" in md
+    assert "| gpt_a | 1 | 384 | 6 | 1.67 | 256 | 0.1 |" in md and "| cvfp_a | 2 | 384 | 1 | 384 |" in md
+    # an older study (no model config recorded): the searched values, still only the family's fields
+    g1.model = None
+    assert {k for k in build_report([c, g1]).settings[1]} == {"config", "family", "num_layers", "mlp_ratio"}
+    # a user family this machine cannot load: its recorded fields as they are
+    u = cfg("mine", [2000, 1500, 1300, 1200], family="lstm_not_here", model={"family": "lstm_not_here", "hidden": 64})
+    u.params = {"hidden": 64}
+    assert build_report([u]).settings == [{"config": "mine", "family": "lstm_not_here", "hidden": 64}]

@@ -64,6 +64,9 @@ class ConfigResult:
     total_params: int | None = None
     infeasible: str | None = None
     """Why the study marked it infeasible (admissibility rule, capped runs); None: feasible."""
+    model: dict[str, Any] | None = None
+    """The family's model config as the trial ran it (``family`` and its fields), where the
+    study recorded it (user attr ``model``); None: older studies, published numbers."""
     admitted_early: str | None = None
     """Set by the report (:func:`rejudge`): why the admissibility rule, which admitted it
     against the best so far, rejects it against the study's final best; None: it passes."""
@@ -264,6 +267,55 @@ def ranked_by(meta: dict[str, Any]) -> str:
     return "ppl_at" if first.startswith("ppl_at") else ("final_ppl" if first == "final_ppl" else "alpha")
 
 
+CVFP_SETTINGS = ("num_layers", "context_dim", "num_input_tokens")
+"""The Settings table's columns for CVFP configs (then embed_dim and the searched dotted fields)."""
+
+
+def _family_defaults(family: str) -> dict[str, Any] | None:
+    """The defaults of a family's config fields, in their order; None where the family cannot
+    be loaded here (a user's family named only by its registered name)."""
+    from archsearch.families import get_family
+
+    try:
+        cls = get_family(family).config
+    except Exception:
+        return None
+    return {f.name: f.default if f.default is not dataclasses.MISSING else None for f in dataclasses.fields(cls)}
+
+
+def settings_rows(configs: Sequence[ConfigResult]) -> list[dict[str, Any]]:
+    """The Settings table, one row per config with its ``family``, by the family's own field
+    names. CVFP: CVFP_SETTINGS, embed_dim and the searched dotted fields. Another family: its
+    fields that are searched, set away from the family's default, or different between its
+    configs (values as run where the study recorded the model config, else the searched
+    values); a searched parameter that is not one of the family's fields (another family's,
+    in a cross-family search) is not shown for it."""
+    rows: dict[str, dict[str, Any]] = {}
+    by_family: dict[str, list[ConfigResult]] = {}
+    for c in configs:
+        by_family.setdefault(c.family, []).append(c)
+    for family, members in by_family.items():
+        if family == "cvfp":
+            for c in members:
+                rows[c.name] = {"config": c.name, "family": family, **{k: c.params.get(k) for k in CVFP_SETTINGS},
+                                "embed_dim": None if c.embed_dim is None else int(c.embed_dim), **{k: v for k, v in c.params.items() if "." in k}}  # fmt: skip
+            continue
+        defaults = _family_defaults(family)
+        values = []
+        for c in members:
+            model = {k: v for k, v in (c.model or {}).items() if k != "family"}
+            v = {**{k: x for k, x in c.params.items() if k != "family"}, **model}  # the values as run win
+            own = defaults if defaults is not None else (model or v)
+            values.append({k: x for k, x in v.items() if k in own})
+        names = list(defaults) if defaults is not None else list(dict.fromkeys(k for v in values for k in v))
+        searched = {k for c in members for k in c.params}
+        shown_names = [k for k in names if any(k in v for v in values) and (
+            k in searched or len({repr(v.get(k)) for v in values}) > 1 or (defaults is not None and any(v.get(k, defaults[k]) != defaults[k] for v in values)))]  # fmt: skip
+        for c, v in zip(members, values):
+            rows[c.name] = {"config": c.name, "family": family, **{k: v.get(k) for k in shown_names}}
+    return [rows[c.name] for c in configs]
+
+
 def rejudge(configs: Sequence[ConfigResult]) -> list[ConfigResult]:
     """The admissibility rule (``admissible.max_ppl_ratio``) again, against the study's final
     best PPL at the largest size. A search judged each trial when it finished, against the
@@ -350,8 +402,7 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
                                   law.alpha_low if law else None, law.alpha_high if law else None,
                                   law.ppl_target if law else None, law.ppl_target_low if law else None,
                                   law.ppl_target_high if law else None, short))  # fmt: skip
-    settings = [{"config": c.name, **{k: c.params.get(k) for k in ("num_layers", "context_dim", "num_input_tokens")},
-                 "embed_dim": c.embed_dim, **{k: v for k, v in c.params.items() if "." in k}} for c in configs]  # fmt: skip
+    settings = settings_rows(configs)
 
     with_law = [c for c in configs if c.name in laws]
     by_alpha = sorted(with_law, key=lambda c: laws[c.name].alpha)

@@ -63,6 +63,26 @@ def header(rep: Report) -> list[str]:
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
 
 
+def _setting(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def settings_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """One table per family (in the order the families first appear), each with the family's
+    own field names (report.data.settings_rows); a family's heading only when there are several."""
+    families = list(dict.fromkeys(r.get("family", "cvfp") for r in rows))
+    out: list[str] = []
+    for family in families:
+        members = [r for r in rows if r.get("family", "cvfp") == family]
+        keys = list(dict.fromkeys(k for r in members for k in r if k not in ("config", "family")))
+        if len(families) > 1:
+            out += [f"**{family}**", ""]
+        out += ["| Config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        out += [f"| {r['config']} | " + " | ".join(_setting(r.get(k)) for k in keys) + " |" for r in members]
+        out.append("")
+    return out[:-1]
+
+
 def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compare_label: str = "", plots: list[str] = ()) -> str:
     m = rep.meta
     out = [f"# {rep.title}", ""] + header(rep)
@@ -71,11 +91,7 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
 
     out += summary_table(rep)
     out += _family_section(rep)
-    out += ["", "## Settings", ""]
-    keys = [k for k in rep.settings[0] if k != "config"] if rep.settings else []
-    out += ["| Config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for s in rep.settings:
-        out.append(f"| {s['config']} | " + " | ".join("-" if s.get(k) is None else str(s[k]) for k in keys) + " |")
+    out += ["", "## Settings", ""] + settings_tables(rep.settings)
 
     out += ["", "## Results per config", ""]
     for i, c in enumerate(rep.configs, 1):

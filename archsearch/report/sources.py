@@ -78,6 +78,7 @@ def from_study(study, storage_label: str = "") -> tuple[list[ConfigResult], dict
             family=t.user_attrs.get("family") or SizeRecord.from_dict(sizes[0]).family,
             total_params=t.user_attrs.get("total_params"),
             infeasible=t.user_attrs.get("infeasible"),
+            model=t.user_attrs.get("model"),
         ))  # fmt: skip
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("repeat_of") is None]
     meta = {

@@ -520,6 +520,8 @@ class StudyBridge:
             if result.get(k) is not None:
                 trial.set_user_attr(k, result[k])
         trial.set_user_attr("wall_seconds", result.get("seconds"))
+        if (result.get("config") or {}).get("model"):  # the family's config as run: the report's Settings table
+            trial.set_user_attr("model", result["config"]["model"])
         if result.get("worker"):  # where the worker's time went before the trial ran (see trainable)
             trial.set_user_attr("worker", result["worker"])
         trial.set_user_attr("objectives", result.get("objectives"))
