@@ -130,3 +130,50 @@ def test_a_family_returning_something_else_fails_naming_the_family_and_the_type(
     monkeypatch.setattr("archsearch.config.RunConfig.family_object", lambda self: broken)
     with pytest.raises(TypeError, match=r"^family 'cvfp': train returned dict, not an archsearch.result.RunResult$"):
         run_trial(plan)
+
+
+OOM_FAMILY = '''
+import dataclasses, os
+import torch
+from examples.lstm_family import family as lstm
+
+
+def train(cfg, data, seed, device="cpu", progress=None):
+    if cfg.hidden == 32:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+    return lstm.train(cfg, data, seed, device, progress)
+
+
+def release():
+    with open(LOG, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return False
+
+
+family = dataclasses.replace(lstm, name="oom_lstm", train=train, release=release)
+'''
+
+
+def test_a_worker_whose_trial_ran_out_of_memory_runs_the_next_trial(tmp_path, tiny_corpus):
+    """Through archsearch run (real Ray, one worker, real SQLite): the first config's run
+    raises CUDA's OutOfMemoryError, the trial fails as out_of_memory, the same worker process
+    frees (the family's release, then after the trial) and completes the next config."""
+    from helpers import cli, read_trials, tiny_space, write_space
+    from optuna.trial import TrialState
+
+    log = tmp_path / "release.log"
+    (tmp_path / "oom_family.py").write_text(f"LOG = {str(log)!r}\n" + OOM_FAMILY)
+    space = tiny_space(tiny_corpus, study={"name": "oom"}, model={"family": f"{tmp_path / 'oom_family.py'}:family", "context_length": 16, "max_epochs": 1},
+                       sampler={"type": "grid", "configs": {"big": {"hidden": 32}, "small": {"hidden": 8}}},
+                       resources={"gpus": 0, "cpus": 1}, max_concurrent=1)  # fmt: skip
+    space.pop("phase1"), space.pop("phase2")  # CVFP sections
+    home = tmp_path / "home"
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
+    assert r.returncode == 1, r.stdout + r.stderr  # a trial failed
+    trials = {t.user_attrs["config_name"]: t for t in read_trials(home / "archsearch.db", "oom")}
+    assert trials["big"].state == TrialState.FAIL and trials["big"].user_attrs["error_kind"] == "out_of_memory"
+    assert "OutOfMemoryError: CUDA out of memory" in trials["big"].user_attrs["error"]
+    assert trials["small"].state == TrialState.COMPLETE
+    pids = log.read_text().split()
+    # released after the failed run and after each trial, all in the one worker that ran both
+    assert len(pids) == 3 and len(set(pids)) == 1 and int(pids[0]) == trials["small"].user_attrs["worker_pid"]
