@@ -47,9 +47,10 @@ def test_a_real_oom_frees_the_run_and_the_next_run_equals_a_clean_one():
 
     run(small)  # a kept session of another shape, as a worker's earlier trial leaves it
     assert getattr(graphs._SESSIONS, "session", None) is not None
+    torch.cuda.empty_cache()  # its cached blocks, not the session: the big run gets only what is left free below
     free_bytes, _ = torch.cuda.mem_get_info()
     filler = torch.empty(free_bytes - peak // 2, dtype=torch.uint8, device="cuda")  # room for half of the big run
-    with pytest.raises(torch.cuda.OutOfMemoryError) as e:
+    with pytest.raises(Exception) as e:  # noqa: PT011 - an OOM inside a graph capture surfaces as the capture's error
         run(big)  # fails, is retried once without the kept session, fails again
     assert is_out_of_memory(e.value)
     del e
