@@ -29,7 +29,7 @@ a ready-made holder for them):
 ``release() -> bool`` (optional)
     Drop what the family keeps between runs in the calling thread (CVFP: its kept phase-2
     session, CUDA graphs and buffers) and say whether anything was kept. A trial calls it
-    after a failed run, before it frees the allocator's cache, and a worker after each trial.
+    after a failed run, before it frees the allocator's cache, and a worker after a failed trial.
 
 Built-in families: ``cvfp`` (the default; :mod:`archsearch.families.cvfp`) and ``gpt``
 (:mod:`archsearch.families.gpt`). A user's family is named in a space file by
