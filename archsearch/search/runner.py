@@ -62,8 +62,10 @@ class RunSummary:
         }  # fmt: skip
 
 
-def init_ray(address: str | None, quiet: bool = True):
-    """Connect to a cluster (``--address``) or start an embedded local Ray (dashboard off)."""
+def init_ray(address: str | None, quiet: bool = True, temp_dir: str | None = None):
+    """Connect to a cluster (``--address``) or start an embedded local Ray (dashboard off)
+    whose folders (sessions, logs, sockets, spilled objects) are under ``temp_dir``
+    (default: :func:`ray_temp_dir`)."""
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -81,8 +83,9 @@ def init_ray(address: str | None, quiet: bool = True):
             raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]})") from None
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
+        temp_dir = temp_dir or ray_temp_dir()
         with _loopback_only(ray), _owner_mark():
-            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **local_init_options(), **kwargs)
+            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, **local_init_options(), **kwargs)
     return ray
 
 
@@ -101,6 +104,73 @@ def local_init_options() -> dict[str, Any]:
     if os.environ.get(WARM_WORKERS_VAR, "") in ("1", "true", "yes"):
         return {"runtime_env": {"worker_process_setup_hook": "archsearch.search.trainable.warm_worker"}}
     return {}
+
+
+RAY_TMPDIR_VAR = "ARCHSEARCH_RAY_TMPDIR"
+SOCKET_PATH_MAX = 107
+"""Bytes of a unix socket path on Linux (108 with its NUL; macOS: 103)."""
+
+
+def ray_tmp_limit(pid: int | None = None) -> int:
+    """The longest Ray temp folder whose socket paths fit: Ray puts them at
+    ``<temp>/session_<date>_<time>_<usec>_<driver pid>/sockets/plasma_store`` (and ``raylet``),
+    with room for the ``.N`` suffix Ray adds when a name is taken."""
+    tail = len("/session_2026-12-01_12-20-41_208516_") + len(str(pid or os.getpid())) + len("/sockets/plasma_store") + 2
+    return SOCKET_PATH_MAX - tail
+
+
+def ray_temp_dir() -> str:
+    """The embedded Ray's temp folder: ``$ARCHSEARCH_RAY_TMPDIR`` if set (too long: a usage
+    error), else ``<home>/ray``. A home too deep for Ray's socket paths is reached through a
+    short link, ``<system temp>/archsearch-<uid>/<hash of the folder>``, and a one-line note
+    names it: Ray's files still live under the home, only the link is outside."""
+    import hashlib
+    import tempfile
+
+    limit = ray_tmp_limit()
+    explicit = os.environ.get(RAY_TMPDIR_VAR)
+    if explicit:
+        folder = Path(explicit).expanduser().absolute()
+        if len(os.fsencode(folder)) > limit:
+            raise ConfigError(f"{RAY_TMPDIR_VAR}={_short(folder)}: {len(os.fsencode(folder))} bytes, but Ray's unix socket paths "
+                              f"under it allow a folder of at most {limit} bytes ({SOCKET_PATH_MAX} for the whole path); choose a shorter one")  # fmt: skip
+        return str(folder)
+    target = paths.home() / "ray"
+    if len(os.fsencode(target)) <= limit:
+        return str(target)
+    name = hashlib.sha256(os.fsencode(target)).hexdigest()[:8]
+    links = Path(tempfile.gettempdir()) / f"archsearch-{os.getuid()}"
+    if len(os.fsencode(links / name)) > limit:
+        links = Path("/tmp") / links.name
+    hint = f"set {RAY_TMPDIR_VAR} to a folder of at most {limit} bytes, or use a shorter ARCHSEARCH_HOME"
+    try:
+        links.mkdir(mode=0o700, exist_ok=True)
+        st = links.lstat()
+        import stat
+
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ConfigError(f"{links} (for a short link to Ray's folder) is not a private folder of this user: {hint}")
+        target.mkdir(parents=True, exist_ok=True)
+        link = links / name
+        if not (link.is_symlink() and os.readlink(link) == str(target)):
+            fresh = links / f".{link.name}.{os.getpid()}"
+            fresh.unlink(missing_ok=True)
+            fresh.symlink_to(target, target_is_directory=True)
+            os.replace(fresh, link)  # atomic: a run starting at the same time sees the old link or the new one
+    except OSError as e:
+        raise ConfigError(f"{target} is too deep for Ray's unix socket paths ({SOCKET_PATH_MAX} bytes) and no short link to it "
+                          f"could be made in {links} ({e.strerror or e}): {hint}") from None  # fmt: skip
+    from archsearch.console import err_console
+
+    err_console.print(f"[yellow]note:[/yellow] {target} is too deep for Ray's socket paths; Ray reaches it through the link {link} "
+                      f"({hint} to avoid it)", highlight=False, soft_wrap=True)  # fmt: skip
+    return str(link)
+
+
+def _short(path: Path, n: int = 120) -> str:
+    text = str(path)
+    return text if len(text) <= n else text[: n // 2] + "…" + text[-n // 2 :]
+
 
 LOOPBACK = "127.0.0.1"
 OWNER_VAR = "ARCHSEARCH_RAY_OWNER"
@@ -244,20 +314,28 @@ def run_search(
     n_new = _n_new(space, n_trials)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # every check first (space, storage URL, cluster resources, sizes against the data):
-    # a bad request writes nothing but, at most, a valid prepared-data folder. The data is
-    # prepared (or loaded and verified) while Ray starts; both take seconds.
-    with ThreadPoolExecutor(2, thread_name_prefix="archsearch-setup") as pool:
-        data_job = pool.submit(_timed, prepare_space_data, space, data_progress(view_mode == "quiet"))
-        t = time.perf_counter()
-        import ray  # before the thread below imports its parts
+    # a bad request writes nothing but, at most, a valid prepared-data folder (the embedded
+    # Ray's folder is removed again). The data is prepared (or loaded and verified) while Ray
+    # starts; both take seconds.
+    new_dirs = [] if address else [d for d in (paths.home(), paths.home() / "ray") if not d.exists()]
+    ray_tmp = None if address else ray_temp_dir()
+    try:
+        with ThreadPoolExecutor(2, thread_name_prefix="archsearch-setup") as pool:
+            data_job = pool.submit(_timed, prepare_space_data, space, data_progress(view_mode == "quiet"))
+            t = time.perf_counter()
+            import ray  # before the thread below imports its parts
 
-        pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
-        init_ray(address, quiet=True)
-        timings["ray_init"] = time.perf_counter() - t
-        gpus, cpus = trial_resources(space, ray)
-        data, timings["data"] = data_job.result()
-    check_param_counts(space, data.embed_dim, data.vocab_size)  # a broken family fails here, before any study is written
-    trackers = _open_trackers(space, name)
+            pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
+            init_ray(address, quiet=True, temp_dir=ray_tmp)
+            timings["ray_init"] = time.perf_counter() - t
+            gpus, cpus = trial_resources(space, ray)
+            data, timings["data"] = data_job.result()
+        check_param_counts(space, data.embed_dim, data.vocab_size)  # a broken family fails here, before any study is written
+        trackers = _open_trackers(space, name)
+    except ConfigError:
+        if not address:
+            discard_embedded_ray(new_dirs)
+        raise
     from archsearch.search.bridge import StudyBridge
     from archsearch.search.trainable import cvfp_trainable
     from archsearch.search.view import LiveView
@@ -411,6 +489,28 @@ class ClusterWatch:
 
         if threading.get_ident() == self._target:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), None)
+
+
+def discard_embedded_ray(new_dirs: list[Path] = ()) -> None:
+    """After a usage error found once the embedded Ray had started: stop it and remove its
+    session folder, then the folders in ``new_dirs`` (made for this run) if they are empty,
+    so that the error leaves nothing behind."""
+    import ray
+
+    node = ray._private.worker._global_node if ray.is_initialized() else None
+    session = Path(node.get_session_dir_path()) if node is not None else None
+    if ray.is_initialized():
+        ray.shutdown()
+    if session is not None:
+        shutil.rmtree(session, ignore_errors=True)
+        latest = session.parent / "session_latest"
+        if latest.is_symlink() and not latest.exists():
+            latest.unlink(missing_ok=True)
+    for folder in sorted(new_dirs, key=lambda d: len(d.parts), reverse=True):
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def abandon_ray(code: int = 1) -> None:
