@@ -18,7 +18,7 @@ def exposed(sockets):
     return [s for s in sockets if not ipaddress.ip_address(s[2]).is_loopback]
 
 
-def test_embedded_ray_listens_on_loopback_only():
+def test_embedded_ray_listens_on_loopback_only(home):  # home: Ray's folder goes under it
     import ray
 
     from archsearch.search.runner import init_ray

@@ -202,7 +202,7 @@ def test_password_never_appears_in_output_reports_or_the_study(form, tmp_path, t
             assert secret not in text
 
 
-def test_embedded_ray_starts_no_dashboard():
+def test_embedded_ray_starts_no_dashboard(home):  # home: Ray's folder goes under it
     import ray
 
     from archsearch.search.runner import init_ray
