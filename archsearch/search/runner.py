@@ -259,7 +259,8 @@ def _loopback_only(ray):
 
 
 def _probe(address: str) -> None:
-    """Fail fast on a host:port nobody listens on (Ray itself retries for minutes)."""
+    """Fail fast on a host:port where no Ray cluster answers: nothing listens, or something
+    that does not speak gRPC (Ray itself retries either for minutes)."""
     import socket
 
     target = address.removeprefix("ray://")
@@ -267,9 +268,41 @@ def _probe(address: str) -> None:
     if address == "auto" or not sep or not port.isdigit():
         return
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+        conn = socket.create_connection((host or "127.0.0.1", int(port)), timeout=10)
     except OSError as e:
         raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+            why = _not_grpc(conn)
+            if why:
+                raise ConfigError(f"--address {address}: something listens there, but not a Ray cluster ({why}); "
+                                  "give the head's GCS address (`ray start --head --port=...`)")  # fmt: skip
+
+
+PROBE_GRPC_S = 5.0
+"""Seconds an --address port has to answer like a gRPC server (Ray's GCS) before it is refused."""
+
+
+def _not_grpc(conn) -> str | None:
+    """Why the server on ``conn`` is not a gRPC (HTTP/2) server like Ray's GCS, or None.
+    Ray itself retries a port that accepts but never answers for minutes; a gRPC server
+    answers the HTTP/2 connection preface with a SETTINGS frame at once."""
+    conn.settimeout(PROBE_GRPC_S)
+    try:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface + empty SETTINGS
+        head = b""
+        while len(head) < 9:
+            part = conn.recv(9 - len(head))
+            if not part:
+                return "it closed the connection"
+            head += part
+    except TimeoutError:
+        return f"no gRPC answer within {PROBE_GRPC_S:g} s"
+    except OSError as e:
+        return f"{e.strerror or e}"
+    if head[3] != 0x04:
+        return "its answer is not gRPC's"
+    return None
 
 
 def trial_resources(space: Space, ray) -> tuple[float, float]:
@@ -312,6 +345,8 @@ def run_search(
     check_search_options(space)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
+    if address:
+        _probe(address)  # first: a wrong address ends in a second, before Ray is imported or data prepared
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # every check first (space, storage URL, cluster resources, sizes against the data):
     # a bad request writes nothing but, at most, a valid prepared-data folder (the embedded
@@ -758,6 +793,8 @@ def dry_run(space: Space, *, storage: str | None = None, study_name: str | None 
     check_search_options(space)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
+    if address:
+        _probe(address)  # first: a wrong address ends in a second, before Ray is imported or data prepared
     wanted = {n: full_params(space, p) for n, p in space.configs.items()}
     present: dict[str, Any] = {}
     stale: list[int] = []
