@@ -668,6 +668,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         if isinstance(e, aborts):
             sys.exit(130)
+        from archsearch.search.storage import damage_in
+
+        damaged = damage_in(e)  # a SQLite study file damaged where the check on open cannot see
+        if damaged is not None:
+            from rich.markup import escape
+
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(damaged))}", highlight=False, soft_wrap=True)
+            sys.exit(damaged.exit_code)
         raise
 
 
