@@ -45,6 +45,7 @@ MAX_CONCURRENT = 10_000
 MAX_FAILURES = 1_000
 MAX_GPUS = 1_024
 MAX_CPUS = 4_096
+MAX_MEMORY_GB = 65_536
 MAX_YAML_BYTES = 128 * 1024
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 50_000
@@ -127,6 +128,8 @@ class Space:
     max_failures: int
     notes: list[str] = field(default_factory=list)
     """What the command-line overrides did beyond setting their key (see apply_run_overrides)."""
+    memory_gb: float | None = None
+    """Memory a trial may allocate (GB, RLIMIT_DATA in its worker; Ray schedules by it); None = no limit."""
     merged: dict[str, str] = field(default_factory=dict)
     """Configs that the overrides made identical to an earlier one: dropped name -> kept name."""
     tracking: Any = None
@@ -656,13 +659,14 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
         problems.append(f"seeds: duplicate seeds in {shown(seeds)}")
 
     res = _mapping(raw, "resources", problems)
-    _unknown(res, "resources", ("gpus", "cpus"), problems)
+    _unknown(res, "resources", ("gpus", "cpus", "memory_gb"), problems)
     gpus: float | None = None  # "auto": one GPU per trial where the cluster has GPUs, else none
     if res.get("gpus", "auto") != "auto":
         gpus = _number(res, "gpus", 0.0, "resources", problems, low=0.0, high=MAX_GPUS)
         if gpus > 1 and not float(gpus).is_integer():
             problems.append(f"resources.gpus: above 1 a trial takes whole GPUs, got {gpus}")
     cpus = _number(res, "cpus", 1.0, "resources", problems, low=0.0, strict=True, high=MAX_CPUS)
+    memory_gb = None if res.get("memory_gb") is None else _number(res, "memory_gb", 1.0, "resources", problems, low=0.0, strict=True, high=MAX_MEMORY_GB)
     max_concurrent = raw.get("max_concurrent", 1)
     if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= MAX_CONCURRENT:
         problems.append(f"max_concurrent: expected an integer 1 to {MAX_CONCURRENT:,}, got {shown(max_concurrent)}")
@@ -695,7 +699,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
         sampler_options=options, configs=configs, parameters=parameters, n_trials=n_trials, base=base, data=data,
         seeds=seeds, gpus=gpus, cpus=cpus, max_concurrent=max_concurrent, early_stopping=early,
         constraints=constraints, max_failures=max_failures, tracking=tracking, admissible=admissible, capped=capped,
-        capped_retry=capped_retry,
+        capped_retry=capped_retry, memory_gb=memory_gb,
     )  # fmt: skip
     e = known_embed_dim(data)
     bad = [f"{where}.{name}: {'; '.join(v)}" for where, name, v in (

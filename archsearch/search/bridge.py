@@ -186,7 +186,7 @@ class StudyBridge:
             self.live[ray_id] = LiveTrial(trial, name, params)
             plan = self.make_plan(params, name=name)
             self._view("pending", self.live[ray_id])
-            return {"plan": dataclasses.asdict(plan), "gpus": self.plan_gpus, "cpus": self.space.cpus, "optuna_trial": trial.number}
+            return {"plan": dataclasses.asdict(plan), "gpus": self.plan_gpus, "cpus": self.space.cpus, "memory_gb": self.space.memory_gb, "optuna_trial": trial.number}
 
     @property
     def progress(self) -> tuple[int, int]:

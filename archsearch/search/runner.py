@@ -314,6 +314,9 @@ def trial_resources(space: Space, ray) -> tuple[float, float]:
         problems.append(f"resources.gpus: {gpus:g} GPU per trial, but the Ray cluster has {have_gpus:g} (set resources.gpus=0 to run on CPU)")
     if space.cpus > have_cpus:
         problems.append(f"resources.cpus: {space.cpus:g} CPU per trial, but the Ray cluster has {have_cpus:g}")
+    have_memory = float(cluster.get("memory", 0)) / 2**30
+    if space.memory_gb is not None and space.memory_gb > have_memory:
+        problems.append(f"resources.memory_gb: {space.memory_gb:g} GB per trial, but the Ray cluster offers {have_memory:.1f} GB")
     if problems:
         raise ConfigError(problems)
     return gpus, space.cpus
@@ -694,7 +697,7 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
         # second GPU's worker starts only once the first one runs (seconds lost per worker)
         os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(_slots(ray, space, gpus, cpus))
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
+        tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus, **({"memory": int(space.memory_gb * 2**30)} if space.memory_gb else {})}),
         tune_config=tune.TuneConfig(
             search_alg=StudySearcher(bridge),
             scheduler=PrunerScheduler(bridge),

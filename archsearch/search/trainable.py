@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from typing import Any
 
 from archsearch.errors import is_disk_full, is_out_of_memory
@@ -36,6 +37,34 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
+
+
+@contextmanager
+def memory_limit(gb: float | None):
+    """Let this worker allocate at most ``gb`` GB more while the trial runs (RLIMIT_DATA, the
+    process's private writable memory, over what it holds now: torch and Ray imported). An
+    allocation beyond it fails in the trial (torch's "can't allocate memory", MemoryError)
+    instead of the machine running out; the old limit is back afterwards, for the next trial
+    this worker runs. Linux; elsewhere no limit."""
+    try:
+        import resource
+
+        with open("/proc/self/status") as f:
+            held = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    except (ImportError, OSError, StopIteration):
+        gb = None
+    if not gb:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    new = held + int(gb * 2**30)
+    if hard != resource.RLIM_INFINITY:
+        new = min(new, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (new, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def _process_age() -> float | None:
@@ -101,12 +130,17 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         report("progress", {"size_index": size_index, "size": size, "text": text})
 
     failure = None
+    limit = config.get("memory_gb")
     try:
-        result = run_trial(plan, on_size=on_size, progress=progress)
+        with memory_limit(limit):
+            result = run_trial(plan, on_size=on_size, progress=progress)
     except Exception as e:  # the trial failed; the study goes on
         tb = traceback.format_exc(limit=8)
         kind = "out_of_memory" if is_out_of_memory(e) else "disk_full" if is_disk_full(e) else type(e).__name__
-        failure = {"error": f"{type(e).__name__}: {e}", "kind": kind, "traceback": tb[-4000:]}
+        error = f"{type(e).__name__}: {e}"
+        if kind == "out_of_memory" and limit:
+            error = f"the trial needs more memory than resources.memory_gb={limit:g} GB allows ({error})"
+        failure = {"error": error[:2000], "kind": kind, "traceback": tb[-4000:]}
         e.__traceback__ = None  # its frames hold the run's tensors
     finally:
         # this worker's next trial (or a co-tenant of its GPU) gets the memory back; after a

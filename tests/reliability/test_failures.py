@@ -90,3 +90,28 @@ def test_nan_loss_is_never_recorded_as_a_ppl(home, tiny_corpus, ray_local):
     (t,) = trials_of(home)
     assert t.state == TrialState.FAIL and t.user_attrs["error_kind"] == "NonFiniteLoss"
     assert "final_ppl" not in t.user_attrs and not t.user_attrs.get("sizes")
+
+
+@pytest.mark.slow
+def test_a_trial_over_its_memory_limit_fails_as_out_of_memory_and_the_next_trials_run(tmp_path, tiny_corpus):
+    """A real out-of-memory trial through `archsearch run` and Ray: `resources.memory_gb` caps what
+    a trial's worker may allocate; a config that needs more (here a 4 x 4096-wide model, ~1 GB of
+    weights and Adam state) fails FAIL out_of_memory with the limit named, and the trials after
+    it (in the same reused worker) complete."""
+    from helpers import cli, read_trials, tiny_space, write_space
+    from optuna.trial import TrialState
+
+    configs = {"huge": {"num_layers": 4, "context_dim": 4096}, "fits": {"num_layers": 1, "context_dim": 8},
+               "fits2": {"num_layers": 2, "context_dim": 8}}  # fmt: skip
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus, sampler={"type": "grid", "configs": configs}, max_concurrent=1,
+                                                         resources={"gpus": 0, "cpus": 1, "memory_gb": 0.4}))  # fmt: skip
+    r = cli("run", str(space), "--quiet", env={"ARCHSEARCH_HOME": str(home)}, timeout=900)
+    assert r.returncode == 1, r.stdout + r.stderr  # one trial failed
+    assert "Traceback" not in r.stdout + r.stderr
+    trials = {t.user_attrs["config_name"]: t for t in read_trials(home / "archsearch.db", "tiny")}
+    huge = trials["huge"]
+    assert huge.state == TrialState.FAIL and huge.user_attrs["error_kind"] == "out_of_memory", huge.user_attrs
+    assert "needs more memory than resources.memory_gb=0.4 GB allows" in huge.user_attrs["error"]
+    assert trials["fits"].state == TrialState.COMPLETE and trials["fits2"].state == TrialState.COMPLETE
+    assert trials["fits"].user_attrs["worker_pid"] == huge.user_attrs["worker_pid"]  # the same worker went on
