@@ -24,16 +24,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def short_dir():
-    """A folder short enough for Ray's socket paths (pytest's tmp_path is not)."""
-    import shutil
-
-    folder = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def stop_cluster(temp: Path) -> None:
     """Stop the Ray processes of the cluster whose temp folder is ``temp`` (their command
     lines name it), by pid: `ray stop` would stop every Ray of this user on the machine."""

@@ -58,14 +58,6 @@ def completed(home: Path) -> list:
     return [t.state for t in trials]
 
 
-@pytest.fixture
-def short_dir():
-    """A folder short enough for Ray's socket paths (pytest's tmp_path is not)."""
-    folder = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.mark.slow
 def test_a_run_keeps_rays_session_under_the_home(tmp_path, tiny_corpus, short_dir):
     short_home = short_dir / "h"
