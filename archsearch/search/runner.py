@@ -357,6 +357,7 @@ def run_search(
     # starts; both take seconds.
     new_dirs = [] if address else [d for d in (paths.home(), paths.home() / "ray") if not d.exists()]
     ray_tmp = None if address else ray_temp_dir()
+    started = False
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="archsearch-setup") as pool:
             data_job = pool.submit(_timed, prepare_space_data, space, data_progress(view_mode == "quiet"))
@@ -364,6 +365,7 @@ def run_search(
             import ray  # before the thread below imports its parts
 
             pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
+            started = not address and not ray.is_initialized()  # an embedded Ray of this call (not the caller's)
             init_ray(address, quiet=True, temp_dir=ray_tmp)
             timings["ray_init"] = time.perf_counter() - t
             gpus, cpus = trial_resources(space, ray)
@@ -371,8 +373,14 @@ def run_search(
         check_param_counts(space, data.embed_dim, data.vocab_size)  # a broken family fails here, before any study is written
         trackers = _open_trackers(space, name)
     except ConfigError:
-        if not address:
+        if started:
             discard_embedded_ray(new_dirs)
+        else:
+            for folder in reversed(new_dirs):  # made for Ray's folder (a link's target), left empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
         raise
     from archsearch.search.bridge import StudyBridge
     from archsearch.search.trainable import cvfp_trainable

@@ -215,7 +215,7 @@ def open_storage(url: str, create: bool = True):
                 raise FileNotFoundError(path)
             check_sqlite_file(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _OPENED_SQLITE.append(path)
+            _OPENED_SQLITE[:] = [*_OPENED_SQLITE[-7:], path]
             engine_kwargs = {"connect_args": {"timeout": 60}}
         else:
             engine_kwargs = {"pool_pre_ping": True}
@@ -265,7 +265,7 @@ class StorageDamaged(UserError):
 
 
 _OPENED_SQLITE: list[Path] = []
-"""SQLite files this process opened (for damage_in: an error has no path)."""
+"""The last SQLite files this process opened (for damage_in: an error carries no path)."""
 
 _DAMAGE_SIGNS = ("malformed", "not a database", "could not decode to utf-8", "database corrupt", "file is encrypted")
 

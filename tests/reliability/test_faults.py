@@ -117,6 +117,18 @@ def test_a_damaged_sqlite_file_is_detected_when_opened_and_a_rerun_into_a_new_fi
     check_exactly_once(f"sqlite:///{recovered}", configs={"a": {}, "b": {}})
 
 
+def test_a_usage_error_after_set_up_leaves_the_callers_own_ray_running(home, tiny_corpus, ray_local):
+    """The clean-up of a usage error stops only an embedded Ray that the run started itself."""
+    from archsearch.errors import ConfigError
+    from archsearch.search import runner
+    from archsearch.space import parse_space
+
+    space = parse_space(tiny_space(tiny_corpus, resources={"gpus": 0, "cpus": 999}))
+    with pytest.raises(ConfigError, match="resources.cpus: 999 CPU per trial"):
+        runner.run_search(space, view_mode="quiet")
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2
+
+
 REAL_STUDY = ROOT / "docs" / "tpe_explore" / "study.db"  # a real search's study: 98 trials, 0.9 MB
 
 
