@@ -804,8 +804,6 @@ def dry_run(space: Space, *, storage: str | None = None, study_name: str | None 
     check_search_options(space)
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
-    if address:
-        _probe(address)  # first: a wrong address ends in a second, before Ray is imported or data prepared
     wanted = {n: full_params(space, p) for n, p in space.configs.items()}
     present: dict[str, Any] = {}
     stale: list[int] = []
