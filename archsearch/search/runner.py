@@ -119,11 +119,12 @@ def ray_tmp_limit(pid: int | None = None) -> int:
     return SOCKET_PATH_MAX - tail
 
 
-def ray_temp_dir() -> str:
+def ray_temp_dir(note: bool = True) -> str:
     """The embedded Ray's temp folder: ``$ARCHSEARCH_RAY_TMPDIR`` if set (too long: a usage
     error), else ``<home>/ray``. A home too deep for Ray's socket paths is reached through a
     short link, ``<system temp>/archsearch-<uid>/<hash of the folder>``, and a one-line note
-    names it: Ray's files still live under the home, only the link is outside."""
+    names it (``note``; quiet runs print nothing): Ray's files still live under the home, only
+    the link is outside."""
     import hashlib
     import tempfile
 
@@ -160,6 +161,8 @@ def ray_temp_dir() -> str:
     except OSError as e:
         raise ConfigError(f"{target} is too deep for Ray's unix socket paths ({SOCKET_PATH_MAX} bytes) and no short link to it "
                           f"could be made in {links} ({e.strerror or e}): {hint}") from None  # fmt: skip
+    if not note:
+        return str(link)
     from archsearch.console import err_console
 
     err_console.print(f"[yellow]note:[/yellow] {target} is too deep for Ray's socket paths; Ray reaches it through the link {link} "
@@ -356,7 +359,7 @@ def run_search(
     # Ray's folder is removed again). The data is prepared (or loaded and verified) while Ray
     # starts; both take seconds.
     new_dirs = [] if address else [d for d in (paths.home(), paths.home() / "ray") if not d.exists()]
-    ray_tmp = None if address else ray_temp_dir()
+    ray_tmp = None if address else ray_temp_dir(note=view_mode != "quiet")
     started = False
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="archsearch-setup") as pool:

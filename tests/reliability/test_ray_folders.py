@@ -27,7 +27,7 @@ def run_cli(space: Path, home: Path, tmpdir: Path, *args: str) -> tuple[subproce
     env = dict(os.environ, ARCHSEARCH_HOME=str(home), TMPDIR=str(tmpdir), PYTHONUNBUFFERED="1")
     env.pop("RAY_TMPDIR", None)
     env.pop(runner.RAY_TMPDIR_VAR, None)
-    proc = subprocess.Popen([sys.executable, "-m", "archsearch.cli", "run", str(space), "--quiet", *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "archsearch.cli", "run", str(space), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     out, err = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
@@ -76,7 +76,7 @@ def test_a_home_too_deep_for_rays_sockets_is_reached_through_a_short_link(tmp_pa
     tmpdir = short_dir  # where the link goes (a TMPDIR too long for it would send it to /tmp)
     space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus))
     before = ray_results()
-    r, pid = run_cli(space, home, tmpdir)
+    r, pid = run_cli(space, home, tmpdir)  # not --quiet: the note is shown
     assert r.returncode == 0, r.stdout + r.stderr
     links = tmpdir / f"archsearch-{os.getuid()}"
     [link] = [p for p in links.iterdir() if not p.name.startswith(".")]
