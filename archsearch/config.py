@@ -105,8 +105,9 @@ class EngineConfig:
     (cvfp/fast/layers.py; speed only, off for A/B measurements)."""
     concurrent_sizes: int = 0
     """Sizes of a trial trained at once, in threads of the trial's process, each on its own
-    CUDA stream (speed only: every run draws from its own generators, so the numbers are those
-    of one size after another): 0 = auto (2 on a GPU, 1 on a CPU) | 1 | 2 | 4. The trial's
+    CUDA stream (speed only: every run draws from its own generators, so the numbers are meant
+    to be those of one size after another): 0 = auto (1) | 1 | 2 | 4. Experimental on a GPU: a
+    race seen on an H200 (docs/engine.md). The trial's
     first size to be trained runs alone (it compiles the kernels and pays the first CUDA use
     before any thread captures a graph); CVFP only (other families run one size at a time)."""
     recurrent: str = "auto"

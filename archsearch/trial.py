@@ -234,20 +234,22 @@ OnSize = Callable[[SizeRecord, dict[str, Any]], bool | None]
 """on_size(size_record, partial_result) -> False to stop the trial after this size."""
 
 
-CONCURRENT_SIZES_GPU = 2
-"""``engine.concurrent_sizes: 0`` (auto) on a GPU: two runs on one GPU overlap one run's
-latency-bound recurrent validation pass with the other's matrix work (benchmarks/NOTES.md)."""
+CONCURRENT_SIZES_AUTO = 1
+"""``engine.concurrent_sizes: 0`` (auto): one size at a time, on a GPU too. Sizes at once in
+threads are opt-in and experimental: on an H200 four at once gave a NaN in phase 1's first
+iteration of one run in one of four repeats (numbers unlike the sequential run's), and
+``archsearch run`` of the report's grid was no faster with two (benchmarks/NOTES.md, v10)."""
 
 
 def concurrent_sizes(cfg: RunConfig, device_type: str) -> int:
     """How many sizes of a trial run at once: ``engine.concurrent_sizes``, auto resolved
-    (2 on CUDA, 1 elsewhere); always 1 for a family other than CVFP (its runs may draw from
-    global random state, which threads would share)."""
+    (:data:`CONCURRENT_SIZES_AUTO`); always 1 for a family other than CVFP (its runs may draw
+    from global random state, which threads would share)."""
     if cfg.family != "cvfp":
         return 1
     n = cfg.engine.concurrent_sizes
     if n == 0:
-        return CONCURRENT_SIZES_GPU if device_type == "cuda" else 1
+        return CONCURRENT_SIZES_AUTO
     return n
 
 

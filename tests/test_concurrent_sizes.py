@@ -37,9 +37,9 @@ def numbers(result):
             for rec in result["sizes"]], result["fit"], result["objectives"]  # fmt: skip
 
 
-def test_auto_is_two_on_a_gpu_one_on_a_cpu(prepared):
+def test_auto_is_one_size_at_a_time_and_more_is_opt_in(prepared):
     cfg = plan_for(prepared, 0).run_config
-    assert concurrent_sizes(cfg, "cuda") == 2 and concurrent_sizes(cfg, "cpu") == 1
+    assert concurrent_sizes(cfg, "cuda") == 1 and concurrent_sizes(cfg, "cpu") == 1  # auto: opt-in only
     assert concurrent_sizes(plan_for(prepared, 4).run_config, "cpu") == 4
 
 
