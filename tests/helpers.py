@@ -113,3 +113,27 @@ def listening_sockets(pids: list[int]) -> list[tuple[int, str, str, int]]:
                 if f[9] in inodes and listening:
                     found.append((pid, proto, *decode(f[1])))
     return found
+
+
+def cli_trial_plan(monkeypatch, path: Path, config: str = "a"):
+    """The plan that ``archsearch trial PATH --config CONFIG --device cpu`` hands to
+    ``archsearch.trial.run_trial``, training stopped before it starts."""
+    from typer.testing import CliRunner
+
+    import archsearch.trial
+    from archsearch.cli import app
+
+    seen = []
+
+    class Planned(Exception):
+        """The plan is all the caller needs: stop before training."""
+
+    def run_trial(plan, **kw):
+        seen.append(plan)
+        raise Planned
+
+    monkeypatch.setattr(archsearch.trial, "run_trial", run_trial)
+    r = CliRunner().invoke(app, ["trial", str(path), "--config", config, "--device", "cpu", "--quiet"])
+    assert isinstance(r.exception, Planned), r.output
+    (plan,) = seen
+    return plan

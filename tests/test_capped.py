@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from helpers import tiny_space, write_space
+from helpers import cli_trial_plan, tiny_space, write_space
 
 from archsearch.space import parse_space
 from archsearch.trial import TrialPlan, retry_settings, run_trial
@@ -56,27 +56,11 @@ def test_a_capped_size_is_trained_again_with_the_raised_caps(tiny_corpus, tmp_pa
 def test_archsearch_trial_plans_the_raised_caps_as_a_run_does(tiny_corpus, tmp_path, monkeypatch):
     """The plan builder (archsearch.plan.trial_plan) carries the space's capped_retry, so
     ``archsearch trial`` retrains a capped size as ``archsearch run`` does."""
-    from typer.testing import CliRunner
-
-    import archsearch.trial
-    from archsearch.cli import app
     from archsearch.plan import trial_plan
 
     monkeypatch.setenv("ARCHSEARCH_HOME", str(tmp_path / "home"))
-    seen = []
-
-    class Planned(Exception):
-        """The plan is all this test needs: stop before training."""
-
-    def run_trial(plan, **kw):
-        seen.append(plan)
-        raise Planned
-
-    monkeypatch.setattr(archsearch.trial, "run_trial", run_trial)
     retry = tiny_space(tiny_corpus, capped={"retry": {"phase2.max_epochs": 3}})
-    path = write_space(tmp_path / "retry.yaml", retry)
-    r = CliRunner().invoke(app, ["trial", str(path), "--config", "a", "--device", "cpu", "--quiet"])
-    assert isinstance(r.exception, Planned), r.output
-    assert seen[-1].extra == {"capped_retry": {"phase2.max_epochs": 3}}
-    assert trial_plan(parse_space(retry), {"num_layers": 1}, name="x", data_path="-").extra == seen[-1].extra
+    planned = cli_trial_plan(monkeypatch, write_space(tmp_path / "retry.yaml", retry))
+    assert planned.extra == {"capped_retry": {"phase2.max_epochs": 3}}
+    assert trial_plan(parse_space(retry), {"num_layers": 1}, name="x", data_path="-").extra == planned.extra
     assert trial_plan(parse_space(tiny_space(tiny_corpus)), {"num_layers": 1}, name="x", data_path="-").extra == {}

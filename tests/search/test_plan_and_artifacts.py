@@ -9,7 +9,7 @@ import math
 
 import optuna
 import pytest
-from helpers import tiny_space, write_space
+from helpers import cli_trial_plan, tiny_space, write_space
 from optuna.trial import TrialState
 
 from archsearch.errors import ConfigError
@@ -56,28 +56,10 @@ def recorded_run(tiny_corpus, tmp_path_factory):
 
 
 def test_cli_trial_and_run_build_the_same_plan_for_the_same_config(recorded_run, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    import archsearch.trial
-    from archsearch.cli import app
-
     home, space = recorded_run["home"], recorded_run["space"]
     (handed_to_ray,) = recorded_run["plans"]
     monkeypatch.setenv("ARCHSEARCH_HOME", str(home))
-    seen = []
-
-    class Planned(Exception):
-        """The plan is all this test needs: stop before training."""
-
-    def run_trial(plan, **kw):
-        seen.append(plan)
-        raise Planned
-
-    monkeypatch.setattr(archsearch.trial, "run_trial", run_trial)
-    path = write_space(tmp_path / "space.yaml", space)
-    r = CliRunner().invoke(app, ["trial", str(path), "--config", "a", "--device", "cpu", "--quiet"])
-    assert isinstance(r.exception, Planned), r.output
-    (cli_plan,) = seen
+    cli_plan = cli_trial_plan(monkeypatch, write_space(tmp_path / "space.yaml", space))
     assert cli_plan == TrialPlan(**handed_to_ray)
     # and it is the space's trial, not two equally empty plans
     assert cli_plan.name == "a" and cli_plan.params == CONFIGS["a"] and cli_plan.run_config.model.context_dim == 8
