@@ -241,7 +241,7 @@ iteration of one run in one of four repeats (numbers unlike the sequential run's
 ``archsearch run`` of the report's grid was no faster with two (benchmarks/NOTES.md, v10)."""
 
 
-def concurrent_sizes(cfg: RunConfig, device_type: str) -> int:
+def concurrent_sizes(cfg: RunConfig) -> int:
     """How many sizes of a trial run at once: ``engine.concurrent_sizes``, auto resolved
     (:data:`CONCURRENT_SIZES_AUTO`); always 1 for a family other than CVFP (its runs may draw
     from global random state, which threads would share)."""
@@ -381,7 +381,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     complete = True
     retry = plan.extra.get("capped_retry") or {}
     sizes = sorted(plan.sizes)
-    threads = concurrent_sizes(cfg, device_type)
+    threads = concurrent_sizes(cfg)
 
     caller = threading.get_ident()
     events: queue.SimpleQueue = queue.SimpleQueue()
