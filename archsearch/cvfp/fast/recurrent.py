@@ -82,6 +82,13 @@ def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tens
         torch.set_float32_matmul_precision(old)
 
 
+def recurrent_passes(blocks: list[ContextBlock], emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
+    """:func:`recurrent_pass` of several ContextBlocks of one shape over the same positions
+    (a trial's sizes share the validation stream and the model shape): one (L, T, C) tensor
+    per block, in order. Today one pass after another."""
+    return [recurrent_pass(block, emb, windows, cfg) for block in blocks]
+
+
 def _graph_pass(ctx, P, Wc, norms, out, eps) -> None:
     """Replay one captured graph of GRAPH_STEPS steps; the tail runs eagerly."""
     L, T, C = P.shape
