@@ -110,6 +110,11 @@ class EngineConfig:
     race seen on an H200 (docs/engine.md). The trial's
     first size to be trained runs alone (it compiles the kernels and pays the first CUDA use
     before any thread captures a graph); CVFP only (other families run one size at a time)."""
+    phase1_fused: bool = False
+    """Phase 1's fused iteration on GPUs with Triton (cvfp/fast/phase1.py: the token half of all
+    layers in one GEMM, no concatenation, the loss, its gradient and the convergence count in a
+    few kernels, no autograd; standard ContextBlocks only; speed only). Off until measured on a
+    GPU against the fused layers' path (scripts/bench_phase1.py times both)."""
     recurrent: str = "auto"
     """How the recurrent validation pass runs (speed only): auto (persistent on GPUs with
     Triton, else eager) | persistent (one fused kernel for the whole pass) | graph (one

@@ -378,3 +378,91 @@ def test_concurrent_sizes_on_gpu_equal_one_after_another():
     seq = list(in_order(sizes, numbers, 1, "cuda"))
     for n in (2, 2, 2, 4):  # a race would show in some repeats, not necessarily the first
         assert list(in_order(sizes, numbers, n, "cuda")) == seq, n
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("L, C, k", [(6, 768, 1), (2, 1152, 2)])
+def test_fused_phase1_iteration_matches_plain_on_gpu(precision, L, C, k):
+    """engine.phase1_fused's iteration (fast/phase1.py) against the plain one (phases.plain_iteration
+    through the fused layers) on a real width: outputs, loss sums, convergence rate and every
+    parameter's gradient, over spans of several batches and a partial last one; in bf16 the
+    fused iteration must be as close to the fp32 plain iteration as the plain bf16 one is. Then
+    NaN contexts in one batch: skipped by both, the gradients finite and equal."""
+    import math
+
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.fast.layers import FusedContextBlock
+    from archsearch.cvfp.model import ContextBlock, TokenEmbedding, init_parameters
+    from archsearch.cvfp.phases import plain_iteration
+
+    dev = torch.device("cuda")
+    B, N, E, V = 8000, 8000 * 5 + 1234, 768, 5000
+    spans = [(0, 16000), (16000, 32000), (32000, 40000), (40000, N)]
+    cfgs = {p: run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
+                                     "engine": {"precision": p, "phase1_chunk_batches": 2, "phase1_fused": True}})
+            for p in ("fp32", precision)}  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    emb = TokenEmbedding(torch.randn(V, E, device=dev, generator=g) * 0.1, k).to(dev)
+    win = emb.windows(torch.randint(0, V, (N,), device=dev, generator=g))
+    cb = ContextBlock(cfgs["fp32"].model, E)
+    init_parameters(cb, cfgs["fp32"].model, torch.Generator().manual_seed(1))
+    cb = cb.to(dev)
+    fcb = FusedContextBlock(cb)
+    prev0 = torch.randn(N, C, device=dev, generator=g) * 0.5
+    noise = torch.randn(N, C, device=dev, generator=g) * 0.1
+    num_batches = math.ceil(N / B)
+
+    def run(fused: bool, prec: str, prev):
+        cfg = cfgs[prec]
+        for p in cb.parameters():
+            p.grad = None
+        out = torch.empty_like(prev)
+        if fused:
+            sums, rate = fcb.phase1_fast(emb, win, cfg).iteration(prev, noise.clone(), out, spans, num_batches)
+        else:
+            sums, rate = plain_iteration(fcb, emb, win, prev, noise.clone(), out, spans, num_batches, cfg)  # its own precision scope
+        return [out, sums] + [p.grad.clone() for p in cb.parameters()], float(rate)
+
+    def rel(a, b):
+        keep = torch.isfinite(b).all(-1) if b.dim() > 1 else torch.ones_like(b, dtype=torch.bool)
+        assert bool(torch.isfinite(a[keep]).all())
+        return float((a[keep] - b[keep]).norm() / b[keep].norm().clamp_min(1e-12))
+
+    for bad in (False, True):
+        prev = prev0.clone()
+        if bad:
+            prev[17000:17003] = float("nan")  # the batch 16,000..23,999: skipped
+        truth, rate_t = run(False, "fp32", prev)
+        fused, rate_f = run(True, precision, prev)
+        assert bool((torch.isfinite(fused[0]).all(1) == torch.isfinite(truth[0]).all(1)).all())
+        if precision == "fp32":
+            assert abs(rate_f - rate_t) < 1e-6
+            for f, t in zip(fused, truth):
+                assert rel(f, t) < 1e-4
+        else:
+            plain, rate_p = run(False, precision, prev)
+            assert abs(rate_f - rate_t) <= abs(rate_p - rate_t) + 0.01
+            for f, p, t in zip(fused, plain, truth):
+                assert rel(f, t) <= 1.5 * rel(p, t) + 1e-3
+
+
+def test_fused_phase1_run_matches_plain_run_on_gpu():
+    """A whole run with engine.phase1_fused against the fused layers' phase 1 (bf16): the same
+    iterations, contexts and PPL within bf16's rounding."""
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.run import train_run
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3000, 64, generator=g) * 0.5
+    train, val = torch.randint(0, 3000, (30000,), generator=g), torch.randint(0, 3000, (2000,), generator=g)
+    out = {}
+    for fused in (False, True):
+        cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 128, "num_input_tokens": 2},
+                                    "phase1": {"batch_size": 4000}, "phase2": {"batch_size": 1000, "max_epochs": 2},
+                                    "engine": {"precision": "bf16", "phase1_fused": fused, "phase1_chunk_batches": 2}})  # fmt: skip
+        out[fused] = train_run(cfg, W, train, val, seed=1, device="cuda", keep_tensors=True)
+    a, b = out[True], out[False]
+    assert a.metrics["phase1_iterations"] == b.metrics["phase1_iterations"]
+    ca, cb = a.tensors["contexts"], b.tensors["contexts"]
+    assert float((ca - cb).norm() / cb.norm()) < 0.05
+    assert a.val_ppl == pytest.approx(b.val_ppl, rel=0.02)

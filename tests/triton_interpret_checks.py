@@ -135,6 +135,78 @@ def fused_blocks_match_plain_blocks():
         assert rel(ftb.forward_packed(tok.detach(), bufs), tb(contexts, tok.detach())) < 1e-5
 
 
+def _phase1_setup(N=50, L=2, C=6, k=2, E=8, V=30, batch=8, chunk_batches=2, precision="fp32"):
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.model import ContextBlock, TokenEmbedding, init_parameters
+
+    cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
+                                "phase1": {"batch_size": batch, "min_iterations": 3, "max_iterations": 3},
+                                "engine": {"precision": precision, "phase1_chunk_batches": chunk_batches, "phase1_fused": True}})  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+    emb = TokenEmbedding(torch.randn(V, E, generator=g), k)
+    win = emb.windows(torch.randint(0, V, (N,), generator=g))
+    cb = ContextBlock(cfg.model, E)
+    init_parameters(cb, cfg.model, torch.Generator().manual_seed(8))
+    return cfg, emb, win, cb
+
+
+@check
+def fused_phase1_iteration_matches_plain():
+    """One iteration (outputs, loss sums, convergence rate, every parameter's gradient) on spans
+    of two whole batches, a lone whole batch and a partial last batch; then with NaN contexts in
+    one batch (skipped by both: the gradients stay finite and equal)."""
+    import math
+
+    from archsearch.cvfp.fast.layers import FusedContextBlock
+    from archsearch.cvfp.phases import plain_iteration
+
+    cfg, emb, win, cb = _phase1_setup()
+    N, C, B = win.shape[0], cfg.model.context_dim, cfg.phase1.batch_size
+    fast = FusedContextBlock(cb).phase1_fast(emb, win, cfg)
+    spans = [(0, 16), (16, 32), (32, 40), (40, 48), (48, 50)]
+    num_batches = math.ceil(N / B)
+    g = torch.Generator().manual_seed(9)
+    prev0 = torch.randn(N, C, generator=g) * 0.5
+    noise = torch.randn(N, C, generator=g) * 0.1
+    for bad in (False, True):
+        prev = prev0.clone()
+        if bad:
+            prev[20:23] = float("nan")  # batch 16..23 reads and targets NaN (the partial batch reads prev[47])
+        runs = []
+        for runner in (None, fast):
+            for p in cb.parameters():
+                p.grad = None
+            out = torch.empty_like(prev)
+            if runner is None:
+                sums, rate = plain_iteration(cb, emb, win, prev, noise.clone(), out, spans, num_batches, cfg)
+            else:
+                sums, rate = runner.iteration(prev, noise.clone(), out, spans, num_batches)
+            runs.append((out, sums, float(rate), [p.grad.clone() for p in cb.parameters()]))
+        (o1, s1, r1, g1), (o2, s2, r2, g2) = runs
+        keep = torch.isfinite(o1).all(1)
+        assert bool((keep == torch.isfinite(o2).all(1)).all()) and int((~keep).sum()) == (3 if bad else 0), (bad, keep)
+        assert rel(o2[keep], o1[keep]) < 1e-5 and rel(s2, s1) < 1e-5 and abs(r1 - r2) < 1e-6, (bad, s1, s2, r1, r2)
+        for a, b in zip(g2, g1):
+            assert bool(torch.isfinite(a).all()) and rel(a, b) < 1e-4, (bad, rel(a, b))
+
+
+@check
+def fused_phase1_training_matches_plain():
+    """train_phase1 through the fused iteration against the plain one: contexts and history."""
+    from archsearch.cvfp.fast.layers import FusedContextBlock
+    from archsearch.cvfp.phases import train_phase1
+
+    cfg, emb, win, cb = _phase1_setup(N=45, chunk_batches=3)
+    state = {k: v.clone() for k, v in cb.state_dict().items()}
+    plain = train_phase1(cb, emb, win, cfg, torch.Generator().manual_seed(3))
+    cb.load_state_dict(state)
+    fused = train_phase1(FusedContextBlock(cb), emb, win, cfg, torch.Generator().manual_seed(3))
+    assert fused.iterations == plain.iterations == 3
+    assert rel(fused.contexts, plain.contexts) < 1e-4
+    for a, b in zip(fused.history[1:], plain.history[1:]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["convergence_rate"] - b["convergence_rate"]) < 1e-6, (a, b)
+
+
 @check
 def fused_tied_head_matches_torch():
     from archsearch.cvfp.fast import head

@@ -73,21 +73,23 @@ def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, c
         spans.append((full_end, N))
 
     opt = torch.optim.Adam(block.parameters(), lr=p1.lr, fused=device.type == "cuda")
+    # a drop-in of cvfp/fast (FusedContextBlock with engine.phase1_fused) may run the iteration
+    fast = block.phase1_fast(emb, windows, cfg) if hasattr(block, "phase1_fast") else None
     prev = torch.randn(N, C, generator=generator, device=device) * p1.init_context_std  # (N, C): iteration 1
     history = [{"iteration": 1, "loss": math.nan, "cvfp": math.nan, "diversity": math.nan, "convergence_rate": 0.0}]
     rate, iteration = 0.0, 1
     progress("phase1", iteration=1, max_iterations=p1.max_iterations, convergence_rate=0.0)
     for iteration in range(2, p1.max_iterations + 1):
         noise = torch.randn(N, C, generator=generator, device=device) * p1.noise_std  # (N, C)
-        inputs = torch.roll(prev, shifts=1, dims=0) + noise  # position i reads prev[i-1]; 0 reads prev[N-1]
         out_all = torch.empty_like(prev)  # (N, C)
         opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)  # loss, cvfp, diversity summed over finite batches
-        for s, e in spans:
-            sums += phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, cfg)
+        if fast is None:
+            sums, rate_t = plain_iteration(block, emb, windows, prev, noise, out_all, spans, num_batches, cfg)
+        else:
+            sums, rate_t = fast.iteration(prev, noise, out_all, spans, num_batches)
         torch.nn.utils.clip_grad_norm_(block.parameters(), p1.grad_clip)
         opt.step()
-        rate = float(((out_all - prev).pow(2).mean(dim=1) < p1.convergence_threshold).float().mean())
+        rate = float(rate_t)
         prev = out_all
         loss, cvfp, div = (sums / num_batches).tolist()
         history.append({"iteration": iteration, "loss": loss, "cvfp": cvfp, "diversity": div, "convergence_rate": rate})
@@ -97,6 +99,18 @@ def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, c
     if not torch.isfinite(prev).all():
         raise NonFiniteLoss(f"phase 1: contexts became NaN/Inf by iteration {iteration}")
     return Phase1Result(prev, iteration, rate, history)
+
+
+def plain_iteration(block, emb, windows, prev, noise, out_all, spans, num_batches, cfg):
+    """The gradient of one iteration (accumulated in the parameters' ``.grad``) and its outputs
+    into ``out_all``: input context of position i is prev[i-1] + noise[i] (0 reads prev[N-1]).
+    Returns ((loss, cvfp, diversity) summed over finite batches, the converged fraction)."""
+    inputs = torch.roll(prev, shifts=1, dims=0) + noise  # position i reads prev[i-1]; 0 reads prev[N-1]
+    sums = torch.zeros(3, device=windows.device)  # loss, cvfp, diversity summed over finite batches
+    for s, e in spans:
+        sums += phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, cfg)
+    rate = ((out_all - prev).pow(2).mean(dim=1) < cfg.phase1.convergence_threshold).float().mean()
+    return sums, rate
 
 
 def phase1_span(block, emb, windows, inputs, prev, out_all, s, e, num_batches, cfg) -> torch.Tensor:

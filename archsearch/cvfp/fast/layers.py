@@ -126,6 +126,15 @@ class FusedContextBlock(nn.Module):
             outs.append(context)
         return outs if return_all else context
 
+    def phase1_fast(self, emb, windows: torch.Tensor, cfg):
+        """Phase 1's fused iteration (fast/phase1.py) where ``engine.phase1_fused`` is on, else
+        None (phases.train_phase1 then runs its plain iteration through this block)."""
+        if not cfg.engine.phase1_fused:
+            return None
+        from archsearch.cvfp.fast.phase1 import FusedPhase1
+
+        return FusedPhase1(self.layers, self.context_dim, emb, windows, cfg)
+
 
 class FusedTokenLayer(nn.Module):
     def __init__(self, plain: TokenLayer):
