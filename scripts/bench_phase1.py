@@ -22,6 +22,10 @@ and on in the same call (absent in older trees: then only the defaults run), so 
 and the new code can be run with one command line. ``--set engine.key=value`` overrides any
 engine field for every case.
 
+A variant that fails is recorded with its traceback and the others still run; the JSON is
+rewritten after every case (a timed-out call keeps what it measured). ``peak_memory_gb``: the
+CUDA allocator's peak over the timed calls (for ``--set engine.phase1_chunk_batches=16``).
+
 Profile (unless ``--no-profile``): torch.profiler over one whole trained iteration of the
 first size of each case, the kernels sorted by CUDA time, per iteration and per 64k-position
 chunk (divided by the iteration's chunk count), plus the profiler's own table.
@@ -38,6 +42,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +163,43 @@ def profile_iteration(case: Case, chunk_positions: int) -> dict:
             "cuda_ms_per_chunk": total / 1e3 / chunks, "top_kernels": rows[:40], "table": table}  # fmt: skip
 
 
+def measure(L: int, C: int, k: int, N: int, dev, args, engine: dict, peak: float, profile: bool) -> dict:
+    case = Case(L, C, k, N, dev, args.precision, engine)
+    case.run(2)  # compile / warm up
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    short, long_ = [], []
+    for _ in range(args.repeats):
+        short.append(case.run(2)[0])
+        t, res, block = case.run(args.iterations)
+        long_.append(t)
+    ts, tl = median(short), median(long_)
+    per_iter = (tl - ts) / (args.iterations - 2)
+    f = flops(L, C, k, N)
+    row = {
+        "block": type(block).__name__, "iteration_ms": per_iter * 1e3,
+        "run2_ms": ts * 1e3, f"run{args.iterations}_ms": tl * 1e3,
+        "tflops_nominal": f["nominal"] / per_iter / 1e12, "tflops_needed": f["needed"] / per_iter / 1e12,
+        "pct_peak_nominal": 100 * f["nominal"] / per_iter / 1e12 / peak,
+        "pct_peak_needed": 100 * f["needed"] / per_iter / 1e12 / peak,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else math.nan,
+        "final_loss": res.history[-1]["loss"], "final_convergence_rate": res.convergence_rate,
+        "contexts_checksum": float(res.contexts.double().abs().mean()),
+    }  # fmt: skip
+    print(f"{f'L{L}_C{C}_k{k}':12} N={N:7d} {str(engine):40} {row['block']:18} {row['iteration_ms']:8.2f} ms/iter "
+          f"{row['tflops_nominal']:6.1f} TF/s nominal ({row['pct_peak_nominal']:.1f} %), "
+          f"{row['tflops_needed']:6.1f} needed ({row['pct_peak_needed']:.1f} %), loss {row['final_loss']:.5f}, "
+          f"peak {row['peak_memory_gb']:.1f} GiB", flush=True)  # fmt: skip
+    if profile:
+        chunk = case.cfg(2).phase1.batch_size * case.cfg(2).engine.phase1_chunk_batches
+        p = row["profile"] = profile_iteration(case, chunk)
+        print(f"  profile: {p['cuda_ms_per_chunk']:.2f} ms CUDA per {p['chunk_positions']}-position chunk "
+              f"({p['chunks_per_iteration']} chunks)")  # fmt: skip
+        for r in p["top_kernels"][:15]:
+            print(f"    {r['per_chunk_ms']:7.3f} ms/chunk  x{r['count']:<5} {r['name'][:90]}")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", default="bf16", choices=list(PEAK_TFLOPS))
@@ -198,53 +240,28 @@ def main() -> None:
     except ImportError:
         out["triton"] = None
     peak = PEAK_TFLOPS[args.precision] if dev.type == "cuda" else math.nan
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=2) + "\n")
+
     for name in args.cases:
         L, C, k = CASES[name]
         for N in args.sizes:
             for vname, extra in variants:
-                case = Case(L, C, k, N, dev, args.precision, {**engine, **extra})
-                case.run(2)  # compile / warm up
-                short, long_ = [], []
-                for _ in range(args.repeats):
-                    short.append(case.run(2)[0])
-                    t, res, block = case.run(args.iterations)
-                    long_.append(t)
-                ts, tl = median(short), median(long_)
-                per_iter = (tl - ts) / (args.iterations - 2)
-                f = flops(L, C, k, N)
-                row = {
-                    "case": name, "variant": vname, "engine": {**engine, **extra}, "L": L, "C": C, "k": k, "N": N,
-                    "block": type(block).__name__, "iteration_ms": per_iter * 1e3,
-                    "run2_ms": ts * 1e3, f"run{args.iterations}_ms": tl * 1e3,
-                    "tflops_nominal": f["nominal"] / per_iter / 1e12, "tflops_needed": f["needed"] / per_iter / 1e12,
-                    "pct_peak_nominal": 100 * f["nominal"] / per_iter / 1e12 / peak,
-                    "pct_peak_needed": 100 * f["needed"] / per_iter / 1e12 / peak,
-                    "final_loss": res.history[-1]["loss"], "final_convergence_rate": res.convergence_rate,
-                    "contexts_checksum": float(res.contexts.double().abs().mean()),
-                }  # fmt: skip
-                if not args.no_profile and N == args.sizes[0]:
-                    chunk = 8000 * case.cfg(2).engine.phase1_chunk_batches
-                    row["profile"] = profile_iteration(case, chunk)
+                head = {"case": name, "variant": vname, "engine": {**engine, **extra}, "L": L, "C": C, "k": k, "N": N}
+                try:
+                    row = {**head, **measure(L, C, k, N, dev, args, {**engine, **extra}, peak, profile=not args.no_profile and N == args.sizes[0])}
+                except Exception:  # one failing variant must not cost the others' numbers
+                    row = {**head, "error": traceback.format_exc(limit=8)[-4000:]}
+                    print(f"{name:12} N={N:7d} {vname:24} FAILED\n{row['error']}", flush=True)
                 out["cases"].append(row)
-                print(f"{name:12} N={N:7d} {vname:24} {row['block']:18} {row['iteration_ms']:8.2f} ms/iter "
-                      f"{row['tflops_nominal']:6.1f} TF/s nominal ({row['pct_peak_nominal']:.1f} %), "
-                      f"{row['tflops_needed']:6.1f} needed ({row['pct_peak_needed']:.1f} %), loss {row['final_loss']:.5f}",
-                      flush=True)  # fmt: skip
-                if "profile" in row:
-                    p = row["profile"]
-                    print(f"  profile: {p['cuda_ms_per_chunk']:.2f} ms CUDA per {p['chunk_positions']}-position chunk "
-                          f"({p['chunks_per_iteration']} chunks)")  # fmt: skip
-                    for r in p["top_kernels"][:15]:
-                        print(f"    {r['per_chunk_ms']:7.3f} ms/chunk  x{r['count']:<5} {r['name'][:90]}")
-                del case
+                save()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    text = json.dumps(out, indent=2) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        print(text)
+    save()
+    if not args.out:
+        print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -268,6 +268,22 @@ def main() -> None:
     print("=== phase 1, one chunk of 64,000 positions ===")
     print(table(prof))
 
+    # the same chunk through phase 1's fused iteration (engine.phase1_fused: fast/phase1.py),
+    # with its per-iteration weight casts and gradient hand-over
+    cfg_f = cfg.replace(**{"engine.phase1_fused": True})
+    fused_p1 = fused_cblock.phase1_fast(emb, win, cfg_f)
+    noise = torch.randn(N, C, device=dev, generator=g)  # becomes the inputs in place: they drift from call to call (timing only)
+
+    def p1_fused_chunk():
+        fused_p1.iteration(prev, noise, out_all, [(0, 64_000)], 16)
+
+    out["phase1_chunk_64k_ms_fused_iteration"] = cuda_time(p1_fused_chunk, 5)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        p1_fused_chunk()
+        torch.cuda.synchronize()
+    print("=== phase 1, one chunk of 64,000 positions, fused iteration (engine.phase1_fused) ===")
+    print(table(prof))
+
     # ---- recurrent variants
     from archsearch.cvfp.fast import recurrent as R
     from archsearch.cvfp.fast.kernels import recurrent_persistent
