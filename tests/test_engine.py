@@ -75,6 +75,16 @@ def test_phase1_chunking_changes_nothing():
     assert a.metrics["phase1_iterations"] == b.metrics["phase1_iterations"]
 
 
+def test_phase1_fused_switch_is_speed_only_where_it_does_not_apply():
+    """engine.phase1_fused needs the fused ContextBlock (CUDA + Triton): on a CPU the run is the
+    plain one to the bit, and its run-cache key does not change (speed only)."""
+    W, train, val = tiny_data(1)
+    a = train_run(tiny_cfg(2, 2), W, train, val, seed=5)
+    b = train_run(tiny_cfg(2, 2, phase1_fused=True), W, train, val, seed=5)
+    assert numbers(a) == numbers(b)
+    assert tiny_cfg(2, 2).key() == tiny_cfg(2, 2, phase1_fused=True).key()
+
+
 def test_same_seed_identical_metrics_different_seed_not():
     W, train, val = tiny_data(2)
     cfg = tiny_cfg(1, 2)
