@@ -154,24 +154,24 @@ def _phase1_setup(N=50, L=2, C=6, k=2, E=8, V=30, batch=8, chunk_batches=2, prec
 def fused_phase1_iteration_matches_plain():
     """One iteration (outputs, loss sums, convergence rate, every parameter's gradient) on spans
     of two whole batches, a lone whole batch and a partial last batch; then with NaN contexts in
-    one batch (skipped by both: the gradients stay finite and equal)."""
+    one batch (skipped by both: the gradients stay finite and equal); then one layer and spans of
+    whole batches only, and fewer positions than one batch."""
     import math
 
     from archsearch.cvfp.fast.layers import FusedContextBlock
-    from archsearch.cvfp.phases import plain_iteration
+    from archsearch.cvfp.phases import phase1_spans, plain_iteration
 
-    cfg, emb, win, cb = _phase1_setup()
-    N, C, B = win.shape[0], cfg.model.context_dim, cfg.phase1.batch_size
-    fast = FusedContextBlock(cb).phase1_fast(emb, win, cfg)
-    spans = [(0, 16), (16, 32), (32, 40), (40, 48), (48, 50)]
-    num_batches = math.ceil(N / B)
-    g = torch.Generator().manual_seed(9)
-    prev0 = torch.randn(N, C, generator=g) * 0.5
-    noise = torch.randn(N, C, generator=g) * 0.1
-    for bad in (False, True):
-        prev = prev0.clone()
+    for N, L, k, bad in ((50, 2, 2, False), (50, 2, 2, True), (40, 1, 1, False), (5, 3, 1, False)):
+        cfg, emb, win, cb = _phase1_setup(N=N, L=L, k=k)
+        C, B = cfg.model.context_dim, cfg.phase1.batch_size
+        fast = FusedContextBlock(cb).phase1_fast(emb, win, cfg)
+        spans = phase1_spans(N, B, 2)  # N = 50: [(0, 16), (16, 32), (32, 48), (48, 50)]
+        num_batches = math.ceil(N / B)
+        g = torch.Generator().manual_seed(9)
+        prev = torch.randn(N, C, generator=g) * 0.5
+        noise = torch.randn(N, C, generator=g) * 0.1
         if bad:
-            prev[20:23] = float("nan")  # batch 16..23 reads and targets NaN (the partial batch reads prev[47])
+            prev[20:23] = float("nan")  # batch 16..23 reads and targets NaN
         runs = []
         for runner in (None, fast):
             for p in cb.parameters():
@@ -184,7 +184,7 @@ def fused_phase1_iteration_matches_plain():
             runs.append((out, sums, float(rate), [p.grad.clone() for p in cb.parameters()]))
         (o1, s1, r1, g1), (o2, s2, r2, g2) = runs
         keep = torch.isfinite(o1).all(1)
-        assert bool((keep == torch.isfinite(o2).all(1)).all()) and int((~keep).sum()) == (3 if bad else 0), (bad, keep)
+        assert bool((keep == torch.isfinite(o2).all(1)).all()) and int((~keep).sum()) == (3 if bad else 0), (N, bad, keep)
         assert rel(o2[keep], o1[keep]) < 1e-5 and rel(s2, s1) < 1e-5 and abs(r1 - r2) < 1e-6, (bad, s1, s2, r1, r2)
         for a, b in zip(g2, g1):
             assert bool(torch.isfinite(a).all()) and rel(a, b) < 1e-4, (bad, rel(a, b))

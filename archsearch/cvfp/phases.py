@@ -57,6 +57,17 @@ def phase1_batch_losses(out: torch.Tensor, target: torch.Tensor, batch: int, w: 
     return (1.0 - w) * cvfp + w * div, cvfp, div
 
 
+def phase1_spans(N: int, batch: int, chunk_batches: int) -> list[tuple[int, int]]:
+    """The (start, end) position ranges one forward/backward covers: whole batches
+    ``chunk_batches`` at a time (speed only), the partial last batch alone."""
+    chunk = batch * chunk_batches
+    full_end = (N // batch) * batch
+    spans = [(s, min(s + chunk, full_end)) for s in range(0, full_end, chunk)]
+    if full_end < N:
+        spans.append((full_end, N))
+    return spans
+
+
 def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig,
                  generator: torch.Generator, progress: Progress = noop) -> Phase1Result:  # fmt: skip
     """Fixed-point training of the ContextBlock over the training stream: each iteration
@@ -65,12 +76,7 @@ def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, c
     device = windows.device
     N, C, B = windows.shape[0], block.context_dim, p1.batch_size
     num_batches = math.ceil(N / B)
-    # whole batches are evaluated phase1_chunk_batches at a time (speed only), the partial last one alone
-    chunk = B * cfg.engine.phase1_chunk_batches
-    full_end = (N // B) * B
-    spans = [(s, min(s + chunk, full_end)) for s in range(0, full_end, chunk)]
-    if full_end < N:
-        spans.append((full_end, N))
+    spans = phase1_spans(N, B, cfg.engine.phase1_chunk_batches)
 
     opt = torch.optim.Adam(block.parameters(), lr=p1.lr, fused=device.type == "cuda")
     # a drop-in of cvfp/fast (FusedContextBlock with engine.phase1_fused) may run the iteration
