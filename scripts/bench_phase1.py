@@ -26,6 +26,10 @@ A variant that fails is recorded with its traceback and the others still run; th
 rewritten after every case (a timed-out call keeps what it measured). ``peak_memory_gb``: the
 CUDA allocator's peak over the timed calls (for ``--set engine.phase1_chunk_batches=16``).
 
+``chunk_ms``: one chunk (``phase1.batch_size * engine.phase1_chunk_batches`` positions) forward
++ backward alone, through phases.phase1_span or, where the block runs it, the fused iteration
+over that one span.
+
 Profile (unless ``--no-profile``): torch.profiler over one whole trained iteration of the
 first size of each case, the kernels sorted by CUDA time, per iteration and per 64k-position
 chunk (divided by the iteration's chunk count), plus the profiler's own table.
@@ -163,6 +167,51 @@ def profile_iteration(case: Case, chunk_positions: int) -> dict:
             "cuda_ms_per_chunk": total / 1e3 / chunks, "top_kernels": rows[:40], "table": table}  # fmt: skip
 
 
+def chunk_ms(case: Case) -> tuple[float, str]:
+    """Milliseconds of one chunk's forward + backward (median of 5 after 2 warm-ups, CUDA
+    events; wall clock off CUDA): phases.phase1_span, or the fused iteration over that one span
+    where the block runs one (its weight casts and gradient hand-over included)."""
+    from archsearch.cvfp import phases
+
+    cfg = case.cfg(2)
+    block = case.block(cfg)
+    n = min(cfg.phase1.batch_size * cfg.engine.phase1_chunk_batches, case.N)
+    g = torch.Generator(device=case.dev).manual_seed(3)
+    prev = torch.randn(case.N, case.C, device=case.dev, generator=g)
+    noise = torch.randn(case.N, case.C, device=case.dev, generator=g) * 0.1
+    out_all = torch.empty_like(prev)
+    nb = math.ceil(case.N / cfg.phase1.batch_size)
+    fast = block.phase1_fast(case.emb, case.win, cfg) if hasattr(block, "phase1_fast") else None
+    if fast is not None:
+        path = "fused iteration"
+
+        def fn():
+            fast.iteration(prev, noise.clone(), out_all, [(0, n)], nb)
+    else:
+        path = "phase1_span"
+        inputs = torch.roll(prev, 1, 0) + noise
+
+        def fn():
+            phases.phase1_span(block, case.emb, case.win, inputs, prev, out_all, 0, n, nb, cfg)
+
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(5):
+        if case.dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return median(times), f"{path}, {n} positions"
+
+
 def measure(L: int, C: int, k: int, N: int, dev, args, engine: dict, peak: float, profile: bool) -> dict:
     case = Case(L, C, k, N, dev, args.precision, engine)
     case.run(2)  # compile / warm up
@@ -186,10 +235,12 @@ def measure(L: int, C: int, k: int, N: int, dev, args, engine: dict, peak: float
         "final_loss": res.history[-1]["loss"], "final_convergence_rate": res.convergence_rate,
         "contexts_checksum": float(res.contexts.double().abs().mean()),
     }  # fmt: skip
+    row["chunk_ms"], row["chunk_path"] = chunk_ms(case)
     print(f"{f'L{L}_C{C}_k{k}':12} N={N:7d} {str(engine):40} {row['block']:18} {row['iteration_ms']:8.2f} ms/iter "
           f"{row['tflops_nominal']:6.1f} TF/s nominal ({row['pct_peak_nominal']:.1f} %), "
           f"{row['tflops_needed']:6.1f} needed ({row['pct_peak_needed']:.1f} %), loss {row['final_loss']:.5f}, "
           f"peak {row['peak_memory_gb']:.1f} GiB", flush=True)  # fmt: skip
+    print(f"  one chunk: {row['chunk_ms']:.2f} ms ({row['chunk_path']})", flush=True)
     if profile:
         chunk = case.cfg(2).phase1.batch_size * case.cfg(2).engine.phase1_chunk_batches
         p = row["profile"] = profile_iteration(case, chunk)
