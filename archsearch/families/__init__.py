@@ -30,6 +30,11 @@ a ready-made holder for them):
     Drop what the family keeps between runs in the calling thread (CVFP: its kept phase-2
     session, CUDA graphs and buffers) and say whether anything was kept. A trial calls it
     after a failed run, before it frees the allocator's cache, and a worker after a failed trial.
+``gpu_memory(cfg, train_tokens, val_tokens, vocab_size, embed_dim) -> (peak, kept)`` (optional)
+    An upper estimate, in bytes, of what one run allocates on a GPU at its peak (as
+    ``torch.cuda.max_memory_allocated`` counts it) and of what stays allocated after it for the
+    worker's next run. ``resources.gpus: auto`` puts several trials on one GPU only for
+    families that give it (:mod:`archsearch.resources`); CVFP's is :mod:`archsearch.cvfp.memory`.
 
 Built-in families: ``cvfp`` (the default; :mod:`archsearch.families.cvfp`) and ``gpt``
 (:mod:`archsearch.families.gpt`). A user's family is named in a space file by
@@ -100,6 +105,7 @@ class Family:
     version: int = 1
     description: str = ""
     release: Callable[[], bool] | None = None
+    gpu_memory: Callable[[Any, int, int, int, int], tuple[int, int]] | None = None
 
 
 class FamilyError(ConfigError):
@@ -211,6 +217,8 @@ def protocol_problems(fam: Any) -> list[str]:
             out.append(f"{attr} must be callable")
     if getattr(fam, "release", None) is not None and not callable(fam.release):
         out.append("release must be callable or None")
+    if getattr(fam, "gpu_memory", None) is not None and not callable(fam.gpu_memory):
+        out.append("gpu_memory must be callable or None")
     version = getattr(fam, "version", 1)
     if isinstance(version, bool) or not isinstance(version, int):
         out.append(f"version must be an integer, got {version!r}")

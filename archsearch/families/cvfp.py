@@ -33,7 +33,18 @@ def release() -> bool:
     return release_phase2_graphs()
 
 
+def gpu_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int, int]:
+    """(peak, kept) bytes of one run on a GPU (archsearch.cvfp.memory), times the sizes a
+    trial trains at once (``engine.concurrent_sizes``: each size thread keeps its own session)."""
+    from archsearch.cvfp.memory import estimate_run_memory
+    from archsearch.trial import concurrent_sizes
+
+    est = estimate_run_memory(cfg, train_tokens, val_tokens, vocab_size, embed_dim)
+    threads = concurrent_sizes(cfg)
+    return threads * est.peak, threads * est.kept
+
+
 family = Family(
-    name="cvfp", config=RunConfig, param_counts=param_counts, train=train, version=1, release=release,
+    name="cvfp", config=RunConfig, param_counts=param_counts, train=train, version=1, release=release, gpu_memory=gpu_memory,
     description="Context Vector Fixed-Point model (shared/reference/cvfp.md); versioned by runcache.ENGINE_VERSION",
 )  # fmt: skip

@@ -47,6 +47,8 @@ class RunSummary:
     """Proposals answered from the study (configs it already held), not run."""
     exhausted: str | None = None
     """Set when the search stopped because the sampler proposed only repeats."""
+    gpu_sharing: dict[str, Any] | None = None
+    """What ``resources.gpus: auto`` decided on a cluster with GPUs (archsearch.resources.Sharing)."""
 
     @property
     def failed(self) -> list[Any]:
@@ -59,6 +61,7 @@ class RunSummary:
             "interrupted": self.interrupted, "counts": self.counts, "queued": self.queued,
             "failed_stale": self.failed_stale, "timings": self.timings,
             "trials": [dict(o.__dict__) for o in self.outcomes], "repeats": self.repeats, "exhausted": self.exhausted,
+            "gpu_sharing": self.gpu_sharing,
         }  # fmt: skip
 
 
@@ -325,6 +328,48 @@ def trial_resources(space: Space, ray) -> tuple[float, float]:
     return gpus, space.cpus
 
 
+def local_gpu_memory() -> list[int] | None:
+    """Bytes of each CUDA device this process sees (``torch.cuda.get_device_properties``: the
+    same devices, under the same CUDA_VISIBLE_DEVICES, as the embedded Ray's), or None where
+    there is none. Without an NVIDIA driver on the machine it returns at once, before torch is
+    imported (a CPU run pays nothing). Reading the properties makes no CUDA context."""
+    if not Path("/proc/driver/nvidia/gpus").is_dir() and shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())] or None
+    except Exception:  # a broken driver or build: auto then gives each trial a GPU of its own
+        return None
+
+
+def planned_trials(space: Space, n_new: int) -> int:
+    """Trials this run may hand out: a grid's configs, a search's warm start and new trials."""
+    return len(space.configs) + (0 if space.is_grid else n_new)
+
+
+def auto_sharing(space: Space, ray, gpus: float, data, gpu_memory: list[int] | None, n_new: int, local: bool = True):
+    """``resources.gpus: auto`` on a cluster with GPUs: the :class:`archsearch.resources.Sharing`
+    that decides each trial's share of a GPU (None where auto means no GPU, or gpus is explicit).
+    The GPUs' memory is the driver's view (``gpu_memory``), so a cluster joined with --address
+    gets one GPU per trial."""
+    from archsearch.resources import Sharing, resolve_auto
+
+    if space.gpus is not None or gpus <= 0:
+        return None
+    n_gpus = float(ray.cluster_resources().get("GPU", 0))
+    at_once = max(1, min(space.max_concurrent, planned_trials(space, n_new)))
+    if not local:
+        return Sharing(1, 1.0, "a cluster (--address): the driver does not see its GPUs' memory")
+    if gpu_memory and len(gpu_memory) < n_gpus:
+        gpu_memory = None  # Ray counts GPUs this process does not see: their memory is unknown
+    largest = max(space.data.sizes)
+    sizes = (len(data.train_stream(largest, space.data.size_unit)), len(data.val_tokens), data.vocab_size, data.embed_dim)
+    return resolve_auto(space, n_gpus, min(gpu_memory) if gpu_memory else None, at_once, sizes)
+
+
 def run_search(
     space: Space,
     *,
@@ -368,11 +413,20 @@ def run_search(
             import ray  # before the thread below imports its parts
 
             pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
+            # auto may share GPUs: their memory is read while Ray starts (None at once without an NVIDIA driver)
+            memory_job = pool.submit(local_gpu_memory) if space.gpus is None and not address else None
             started = not address and not ray.is_initialized()  # an embedded Ray of this call (not the caller's)
             init_ray(address, quiet=True, temp_dir=ray_tmp)
             timings["ray_init"] = time.perf_counter() - t
             gpus, cpus = trial_resources(space, ray)
             data, timings["data"] = data_job.result()
+            sharing = auto_sharing(space, ray, gpus, data, memory_job.result() if memory_job else None, n_new, local=not address)
+            if sharing is not None:
+                gpus = sharing.gpus
+                if view_mode != "quiet":
+                    from archsearch.console import err_console
+
+                    err_console.print(f"[yellow]note:[/yellow] {sharing.message()}", highlight=False, soft_wrap=True)
         check_param_counts(space, data.embed_dim, data.vocab_size)  # a broken family fails here, before any study is written
         trackers = _open_trackers(space, name)
     except ConfigError:
@@ -396,6 +450,7 @@ def run_search(
         with stg.study_lock(opt_storage, url, name):
             rec = st.reconcile(study, space)
         summary = RunSummary(name, stg.mask_url(url), queued=rec.queued, done_before=rec.done, failed_stale=rec.failed_stale)
+        summary.gpu_sharing = sharing.to_dict() if sharing is not None else None
         art = stg.artifact_dir_for(url)
         summary.artifact_dir = str(art)
         if artifacts is None:

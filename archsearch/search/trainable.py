@@ -93,6 +93,7 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
     plan.device = "cuda" if config.get("gpus", 0) > 0 and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, int(config.get("cpus", 1))))
     node = ray.get_runtime_context().get_node_id()
+    worker["resources"] = ray.get_runtime_context().get_assigned_resources()  # e.g. {"CPU": 1, "GPU": 0.25}: its share
     seq = 0
     cum_tokens = 0
 

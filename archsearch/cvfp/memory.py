@@ -1,0 +1,158 @@
+"""An upper estimate of one CVFP run's peak GPU memory, from its config and data sizes (pure:
+no torch, no Ray, no Optuna).
+
+What a GPU run allocates, stage by stage, read from run.py, phases.py, fast/layers.py,
+fast/recurrent.py, fast/graphs.py and fast/head.py (bf16 on a GPU unless the config says
+otherwise; ``g`` = bytes of the products' dtype, 2 for bf16, 4 for fp32/tf32). Shapes:
+N training tokens (the run's size), M validation tokens, V vocabulary, E embedding width,
+C context width, L layers, k input tokens, n = phase-1 rows per chunk (batch x chunk
+batches, at most N), B = phase-2 batch, b = evaluation rows per step, d_i the TokenBlock's
+widths.
+
+- **resident** (the whole run): the embedding W and its normalised table (V, E) fp32 twice,
+  the parameters of both blocks, token ids and windows (int64), phase 1's gradients (they
+  stay on the ContextBlock's parameters after phase 1).
+- **phase 1**: Adam's two moments; ``prev``, the noise, the input contexts and ``out_all``
+  (N, C) fp32 each, two more (N, C) temporaries at the convergence rate (6 in all), or 4 of
+  them while a chunk of n rows runs forward and backward: the token vectors (fp32 and g), per
+  layer the GEMM input (n, C + E k) g, its output (n, C) g and the layer's output (n, C) fp32
+  (plus, on the plain path, the fp32 concatenation and the ReLU's output), the loss's
+  (n, C) temporaries and the backward's.
+- **contexts**: the final contexts (N, C) fp32, the shifted inputs (N, C) fp32 and the
+  training cache (L, N, C) g, with a step of 4 b rows of activations.
+- **recurrence** (the validation pass): the token halves P and two (L, M, C) fp32 outputs
+  (persistent kernel; the graph path pads and keeps one more), next to the final contexts
+  and the training cache.
+- **phase 2**: the training cache (L, N, C) g and the validation cache (L, M, C) fp32; the
+  session (kept by the worker for its next run): a copy of the TokenBlock, its Adam moments
+  and gradients, the token-vector table (V, E) fp32, the head (V padded to 64, E) g, the
+  captured step's per-layer GEMM inputs (B, C + d_i) g and the validation pass's
+  (M, C + d_i) g; the captured step's activations with its (B, V) g logits, and the
+  validation pass's per chunk (b, V) g logits (each graph keeps its own pool).
+
+The sum of each stage's live tensors is counted as if all of them were live at once, and the
+largest stage is the run's peak: an upper estimate of ``torch.cuda.max_memory_allocated`` of
+the run (scripts/check_memory_estimate.py compares the two on a GPU). It leaves out what a
+process holds beside PyTorch's allocations (the CUDA context, cached but unused blocks):
+:mod:`archsearch.gpu_share` adds those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from archsearch.config import RunConfig, phase1_params, phase2_params, token_widths
+
+HEAD_PAD_ROWS = 64
+"""fast/head.py pads the head's rows to a multiple of this."""
+CHUNK_ROWS = 4096
+"""fast/head.py forms the logits this many rows at a time."""
+WORKSPACE_BYTES = 256 * 2**20
+"""cuBLAS workspaces (one per stream, the capture stream included) and kernels' scratch."""
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """Bytes a run allocates at the peak of each stage (every stage includes ``resident``)."""
+
+    resident: int
+    phase1: int
+    contexts: int
+    recurrence: int
+    phase2: int
+    kept: int
+    """What stays allocated after the run, for the worker's next run (the phase-2 session)."""
+
+    @property
+    def peak(self) -> int:
+        return max(self.phase1, self.contexts, self.recurrence, self.phase2)
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "peak": self.peak}
+
+
+def _gemm_bytes(precision: str) -> int:
+    """Bytes per element of the products' inputs on a GPU (auto is bf16 there: config.resolve_precision)."""
+    return 2 if precision in ("auto", "bf16") else 4
+
+
+def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, vocab_size: int, embed_dim: int,
+                        *, triton: bool = True) -> RunMemory:  # fmt: skip
+    """Peak bytes of one CVFP run on a GPU (see the module's text for what is counted).
+    ``triton``: whether the GPU runs the Triton paths (fused layers where
+    ``engine.fused_layers``, the fused head, the persistent recurrence); without them the
+    plain paths' larger temporaries are counted."""
+    m, p1, p2, e = cfg.model, cfg.phase1, cfg.phase2, cfg.engine
+    N, M, V, E = int(train_tokens), int(val_tokens), int(vocab_size), int(embed_dim)
+    L, C, k = m.num_layers, m.context_dim, m.num_input_tokens
+    Ek = E * k
+    g = _gemm_bytes(e.precision)
+    fused = triton and e.fused_layers
+    P1, P2 = phase1_params(m, E), phase2_params(m, E)
+    widths = token_widths(E, k, L)
+    NC = 4 * N * C  # one (N, C) fp32 tensor
+
+    resident = (
+        2 * 4 * (V + 1) * E  # W and its normalised table (V + 1, E) fp32
+        + 4 * (P1 + P2)  # both blocks' parameters
+        + 8 * (2 * N + 2 * M + 2 * (k - 1))  # ids and windows (int64)
+        + 4 * P1  # phase 1's gradients stay on the ContextBlock
+        + WORKSPACE_BYTES
+    )
+
+    # phase 1: a chunk of n rows forward and backward
+    n = min(N, p1.batch_size * e.phase1_chunk_batches)
+    per_layer = n * (g * (C + Ek) + g * C + 4 * C + 8)  # GEMM input, its output, the layer's output, mean/rstd
+    if not fused:
+        per_layer += n * (4 * (C + Ek) + g * C + 4 * C)  # the fp32 concatenation, ReLU's output, the residual sum
+    chunk = n * Ek * (4 + g) + L * per_layer + 3 * 4 * n * C + 3 * 4 * n * C  # token vectors, layers, loss, backward
+    adam1 = 2 * 4 * P1
+    phase1 = resident + adam1 + max(6 * NC, 4 * NC + chunk)
+
+    # the training cache (parallel pass, no grad)
+    b = e.eval_batch_size
+    step = 4 * b * (Ek * (4 + g) + L * 4 * C + g * (C + Ek) + g * C)
+    train_cache = g * L * N * C
+    contexts = resident + NC + NC + train_cache + step
+
+    # the validation recurrence
+    LMC = 4 * L * M * C
+    copies = 3 if e.recurrent in ("auto", "persistent") and triton else 4 if e.recurrent == "graph" and triton else 2
+    recurrence = resident + NC + train_cache + copies * LMC + 2 * 4 * L * C * C + 4 * b * (Ek + C)
+    if e.recurrent == "graph" and triton:
+        recurrence += 2 * 4 * L * 129 * C  # the graph's static buffers (GRAPH_STEPS + 1 steps)
+
+    # phase 2: the session (or, below 4 batches, the same parts uncaptured) and its graphs' pools
+    Vp = -(-V // HEAD_PAD_ROWS) * HEAD_PAD_ROWS if triton else V
+    B = p2.batch_size
+    cat_cols = sum(C + d for d in widths[:-1])  # per TokenLayer its GEMM input's columns
+    session = (
+        4 * P2 * 4  # the TokenBlock's copy, Adam's two moments, its gradients
+        + 4 * (V + 1) * E  # the token-vector table
+        + g * Vp * E  # the head
+        + g * B * cat_cols + 8 * B * (k + 1) + 4 * B  # the step's GEMM inputs, windows, targets, row weights
+        + g * M * cat_cols + 8 * M * (k + 1)  # the validation pass's
+    )
+
+    def activations(rows: int, train: bool) -> int:
+        """A TokenBlock forward (and, for training, backward) over ``rows`` rows with its head."""
+        act = 4 * rows * Ek
+        for d_in, d_out in zip(widths[:-1], widths[1:]):
+            act += rows * d_out * (g + (g if d_in != d_out else 0) + 4) + 8 * rows  # z, projection, output, mean/rstd
+            if not fused:
+                act += rows * (4 * (C + d_in) + g * d_out + 4 * d_out)
+        logits = min(rows, CHUNK_ROWS) * Vp * g
+        if not triton:  # F.cross_entropy over fp32 logits: a copy, log-softmax and its gradient
+            logits = rows * V * (g + 4 * 3 if train else g + 4 * 2)
+        act += logits + rows * E * (2 * g + 8) + 8 * rows
+        if train:
+            act += 3 * 4 * rows * max(widths)  # the backward's temporaries
+        return act
+
+    # the graphs' pools keep a step's and a validation chunk's temporaries for the session's life
+    pools = activations(B, True) + activations(min(b, M), False)
+    er = 12 * min(N, e.er_max_rows) * C + 8 * C * C
+    phase2 = resident + NC + train_cache + LMC + session + pools + er  # the final contexts live until the ERs
+    graphed = p2.batch_size * 4 <= N - 1 and e.phase2_graph
+    kept = session + pools if graphed else 0
+    return RunMemory(resident, phase1, contexts, recurrence, phase2, kept)
