@@ -187,3 +187,17 @@ def test_a_grid_is_bounded_by_its_own_configs_not_the_base(tiny_corpus):
                    sampler={"type": "grid", "configs": {"a": {"num_layers": 1, "context_dim": 64}}})  # fmt: skip
     small = est({"num_layers": 1, "context_dim": 64}, phase1=space.base.to_dict()["phase1"], phase2=space.base.to_dict()["phase2"])
     assert space_run_memory(space, *SIZES)[0] == process_bytes(small.peak, small.kept)
+
+
+def test_the_gpu_check_script_loads_neither_ray_nor_optuna():
+    """scripts/check_memory_estimate.py runs on a GPU host that has only PyTorch."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = ("import runpy, sys; runpy.run_path('scripts/check_memory_estimate.py', run_name='check'); "
+            "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -117,10 +117,15 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
 
     # the validation recurrence
     LMC = 4 * L * M * C
-    copies = 3 if e.recurrent in ("auto", "persistent") and triton else 4 if e.recurrent == "graph" and triton else 2
-    recurrence = resident + NC + train_cache + copies * LMC + 2 * 4 * L * C * C + 4 * b * (Ek + C)
-    if e.recurrent == "graph" and triton:
-        recurrence += 2 * 4 * L * 129 * C  # the graph's static buffers (GRAPH_STEPS + 1 steps)
+    recurrence = resident + NC + train_cache + 2 * 4 * L * C * C + 4 * b * (Ek + C)  # W_c twice, the token half's batch
+    if triton and e.recurrent in ("auto", "persistent", "graph"):
+        # the persistent kernel: P, the pass's output and the kernel's (3 copies); where its grid
+        # cannot be resident (C above 32 rows per multiprocessor: 1024 is safe on GPUs of 32 SMs and
+        # more) or with ``graph``, the graph path: P, the output, the padded P and its output
+        persistent = e.recurrent != "graph" and C <= 1024
+        recurrence += (3 if persistent else 4) * LMC + (0 if persistent else 2 * 4 * L * 129 * C)  # + static buffers
+    else:
+        recurrence += 2 * LMC  # P and the output (the plain pass: the output only)
 
     # phase 2: the session (or, below 4 batches, the same parts uncaptured) and its graphs' pools
     Vp = -(-V // HEAD_PAD_ROWS) * HEAD_PAD_ROWS if triton else V
