@@ -49,13 +49,17 @@ class Sharing:
 
     def message(self) -> str:
         if self.per_gpu == 1:
-            size = f"estimated peak {self.process_bytes / 1e9:.1f} GB of {self.gpu_bytes / 1e9:.0f} GB; " if self.process_bytes and self.gpu_bytes else ""
+            size = f"estimated peak {_gib(self.process_bytes)} of {_gib(self.gpu_bytes, 0)}; " if self.process_bytes and self.gpu_bytes else ""
             return f"resources.gpus auto: 1 trial per GPU ({size}{self.reason})"
-        return (f"resources.gpus auto: {self.per_gpu} trials per GPU: estimated peak {self.process_bytes / 1e9:.1f} GB each "
-                f"of {self.gpu_bytes / 1e9:.0f} GB ({self.reason}; resources.gpus=1 turns it off)")  # fmt: skip
+        return (f"resources.gpus auto: {self.per_gpu} trials per GPU: estimated peak {_gib(self.process_bytes)} each "
+                f"of {_gib(self.gpu_bytes, 0)} ({self.reason}; resources.gpus=1 turns it off)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _gib(n: int, digits: int = 1) -> str:
+    return f"{n / 2**30:.{digits}f} GiB"
 
 
 def process_bytes(peak: int, kept: int) -> int:

@@ -140,10 +140,10 @@ def test_a_family_without_an_estimate_gets_a_gpu_per_trial(tiny_corpus):
 
 def test_resolution_names_its_numbers(tiny_corpus):
     space = _space(tiny_corpus)
-    sharing = resolve_auto(space, 1, 139 * GB, 4, SIZES)
+    sharing = resolve_auto(space, 1, 139 * 2**30, 4, SIZES)
     assert sharing.per_gpu == 4 and sharing.gpus == 0.25
     text = sharing.message()
-    assert text.startswith("resources.gpus auto: 4 trials per GPU: estimated peak ") and "of 139 GB" in text and "resources.gpus=1" in text
+    assert text.startswith("resources.gpus auto: 4 trials per GPU: estimated peak ") and "GiB each of 139 GiB" in text and "resources.gpus=1" in text
     assert resolve_auto(space, 2, 139 * GB, 2, SIZES).per_gpu == 1  # as many GPUs as trials at once
     assert resolve_auto(space, 1, None, 4, SIZES).per_gpu == 1  # the driver sees no CUDA device
 
