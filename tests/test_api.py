@@ -73,9 +73,10 @@ def test_run_quietly_then_read_results_as_a_dataframe(home, tiny_corpus, capfd, 
     assert out == "" and err == ""  # quiet: nothing printed, not even by Ray or Optuna
 
     # the summary `archsearch run --json` writes
-    assert set(summary) == {"study", "storage", "seconds", "interrupted", "counts", "queued", "failed_stale", "timings", "trials", "repeats", "exhausted"}
+    assert set(summary) == {"study", "storage", "seconds", "interrupted", "counts", "queued", "failed_stale", "timings", "trials", "repeats", "exhausted", "gpu_sharing"}
     assert summary["study"] == "api" and summary["counts"] == {"COMPLETE": 3} and not summary["interrupted"]
     assert summary["repeats"] == 0 and summary["exhausted"] is None  # a queue of three distinct configs
+    assert summary["gpu_sharing"] is None  # resources.gpus 0: nothing for auto to decide
     assert sorted(t["name"] for t in summary["trials"]) == ["a", "b", "g"]
     json.dumps(summary)  # plain data
 
