@@ -189,14 +189,17 @@ def test_a_grid_is_bounded_by_its_own_configs_not_the_base(tiny_corpus):
     assert space_run_memory(space, *SIZES)[0] == process_bytes(small.peak, small.kept)
 
 
-def test_the_gpu_check_script_loads_neither_ray_nor_optuna():
-    """scripts/check_memory_estimate.py runs on a GPU host that has only PyTorch."""
+def test_the_estimate_and_the_gpu_check_script_load_neither_ray_nor_optuna():
+    """The estimate and the rule are pure, and scripts/check_memory_estimate.py runs on a GPU
+    host that has only PyTorch."""
     import subprocess
     import sys
 
     from helpers import ROOT
 
     code = ("import runpy, sys; runpy.run_path('scripts/check_memory_estimate.py', run_name='check'); "
+            "from archsearch.space import load_space; from archsearch.resources import space_run_memory; "
+            "assert space_run_memory(load_space('spaces/tpe_explore.yaml'), 587970, 30000, 30522, 384)[0] > 0; "
             "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -345,6 +345,18 @@ def local_gpu_memory() -> list[int] | None:
         return None
 
 
+def _gpu_memory_job(space: Space, address: str | None):
+    """For ``resources.gpus: auto`` on the embedded Ray: :func:`local_gpu_memory` in a thread of
+    its own, read while Ray starts (the setup pool's two threads are busy with the data and
+    the imports); None otherwise."""
+    if space.gpus is not None or address:
+        return None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="archsearch-gpu-memory")
+    job = pool.submit(local_gpu_memory)
+    pool.shutdown(wait=False)  # the job still runs to its end
+    return job
+
+
 def planned_trials(space: Space, n_new: int) -> int:
     """Trials this run may hand out: a grid's configs, a search's warm start and new trials."""
     return len(space.configs) + (0 if space.is_grid else n_new)
@@ -413,8 +425,7 @@ def run_search(
             import ray  # before the thread below imports its parts
 
             pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
-            # auto may share GPUs: their memory is read while Ray starts (None at once without an NVIDIA driver)
-            memory_job = pool.submit(local_gpu_memory) if space.gpus is None and not address else None
+            memory_job = _gpu_memory_job(space, address)
             started = not address and not ray.is_initialized()  # an embedded Ray of this call (not the caller's)
             init_ray(address, quiet=True, temp_dir=ray_tmp)
             timings["ray_init"] = time.perf_counter() - t

@@ -28,7 +28,7 @@ def ray_one_gpu():
 
 def _run(space: dict):
     quick = {"sizes": {"tokens": [400, 800]}, "val_tokens": 200}  # the fewest runs a fit takes: the placement is what counts
-    space = dict(space, data={**space["data"], **quick}, phase1={"batch_size": 200, "max_iterations": 3}, phase2={"batch_size": 64, "max_epochs": 1})
+    space = dict(space, data={**space["data"], **quick}, phase1={"batch_size": 200, "max_iterations": 3, "min_iterations": 2}, phase2={"batch_size": 64, "max_epochs": 1})
     return runner.run_search(parse_space(space), view_mode="quiet")
 
 
