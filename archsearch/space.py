@@ -120,7 +120,8 @@ class Space:
     data: Any  # archsearch.data.DataSpec
     seeds: list[int]
     gpus: float | None
-    """GPUs per trial (fractions share a GPU); None = auto (1 where the cluster has GPUs, else 0)."""
+    """GPUs per trial (fractions share a GPU); None = auto: 0 where the cluster has no GPU, else
+    1, or 1/k where the GPUs are fewer than the trials at once (archsearch.resources)."""
     cpus: float
     max_concurrent: int
     early_stopping: dict[str, Any]
@@ -660,7 +661,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
 
     res = _mapping(raw, "resources", problems)
     _unknown(res, "resources", ("gpus", "cpus", "memory_gb"), problems)
-    gpus: float | None = None  # "auto": one GPU per trial where the cluster has GPUs, else none
+    gpus: float | None = None  # "auto": resolved against the cluster by the run (archsearch.resources)
     if res.get("gpus", "auto") != "auto":
         gpus = _number(res, "gpus", 0.0, "resources", problems, low=0.0, high=MAX_GPUS)
         if gpus > 1 and not float(gpus).is_integer():
