@@ -124,8 +124,11 @@ def main() -> None:
         if release:
             fresh()
             kept.clear()
+        else:  # what a worker does after each trial (trial.free_worker): the cache goes, kept sessions stay
+            gc.collect()
+            torch.cuda.empty_cache()
         runs = []
-        for i, n in enumerate(sizes):
+        for n in sizes:
             torch.cuda.reset_peak_memory_stats()
             result = train_run(cfg, embedding, train[:n], val, seed=42, device="cuda")
             est = estimate_run_memory(cfg, n, M, V, E)
@@ -152,14 +155,19 @@ def main() -> None:
         ests = [estimate_run_memory(run_cfg(*CONFIGS[n], args.full), max(sizes), M, V, E) for n in names]
         torch.cuda.synchronize()
         expected = process_bytes(max(e.peak for e in ests), max(e.kept for e in ests))
+        used = nvidia_smi_used(os.getpid())
+        max_reserved = max(r["measured_reserved"] for t in seq for r in t["runs"])
+        measured = max(t["measured_allocated"] for t in seq)
+        bound = max(e.peak for e in ests) + max(e.kept for e in ests)
         out["worker"] = {
-            "configs": names, "measured_allocated": max(t["measured_allocated"] for t in seq),
-            "measured_reserved_now": torch.cuda.memory_reserved(), "max_reserved": max(r["measured_reserved"] for t in seq for r in t["runs"]),
-            "process_used_nvidia_smi": nvidia_smi_used(os.getpid()), "estimate_process_bytes": expected,
-            "estimate_peak_plus_kept": max(e.peak for e in ests) + max(e.kept for e in ests),
+            "configs": names, "measured_allocated": measured, "estimate_peak_plus_kept": bound, "within": measured <= bound,
+            "measured_reserved_now": torch.cuda.memory_reserved(), "max_reserved": max_reserved,
+            # the driver's view of this process now, and at its peak (the context and what else lies outside the allocator stay)
+            "process_used_nvidia_smi": used, "process_peak_derived": None if used is None else used - torch.cuda.memory_reserved() + max_reserved,
+            "estimate_process_bytes": expected,
         }  # fmt: skip
         print(json.dumps(out["worker"]), flush=True)
-    out["all_within"] = all(t["within"] for t in out["trials"])
+    out["all_within"] = all(t["within"] for t in out["trials"]) and out.get("worker", {}).get("within", True)
     text = json.dumps(out, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
