@@ -35,7 +35,7 @@ def test_runs_allocate_no_more_than_estimated(model):
         torch.cuda.reset_peak_memory_stats()
         train_run(cfg, embedding, train[:n], val, seed=42, device="cuda")
         measured, est = torch.cuda.max_memory_allocated(), estimate_run_memory(cfg, n, M, V, E)
-        assert 0.4 * est.peak < measured <= est.peak + kept, (n, measured, kept, est.to_dict())
+        assert 0.3 * est.peak < measured <= est.peak + kept, (n, measured, kept, est.to_dict())
         kept = est.kept
     release_phase2_graphs()
 

@@ -204,3 +204,20 @@ def test_the_estimate_and_the_gpu_check_script_load_neither_ray_nor_optuna():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_machine_without_an_nvidia_driver_reads_no_gpu_memory_and_imports_no_torch():
+    """A CPU run (the quickstart) pays nothing for auto's GPU query."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    if os.path.isdir("/proc/driver/nvidia/gpus") or shutil.which("nvidia-smi"):
+        pytest.skip("an NVIDIA driver is here")
+    code = "import sys; from archsearch.search.runner import local_gpu_memory; print(local_gpu_memory(), 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["None", "False"]
