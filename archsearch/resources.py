@@ -116,10 +116,11 @@ def candidate_configs(space) -> list[dict[str, Any]] | None:
     return out or [{}]
 
 
-def space_run_memory(space, train_tokens: int, val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int | None, str]:
-    """(process bytes of a worker of this space on the largest size, what it rests on), or
-    (None, why not). A worker may run any config after any other, so it is the largest run's
-    peak plus the largest of what a run keeps (:func:`process_bytes`)."""
+def space_run_memory(space, train_tokens: list[int], val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int | None, str]:
+    """(process bytes of a worker of this space, what it rests on), or (None, why not);
+    ``train_tokens``: the sizes' training-token counts. A worker may run any config after any
+    other, so it is the largest trial's peak plus the largest of what a trial keeps
+    (:func:`process_bytes`)."""
     configs = candidate_configs(space)
     if configs is None:
         return None, f"more than {MAX_CORNERS} combinations of the searched choices"
@@ -135,12 +136,12 @@ def space_run_memory(space, train_tokens: int, val_tokens: int, vocab_size: int,
             return None, f"family {cfg.family!r} gives no memory estimate"
         p, k = estimate(cfg.family_config, train_tokens, val_tokens, vocab_size, embed_dim)
         peak, kept = max(peak, int(p)), max(kept, int(k))
-    return process_bytes(peak, kept), f"{len(configs)} config{'s' * (len(configs) != 1)} at {train_tokens:,} tokens"
+    return process_bytes(peak, kept), f"{len(configs)} config{'s' * (len(configs) != 1)} up to {max(train_tokens):,} tokens"
 
 
-def resolve_auto(space, n_gpus: float, gpu_bytes: int | None, at_once: int, sizes: tuple[int, int, int, int] | None) -> Sharing:
+def resolve_auto(space, n_gpus: float, gpu_bytes: int | None, at_once: int, sizes: tuple[list[int], int, int, int] | None) -> Sharing:
     """``resources.gpus: auto`` on a cluster of ``n_gpus`` GPUs (>= 1) whose smallest has
-    ``gpu_bytes`` (None: unknown), ``at_once`` trials at a time; ``sizes`` = (largest size's
+    ``gpu_bytes`` (None: unknown), ``at_once`` trials at a time; ``sizes`` = (the sizes'
     training tokens, validation tokens, V, E) of the data."""
     if n_gpus >= at_once or n_gpus < 1:
         k, why = trials_per_gpu(None, gpu_bytes, n_gpus, at_once)

@@ -73,7 +73,7 @@ def test_concurrent_sizes_multiply_the_cvfp_family_estimate():
 
     one = run_config_from_dict({})
     four = run_config_from_dict({"engine": {"concurrent_sizes": 4}})
-    args = (REPORT["train"], REPORT["val"], REPORT["V"], REPORT["E"])
+    args = ([62_891, REPORT["train"]], REPORT["val"], REPORT["V"], REPORT["E"])
     peak, kept = gpu_memory(one, *args)
     assert (peak, kept) == (est().peak, est().kept)
     assert gpu_memory(four, *args) == (4 * peak, 4 * kept)
@@ -108,7 +108,7 @@ def _space(corpus, **sections):
     return parse_space(tiny_space(corpus, resources={"gpus": "auto", "cpus": 1}, max_concurrent=4, **sections))
 
 
-SIZES = (REPORT["train"], REPORT["val"], REPORT["V"], REPORT["E"])
+SIZES = ([62_891, 240_132, REPORT["train"]], REPORT["val"], REPORT["V"], REPORT["E"])
 
 
 def test_grid_is_bounded_by_its_largest_config_plus_the_largest_kept_session(tiny_corpus):
@@ -199,7 +199,7 @@ def test_the_estimate_and_the_gpu_check_script_load_neither_ray_nor_optuna():
 
     code = ("import runpy, sys; runpy.run_path('scripts/check_memory_estimate.py', run_name='check'); "
             "from archsearch.space import load_space; from archsearch.resources import space_run_memory; "
-            "assert space_run_memory(load_space('spaces/tpe_explore.yaml'), 587970, 30000, 30522, 384)[0] > 0; "
+            "assert space_run_memory(load_space('spaces/tpe_explore.yaml'), [62891, 587970], 30000, 30522, 384)[0] > 0; "
             "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -31,9 +31,10 @@ a ready-made holder for them):
     session, CUDA graphs and buffers) and say whether anything was kept. A trial calls it
     after a failed run, before it frees the allocator's cache, and a worker after a failed trial.
 ``gpu_memory(cfg, train_tokens, val_tokens, vocab_size, embed_dim) -> (peak, kept)`` (optional)
-    An upper estimate, in bytes, of what one run allocates on a GPU at its peak (as
-    ``torch.cuda.max_memory_allocated`` counts it) and of what stays allocated after it for the
-    worker's next run. ``resources.gpus: auto`` puts several trials on one GPU only for
+    An upper estimate, in bytes, of what one trial allocates on a GPU at its peak (as
+    ``torch.cuda.max_memory_allocated`` counts it) when it trains at each of ``train_tokens``
+    (a list: the sizes' training-token counts) and of what stays allocated after it for the
+    worker's next trial. ``resources.gpus: auto`` puts several trials on one GPU only for
     families that give it (:mod:`archsearch.resources`); CVFP's is :mod:`archsearch.cvfp.memory`.
 
 Built-in families: ``cvfp`` (the default; :mod:`archsearch.families.cvfp`) and ``gpt``
@@ -105,7 +106,7 @@ class Family:
     version: int = 1
     description: str = ""
     release: Callable[[], bool] | None = None
-    gpu_memory: Callable[[Any, int, int, int, int], tuple[int, int]] | None = None
+    gpu_memory: Callable[[Any, list[int], int, int, int], tuple[int, int]] | None = None
 
 
 class FamilyError(ConfigError):

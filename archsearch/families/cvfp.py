@@ -33,13 +33,14 @@ def release() -> bool:
     return release_phase2_graphs()
 
 
-def gpu_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int, int]:
-    """(peak, kept) bytes of one run on a GPU (archsearch.cvfp.memory), times the sizes a
-    trial trains at once (``engine.concurrent_sizes``: each size thread keeps its own session)."""
+def gpu_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int, int]:
+    """(peak, kept) bytes of a trial on a GPU: its largest run's (archsearch.cvfp.memory), times
+    the sizes it trains at once (``engine.concurrent_sizes``: each size thread keeps its own
+    session). Its runs go one after another, so the largest size bounds them all."""
     from archsearch.cvfp.memory import estimate_run_memory
     from archsearch.trial import concurrent_sizes
 
-    est = estimate_run_memory(cfg, train_tokens, val_tokens, vocab_size, embed_dim)
+    est = estimate_run_memory(cfg, max(train_tokens), val_tokens, vocab_size, embed_dim)
     threads = concurrent_sizes(cfg)
     return threads * est.peak, threads * est.kept
 

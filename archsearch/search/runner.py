@@ -377,8 +377,8 @@ def auto_sharing(space: Space, ray, gpus: float, data, gpu_memory: list[int] | N
         return Sharing(1, 1.0, "a cluster (--address): the driver does not see its GPUs' memory")
     if gpu_memory and len(gpu_memory) < n_gpus:
         gpu_memory = None  # Ray counts GPUs this process does not see: their memory is unknown
-    largest = max(space.data.sizes)
-    sizes = (len(data.train_stream(largest, space.data.size_unit)), len(data.val_tokens), data.vocab_size, data.embed_dim)
+    tokens = [len(data.train_stream(size, space.data.size_unit)) for size in space.data.sizes]
+    sizes = (tokens, len(data.val_tokens), data.vocab_size, data.embed_dim)
     return resolve_auto(space, n_gpus, min(gpu_memory) if gpu_memory else None, at_once, sizes)
 
 
