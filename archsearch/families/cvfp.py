@@ -38,11 +38,20 @@ def gpu_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab_s
     the sizes it trains at once (``engine.concurrent_sizes``: each size thread keeps its own
     session). Its runs go one after another, so the largest size bounds them all."""
     from archsearch.cvfp.memory import estimate_run_memory
-    from archsearch.trial import concurrent_sizes
 
     est = estimate_run_memory(cfg, max(train_tokens), val_tokens, vocab_size, embed_dim)
-    threads = concurrent_sizes(cfg)
+    threads = _sizes_at_once(cfg)
     return threads * est.peak, threads * est.kept
+
+
+def _sizes_at_once(cfg: RunConfig) -> int:
+    """Sizes of a trial trained at once in threads (archsearch.trial.concurrent_sizes; 1 where
+    the engine has no such threads)."""
+    try:
+        from archsearch.trial import concurrent_sizes
+    except ImportError:
+        return 1
+    return concurrent_sizes(cfg)
 
 
 family = Family(
