@@ -134,8 +134,12 @@ def space_run_memory(space, train_tokens: list[int], val_tokens: int, vocab_size
         estimate = getattr(family, "gpu_memory", None)
         if estimate is None:
             return None, f"family {cfg.family!r} gives no memory estimate"
-        p, k = estimate(cfg.family_config, train_tokens, val_tokens, vocab_size, embed_dim)
-        peak, kept = max(peak, int(p)), max(kept, int(k))
+        try:
+            p, k = estimate(cfg.family_config, train_tokens, val_tokens, vocab_size, embed_dim)
+            p, k = int(p), int(k)
+        except Exception as e:  # a family's own code: its failure costs the sharing, not the run
+            return None, f"family {cfg.family!r}: gpu_memory raised {type(e).__name__}: {str(e)[:200]}"
+        peak, kept = max(peak, p), max(kept, k)
     return process_bytes(peak, kept), f"{len(configs)} config{'s' * (len(configs) != 1)} up to {max(train_tokens):,} tokens"
 
 

@@ -225,3 +225,15 @@ def test_a_machine_without_an_nvidia_driver_reads_no_gpu_memory_and_imports_no_t
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["None", "False"]
+
+
+def test_a_family_whose_estimate_fails_gets_a_gpu_per_trial(tiny_corpus, monkeypatch):
+    from archsearch.families import cvfp
+
+    def broken(*_):
+        raise ValueError("no idea")
+
+    monkeypatch.setattr(cvfp, "family", dataclasses.replace(cvfp.family, gpu_memory=broken))
+    monkeypatch.setattr("archsearch.families._loaded", {})
+    sharing = resolve_auto(_space(tiny_corpus), 1, 139 * GB, 4, SIZES)
+    assert sharing.gpus == 1.0 and "gpu_memory raised ValueError: no idea" in sharing.reason
