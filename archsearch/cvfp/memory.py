@@ -17,7 +17,9 @@ widths.
   them while a chunk of n rows runs forward and backward: the token vectors (fp32 and g), per
   layer the GEMM input (n, C + E k) g, its output (n, C) g and the layer's output (n, C) fp32
   (plus, on the plain path, the fp32 concatenation and the ReLU's output), the loss's
-  (n, C) temporaries and the backward's.
+  (n, C) temporaries and the backward's. ``engine.phase1_fused`` (fast/phase1.py) holds less
+  (per chunk one (n, L C) g pre-activation buffer and the layers' (n, C) outputs, no input
+  contexts (N, C), no per-layer concatenation), so this count bounds it too.
 - **contexts**: the final contexts (N, C) fp32, the shifted inputs (N, C) fp32 and the
   training cache (L, N, C) g, with a step of 4 b rows of activations.
 - **recurrence** (the validation pass): the token halves P and two (L, M, C) fp32 outputs
