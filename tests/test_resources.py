@@ -183,6 +183,10 @@ def test_only_auto_on_a_local_cluster_with_gpus_shares(tiny_corpus):
     remote = auto_sharing(auto, ray, 1.0, _Data(), [139 * GB], n_new=0, local=False)
     assert remote.gpus == 1.0 and "--address" in remote.reason
     assert auto_sharing(auto, ray, 1.0, _Data(), None, n_new=0).gpus == 1.0  # the driver sees no GPU
+    four = parse_space(tiny_space(tiny_corpus, resources={"gpus": "auto", "cpus": 1}, max_concurrent=4,
+                                  sampler={"type": "grid", "configs": {f"c{i}": {"context_dim": 8 + i} for i in range(4)}}))  # fmt: skip
+    assert auto_sharing(four, ray, 1.0, _Data(), [139 * GB], n_new=0).gpus == 0.25
+    assert auto_sharing(four, _Cluster(GPU=1, CPU=2), 1.0, _Data(), [139 * GB], n_new=0).gpus == 0.5  # 2 CPUs: 2 at once
 
 
 def test_a_grid_is_bounded_by_its_own_configs_not_the_base(tiny_corpus):

@@ -371,8 +371,10 @@ def auto_sharing(space: Space, ray, gpus: float, data, gpu_memory: list[int] | N
 
     if space.gpus is not None or gpus <= 0:
         return None
-    n_gpus = float(ray.cluster_resources().get("GPU", 0))
-    at_once = max(1, min(space.max_concurrent, planned_trials(space, n_new)))
+    cluster = ray.cluster_resources()
+    n_gpus = float(cluster.get("GPU", 0))
+    fits_cpus = int(float(cluster.get("CPU", 0)) / space.cpus + 1e-9) if space.cpus > 0 else space.max_concurrent
+    at_once = max(1, min(space.max_concurrent, planned_trials(space, n_new), fits_cpus))  # trials that can run at once
     if not local:
         return Sharing(1, 1.0, "a cluster (--address): the driver does not see its GPUs' memory")
     if gpu_memory and len(gpu_memory) < n_gpus:
