@@ -1,0 +1,235 @@
+"""The recurrent validation pass of R runs of one shape as one persistent Triton kernel
+(imported only where Triton is available; recurrent.py chooses the variant).
+
+Each run r has its own token halves P[r] (L, T, C), recurrent weights W[r] (L, C, C) and
+LayerNorm affine G[r], B[r] (L, C); all runs share L, C and T (a trial's sizes share the
+validation stream and the model shape). Program ``pid`` serves run ``pid // NPROG`` and
+rows ``[part * ROWS, (part + 1) * ROWS)`` of every layer's C x C mat-vec, part = pid % NPROG.
+Every program keeps its run's full context vector c (C,) in registers.
+
+Per step t and layer i, every program of run r:
+  1. computes its rows of h = W[r, i] c + P[r, i, t] (in sub-tiles of SUB rows; SUB == ROWS
+     keeps the ROWS x C tile in registers and prefetches the next layer's tile);
+  2. publishes them in slot k % 2 of its run's h buffer (k = the layer's global index,
+     1-based: k = t * L + i + 1);
+  3. waits until all NPROG programs of run r have published slot k (the synchronisation,
+     SYNC below);
+  4. reads the whole h, computes c = LayerNorm(c + ReLU(h)) with G[r, i], B[r, i] itself
+     (redundantly in every program) and stores its own ROWS columns of c as out[r, i, t].
+Two slots suffice: a program can only write slot k % 2 again (for layer k + 2) after
+reading all of layer k + 1, which every program publishes only after it has read layer k.
+
+SYNC (constexpr) says how step 3 is done:
+  - ``"atomic"``: a counter per run. After its stores, every program does one atomic add
+    (release, GPU scope) and spins on atomic adds of 0 (acquire) until the counter reaches
+    k * NPROG; then it reads h bypassing L1 (.cg). Today's protocol.
+  - ``"volatile"``: the same counter, but the spin is on volatile loads (no read-modify-
+    write per poll, so the NPROG pollers do not serialise on the counter's L2 line); one
+    acquire atomic after the spin orders the h reads after the other programs' releases.
+  - ``"flag"``: no counter. Every h value is stored as one 64-bit word, its step number k
+    in the high half and the float's bits in the low half (an aligned 64-bit store is
+    seen whole or not at all), so a program polls the whole slot with volatile loads until
+    every word carries k: the value arrives with its flag, one round trip per poll, no
+    fence and no atomics.
+
+Residency: a program waits for every other program of its run, so all of them must be
+resident at once, or the first ones spin while the rest wait for a free multiprocessor.
+:func:`resident_programs` says how many programs of a compiled variant the device holds
+at once (registers, threads, shared memory and the block limit per multiprocessor); the
+launcher refuses grids beyond it. As a last guard every wait gives up after ``max_spin``
+polls (MAX_SPIN): the program then marks ``err`` and stops waiting for the rest of the pass (its
+outputs are garbage, the launcher raises), so a mistake costs an error, not a hung GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SYNC_MODES = ("atomic", "volatile", "flag")
+MAX_SPIN = 1 << 22  # polls of one wait before it gives up (seconds; a normal wait takes a few)
+MAX_BLOCKS_PER_SM = 16  # the lowest hardware limit since Volta (sm_75/86: 16; sm_80/90: 32)
+
+
+@triton.jit
+def _flagged(x, k):
+    """64-bit words: k in the high half, the float32 bits of x in the low half."""
+    bits = x.to(tl.int32, bitcast=True).to(tl.uint32, bitcast=True).to(tl.int64)  # zero-extended
+    return (k.to(tl.int64) << 32) | bits
+
+
+@triton.jit(do_not_specialize=["T", "max_spin"])
+def _recurrent_kernel(
+    p_ptr, w_ptr, g_ptr, b_ptr, out_ptr, hbuf_ptr, bar_ptr, err_ptr, eps, T, max_spin,
+    L: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr,
+    NPROG: tl.constexpr, SYNC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    run = pid // NPROG
+    part = pid % NPROG
+    r64 = run.to(tl.int64)
+    p_ptr += r64 * L * T * C  # this run's tensors (offsets inside a run fit int32: the launcher checks)
+    out_ptr += r64 * L * T * C
+    w_ptr += r64 * L * C * C
+    g_ptr += r64 * L * C
+    b_ptr += r64 * L * C
+    hbuf_ptr += r64 * 2 * C
+    bar_ptr += run
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    lo = part * ROWS
+    mine = cmask & (cols >= lo) & (cols < lo + ROWS)
+    rows = lo + tl.arange(0, ROWS)
+    rmask = rows < C
+    wmask = rmask[:, None] & cmask[None, :]
+    wofs = rows[:, None] * C + cols[None, :]
+    c = tl.zeros([BLOCK_C], tl.float32)
+    if SUB == ROWS:
+        w = tl.load(w_ptr + wofs, mask=wmask, other=0.0)  # layer 0's rows
+        p = tl.load(p_ptr + rows, mask=rmask, other=0.0)  # P[0, 0]
+    alive = max_spin > 0  # false once a wait has given up: no more waiting in this pass
+    k = 0
+    for t in range(T):
+        for i in tl.static_range(L):
+            k += 1
+            slot = hbuf_ptr + (k % 2) * C
+            # 1-2. this program's rows of h, published in slot k % 2
+            if SUB == ROWS:
+                h_rows = tl.sum(w * c[None, :], axis=1) + p
+                if SYNC == "flag":
+                    tl.store(slot + rows, _flagged(h_rows, k), mask=rmask)
+                else:
+                    tl.store(slot + rows, h_rows, mask=rmask)
+                # prefetch the next layer's rows of W and P: their latency hides behind the wait
+                ni = (i + 1) % L
+                nt = t + 1 if i == L - 1 else t
+                w = tl.load(w_ptr + ni * C * C + wofs, mask=wmask, other=0.0)
+                p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (rows * 0 + nt < T), other=0.0)  # past the last step: nothing
+            else:
+                for s in tl.static_range(ROWS // SUB):
+                    srows = lo + s * SUB + tl.arange(0, SUB)
+                    smask = srows < C
+                    ws = tl.load(w_ptr + i * C * C + srows[:, None] * C + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
+                    hs = tl.sum(ws * c[None, :], axis=1) + tl.load(p_ptr + (i * T + t) * C + srows, mask=smask, other=0.0)
+                    if SYNC == "flag":
+                        tl.store(slot + srows, _flagged(hs, k), mask=smask)
+                    else:
+                        tl.store(slot + srows, hs, mask=smask)
+            # 3. wait for the other programs of this run; 4. read the whole h
+            spins = 0
+            if SYNC == "flag":
+                word = tl.load(slot + cols, mask=cmask, other=0, volatile=True)
+                late = tl.sum(tl.where(cmask & ((word >> 32).to(tl.int32) != k), 1, 0), axis=0)
+                while (late > 0) & alive:
+                    word = tl.load(slot + cols, mask=cmask, other=0, volatile=True)
+                    late = tl.sum(tl.where(cmask & ((word >> 32).to(tl.int32) != k), 1, 0), axis=0)
+                    spins += 1
+                    alive = spins < max_spin
+                h = word.to(tl.int32).to(tl.float32, bitcast=True)  # the low half: the value
+            else:
+                tl.debug_barrier()  # the whole program's stores precede the release below
+                tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+                target = k * NPROG
+                if SYNC == "atomic":
+                    while (tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target) & alive:
+                        spins += 1
+                        alive = spins < max_spin
+                else:
+                    while (tl.load(bar_ptr, volatile=True) < target) & alive:
+                        spins += 1
+                        alive = spins < max_spin
+                    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                tl.debug_barrier()
+                h = tl.load(slot + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+            z = c + tl.maximum(h, 0.0)
+            mean = tl.sum(z, axis=0) / C
+            d = tl.where(cmask, z - mean, 0.0)
+            var = tl.sum(d * d, axis=0) / C
+            gamma = tl.load(g_ptr + i * C + cols, mask=cmask, other=0.0)
+            beta = tl.load(b_ptr + i * C + cols, mask=cmask, other=0.0)
+            c = tl.where(cmask, d * tl.rsqrt(var + eps) * gamma + beta, 0.0)
+            tl.store(out_ptr + (i * T + t) * C + cols, c, mask=mine)
+    if not alive:
+        tl.atomic_add(err_ptr, 1)
+
+
+def _meta(C: int, rows: int, sub: int, warps: int | None, sync: str, L: int) -> dict:
+    block = triton.next_power_of_2(C)
+    if warps is None:
+        warps = 4 if block <= 1024 else 8
+    return dict(L=L, C=C, BLOCK_C=block, ROWS=rows, SUB=sub, NPROG=triton.cdiv(C, rows), SYNC=sync, num_warps=warps)
+
+
+def _buffers(R: int, C: int, sync: str, device):
+    hbuf = torch.zeros(R, 2, C, device=device, dtype=torch.int64 if sync == "flag" else torch.float32)
+    bar = torch.zeros(R, device=device, dtype=torch.int32)
+    err = torch.zeros(1, device=device, dtype=torch.int32)
+    return hbuf, bar, err
+
+
+_COMPILED: dict = {}
+
+
+def compiled_info(device, L: int, C: int, rows: int = 8, sub: int | None = None, warps: int | None = None, sync: str = "atomic") -> dict:
+    """The compiled variant's resources and how many of its programs one multiprocessor holds
+    at once (``per_sm``: by registers, allocated per warp in units of 256, by threads, by shared
+    memory and by MAX_BLOCKS_PER_SM); per_sm is 0 when it does not compile or spills (a
+    spilling variant is slow, so it is not offered). Compiled once per variant and device."""
+    sub = rows if sub is None else sub
+    meta = _meta(C, rows, sub, warps, sync, L)
+    key = (device, tuple(sorted(meta.items())))
+    if key not in _COMPILED:
+        z = torch.zeros(1, device=device)
+        hbuf, bar, err = _buffers(1, C, sync, device)
+        try:
+            with torch.cuda.device(device):
+                ck = _recurrent_kernel.warmup(z, z, z, z, z, hbuf, bar, err, 1e-5, 2, 2, grid=(1,), **meta)
+                ck._init_handles()
+        except Exception as e:  # out of resources (registers, shared memory): this variant does not fit
+            _COMPILED[key] = {"per_sm": 0, "compile_error": f"{type(e).__name__}: {e}"[:300]}
+            return _COMPILED[key]
+        props = torch.cuda.get_device_properties(device)
+        warps = meta["num_warps"]
+        regs_per_warp = -(-max(ck.n_regs, 1) * 32 // 256) * 256
+        shared = ck.metadata.shared + 1024  # the runtime reserves 1 KiB per block (sm_80+)
+        per_sm = min(
+            props.regs_per_multiprocessor // (regs_per_warp * warps),
+            props.max_threads_per_multi_processor // (warps * 32),
+            getattr(props, "shared_memory_per_multiprocessor", 0) // shared or 1,
+            MAX_BLOCKS_PER_SM,
+        )  # fmt: skip
+        _COMPILED[key] = {"n_regs": ck.n_regs, "n_spills": ck.n_spills, "shared": ck.metadata.shared, "num_warps": warps,
+                          "per_sm": 0 if ck.n_spills else per_sm}  # fmt: skip
+    return _COMPILED[key]
+
+
+def resident_programs(device, L: int, C: int, rows: int = 8, sub: int | None = None, warps: int | None = None, sync: str = "atomic") -> int:
+    """How many programs of this variant the device is guaranteed to hold at once (all
+    multiprocessors x compiled_info's per_sm); a grid-barrier launch must not exceed it."""
+    per_sm = compiled_info(device, L, C, rows, sub, warps, sync)["per_sm"]
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+
+
+def recurrent_batched(P, W, G, B, eps: float, rows: int = 8, sub: int | None = None, warps: int | None = None,
+                      sync: str = "atomic", check_residency: bool = True):  # fmt: skip
+    """(R, L, T, C) layer outputs of R recurrences in one launch, each context starting at
+    zero; P (R, L, T, C), W (R, L, C, C), G and B (R, L, C), all float32 and contiguous.
+    None when the grid R * ceil(C / rows) is not guaranteed resident at once on the device
+    (``check_residency`` off only under the interpreter, which runs one program at a time
+    and so needs C <= rows) or a run's offsets would overflow int32."""
+    R, L, T, C = P.shape
+    sub = rows if sub is None else sub
+    if sync not in SYNC_MODES or rows % sub or L * T * C >= 2**31:
+        return None
+    meta = _meta(C, rows, sub, warps, sync, L)
+    grid = R * meta["NPROG"]
+    if check_residency and grid > resident_programs(P.device, L, C, rows, sub, warps, sync):
+        return None
+    out = torch.empty_like(P)
+    hbuf, bar, err = _buffers(R, C, sync, P.device)
+    _recurrent_kernel[(grid,)](P, W, G, B, out, hbuf, bar, err, eps, T, MAX_SPIN, **meta)
+    if int(err.item()):
+        raise RuntimeError(f"recurrent kernel: {int(err.item())} program(s) gave up waiting at a barrier "
+                           f"(rows={rows} sub={sub} sync={sync} grid={grid}); its programs were not all resident")  # fmt: skip
+    return out
