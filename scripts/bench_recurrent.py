@@ -7,7 +7,8 @@ Needs only torch, triton and numpy (PYTHONPATH = the repo root, or run from it).
 shape (L, C) and R runs it times, T steps of random inputs scaled like a real pass (W_c ~
 N(0, 0.1^2) as model.py initialises it, P ~ N(0, 1), LayerNorm affine near 1 / 0):
 
-- ``today``: kernels.recurrent_persistent, the R runs one after another (the baseline);
+- ``today``: the persistent kernel as main had it on 2026-12-01 (copied below as the
+  baseline), the R runs one after another;
 - ``today-streams``: R copies of it launched at once on R CUDA streams, each with its own
   barrier (only where R x its grid <= multiprocessors: then all programs are resident);
 - ``batched-<sync>-r<rows>-s<sub>[-w<warps>]``: recurrent_kernels.recurrent_batched, ONE
@@ -39,10 +40,85 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
-# (sync, rows, sub, warps); warps None = the module's default (4 up to C = 1024, else 8)
-TILES = [(8, 8, None), (16, 16, None), (16, 8, None), (16, 16, 8), (32, 8, None), (32, 16, None), (32, 32, 16), (64, 8, None)]
-VARIANTS = [(sync, *tile) for tile in TILES for sync in ("atomic", "volatile", "flag")]
+# (sync, rows, sub, warps); warps None = the module's default (4 up to C = 1024, else 8). The
+# "atomic" poll compiles to a plain acquire load already, so "volatile" differs little: only
+# the first two tiles try it.
+TILES = [(8, 8, None), (16, 16, None), (16, 8, None), (16, 16, 8), (32, 8, None), (32, 16, None), (4, 4, 2), (8, 8, 2)]
+VARIANTS = [(sync, *tile) for tile in TILES for sync in ("atomic", "flag")] + [("volatile", *tile) for tile in TILES[:2]]
+
+
+# today's kernel (archsearch/cvfp/fast/kernels.py on main, 2026-12-01), verbatim: the baseline
+
+
+@triton.jit
+def _today_kernel(
+    p_ptr, w_ptr, g_ptr, b_ptr, out_ptr, hbuf_ptr, bar_ptr, eps, T,
+    L: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """The whole recurrence in one launch. Every program keeps the full context vector; per
+    layer it computes ROWS rows of W_c c + P, publishes them, waits at a grid-wide barrier
+    (an atomic counter), then reads the whole h and applies the residual and LayerNorm
+    itself. All programs must be resident at once (the caller checks the grid size)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < C
+    wmask = rmask[:, None] & cmask[None, :]
+    wofs = rows[:, None] * C + cols[None, :]
+    lo = pid * ROWS
+    mine = cmask & (cols >= lo) & (cols < lo + ROWS)
+    c = tl.zeros([BLOCK_C], tl.float32)
+    w = tl.load(w_ptr + wofs, mask=wmask, other=0.0)  # layer 0's rows
+    p = tl.load(p_ptr + rows, mask=rmask, other=0.0)  # P[0, 0]
+    k = 0
+    for t in range(T):
+        for i in tl.static_range(L):
+            h_rows = tl.sum(w * c[None, :], axis=1) + p
+            tl.store(hbuf_ptr + (k % 2) * C + rows, h_rows, mask=rmask)
+            # prefetch the next layer's rows of W_c and P: their latency hides behind the barrier
+            ni = (i + 1) % L
+            nt = t + 1 if i == L - 1 else t
+            w = tl.load(w_ptr + ni * C * C + wofs, mask=wmask, other=0.0)
+            p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (nt < T), other=0.0)
+            k += 1
+            tl.debug_barrier()  # the whole program's stores precede the release below
+            tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+            target = k * nprog
+            while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
+                pass
+            tl.debug_barrier()
+            h = tl.load(hbuf_ptr + ((k - 1) % 2) * C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+            z = c + tl.maximum(h, 0.0)
+            mean = tl.sum(z, axis=0) / C
+            d = tl.where(cmask, z - mean, 0.0)
+            var = tl.sum(d * d, axis=0) / C
+            gamma = tl.load(g_ptr + i * C + cols, mask=cmask, other=0.0)
+            beta = tl.load(b_ptr + i * C + cols, mask=cmask, other=0.0)
+            c = tl.where(cmask, d * tl.rsqrt(var + eps) * gamma + beta, 0.0)
+            tl.store(out_ptr + (i * T + t) * C + cols, c, mask=mine)
+
+
+def today_persistent(P, W, G, B, eps: float):
+    """(L, T, C) layer outputs of the recurrence, context starting at zero; None when the
+    grid would not fit on the device at once (then the caller uses another path)."""
+    L, T, C = P.shape
+    block = triton.next_power_of_2(C)
+    sms = torch.cuda.get_device_properties(P.device).multi_processor_count
+    rows = next((r for r in (8, 16, 32) if triton.cdiv(C, r) <= sms), None)
+    if rows is None:  # at most one program per multiprocessor: co-residency is guaranteed
+        return None
+    grid = triton.cdiv(C, rows)
+    out = torch.empty_like(P)
+    hbuf = torch.zeros(2, C, device=P.device)
+    bar = torch.zeros(1, device=P.device, dtype=torch.int32)
+    _today_kernel[(grid,)](P, W, G, B, out, hbuf, bar, eps, T, L=L, C=C, BLOCK_C=block, ROWS=rows,
+                           num_warps=4 if block <= 1024 else 8)  # fmt: skip
+    return out
 
 
 def variant_name(sync: str, rows: int, sub: int, warps) -> str:
@@ -98,7 +174,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_recurrent.py: needs a CUDA GPU")
     from archsearch.cvfp.fast import recurrent_kernels as RK
-    from archsearch.cvfp.fast.kernels import recurrent_persistent, sm_count
 
     t_start = time.perf_counter()
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -106,7 +181,7 @@ def main() -> None:
     res = {
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "python": platform.python_version(), "T": args.T,
+        "triton": triton.__version__, "python": platform.python_version(), "T": args.T,
         "reps": args.reps, "results": [],
     }  # fmt: skip
     out_path = Path(args.out)
@@ -119,14 +194,14 @@ def main() -> None:
         return time.perf_counter() - t_start > args.budget
 
     eps, T = 1e-5, args.T
-    sms = sm_count(dev)
+    sms = props.multi_processor_count
     for shape in args.shapes.split(","):
         L, C = (int(x) for x in shape.lower().split("x"))
         Rs = [int(r) for r in args.R.split(",")]
         Rmax = max(Rs)
         P, W, G, B = inputs(Rmax, L, T, C)
         today_rows = next((r for r in (8, 16, 32) if -(-C // r) <= sms), None)
-        ref = [recurrent_persistent(P[r], W[r], G[r], B[r], eps) for r in range(Rmax)]  # (L, T, C) each
+        ref = [today_persistent(P[r], W[r], G[r], B[r], eps) for r in range(Rmax)]  # (L, T, C) each
         torch.cuda.synchronize()
         steps = min(T, 64)
         check = max(float((ref[r][:, :steps] - eager(P[r], W[r], G[r], B[r], eps, steps)).abs().max()) for r in range(Rmax))
@@ -156,7 +231,7 @@ def main() -> None:
                     record(name, error=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc(limit=4)[-1500:], **extra)
                     torch.cuda.synchronize()
 
-            measure("today", lambda: [recurrent_persistent(Pr[r], Wr[r], Gr[r], Br[r], eps) for r in range(R)], rows=today_rows)
+            measure("today", lambda: [today_persistent(Pr[r], Wr[r], Gr[r], Br[r], eps) for r in range(R)], rows=today_rows)
             if R > 1:
                 if today_rows is not None and R * -(-C // today_rows) <= sms:
                     streams = [torch.cuda.Stream(dev) for _ in range(R)]
@@ -167,7 +242,7 @@ def main() -> None:
                         for r, s in enumerate(streams):
                             s.wait_stream(main)
                             with torch.cuda.stream(s):
-                                outs[r] = recurrent_persistent(Pr[r], Wr[r], Gr[r], Br[r], eps)
+                                outs[r] = today_persistent(Pr[r], Wr[r], Gr[r], Br[r], eps)
                         for s in streams:
                             main.wait_stream(s)
                         return outs

@@ -286,7 +286,7 @@ def main() -> None:
 
     # ---- recurrent variants
     from archsearch.cvfp.fast import recurrent as R
-    from archsearch.cvfp.fast.kernels import recurrent_persistent
+    from archsearch.cvfp.fast.recurrent_kernels import recurrent_persistent
 
     for L2, C2 in ((6, 768), (9, 768), (6, 1152)):
         T = 4000

@@ -42,12 +42,66 @@ def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
     out = R.triton_pass(P, Wc, norms, 1e-5)
     assert out.shape == ref.shape
     assert float((out - ref).norm() / ref.norm()) < 1e-4
-    from archsearch.cvfp.fast.kernels import recurrent_persistent
+    from archsearch.cvfp.fast.recurrent_kernels import recurrent_persistent
 
     G = torch.stack([g for g, _ in norms]).contiguous()
     B = torch.stack([b for _, b in norms]).contiguous()
     out = recurrent_persistent(P, torch.stack(Wc).contiguous(), G, B, 1e-5)
     assert out is not None and float((out - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("L, C, T", [(6, 768, 400), (9, 1152, 150)])
+def test_batched_recurrent_kernel_matches_one_pass_at_a_time(L, C, T):
+    """Every synchronisation and tile of the persistent kernel, R = 1, 2, 4 runs in one launch
+    (where the device holds the grid), against the one-run kernel of today's protocol run by
+    run, and that against the plain recurrence; then recurrent_passes of four blocks against
+    four recurrent_pass calls and the graphed kernels."""
+    from archsearch.cvfp.fast import recurrent as R
+    from archsearch.cvfp.fast.recurrent_kernels import SYNC_MODES, recurrent_batched, recurrent_persistent, resident_programs
+
+    g = torch.Generator(device="cuda").manual_seed(C + L)
+    Rmax = 4
+    P = torch.randn(Rmax, L, T, C, device="cuda", generator=g)
+    W = torch.randn(Rmax, L, C, C, device="cuda", generator=g) * 0.1  # the model's init scale
+    G = 1 + 0.05 * torch.randn(Rmax, L, C, device="cuda", generator=g)
+    B = 0.05 * torch.randn(Rmax, L, C, device="cuda", generator=g)
+    torch.set_float32_matmul_precision("highest")
+    one = [recurrent_persistent(P[r], W[r], G[r], B[r], 1e-5) for r in range(Rmax)]
+    ref = torch.empty(L, T, C, device="cuda")
+    R._steps(torch.zeros(C, device="cuda"), P[0], list(W[0]), list(zip(G[0], B[0])), ref, 1e-5)
+    assert float((one[0] - ref).norm() / ref.norm()) < 1e-4
+    ran = 0
+    for sync in SYNC_MODES:
+        for rows, sub, warps in ((8, 8, None), (16, 16, None), (16, 8, None), (32, 8, None), (8, 8, 2)):
+            for runs in (1, 2, 4):
+                if runs * -(-C // rows) > resident_programs(torch.device("cuda"), L, C, rows, sub, warps, sync):
+                    continue
+                out = recurrent_batched(P[:runs].contiguous(), W[:runs].contiguous(), G[:runs].contiguous(), B[:runs].contiguous(),
+                                        1e-5, rows=rows, sub=sub, warps=warps, sync=sync)  # fmt: skip
+                assert out is not None
+                ran += 1
+                for r in range(runs):
+                    assert float((out[r] - one[r]).norm() / one[r].norm()) < 1e-5, (sync, rows, sub, warps, runs, r)
+    assert ran >= 3 * 5  # every variant at least with one run
+    # recurrent_passes over real blocks: by PLAN, against one pass at a time on the graphed kernels
+    from test_engine import tiny_cfg
+
+    from archsearch.cvfp.model import ContextBlock, TokenEmbedding, init_parameters
+
+    cfg = tiny_cfg(1, L).replace(**{"model.context_dim": C, "engine.eval_batch_size": 64})
+    emb = TokenEmbedding(torch.randn(100, 64, device="cuda", generator=g), 1)
+    windows = emb.windows(torch.randint(0, 100, (T,), device="cuda", generator=g))
+    blocks = []
+    for seed in range(4):
+        block = ContextBlock(cfg.model, 64)
+        init_parameters(block, cfg.model, torch.Generator().manual_seed(seed))
+        blocks.append(block.to("cuda").requires_grad_(False))
+    batched = R.recurrent_passes(blocks, emb, windows, cfg)
+    graphed = R.recurrent_passes(blocks, emb, windows, cfg.replace(**{"engine.recurrent": "graph"}))
+    for a, b, block in zip(batched, graphed, blocks):
+        assert float((a - b).norm() / b.norm()) < 1e-4
+        single = R.recurrent_pass(block, emb, windows, cfg)
+        assert float((a - single).norm() / single.norm()) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

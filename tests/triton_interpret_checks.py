@@ -3,10 +3,10 @@ interpreter, each against its plain PyTorch twin. Run as a script by test_triton
 with TRITON_INTERPRET=1 set before triton is imported; prints one JSON object: check name ->
 null (passed) or the failure's text.
 
-Not covered here: kernels.recurrent_persistent. Its programs wait for each other at a
-grid-wide barrier (an atomic counter spun on), and the interpreter runs programs one after
-another, so the first would wait forever. It is checked against the plain recurrence on a GPU
-(tests/test_gpu.py).
+The persistent recurrent kernel (recurrent_kernels.recurrent_batched) only with one program per
+run (C <= rows): a run's programs wait for each other at every layer, and the interpreter runs
+programs one after another, so with two programs in a run the first would wait (until its
+give-up guard). Its multi-program grids are checked on a GPU (tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -96,6 +96,64 @@ def recurrent_step_kernel_chain_matches_plain_steps():
     R._steps(torch.zeros(C), P, Wc, norms, ref, 1e-5)
     out = R.triton_pass(P, Wc, norms, 1e-5, rows=4, use_graph=False, steps=2)  # chunks of 2 steps, a partial last one
     assert out.shape == ref.shape and rel(out, ref) < 1e-5
+
+
+def _plain_runs(P, W, G, B):
+    from archsearch.cvfp.fast import recurrent as R
+
+    refs = []
+    for r in range(P.shape[0]):
+        ref = torch.empty(P.shape[1:])
+        R._steps(torch.zeros(P.shape[-1]), P[r], list(W[r]), list(zip(G[r], B[r])), ref, 1e-5)
+        refs.append(ref)
+    return refs
+
+
+@check
+def recurrent_batched_kernel_matches_one_run_at_a_time():
+    from archsearch.cvfp.fast.recurrent_kernels import SYNC_MODES, recurrent_batched
+
+    g = torch.Generator().manual_seed(7)
+    R, L, T, C = 3, 2, 5, 12
+    P = torch.randn(R, L, T, C, generator=g)
+    W = torch.randn(R, L, C, C, generator=g) * C**-0.5
+    G, B = torch.rand(R, L, C, generator=g) + 0.5, torch.randn(R, L, C, generator=g)
+    refs = _plain_runs(P, W, G, B)
+    for sync in SYNC_MODES:
+        for rows, sub in ((16, 16), (16, 8), (32, 4)):  # the tile in registers; sub-tiles (a partial last one)
+            out = recurrent_batched(P, W, G, B, 1e-5, rows=rows, sub=sub, sync=sync, check_residency=False)
+            assert out.shape == (R, L, T, C), (sync, rows, sub, out.shape)
+            for r in range(R):
+                assert rel(out[r], refs[r]) < 1e-5, (sync, rows, sub, r, rel(out[r], refs[r]))
+
+
+@check
+def recurrent_passes_batched_equal_one_pass_at_a_time_and_the_plain_pass():
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.fast import recurrent as R
+    from archsearch.cvfp.model import ContextBlock, TokenEmbedding, init_parameters
+    from archsearch.cvfp.phases import val_context_cache
+
+    cfg = run_config_from_dict({"model": {"num_layers": 2, "context_dim": 6, "num_input_tokens": 2}, "engine": {"eval_batch_size": 4}})
+    g = torch.Generator().manual_seed(8)
+    emb = TokenEmbedding(torch.randn(30, 8, generator=g), 2)
+    windows = emb.windows(torch.randint(0, 30, (9,), generator=g))  # (9, 2)
+    blocks = []
+    for seed in range(3):  # a trial's sizes: one shape, other weights
+        block = ContextBlock(cfg.model, 8)
+        init_parameters(block, cfg.model, torch.Generator().manual_seed(seed))
+        blocks.append(block.requires_grad_(False))
+    # two runs in one launch, then the third alone: the plan's split and the unstacking
+    plan = (R.Variant(2, "flag", 8), R.Variant(1, "atomic", 16, 8))
+    got = R._batched_passes(blocks, emb, windows, cfg, plan=plan, interpret=True)
+    one = R.recurrent_passes(blocks, emb, windows, cfg)  # on the CPU: one eager pass after another
+    assert len(got) == len(one) == 3
+    for block, a, b in zip(blocks, got, one):
+        plain = val_context_cache(block, emb, windows, cfg)  # the block called step by step
+        assert a.shape == b.shape == plain.shape == (2, 9, 6)
+        assert rel(a, b) < 1e-5 and rel(a, plain) < 1e-5
+        assert torch.equal(b, R.recurrent_pass(block, emb, windows, cfg))
+    assert not torch.equal(got[0], got[1])  # the runs did not read each other's weights
 
 
 @check

@@ -1,4 +1,4 @@
-"""Triton kernels for the two GPU hot spots (imported only where Triton is available).
+"""Triton kernels for the GPU hot spots of training and evaluation (imported only where Triton is available).
 
 1. ``ce_rows``: cross-entropy of a (n, V) logits block against targets, fused with its
    gradient. The tied head is frozen, so the only gradient phase 2 needs from the head is the
@@ -6,11 +6,7 @@
    finds max / sum-exp / argmax online, a second writes the gradient: the logits are read
    twice and written once, with no fp32 copy of the (n, 50257) matrix.
 
-2. ``recurrent_step``: one ContextLayer step of the truly recurrent validation pass. Kernel
-   k finishes layer k-1 (LayerNorm of x + ReLU(h), computed redundantly by every program
-   from the full vectors) and starts layer k (each program computes ROWS rows of W_c y + P).
-   The kernel boundary is the grid-wide barrier the LayerNorm needs, so a step of L layers is
-   L launches, replayed from a CUDA graph (see recurrent.py).
+The recurrent validation pass's kernels are in recurrent_kernels.py.
 """
 
 from __future__ import annotations
@@ -96,117 +92,6 @@ def ce_rows(logits, targets, loss, argmax, grad_scale: float = 1.0, write_grad: 
                           loss if row_scale is None else row_scale, V, VP, BLOCK_V=block_v or bv, GROUP=group or gr,
                           WRITE_GRAD=write_grad, ROW_SCALE=row_scale is not None, ARGMAX=argmax is not None,
                           num_warps=warps or w)  # fmt: skip
-
-
-@triton.jit
-def _recurrent_step_kernel(
-    xin_ptr, hin_ptr, xout_ptr, hout_ptr, gamma_ptr, beta_ptr, w_ptr, p_ptr, out_ptr, eps,
-    C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, FIRST: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    x = tl.load(xin_ptr + cols, mask=cmask, other=0.0)
-    if FIRST:
-        y = x  # the initial context: no layer to finish
-    else:
-        h = tl.load(hin_ptr + cols, mask=cmask, other=0.0)
-        z = x + tl.maximum(h, 0.0)
-        mean = tl.sum(z, axis=0) / C
-        d = tl.where(cmask, z - mean, 0.0)
-        var = tl.sum(d * d, axis=0) / C
-        gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0)
-        beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0)
-        y = d * tl.rsqrt(var + eps) * gamma + beta
-    lo = pid * ROWS
-    mine = cmask & (cols >= lo) & (cols < lo + ROWS)
-    tl.store(xout_ptr + cols, y, mask=mine)  # every program writes its slice of y
-    if not FIRST:
-        tl.store(out_ptr + cols, y, mask=mine)
-    rows = lo + tl.arange(0, ROWS)
-    rmask = rows < C
-    w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-    hnew = tl.sum(w * y[None, :], axis=1) + tl.load(p_ptr + rows, mask=rmask, other=0.0)
-    tl.store(hout_ptr + rows, hnew, mask=rmask)
-
-
-def recurrent_step(xin, hin, xout, hout, gamma, beta, w, p, out, eps: float, first: bool = False, rows: int = 8) -> None:
-    """Finish the previous layer into ``out``/``xout`` and start the next one into ``hout``."""
-    C = xin.shape[0]
-    block = triton.next_power_of_2(C)
-    grid = (triton.cdiv(C, rows),)
-    _recurrent_step_kernel[grid](xin, hin, xout, hout, gamma, beta, w, p, out, eps,
-                                 C=C, BLOCK_C=block, ROWS=rows, FIRST=first, num_warps=4)  # fmt: skip
-
-
-@triton.jit
-def _recurrent_persistent_kernel(
-    p_ptr, w_ptr, g_ptr, b_ptr, out_ptr, hbuf_ptr, bar_ptr, eps, T,
-    L: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
-    """The whole recurrence in one launch. Every program keeps the full context vector; per
-    layer it computes ROWS rows of W_c c + P, publishes them, waits at a grid-wide barrier
-    (an atomic counter), then reads the whole h and applies the residual and LayerNorm
-    itself. All programs must be resident at once (the caller checks the grid size)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < C
-    wmask = rmask[:, None] & cmask[None, :]
-    wofs = rows[:, None] * C + cols[None, :]
-    lo = pid * ROWS
-    mine = cmask & (cols >= lo) & (cols < lo + ROWS)
-    c = tl.zeros([BLOCK_C], tl.float32)
-    w = tl.load(w_ptr + wofs, mask=wmask, other=0.0)  # layer 0's rows
-    p = tl.load(p_ptr + rows, mask=rmask, other=0.0)  # P[0, 0]
-    k = 0
-    for t in range(T):
-        for i in tl.static_range(L):
-            h_rows = tl.sum(w * c[None, :], axis=1) + p
-            tl.store(hbuf_ptr + (k % 2) * C + rows, h_rows, mask=rmask)
-            # prefetch the next layer's rows of W_c and P: their latency hides behind the barrier
-            ni = (i + 1) % L
-            nt = t + 1 if i == L - 1 else t
-            w = tl.load(w_ptr + ni * C * C + wofs, mask=wmask, other=0.0)
-            p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (nt < T), other=0.0)
-            k += 1
-            tl.debug_barrier()  # the whole program's stores precede the release below
-            tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-            target = k * nprog
-            while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
-                pass
-            tl.debug_barrier()
-            h = tl.load(hbuf_ptr + ((k - 1) % 2) * C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-            z = c + tl.maximum(h, 0.0)
-            mean = tl.sum(z, axis=0) / C
-            d = tl.where(cmask, z - mean, 0.0)
-            var = tl.sum(d * d, axis=0) / C
-            gamma = tl.load(g_ptr + i * C + cols, mask=cmask, other=0.0)
-            beta = tl.load(b_ptr + i * C + cols, mask=cmask, other=0.0)
-            c = tl.where(cmask, d * tl.rsqrt(var + eps) * gamma + beta, 0.0)
-            tl.store(out_ptr + (i * T + t) * C + cols, c, mask=mine)
-
-
-def recurrent_persistent(P, W, G, B, eps: float):
-    """(L, T, C) layer outputs of the recurrence, context starting at zero; None when the
-    grid would not fit on the device at once (then the caller uses another path)."""
-    import torch
-
-    L, T, C = P.shape
-    block = triton.next_power_of_2(C)
-    sms = sm_count(P.device)
-    rows = next((r for r in (8, 16, 32) if triton.cdiv(C, r) <= sms), None)
-    if rows is None:  # at most one program per multiprocessor: co-residency is guaranteed
-        return None
-    grid = triton.cdiv(C, rows)
-    out = torch.empty_like(P)
-    hbuf = torch.zeros(2, C, device=P.device)
-    bar = torch.zeros(1, device=P.device, dtype=torch.int32)
-    _recurrent_persistent_kernel[(grid,)](P, W, G, B, out, hbuf, bar, eps, T, L=L, C=C, BLOCK_C=block, ROWS=rows,
-                                          num_warps=4 if block <= 1024 else 8)  # fmt: skip
-    return out
 
 
 # the row count varies from batch to batch: one compiled kernel for all of them

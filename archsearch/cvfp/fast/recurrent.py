@@ -5,11 +5,15 @@ The pass is inherently sequential, so it is latency. Each ContextLayer is
 not depend on the recurrence, so it is computed for every position in one batched product;
 the sequential loop then does, per step and layer, one (C x C) matrix-vector product, the
 residual and the LayerNorm. On GPUs with Triton the whole loop is one persistent kernel
-(kernels.py) with a grid-wide barrier per layer; the fallback is one fused kernel per
-layer and step replayed from a CUDA graph of ``GRAPH_STEPS`` steps.
+(recurrent_kernels.py) with a barrier per layer, and the passes of several blocks of one
+shape (a trial's sizes) share one launch: the GPU carries several recurrences per step. The
+fallback is one fused kernel per layer and step replayed from a CUDA graph of
+``GRAPH_STEPS`` steps.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +23,49 @@ from archsearch.cvfp.fast.device import graph_capture, triton_available
 from archsearch.cvfp.model import ContextBlock, TokenEmbedding
 
 GRAPH_STEPS = 128  # steps per captured graph (even, see triton_pass)
+MEMORY_FRACTION = 0.9  # of the free device memory a batch of passes may take (its P and outputs)
 
 
-def _token_half(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, batch: int) -> torch.Tensor:
-    """(L, T, C): W_t x_t + b for every layer and position, in float32."""
+@dataclass(frozen=True)
+class Variant:
+    """One launch of the persistent kernel (recurrent_kernels.recurrent_batched)."""
+
+    runs: int
+    """Passes per launch."""
+    sync: str
+    """How a run's programs wait for each other: atomic | volatile | flag."""
+    rows: int
+    """Rows of W_c per program: a run has ceil(C / rows) programs."""
+    sub: int | None = None
+    """Rows per sub-tile (None = rows: the tile stays in registers)."""
+    warps: int | None = None
+    """Warps per program (None: 4 up to C = 1024, else 8)."""
+    per_sm: int = 1
+    """The most programs per multiprocessor this entry may use (the compiled kernel may allow
+    fewer); 1 keeps every program on a multiprocessor of its own."""
+
+
+# The rule: for R passes, the first entry with runs <= R whose launch fits (the device holds
+# all its programs at once, at most per_sm per multiprocessor, and its inputs and outputs fit
+# in MEMORY_FRACTION of the free memory) takes the next `runs` passes; the rest go the same
+# way; a pass no entry takes runs on the graphed kernels. Fastest first, from the prototype
+# measured on an H200 (2026-12-01: R copies of the one-run kernel on R streams): L6/C768
+# rows 16 R2 8.3 us per run-step, rows 8 R1 13.5, rows 32 R4 16.9. Re-order or extend it from
+# scripts/bench_recurrent.py's JSON (its variant names map to these fields).
+PLAN: tuple[Variant, ...] = (
+    Variant(2, "atomic", 16),
+    Variant(1, "atomic", 8),
+    Variant(1, "atomic", 16),
+    Variant(1, "atomic", 32),
+)
+
+
+def _token_half(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(L, T, C): W_t x_t + b for every layer and position, in float32 (into ``out`` if given)."""
     C = block.context_dim
     T = windows.shape[0]
-    out = torch.empty(len(block.layers), T, C, device=windows.device)
+    if out is None:
+        out = torch.empty(len(block.layers), T, C, device=windows.device)
     for s in range(0, T, batch):
         x = emb.vectors(windows[s : s + batch])  # (b, E*k)
         for i, layer in enumerate(block.layers):
@@ -44,49 +84,113 @@ def _steps(ctx, P, Wc, norms, out, eps):
         ctx.copy_(c)
 
 
+def _recurrent_weights(block: ContextBlock):
+    """W_c (L, C, C), LayerNorm weights and biases (L, C) each, contiguous, and the norms' eps."""
+    C = block.context_dim
+    W = torch.stack([layer.fc.weight[:, :C] for layer in block.layers]).contiguous()
+    G = torch.stack([layer.norm.weight for layer in block.layers]).contiguous()
+    B = torch.stack([layer.norm.bias for layer in block.layers]).contiguous()
+    return W, G, B, block.layers[0].norm.eps
+
+
 @torch.no_grad()
 def recurrent_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     """(L, T, C) layer outputs for T positions, the context starting at zero, in float32: the
     same values as phases.val_context_cache (to rounding) for a standard ContextBlock. On the
     CPU this split form (the token half batched) is what every run uses."""
-    C = block.context_dim
-    T = windows.shape[0]
-    device = windows.device
+    return recurrent_passes([block], emb, windows, cfg)[0]
+
+
+@torch.no_grad()
+def recurrent_passes(blocks: list[ContextBlock], emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
+    """:func:`recurrent_pass` of several ContextBlocks of one shape over the same positions
+    (a trial's sizes share the validation stream and the model shape): one (L, T, C) tensor
+    per block, in order. With the persistent kernel (``engine.recurrent`` auto or
+    persistent, CUDA and Triton), PLAN decides which passes share a launch."""
+    if not blocks:
+        return []
+    shapes = {(len(b.layers), b.context_dim, b.layers[0].norm.eps) for b in blocks}
+    if len(shapes) > 1:
+        raise ValueError(f"recurrent_passes: the blocks must share one shape (num_layers, context_dim, LayerNorm eps), got {sorted(shapes)}")
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        P = _token_half(block, emb, windows, cfg.engine.eval_batch_size)  # (L, T, C)
-        Wc = [layer.fc.weight[:, :C].contiguous() for layer in block.layers]  # (C, C) each
-        norms = [(layer.norm.weight, layer.norm.bias) for layer in block.layers]
-        eps = block.layers[0].norm.eps
-        out = torch.empty_like(P)
-        ctx = torch.zeros(C, device=device)
-        mode = cfg.engine.recurrent
-        fused = triton_available(device)
-        if mode in ("auto", "persistent") and fused:
-            from archsearch.cvfp.fast.kernels import recurrent_persistent
-
-            G = torch.stack([g for g, _ in norms]).contiguous()
-            B = torch.stack([b for _, b in norms]).contiguous()
-            result = recurrent_persistent(P, torch.stack(Wc).contiguous(), G, B, eps)
-            if result is not None:
-                return result
-        if mode in ("auto", "persistent", "graph") and fused:
-            return triton_pass(P, Wc, norms, eps)
-        if mode == "graph" and device.type == "cuda" and T >= GRAPH_STEPS:
-            _graph_pass(ctx, P, Wc, norms, out, eps)
-        else:
-            _steps(ctx, P, Wc, norms, out, eps)
-        return out
+        if cfg.engine.recurrent in ("auto", "persistent") and triton_available(windows.device):
+            return _batched_passes(blocks, emb, windows, cfg)
+        return [_one_pass(block, emb, windows, cfg) for block in blocks]
     finally:
         torch.set_float32_matmul_precision(old)
 
 
-def recurrent_passes(blocks: list[ContextBlock], emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
-    """:func:`recurrent_pass` of several ContextBlocks of one shape over the same positions
-    (a trial's sizes share the validation stream and the model shape): one (L, T, C) tensor
-    per block, in order. Today one pass after another."""
-    return [recurrent_pass(block, emb, windows, cfg) for block in blocks]
+def _one_pass(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """One pass without the persistent kernel: graphed Triton kernels, a graphed or an eager loop."""
+    C = block.context_dim
+    T = windows.shape[0]
+    device = windows.device
+    P = _token_half(block, emb, windows, cfg.engine.eval_batch_size)  # (L, T, C)
+    Wc = [layer.fc.weight[:, :C].contiguous() for layer in block.layers]  # (C, C) each
+    norms = [(layer.norm.weight, layer.norm.bias) for layer in block.layers]
+    eps = block.layers[0].norm.eps
+    mode = cfg.engine.recurrent
+    if mode in ("auto", "persistent", "graph") and triton_available(device):
+        return triton_pass(P, Wc, norms, eps)
+    out = torch.empty_like(P)
+    ctx = torch.zeros(C, device=device)
+    if mode == "graph" and device.type == "cuda" and T >= GRAPH_STEPS:
+        _graph_pass(ctx, P, Wc, norms, out, eps)
+    else:
+        _steps(ctx, P, Wc, norms, out, eps)
+    return out
+
+
+def _fits(v: Variant, left: int, L: int, T: int, C: int, device: torch.device, interpret: bool) -> bool:
+    """Whether PLAN entry ``v`` may take ``v.runs`` of ``left`` passes of shape (L, T, C) now."""
+    from archsearch.cvfp.fast.recurrent_kernels import resident_programs
+
+    if v.runs > left:
+        return False
+    grid = v.runs * -(-C // v.rows)
+    if interpret:  # the interpreter runs one program after another: one program per run
+        return grid == v.runs
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if grid > min(sms * v.per_sm, resident_programs(device, L, C, v.rows, v.sub, v.warps, v.sync)):
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cached blocks
+    need = v.runs * 4 * (2 * L * T * C + L * C * C + 2 * L * C)  # P, outputs, W, G, B in float32
+    return need <= MEMORY_FRACTION * free
+
+
+def _batched_passes(blocks, emb, windows, cfg, plan: tuple[Variant, ...] = PLAN, interpret: bool = False) -> list[torch.Tensor]:
+    """The passes by PLAN (``interpret``: the residency rule of Triton's interpreter instead of
+    the device's, for the CPU tests): each launch's token halves go straight into one stacked
+    (runs, L, T, C) tensor; the outputs are views of the launch's (runs, L, T, C) result."""
+    from archsearch.cvfp.fast.recurrent_kernels import recurrent_batched
+
+    L, C, T = len(blocks[0].layers), blocks[0].context_dim, windows.shape[0]
+    device = windows.device
+    outs: list[torch.Tensor] = []
+    while len(outs) < len(blocks):
+        left = len(blocks) - len(outs)
+        v = next((v for v in plan if _fits(v, left, L, T, C, device, interpret)), None)
+        group = blocks[len(outs) : len(outs) + (v.runs if v else 1)]
+        out = None
+        if v is not None:
+            P = torch.empty(v.runs, L, T, C, device=device)
+            for r, block in enumerate(group):
+                _token_half(block, emb, windows, cfg.engine.eval_batch_size, out=P[r])
+            weights = [_recurrent_weights(block) for block in group]
+            W = torch.stack([w for w, _, _, _ in weights])  # (runs, L, C, C)
+            G = torch.stack([g for _, g, _, _ in weights])  # (runs, L, C)
+            B = torch.stack([b for _, _, b, _ in weights])
+            eps = weights[0][3]
+            out = recurrent_batched(P, W, G, B, eps, rows=v.rows, sub=v.sub, warps=v.warps, sync=v.sync, check_residency=not interpret)
+            del P
+        if out is None:
+            outs.append(_one_pass(group[0], emb, windows, cfg))
+        else:
+            outs.extend(out.unbind(0))
+    return outs
 
 
 def _graph_pass(ctx, P, Wc, norms, out, eps) -> None:
@@ -120,7 +224,7 @@ def triton_pass(P, Wc, norms, eps, rows: int = 8, use_graph: bool = True, steps:
     step k // L; kernel 0 starts from the zero context. A graph holds S*L consecutive
     kernels (S = ``steps`` steps, S*L even); the token halves P and the outputs go through
     static buffers."""
-    from archsearch.cvfp.fast.kernels import recurrent_step
+    from archsearch.cvfp.fast.recurrent_kernels import recurrent_step
 
     L, T, C = P.shape
     S = steps

@@ -1,5 +1,15 @@
-"""The recurrent validation pass of R runs of one shape as one persistent Triton kernel
-(imported only where Triton is available; recurrent.py chooses the variant).
+"""Triton kernels of the recurrent validation pass (imported only where Triton is available;
+recurrent.py chooses among them).
+
+1. ``_recurrent_kernel`` (:func:`recurrent_batched`): the whole pass of R runs of one shape
+   in one persistent launch, described below.
+2. ``recurrent_step``: one ContextLayer step, for the graphed fallback. Kernel k finishes
+   layer k-1 (LayerNorm of x + ReLU(h), computed redundantly by every program from the full
+   vectors) and starts layer k (each program computes ROWS rows of W_c y + P). The kernel
+   boundary is the grid-wide barrier the LayerNorm needs, so a step of L layers is L
+   launches, replayed from a CUDA graph (recurrent.triton_pass).
+
+The persistent kernel.
 
 Each run r has its own token halves P[r] (L, T, C), recurrent weights W[r] (L, C, C) and
 LayerNorm affine G[r], B[r] (L, C); all runs share L, C and T (a trial's sizes share the
@@ -21,11 +31,11 @@ reading all of layer k + 1, which every program publishes only after it has read
 
 SYNC (constexpr) says how step 3 is done:
   - ``"atomic"``: a counter per run. After its stores, every program does one atomic add
-    (release, GPU scope) and spins on atomic adds of 0 (acquire) until the counter reaches
-    k * NPROG; then it reads h bypassing L1 (.cg). Today's protocol.
-  - ``"volatile"``: the same counter, but the spin is on volatile loads (no read-modify-
-    write per poll, so the NPROG pollers do not serialise on the counter's L2 line); one
-    acquire atomic after the spin orders the h reads after the other programs' releases.
+    (release, GPU scope) and spins on atomic adds of 0 (acquire; the compiler turns them
+    into acquire loads, ``ld.acquire.gpu``) until the counter reaches k * NPROG; then it
+    reads h bypassing L1 (.cg). Today's protocol.
+  - ``"volatile"``: the same counter, the spin on relaxed volatile loads and one acquire
+    after it (the acquire's ordering paid once per wait, not once per poll).
   - ``"flag"``: no counter. Every h value is stored as one 64-bit word, its step number k
     in the high half and the float's bits in the low half (an aligned 64-bit store is
     seen whole or not at all), so a program polls the whole slot with volatile loads until
@@ -174,8 +184,8 @@ _COMPILED: dict = {}
 def compiled_info(device, L: int, C: int, rows: int = 8, sub: int | None = None, warps: int | None = None, sync: str = "atomic") -> dict:
     """The compiled variant's resources and how many of its programs one multiprocessor holds
     at once (``per_sm``: by registers, allocated per warp in units of 256, by threads, by shared
-    memory and by MAX_BLOCKS_PER_SM); per_sm is 0 when it does not compile or spills (a
-    spilling variant is slow, so it is not offered). Compiled once per variant and device."""
+    memory and by MAX_BLOCKS_PER_SM; 0 when it does not compile). Compiled once per variant
+    and device."""
     sub = rows if sub is None else sub
     meta = _meta(C, rows, sub, warps, sync, L)
     key = (device, tuple(sorted(meta.items())))
@@ -200,7 +210,7 @@ def compiled_info(device, L: int, C: int, rows: int = 8, sub: int | None = None,
             MAX_BLOCKS_PER_SM,
         )  # fmt: skip
         _COMPILED[key] = {"n_regs": ck.n_regs, "n_spills": ck.n_spills, "shared": ck.metadata.shared, "num_warps": warps,
-                          "per_sm": 0 if ck.n_spills else per_sm}  # fmt: skip
+                          "per_sm": per_sm}  # fmt: skip
     return _COMPILED[key]
 
 
@@ -233,3 +243,61 @@ def recurrent_batched(P, W, G, B, eps: float, rows: int = 8, sub: int | None = N
         raise RuntimeError(f"recurrent kernel: {int(err.item())} program(s) gave up waiting at a barrier "
                            f"(rows={rows} sub={sub} sync={sync} grid={grid}); its programs were not all resident")  # fmt: skip
     return out
+
+
+def recurrent_persistent(P, W, G, B, eps: float, rows: int | None = None, sync: str = "atomic"):
+    """(L, T, C) layer outputs of one recurrence (P (L, T, C), W (L, C, C), G and B (L, C)):
+    :func:`recurrent_batched` of one run; ``rows`` None takes the fewest rows (8, 16, 32) whose
+    grid has one program per multiprocessor. None where no variant fits."""
+    C = P.shape[-1]
+    if rows is None:
+        sms = torch.cuda.get_device_properties(P.device).multi_processor_count
+        rows = next((r for r in (8, 16, 32) if triton.cdiv(C, r) <= sms), None)
+        if rows is None:
+            return None
+    out = recurrent_batched(P[None], W[None], G[None], B[None], eps, rows=rows, sync=sync)
+    return None if out is None else out[0]
+
+
+# the graphed fallback: one launch per layer and step (recurrent.triton_pass)
+
+
+@triton.jit
+def _recurrent_step_kernel(
+    xin_ptr, hin_ptr, xout_ptr, hout_ptr, gamma_ptr, beta_ptr, w_ptr, p_ptr, out_ptr, eps,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    x = tl.load(xin_ptr + cols, mask=cmask, other=0.0)
+    if FIRST:
+        y = x  # the initial context: no layer to finish
+    else:
+        h = tl.load(hin_ptr + cols, mask=cmask, other=0.0)
+        z = x + tl.maximum(h, 0.0)
+        mean = tl.sum(z, axis=0) / C
+        d = tl.where(cmask, z - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / C
+        gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0)
+        beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0)
+        y = d * tl.rsqrt(var + eps) * gamma + beta
+    lo = pid * ROWS
+    mine = cmask & (cols >= lo) & (cols < lo + ROWS)
+    tl.store(xout_ptr + cols, y, mask=mine)  # every program writes its slice of y
+    if not FIRST:
+        tl.store(out_ptr + cols, y, mask=mine)
+    rows = lo + tl.arange(0, ROWS)
+    rmask = rows < C
+    w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    hnew = tl.sum(w * y[None, :], axis=1) + tl.load(p_ptr + rows, mask=rmask, other=0.0)
+    tl.store(hout_ptr + rows, hnew, mask=rmask)
+
+
+def recurrent_step(xin, hin, xout, hout, gamma, beta, w, p, out, eps: float, first: bool = False, rows: int = 8) -> None:
+    """Finish the previous layer into ``out``/``xout`` and start the next one into ``hout``."""
+    C = xin.shape[0]
+    block = triton.next_power_of_2(C)
+    grid = (triton.cdiv(C, rows),)
+    _recurrent_step_kernel[grid](xin, hin, xout, hout, gamma, beta, w, p, out, eps,
+                                 C=C, BLOCK_C=block, ROWS=rows, FIRST=first, num_warps=4)  # fmt: skip
