@@ -13,6 +13,7 @@ fallback is one fused kernel per layer and step replayed from a CUDA graph of
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from archsearch.config import RunConfig
 from archsearch.cvfp.fast.device import graph_capture, triton_available
 from archsearch.cvfp.model import ContextBlock, TokenEmbedding
+
+log = logging.getLogger(__name__)
 
 GRAPH_STEPS = 128  # steps per captured graph (even, see triton_pass)
 MEMORY_FRACTION = 0.9  # of the free device memory a batch of passes may take (its P and outputs)
@@ -165,7 +168,7 @@ def _batched_passes(blocks, emb, windows, cfg, plan: tuple[Variant, ...] = PLAN,
     """The passes by PLAN (``interpret``: the residency rule of Triton's interpreter instead of
     the device's, for the CPU tests): each launch's token halves go straight into one stacked
     (runs, L, T, C) tensor; the outputs are views of the launch's (runs, L, T, C) result."""
-    from archsearch.cvfp.fast.recurrent_kernels import recurrent_batched
+    from archsearch.cvfp.fast.recurrent_kernels import BarrierTimeout, recurrent_batched
 
     L, C, T = len(blocks[0].layers), blocks[0].context_dim, windows.shape[0]
     device = windows.device
@@ -184,10 +187,14 @@ def _batched_passes(blocks, emb, windows, cfg, plan: tuple[Variant, ...] = PLAN,
             G = torch.stack([g for _, g, _, _ in weights])  # (runs, L, C)
             B = torch.stack([b for _, _, b, _ in weights])
             eps = weights[0][3]
-            out = recurrent_batched(P, W, G, B, eps, rows=v.rows, sub=v.sub, warps=v.warps, sync=v.sync, check_residency=not interpret)
+            try:
+                out = recurrent_batched(P, W, G, B, eps, rows=v.rows, sub=v.sub, warps=v.warps, sync=v.sync, check_residency=not interpret)
+            except BarrierTimeout as e:  # e.g. another thread's persistent launch held multiprocessors
+                log.warning("%s; these passes run on the graphed kernels", e)
+                plan = ()  # no more persistent launches in this call
             del P
         if out is None:
-            outs.append(_one_pass(group[0], emb, windows, cfg))
+            outs.extend(_one_pass(block, emb, windows, cfg) for block in group)
         else:
             outs.extend(out.unbind(0))
     return outs

@@ -48,7 +48,8 @@ resident at once, or the first ones spin while the rest wait for a free multipro
 at once (registers, threads, shared memory and the block limit per multiprocessor); the
 launcher refuses grids beyond it. As a last guard every wait gives up after ``max_spin``
 polls (MAX_SPIN): the program then marks ``err`` and stops waiting for the rest of the pass (its
-outputs are garbage, the launcher raises), so a mistake costs an error, not a hung GPU.
+outputs are garbage, the launcher raises BarrierTimeout), so a mistake costs an error, not a
+hung GPU.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ import triton.language as tl
 SYNC_MODES = ("atomic", "volatile", "flag")
 MAX_SPIN = 1 << 22  # polls of one wait before it gives up (seconds; a normal wait takes a few)
 MAX_BLOCKS_PER_SM = 16  # the lowest hardware limit since Volta (sm_75/86: 16; sm_80/90: 32)
+
+
+class BarrierTimeout(RuntimeError):
+    """A wait of the persistent kernel gave up: its programs were not all resident."""
 
 
 @triton.jit
@@ -204,9 +209,9 @@ def compiled_info(device, L: int, C: int, rows: int = 8, sub: int | None = None,
         regs_per_warp = -(-max(ck.n_regs, 1) * 32 // 256) * 256
         shared = ck.metadata.shared + 1024  # the runtime reserves 1 KiB per block (sm_80+)
         per_sm = min(
-            props.regs_per_multiprocessor // (regs_per_warp * warps),
+            getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),  # 64 Ki on every NVIDIA GPU since Kepler
             props.max_threads_per_multi_processor // (warps * 32),
-            getattr(props, "shared_memory_per_multiprocessor", 0) // shared or 1,
+            (getattr(props, "shared_memory_per_multiprocessor", 0) or props.shared_memory_per_block) // shared,
             MAX_BLOCKS_PER_SM,
         )  # fmt: skip
         _COMPILED[key] = {"n_regs": ck.n_regs, "n_spills": ck.n_spills, "shared": ck.metadata.shared, "num_warps": warps,
@@ -240,7 +245,7 @@ def recurrent_batched(P, W, G, B, eps: float, rows: int = 8, sub: int | None = N
     hbuf, bar, err = _buffers(R, C, sync, P.device)
     _recurrent_kernel[(grid,)](P, W, G, B, out, hbuf, bar, err, eps, T, MAX_SPIN, **meta)
     if int(err.item()):
-        raise RuntimeError(f"recurrent kernel: {int(err.item())} program(s) gave up waiting at a barrier "
+        raise BarrierTimeout(f"recurrent kernel: {int(err.item())} program(s) gave up waiting at a barrier "
                            f"(rows={rows} sub={sub} sync={sync} grid={grid}); its programs were not all resident")  # fmt: skip
     return out
 
