@@ -16,11 +16,18 @@ N(0, 0.1^2) as model.py initialises it, P ~ N(0, 1), LayerNorm affine near 1 / 0
   program, sub-tile and warp count listed in VARIANTS, only where the compiled kernel's
   residency (recurrent_kernels.resident_programs) admits the grid R x ceil(C / rows).
 
-Each variant: us per step (all R runs), us per run-step, the largest absolute difference of
-its outputs from ``today``'s, per run, and the compiled kernel's registers, spills and
-residency. The JSON is rewritten after every variant, so a run cut short keeps what it has;
-``--budget`` seconds stop it from starting new variants (a full run of the three default
-shapes takes a few minutes on an H200, most of it compiling). A variant whose programs were
+Each variant: us per step (all R runs), us per run-step, the compiled kernel's registers,
+spills and residency, and the largest absolute difference of its outputs from ``today``'s,
+per run: ``max_abs_diff`` on check inputs (W_c ~ N(0, 1/C), 256 steps: a contractive
+recurrence, where rounding differences stay at rounding size), and on the timed inputs
+``max_abs_diff_timed`` (all steps) and ``max_abs_diff_timed_first16``. With W_c ~ N(0, 0.1^2)
+the random recurrence is chaotic (float64 against float32 on the CPU, L6/C768: 3e-6 apart
+after the first step, 1e-3 after 10, O(1) after 100), so over all timed steps only a variant
+with today's exact arithmetic (``bitwise_equal``) stays close.
+
+The JSON is rewritten after every variant, so a run cut short keeps what it has; ``--budget``
+seconds stop it from starting new variants (a full run of the three default shapes takes a
+few minutes on an H200, most of it compiling; ``--shapes`` one at a time to be safe). A variant whose programs were
 not all resident ends with an error (every wait gives up after recurrent_kernels.MAX_SPIN
 polls) rather than hanging.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -46,11 +54,13 @@ import triton.language as tl  # noqa: E402
 # (sync, rows, sub, warps); warps None = the module's default (4 up to C = 1024, else 8). The
 # "atomic" poll compiles to a plain acquire load already, so "volatile" differs little: only
 # the first two tiles try it.
-TILES = [(8, 8, None), (16, 16, None), (16, 8, None), (16, 16, 8), (32, 8, None), (32, 16, None), (4, 4, 2), (8, 8, 2)]
+TILES = [(8, 8, None), (16, 16, None), (16, 8, None), (16, 16, 8), (32, 8, None), (32, 16, None), (4, 4, 1), (4, 4, 2), (8, 8, 2)]
 VARIANTS = [(sync, *tile) for tile in TILES for sync in ("atomic", "flag")] + [("volatile", *tile) for tile in TILES[:2]]
 
 
-# today's kernel (archsearch/cvfp/fast/kernels.py on main, 2026-12-01), verbatim: the baseline
+# today's kernel (archsearch/cvfp/fast/kernels.py on main, 2026-12-01), verbatim but for the P mask
+# (a vector, which the interpreter needs) and
+# device query (so that --interpret runs it): the baseline
 
 
 @triton.jit
@@ -84,7 +94,7 @@ def _today_kernel(
             ni = (i + 1) % L
             nt = t + 1 if i == L - 1 else t
             w = tl.load(w_ptr + ni * C * C + wofs, mask=wmask, other=0.0)
-            p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (nt < T), other=0.0)
+            p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (rows * 0 + nt < T), other=0.0)
             k += 1
             tl.debug_barrier()  # the whole program's stores precede the release below
             tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
@@ -108,7 +118,7 @@ def today_persistent(P, W, G, B, eps: float):
     grid would not fit on the device at once (then the caller uses another path)."""
     L, T, C = P.shape
     block = triton.next_power_of_2(C)
-    sms = torch.cuda.get_device_properties(P.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(P.device).multi_processor_count if P.device.type == "cuda" else 1  # (--interpret)
     rows = next((r for r in (8, 16, 32) if triton.cdiv(C, r) <= sms), None)
     if rows is None:  # at most one program per multiprocessor: co-residency is guaranteed
         return None
@@ -125,12 +135,12 @@ def variant_name(sync: str, rows: int, sub: int, warps) -> str:
     return f"batched-{sync}-r{rows}-s{sub}" + (f"-w{warps}" if warps else "")
 
 
-def inputs(R: int, L: int, T: int, C: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    P = torch.randn(R, L, T, C, device="cuda", generator=g)  # (R, L, T, C)
-    W = torch.randn(R, L, C, C, device="cuda", generator=g) * 0.1  # (R, L, C, C)
-    G = 1 + 0.05 * torch.randn(R, L, C, device="cuda", generator=g)  # (R, L, C)
-    B = 0.05 * torch.randn(R, L, C, device="cuda", generator=g)
+def inputs(R: int, L: int, T: int, C: int, w_std: float, dev, seed: int = 0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    P = torch.randn(R, L, T, C, device=dev, generator=g)  # (R, L, T, C)
+    W = torch.randn(R, L, C, C, device=dev, generator=g) * w_std  # (R, L, C, C)
+    G = 1 + 0.05 * torch.randn(R, L, C, device=dev, generator=g)  # (R, L, C)
+    B = 0.05 * torch.randn(R, L, C, device=dev, generator=g)
     return P, W, G, B
 
 
@@ -146,12 +156,17 @@ def eager(P, W, G, B, eps: float, steps: int) -> torch.Tensor:
     return out
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
+def timed(fn, reps: int, cuda: bool = True) -> tuple[float, object]:
     """(median seconds of ``reps`` calls after one warm-up, the last call's result)."""
     out = fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        if not cuda:  # --interpret: a smoke test of this script on the CPU
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            continue
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = fn()
@@ -168,19 +183,24 @@ def main() -> None:
     p.add_argument("--R", default="1,2,4", help="runs per call, comma-separated")
     p.add_argument("--T", type=int, default=8000, help="steps")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--w-std", type=float, default=0.1, help="std of the timed inputs' W_c (model init: 0.1)")
     p.add_argument("--only", default="", help="run only variants whose name contains this")
     p.add_argument("--budget", type=float, default=540.0, help="seconds after which no new variant starts")
+    p.add_argument("--interpret", action="store_true", help="smoke test on the CPU under TRITON_INTERPRET=1 (shapes with C <= 4)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
+    cuda = not args.interpret
+    if cuda and not torch.cuda.is_available():
         sys.exit("bench_recurrent.py: needs a CUDA GPU")
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("bench_recurrent.py --interpret: set TRITON_INTERPRET=1")
     from archsearch.cvfp.fast import recurrent_kernels as RK
 
     t_start = time.perf_counter()
-    dev = torch.device("cuda", torch.cuda.current_device())
-    props = torch.cuda.get_device_properties(dev)
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 1
     res = {
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu (interpreter)", "sms": sms, "torch": torch.__version__,
         "triton": triton.__version__, "python": platform.python_version(), "T": args.T,
         "reps": args.reps, "results": [],
     }  # fmt: skip
@@ -194,21 +214,28 @@ def main() -> None:
         return time.perf_counter() - t_start > args.budget
 
     eps, T = 1e-5, args.T
-    sms = props.multi_processor_count
     for shape in args.shapes.split(","):
         L, C = (int(x) for x in shape.lower().split("x"))
         Rs = [int(r) for r in args.R.split(",")]
         Rmax = max(Rs)
-        P, W, G, B = inputs(Rmax, L, T, C)
+        timed_in = inputs(Rmax, L, T, C, args.w_std, dev)  # P, W, G, B
+        check_in = inputs(Rmax, L, 256 if cuda else 8, C, C**-0.5, dev, seed=1)
         today_rows = next((r for r in (8, 16, 32) if -(-C // r) <= sms), None)
-        ref = [today_persistent(P[r], W[r], G[r], B[r], eps) for r in range(Rmax)]  # (L, T, C) each
-        torch.cuda.synchronize()
-        steps = min(T, 64)
-        check = max(float((ref[r][:, :steps] - eager(P[r], W[r], G[r], B[r], eps, steps)).abs().max()) for r in range(Rmax))
-        res.setdefault("today_vs_eager", {})[shape] = {"steps": steps, "max_abs_diff": check, "today_rows": today_rows}
-        print(f"{shape}: today's kernel rows {today_rows}, vs eager over {steps} steps: {check:.2e}", flush=True)
+
+        def today_each(P, W, G, B, runs: int):
+            return [today_persistent(P[r], W[r], G[r], B[r], eps) for r in range(runs)]  # (L, T, C) each
+
+        ref_timed, ref_check = today_each(*timed_in, Rmax), today_each(*check_in, Rmax)
+        sanity = {}
+        for label, (P, W, G, B), ref in (("timed", timed_in, ref_timed), ("check", check_in, ref_check)):
+            steps = min(P.shape[2], 16 if label == "timed" else 256)
+            sanity[label] = {"steps": steps, "max_abs_diff": max(float((ref[r][:, :steps] - eager(P[r], W[r], G[r], B[r], eps, steps)).abs().max())
+                                                                 for r in range(Rmax))}  # fmt: skip
+        res.setdefault("today_vs_eager", {})[shape] = {"today_rows": today_rows, **sanity}
+        print(f"{shape}: today's kernel rows {today_rows}, against eager fp32: {sanity}", flush=True)
         for R in Rs:
-            Pr, Wr, Gr, Br = P[:R].contiguous(), W[:R].contiguous(), G[:R].contiguous(), B[:R].contiguous()
+            timed_R = [x[:R].contiguous() for x in timed_in]
+            check_R = [x[:R].contiguous() for x in check_in]
 
             def record(name: str, **fields) -> None:
                 row = {"L": L, "C": C, "R": R, "variant": name, **fields}
@@ -218,31 +245,38 @@ def main() -> None:
                 print(f"  L{L} C{C} R{R} {name}: {shown}", flush=True)
 
             def measure(name: str, fn, **extra) -> None:
-                if args.only and args.only not in name:
-                    return
+                """fn(P, W, G, B) -> R (L, T, C) outputs."""
                 if over_budget():
                     record(name, skipped="budget", **extra)
                     return
                 try:
-                    sec, outs = timed(fn, args.reps)
-                    diffs = [float((outs[r] - ref[r]).abs().max()) for r in range(R)]
-                    record(name, us_per_step=sec / T * 1e6, us_per_run_step=sec / T / R * 1e6, max_abs_diff=diffs, **extra)
+                    sec, outs = timed(lambda: fn(*timed_R), args.reps, cuda)
+                    timed_diff = [float((outs[r] - ref_timed[r]).abs().max()) for r in range(R)]
+                    first = [float((outs[r][:, :16] - ref_timed[r][:, :16]).abs().max()) for r in range(R)]
+                    bitwise = all(torch.equal(outs[r], ref_timed[r]) for r in range(R))
+                    del outs
+                    checked = fn(*check_R)
+                    diff = [float((checked[r] - ref_check[r]).abs().max()) for r in range(R)]
+                    record(name, us_per_step=sec / T * 1e6, us_per_run_step=sec / T / R * 1e6, max_abs_diff=diff, max_abs_diff_timed=timed_diff,
+                           max_abs_diff_timed_first16=first, bitwise_equal=bitwise, **extra)  # fmt: skip
                 except Exception as e:  # a variant that fails is recorded, the others still run
                     record(name, error=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc(limit=4)[-1500:], **extra)
-                    torch.cuda.synchronize()
+                    if cuda:
+                        torch.cuda.synchronize()
 
-            measure("today", lambda: [today_persistent(Pr[r], Wr[r], Gr[r], Br[r], eps) for r in range(R)], rows=today_rows)
-            if R > 1:
+            if not args.only or args.only in "today":
+                measure("today", lambda P, W, G, B: today_each(P, W, G, B, R), rows=today_rows)
+            if R > 1 and cuda and (not args.only or args.only in "today-streams"):
                 if today_rows is not None and R * -(-C // today_rows) <= sms:
                     streams = [torch.cuda.Stream(dev) for _ in range(R)]
 
-                    def on_streams():
+                    def on_streams(P, W, G, B):
                         outs = [None] * R
                         main = torch.cuda.current_stream(dev)
                         for r, s in enumerate(streams):
                             s.wait_stream(main)
                             with torch.cuda.stream(s):
-                                outs[r] = today_persistent(Pr[r], Wr[r], Gr[r], Br[r], eps)
+                                outs[r] = today_persistent(P[r], W[r], G[r], B[r], eps)
                         for s in streams:
                             main.wait_stream(s)
                         return outs
@@ -256,8 +290,11 @@ def main() -> None:
                     continue
                 grid = R * -(-C // rows)
                 try:
-                    resident = RK.resident_programs(dev, L, C, rows, sub, warps, sync)
-                    info = dict(RK.compiled_info(dev, L, C, rows, sub, warps, sync))
+                    if cuda:
+                        resident = RK.resident_programs(dev, L, C, rows, sub, warps, sync)
+                        info = dict(RK.compiled_info(dev, L, C, rows, sub, warps, sync))
+                    else:  # the interpreter runs one program at a time: one program per run
+                        resident, info = (R if C <= rows else 0), {}
                 except Exception as e:
                     record(name, error=f"compile: {type(e).__name__}: {e}"[:500], grid=grid)
                     continue
@@ -265,9 +302,14 @@ def main() -> None:
                 if grid > resident:
                     record(name, skipped=f"grid {grid} > {resident} resident programs", **info)
                     continue
-                measure(name, lambda: RK.recurrent_batched(Pr, Wr, Gr, Br, eps, rows=rows, sub=sub, warps=warps, sync=sync), **info)
-        del P, W, G, B, ref
-        torch.cuda.empty_cache()
+
+                def batched(P, W, G, B, rows=rows, sub=sub, warps=warps, sync=sync):
+                    return RK.recurrent_batched(P, W, G, B, eps, rows=rows, sub=sub, warps=warps, sync=sync, check_residency=cuda)
+
+                measure(name, batched, **info)
+        del timed_in, check_in, ref_timed, ref_check
+        if cuda:
+            torch.cuda.empty_cache()
     res["seconds"] = time.perf_counter() - t_start
     save()
     print(f"wrote {out_path} ({res['seconds']:.0f} s)")
