@@ -19,7 +19,8 @@ Every program keeps its run's full context vector c (C,) in registers.
 
 Per step t and layer i, every program of run r:
   1. computes its rows of h = W[r, i] c + P[r, i, t] (in sub-tiles of SUB rows; SUB == ROWS
-     keeps the ROWS x C tile in registers and prefetches the next layer's tile);
+     keeps the ROWS x C tile in registers and prefetches the next layer's tile; P's rows are
+     always prefetched a layer ahead);
   2. publishes them in slot k % 2 of its run's h buffer (k = the layer's global index,
      1-based: k = t * L + i + 1);
   3. waits until all NPROG programs of run r have published slot k (the synchronisation,
@@ -102,7 +103,7 @@ def _recurrent_kernel(
     c = tl.zeros([BLOCK_C], tl.float32)
     if SUB == ROWS:
         w = tl.load(w_ptr + wofs, mask=wmask, other=0.0)  # layer 0's rows
-        p = tl.load(p_ptr + rows, mask=rmask, other=0.0)  # P[0, 0]
+    p = tl.load(p_ptr + rows, mask=rmask, other=0.0)  # P[0, 0]
     alive = max_spin > 0  # false once a wait has given up: no more waiting in this pass
     k = 0
     for t in range(T):
@@ -112,25 +113,25 @@ def _recurrent_kernel(
             # 1-2. this program's rows of h, published in slot k % 2
             if SUB == ROWS:
                 h_rows = tl.sum(w * c[None, :], axis=1) + p
-                if SYNC == "flag":
-                    tl.store(slot + rows, _flagged(h_rows, k), mask=rmask)
-                else:
-                    tl.store(slot + rows, h_rows, mask=rmask)
-                # prefetch the next layer's rows of W and P: their latency hides behind the wait
-                ni = (i + 1) % L
-                nt = t + 1 if i == L - 1 else t
-                w = tl.load(w_ptr + ni * C * C + wofs, mask=wmask, other=0.0)
-                p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (rows * 0 + nt < T), other=0.0)  # past the last step: nothing
-            else:
+            else:  # sub-tiles of W read each layer (from L1 where it holds them), results gathered in h2
+                sidx = tl.arange(0, ROWS // SUB)[:, None]
+                h2 = tl.zeros([ROWS // SUB, SUB], tl.float32)
                 for s in tl.static_range(ROWS // SUB):
                     srows = lo + s * SUB + tl.arange(0, SUB)
                     smask = srows < C
                     ws = tl.load(w_ptr + i * C * C + srows[:, None] * C + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
-                    hs = tl.sum(ws * c[None, :], axis=1) + tl.load(p_ptr + (i * T + t) * C + srows, mask=smask, other=0.0)
-                    if SYNC == "flag":
-                        tl.store(slot + srows, _flagged(hs, k), mask=smask)
-                    else:
-                        tl.store(slot + srows, hs, mask=smask)
+                    h2 = tl.where(sidx == s, tl.sum(ws * c[None, :], axis=1)[None, :], h2)
+                h_rows = tl.reshape(h2, [ROWS]) + p
+            if SYNC == "flag":
+                tl.store(slot + rows, _flagged(h_rows, k), mask=rmask)
+            else:
+                tl.store(slot + rows, h_rows, mask=rmask)
+            # prefetch the next layer's P (and rows of W): their latency hides behind the wait
+            ni = (i + 1) % L
+            nt = t + 1 if i == L - 1 else t
+            if SUB == ROWS:
+                w = tl.load(w_ptr + ni * C * C + wofs, mask=wmask, other=0.0)
+            p = tl.load(p_ptr + (ni * T + nt) * C + rows, mask=rmask & (rows * 0 + nt < T), other=0.0)  # past the last step: nothing
             # 3. wait for the other programs of this run; 4. read the whole h
             spins = 0
             if SYNC == "flag":
@@ -232,10 +233,13 @@ def recurrent_batched(P, W, G, B, eps: float, rows: int = 8, sub: int | None = N
     zero; P (R, L, T, C), W (R, L, C, C), G and B (R, L, C), all float32 and contiguous.
     None when the grid R * ceil(C / rows) is not guaranteed resident at once on the device
     (``check_residency`` off only under the interpreter, which runs one program at a time
-    and so needs C <= rows) or a run's offsets would overflow int32."""
+    and so needs C <= rows) or a run's offsets would overflow int32. ``rows`` and ``sub``
+    are powers of two (sub <= rows)."""
     R, L, T, C = P.shape
     sub = rows if sub is None else sub
-    if sync not in SYNC_MODES or rows % sub or L * T * C >= 2**31:
+    if sync not in SYNC_MODES or rows < 1 or sub < 1 or rows & (rows - 1) or sub & (sub - 1) or sub > rows:
+        raise ValueError(f"recurrent_batched: sync must be one of {SYNC_MODES} and rows >= sub powers of two, got {sync!r}, {rows}, {sub}")
+    if L * T * C >= 2**31:
         return None
     meta = _meta(C, rows, sub, warps, sync, L)
     grid = R * meta["NPROG"]
