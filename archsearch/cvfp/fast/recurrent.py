@@ -156,7 +156,12 @@ def _fits(v: Variant, left: int, L: int, T: int, C: int, device: torch.device, i
     if interpret:  # the interpreter runs one program after another: one program per run
         return grid == v.runs
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if grid > min(sms * v.per_sm, resident_programs(device, L, C, v.rows, v.sub, v.warps, v.sync)):
+    try:
+        resident = resident_programs(device, L, C, v.rows, v.sub, v.warps, v.sync)
+    except Exception as e:  # a variant that does not compile here: the next entry (a bug, so said)
+        log.warning("recurrent kernel %s does not compile here (%s: %s); PLAN's next entry is used", v, type(e).__name__, e)
+        return False
+    if grid > min(sms * v.per_sm, resident):
         return False
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cached blocks

@@ -201,22 +201,24 @@ def compiled_info(device, L: int, C: int, rows: int = 8, sub: int | None = None,
         try:
             with torch.cuda.device(device):
                 ck = _recurrent_kernel.warmup(z, z, z, z, z, hbuf, bar, err, 1e-5, 2, 2, grid=(1,), **meta)
-                ck._init_handles()
-        except Exception as e:  # out of resources (registers, shared memory): this variant does not fit
+                getattr(ck, "_init_handles", lambda: None)()  # loads it: n_regs, n_spills (and out-of-resources errors)
+                n_regs, n_spills, shared = ck.n_regs, ck.n_spills, ck.metadata.shared
+        except triton.runtime.errors.OutOfResources as e:  # registers, shared memory: this variant does not fit
             _COMPILED[key] = {"per_sm": 0, "compile_error": f"{type(e).__name__}: {e}"[:300]}
+            return _COMPILED[key]
+        except AttributeError as e:  # another Triton's compiled-kernel API: one program per multiprocessor is safe
+            _COMPILED[key] = {"per_sm": 1, "introspection_error": f"{type(e).__name__}: {e}"[:300]}
             return _COMPILED[key]
         props = torch.cuda.get_device_properties(device)
         warps = meta["num_warps"]
-        regs_per_warp = -(-max(ck.n_regs, 1) * 32 // 256) * 256
-        shared = ck.metadata.shared + 1024  # the runtime reserves 1 KiB per block (sm_80+)
+        regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
         per_sm = min(
             getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),  # 64 Ki on every NVIDIA GPU since Kepler
             props.max_threads_per_multi_processor // (warps * 32),
-            (getattr(props, "shared_memory_per_multiprocessor", 0) or props.shared_memory_per_block) // shared,
+            (getattr(props, "shared_memory_per_multiprocessor", 0) or props.shared_memory_per_block) // (shared + 1024),  # 1 KiB reserved per block
             MAX_BLOCKS_PER_SM,
         )  # fmt: skip
-        _COMPILED[key] = {"n_regs": ck.n_regs, "n_spills": ck.n_spills, "shared": ck.metadata.shared, "num_warps": warps,
-                          "per_sm": per_sm}  # fmt: skip
+        _COMPILED[key] = {"n_regs": n_regs, "n_spills": n_spills, "shared": shared, "num_warps": warps, "per_sm": per_sm}
     return _COMPILED[key]
 
 
