@@ -2,6 +2,7 @@
 
     python3 scripts/bench_recurrent.py --out benchmarks/h200_recurrent.json
     python3 scripts/bench_recurrent.py --shapes 6x768 --R 1,2 --T 2000 --out quick.json
+    python3 scripts/bench_recurrent.py --summarise benchmarks/h200_recurrent.json
 
 Needs only torch, triton and numpy (PYTHONPATH = the repo root, or run from it). For each
 shape (L, C) and R runs it times, T steps of random inputs scaled like a real pass (W_c ~
@@ -177,9 +178,23 @@ def timed(fn, reps: int, cuda: bool = True) -> tuple[float, object]:
     return sorted(times)[len(times) // 2], out
 
 
+def summarise(path: str, top: int = 4, tol: float = 1e-4) -> None:
+    """Print, per shape and R, the fastest variants per run-step whose check outputs are within
+    ``tol`` of today's (what recurrent.PLAN is ordered by)."""
+    res = json.loads(Path(path).read_text())
+    rows = [r for r in res["results"] if "us_per_run_step" in r]
+    for key in sorted({(r["L"], r["C"], r["R"]) for r in rows}):
+        these = [r for r in rows if (r["L"], r["C"], r["R"]) == key and max(r["max_abs_diff"]) <= tol]
+        base = next((r["us_per_run_step"] for r in rows if (r["L"], r["C"], r["R"]) == key and r["variant"] == "today"), float("nan"))
+        best = sorted(these, key=lambda r: r["us_per_run_step"])[:top]
+        shown = ", ".join(f"{r['variant']} {r['us_per_run_step']:.2f}" for r in best)
+        print(f"L{key[0]} C{key[1]} R{key[2]}: today {base:.2f} us per run-step; fastest: {shown}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--summarise", metavar="JSON", help="print the fastest correct variants of a finished run and exit")
+    p.add_argument("--out")
     p.add_argument("--shapes", default="6x768,9x768,6x1152", help="LxC, comma-separated")
     p.add_argument("--R", default="1,2,4", help="runs per call, comma-separated")
     p.add_argument("--T", type=int, default=8000, help="steps")
@@ -189,6 +204,11 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=540.0, help="seconds after which no new variant starts")
     p.add_argument("--interpret", action="store_true", help="smoke test on the CPU under TRITON_INTERPRET=1 (shapes with C <= 4)")
     args = p.parse_args()
+    if args.summarise:
+        summarise(args.summarise)
+        return
+    if not args.out:
+        p.error("--out is required")
     cuda = not args.interpret
     if cuda and not torch.cuda.is_available():
         sys.exit("bench_recurrent.py: needs a CUDA GPU")
