@@ -54,7 +54,11 @@ class Variant:
 # way; a pass no entry takes runs on the graphed kernels. Fastest first, from the prototype
 # measured on an H200 (2026-12-01: R copies of the one-run kernel on R streams): L6/C768
 # rows 16 R2 8.3 us per run-step, rows 8 R1 13.5, rows 32 R4 16.9. Re-order or extend it from
-# scripts/bench_recurrent.py's JSON (its variant names map to these fields).
+# scripts/bench_recurrent.py's JSON (its variant names map to these fields; its --summarise
+# prints the fastest per shape and R). Entries of one tile (rows, sub, warps) give the same
+# bits whatever their runs and sync; entries of different tiles differ by rounding, so where
+# PLAN gives R = 1 and R = 2 different tiles a pass's last bits depend on how many passes its
+# trial batched (keep one tile per shape where that matters).
 PLAN: tuple[Variant, ...] = (
     Variant(2, "atomic", 16),
     Variant(1, "atomic", 8),
