@@ -48,23 +48,22 @@ class Variant:
     fewer); 1 keeps every program on a multiprocessor of its own."""
 
 
-# The rule: for R passes, the first entry with runs <= R whose launch fits (the device holds
-# all its programs at once, at most per_sm per multiprocessor, and its inputs and outputs fit
-# in MEMORY_FRACTION of the free memory) takes the next `runs` passes; the rest go the same
-# way; a pass no entry takes runs on the graphed kernels. Fastest first, from the prototype
-# measured on an H200 (2026-12-01: R copies of the one-run kernel on R streams): L6/C768
-# rows 16 R2 8.3 us per run-step, rows 8 R1 13.5, rows 32 R4 16.9. Re-order or extend it from
-# scripts/bench_recurrent.py's JSON (its variant names map to these fields; its --summarise
-# prints the fastest per shape and R). Entries of one tile (rows, sub, warps) give the same
-# bits whatever their runs and sync; entries of different tiles differ by rounding, so where
-# PLAN gives R = 1 and R = 2 different tiles a pass's last bits depend on how many passes its
-# trial batched (keep one tile per shape where that matters).
-PLAN: tuple[Variant, ...] = (
-    Variant(2, "atomic", 16),
-    Variant(1, "atomic", 8),
-    Variant(1, "atomic", 16),
-    Variant(1, "atomic", 32),
-)
+# The rule: a shape's tile (rows per program) is today's one-run tile, the fewest rows (8, 16,
+# 32) whose ceil(C / rows) programs fit one per multiprocessor; for R passes, the first entry of
+# that tile with runs <= R whose launch fits (the device holds all its programs at once, at most
+# per_sm per multiprocessor, and its inputs and outputs fit in MEMORY_FRACTION of the free
+# memory) takes the next `runs` passes; the rest go the same way; a pass no entry takes runs on
+# the graphed kernels. One tile per shape, so a pass's bits do not depend on how many passes its
+# trial batched (entries of one tile give the same bits whatever their runs and sync). Measured
+# on an H200 (2026-12-01, scripts/bench_recurrent.py, benchmarks/h200_recurrent.json), L6/C768,
+# us per run-step: the 'flag' wait at rows 8 R1 11.9 / R2 7.3 / R4 6.1 against today's kernel
+# 13.5 (other tiles were at most 7 % faster at R4 and give other bits).
+PLAN: tuple[Variant, ...] = tuple(Variant(n, "flag", rows, per_sm=3) for rows in (8, 16, 32) for n in (4, 3, 2, 1))
+
+
+def tile_rows(C: int, sms: int) -> int:
+    """Rows per program of a shape's tile: the fewest whose programs fit one per multiprocessor."""
+    return next((r for r in (8, 16, 32) if -(-C // r) <= sms), 32)
 
 
 def _token_half(block: ContextBlock, emb: TokenEmbedding, windows: torch.Tensor, batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,6 +181,9 @@ def _batched_passes(blocks, emb, windows, cfg, plan: tuple[Variant, ...] = PLAN,
     L, C, T = len(blocks[0].layers), blocks[0].context_dim, windows.shape[0]
     device = windows.device
     outs: list[torch.Tensor] = []
+    if not interpret:  # one tile per shape (see PLAN)
+        rows = tile_rows(C, torch.cuda.get_device_properties(device).multi_processor_count)
+        plan = tuple(v for v in plan if v.rows == rows)
     while len(outs) < len(blocks):
         left = len(blocks) - len(outs)
         v = next((v for v in plan if _fits(v, left, L, T, C, device, interpret)), None)
