@@ -80,6 +80,12 @@ class Phase2Config:
 
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+STAGE_SIZES = ("auto", True, False)
+REMOVED = {
+    "engine.concurrent_sizes": "was removed (a trial's sizes in threads raced on a GPU and made the command no faster); "
+    "engine.stage_sizes (auto | true | false) replaces it: a trial's sizes staged, their validation passes batched",
+}
+"""Fields that no longer exist, with what replaced them (a config naming one is a config error)."""
 RECURRENT_MODES = ("auto", "persistent", "graph", "eager", "plain")
 
 
@@ -103,13 +109,14 @@ class EngineConfig:
     fused_layers: bool = True
     """On GPUs with Triton, run each standard layer as one fused autograd Function
     (cvfp/fast/layers.py; speed only, off for A/B measurements)."""
-    concurrent_sizes: int = 0
-    """Sizes of a trial trained at once, in threads of the trial's process, each on its own
-    CUDA stream (speed only: every run draws from its own generators, so the numbers are meant
-    to be those of one size after another): 0 = auto (1) | 1 | 2 | 4. Experimental on a GPU: a
-    race seen on an H200 (docs/engine.md). The trial's
-    first size to be trained runs alone (it compiles the kernels and pays the first CUDA use
-    before any thread captures a graph); CVFP only (other families run one size at a time)."""
+    stage_sizes: str | bool = "auto"
+    """A trial's runs (sizes and seeds) in stages (speed only: every run draws from its own
+    generators, so the numbers are those of one run after another): phase 1 of every run not
+    in the run cache, then their recurrent validation passes in one batched call, then each
+    run's phase 2 in size order. auto (on CUDA with Triton and the persistent recurrent pass,
+    with more than one run to train and no pruner; off on a CPU) | true | false. While staged
+    a run holds its (N, C) contexts and (L, M-1, C) validation cache (fp32) on the device, at
+    most half of the memory available then (cvfp/run.py, STAGE_MEMORY_FRACTION). CVFP only."""
     phase1_fused: bool = False
     """Phase 1's fused iteration on GPUs with Triton (cvfp/fast/phase1.py: the token half of all
     layers in one GEMM, no concatenation, the loss, its gradient and the convergence count in a
@@ -287,6 +294,8 @@ def resolve_field(name: str, family: str = DEFAULT_FAMILY) -> tuple[str, str]:
             return section, key
         if section not in SECTIONS:
             raise KeyError(f"unknown section {section!r} in {name!r} (one of {', '.join(SECTIONS)})")
+        if name in REMOVED:
+            raise KeyError(f"{name} {REMOVED[name]}")
         if key not in _field_types(SECTIONS[section]):
             raise KeyError(f"unknown field {key!r} in {section!r} (fields: {', '.join(_field_types(SECTIONS[section]))})")
         return section, key
@@ -372,8 +381,9 @@ _BOUNDS: dict[str, tuple[float, bool, float | None]] = {
     "engine.er_max_rows": (1, False, 1_000_000),
     "engine.phase1_chunk_batches": (1, False, 1_024),
     "engine.eval_batch_size": (1, False, BATCH_MAX),
-    "engine.concurrent_sizes": (0, False, 8),
 }
+_SPECIAL = {"engine.stage_sizes": STAGE_SIZES}
+"""Fields of one of a few values of mixed types (checked by value, not by type)."""
 MAX_PARAMS = 4e9
 """Trainable parameters of one config, phase 1 + phase 2 (fp32 weights, gradients and Adam's
 two moments: 16 bytes each, 64 GB at the limit)."""
@@ -409,8 +419,17 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "") -> RunConfig
         values: dict[str, Any] = {}
         for key, value in raw.items():
             loc = f"{prefix}{section}.{key if isinstance(key, str) and len(key) <= 40 else shown(key, 40)}"
+            if f"{section}.{key}" in REMOVED:
+                problems.append(f"{loc}: {REMOVED[f'{section}.{key}']}")
+                continue
             if key not in types:
                 problems.append(f"{loc}: unknown field (fields of {section}: {', '.join(types)})")
+                continue
+            if allowed := _SPECIAL.get(f"{section}.{key}"):
+                if not any(value is c or (isinstance(c, str) and value == c) for c in allowed):
+                    problems.append(f"{loc}: must be auto, true or false, got {shown(value)}")
+                else:
+                    values[key] = value
                 continue
             typ = types[key]
             v = _check_type(loc, value, typ, problems)

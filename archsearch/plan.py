@@ -39,8 +39,16 @@ def trial_plan(space: Space, params: dict[str, Any], *, name: str, data_path: st
 
 def plan_extra(space: Space) -> dict[str, Any]:
     """What a worker needs of the space's rules beyond the run config: ``capped_retry`` (the
-    raised caps a capped size is trained again with, ``capped: {retry: ...}``)."""
-    return {"capped_retry": dict(space.capped_retry)} if space.capped_retry else {}
+    raised caps a capped size is trained again with, ``capped: {retry: ...}``) and ``pruner``
+    (the study's pruner, where it has one: a trial may be stopped after any size, which
+    ``engine.stage_sizes: auto`` takes into account)."""
+    extra: dict[str, Any] = {}
+    if space.capped_retry:
+        extra["capped_retry"] = dict(space.capped_retry)
+    pruner = (space.early_stopping or {}).get("pruner", "none")
+    if pruner != "none":
+        extra["pruner"] = pruner
+    return extra
 
 
 def chosen_config(space: Space, config: str | None = None) -> tuple[str, dict[str, Any]]:

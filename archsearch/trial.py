@@ -11,8 +11,6 @@ caller's callbacks.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,9 +176,8 @@ def free_after_failure(family: Any, error: BaseException) -> bool:
 def free_worker(plan: TrialPlan, failed: bool) -> None:
     """After a trial, in a worker that runs others. Always: the allocator's cached blocks go
     back to the driver (a worker sharing the GPU can allocate them). After a failed trial
-    also everything kept for later trials: the calling thread's family state (kept phase-2
-    session) and the size threads (:func:`release_size_threads`, with theirs), so the next
-    trial starts as in a fresh process. After a completed one the kept sessions stay, for a
+    also the family's state kept for later trials (its kept phase-2 session), so the next
+    trial starts as in a fresh process. After a completed one the kept session stays, for a
     later trial of the same shape."""
     if failed:
         try:
@@ -189,19 +186,7 @@ def free_worker(plan: TrialPlan, failed: bool) -> None:
             family = None
         if family is not None:
             release_family(family)
-        release_size_threads()
     free_memory()
-
-
-def release_size_threads() -> None:
-    """End the process's size threads (:func:`_pool`): each one's thread-local state, its
-    kept phase-2 session and CUDA stream included, goes with it; the next trial starts new
-    ones. Only between trials (it waits for the threads' work)."""
-    with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-        _POOLS.clear()
-    for pool in pools:
-        pool.shutdown(wait=True)
 
 
 def train_run_once(family: Any, cfg: RunConfig, data: Any, seed: int, device: str, progress: Callable[..., None]) -> RunResult:
@@ -224,9 +209,14 @@ def train_run_once(family: Any, cfg: RunConfig, data: Any, seed: int, device: st
         free_memory()
         retried = True
         progress("notice", message=message)
+    return checked_result(cfg, run)
+
+
+def checked_result(cfg: RunConfig, run: Any, what: str = "train") -> RunResult:
+    """``run`` if it is a RunResult, else a TypeError naming the family and the type."""
     if not isinstance(run, RunResult):
         kind = type(run).__qualname__ if type(run).__module__ == "builtins" else f"{type(run).__module__}.{type(run).__qualname__}"
-        raise TypeError(f"family {cfg.family!r}: train returned {kind}, not an archsearch.result.RunResult")
+        raise TypeError(f"family {cfg.family!r}: {what} returned {kind}, not an archsearch.result.RunResult")
     return run
 
 
@@ -234,134 +224,20 @@ OnSize = Callable[[SizeRecord, dict[str, Any]], bool | None]
 """on_size(size_record, partial_result) -> False to stop the trial after this size."""
 
 
-CONCURRENT_SIZES_AUTO = 1
-"""``engine.concurrent_sizes: 0`` (auto): one size at a time, on a GPU too. Sizes at once in
-threads are opt-in and experimental: on an H200 four at once gave a NaN in phase 1's first
-iteration of one run in one of four repeats (numbers unlike the sequential run's), and
-``archsearch run`` of the report's grid was no faster with two (benchmarks/NOTES.md, v10)."""
-
-
-def concurrent_sizes(cfg: RunConfig) -> int:
-    """How many sizes of a trial run at once: ``engine.concurrent_sizes``, auto resolved
-    (:data:`CONCURRENT_SIZES_AUTO`); always 1 for a family other than CVFP (its runs may draw
-    from global random state, which threads would share)."""
-    if cfg.family != "cvfp":
-        return 1
-    n = cfg.engine.concurrent_sizes
-    if n == 0:
-        return CONCURRENT_SIZES_AUTO
-    return n
-
-
-_POOLS: dict[int, Any] = {}
-_POOLS_LOCK = threading.Lock()
-_THREAD = threading.local()
-
-
-def _pool(n: int):
-    """The process's pool of ``n`` size threads, kept for the next trial: each thread keeps its
-    own CUDA stream and phase-2 session (cvfp/fast/graphs.py), so a worker's later trials reuse
-    them as one thread's later sizes do."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _POOLS_LOCK:
-        if n not in _POOLS:
-            _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"archsearch-size{n}")
-        return _POOLS[n]
-
-
-def _on_own_stream(device: str, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on the calling thread's own CUDA stream of ``device`` (plain call elsewhere)."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return fn()
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    streams = _THREAD.__dict__.setdefault("streams", {})
-    if index not in streams:
-        streams[index] = torch.cuda.Stream(torch.device("cuda", index))
-    with torch.cuda.device(index), torch.cuda.stream(streams[index]):
-        out = fn()
-        streams[index].synchronize()  # the results are complete before another thread reads them
-        return out
-
-
-def in_order(items: list[Any], work: Callable[[Any], Any], n: int, device: str = "cpu", idle: Callable[[], None] | None = None):
-    """Yield ``work(item)`` for every item, in the items' order, running up to ``n`` items at
-    once in threads (each on its own CUDA stream of ``device``). With ``n == 1`` everything runs
-    in the calling thread, one item after another. At most ``n`` items are started ahead
-    of the one the caller is waiting for, so closing the generator early (a pruned trial)
-    wastes at most ``n - 1`` runs: items not yet started are cancelled and those running are
-    waited for, and so they are when ``work`` raises (the first exception in item order is
-    raised, after every earlier item's result was yielded, as one item after another would).
-    ``idle()`` is called in the calling thread while it waits (every ~20 ms) and once more
-    before each result is yielded."""
-    if n <= 1 or len(items) <= 1:
-        for item in items:
-            yield work(item)
-        return
-    from collections import deque
-    from concurrent.futures import wait
-
-    pool = _pool(n)
-    pending = deque()
-    nxt = 0
-    try:
-        while nxt < len(items) or pending:
-            while nxt < len(items) and len(pending) < n:
-                item = items[nxt]
-                pending.append(pool.submit(_on_own_stream, device, lambda item=item: work(item)))
-                nxt += 1
-            first = pending.popleft()
-            while idle is not None and not first.done():
-                idle()
-                wait([first], timeout=0.02)
-            if idle is not None:
-                idle()
-            yield first.result()
-    finally:
-        for f in pending:
-            f.cancel()
-        for f in pending:
-            if not f.cancelled():
-                try:
-                    f.result()
-                except BaseException:  # an item after the one that stopped the loop: not asked for
-                    pass
-
-
-def warm_key(cfg: RunConfig, device: str) -> tuple[str, str, str]:
-    """What a run's compiled kernels depend on: the model's shape, the engine settings, the device."""
-    import json
-
-    return (json.dumps(cfg.to_dict()["model"], sort_keys=True), json.dumps(cfg.to_dict()["engine"], sort_keys=True), device)
-
-
-_WARM: set[Any] = set()
-_WARM_LOCK = threading.Lock()
-
-
-def first_use_alone(shape: Any, fn: Callable[[], Any]) -> Any:
-    """``fn()``; the first call for a ``shape`` in this process runs alone among the callers
-    of this function (the others wait for it): a model shape's first run compiles its Triton
-    kernels and makes the process's first CUDA, cuBLAS and Triton use, and no other thread
-    must capture a CUDA graph meanwhile (benchmarks/NOTES.md, "in-process concurrency")."""
-    with _WARM_LOCK:  # held through a first run: a call for any shape waits for it to end
-        if shape not in _WARM:
-            out = fn()
-            _WARM.add(shape)
-            return out
-    return fn()
+STAGED_OOM_NOTICE = "{error} while the trial's runs were staged: dropped them, training this run and the rest one after another"
 
 
 def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Train ``plan``'s architecture at every size (smallest first) and fit the law.
 
-    Up to ``engine.concurrent_sizes`` sizes train at once (:func:`in_order`); the records, the
-    ``on_size`` calls and a failure come in size order, as with one size after another, and
-    every callback (``on_size``, ``progress``) is called in the calling thread (a Ray Tune
-    session, a live view): the sizes' threads queue their progress events for it."""
+    The runs not in the run cache go through the family's ``train_many`` where it takes them
+    (CVFP: ``engine.stage_sizes``: phase 1 of every run first, their validation passes batched,
+    then each run's phase 2 in size order), else through ``train`` one after another. Either
+    way the records, the ``on_size`` calls (pruning), the run cache and a failure come in
+    size order with the same numbers; a stopped trial drops the runs started and not
+    finished. A failure while staged that is out of memory drops the staged runs and trains
+    that run and the rest one after another (as without staging, a notice says so); any other
+    is raised at its run's turn, as one run after another would."""
     import numpy as np
     import torch
 
@@ -375,78 +251,93 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     family = cfg.family_object()
     cache = RunCache(plan.cache_dir) if plan.cache_dir else None
     embedding: list[Any] = []
-    embedding_lock = threading.Lock()
     val_ids = torch.from_numpy(data.val_ids())
     records: list[SizeRecord] = []
     complete = True
     retry = plan.extra.get("capped_retry") or {}
     sizes = sorted(plan.sizes)
-    threads = concurrent_sizes(cfg)
 
-    caller = threading.get_ident()
-    events: queue.SimpleQueue = queue.SimpleQueue()
+    def reporter(size: int, i: int, seed: int) -> Callable[..., None]:
+        def relay(event, **info):
+            if progress:
+                progress(event, size=size, size_index=i, seed=seed, **info)
 
-    def report(event, **info):
-        if progress:
-            if threading.get_ident() == caller:
-                progress(event, **info)
-            else:  # a size in a thread: the event reaches the caller from the caller's thread
-                events.put((event, info))
+        return relay
 
-    def relay_events():
-        while True:
-            try:
-                event, info = events.get_nowait()
-            except queue.Empty:
-                return
-            progress(event, **info)
+    def run_data(size: int) -> RunData:
+        if not embedding:
+            embedding.append(torch.from_numpy(np.asarray(data.embedding(), dtype=np.float32)))
+        return RunData(embedding[0], torch.from_numpy(data.train_ids(size, plan.size_unit)), val_ids)
+
+    def lookup(cfg_used: RunConfig, size: int, seed: int) -> tuple[str, RunResult | None]:
+        key = run_key(cfg_used, data.stream_fingerprint(size, plan.size_unit), seed)
+        return key, cache.get(key) if cache is not None else None
+
+    def alone(cfg_used: RunConfig, size: int, i: int, seed: int) -> RunResult:
+        relay = reporter(size, i, seed)
+        relay("start")
+        return train_run_once(family, cfg_used, run_data(size), seed, plan.device, relay)
+
+    looked_up = {(size, seed): lookup(cfg, size, seed) for size in sizes for seed in plan.seeds}
+    todo = [(i, size, seed) for i, size in enumerate(sizes) for seed in plan.seeds if looked_up[size, seed][1] is None]
+    staged = None  # the family's iterator over the runs in todo, in order
+    train_many = getattr(family, "train_many", None)
+    if train_many is not None and len(todo) > 1:
+        runs = [(run_data(size), seed, reporter(size, i, seed)) for i, size, seed in todo]
+        staged = train_many(cfg.family_config, runs, plan.device, bool(plan.extra.get("pruner")))
+        del runs
+
+    def trained(size: int, i: int, seed: int) -> RunResult:
+        """The next run of ``todo``: from the staged iterator while there is one."""
+        nonlocal staged
+        if staged is not None:
+            out = next(staged)
+            if not isinstance(out, BaseException):
+                return checked_result(cfg, out, "train_many")
+            staged.close()
+            staged = None
+            free_after_failure(family, out)
+            if not is_out_of_memory(out):
+                raise out
+            reporter(size, i, seed)("notice", message=STAGED_OOM_NOTICE.format(error=type(out).__name__))
+            del out
+            free_memory()
+        return alone(cfg, size, i, seed)
 
     def run_size(cfg_used: RunConfig, size: int, i: int) -> tuple[list[RunResult], list[bool]]:
         runs: list[RunResult] = []
         cached: list[bool] = []
         for seed in plan.seeds:
-            key = run_key(cfg_used, data.stream_fingerprint(size, plan.size_unit), seed)
-            hit = cache.get(key) if cache is not None else None
+            key, hit = looked_up[size, seed] if cfg_used is cfg else lookup(cfg_used, size, seed)
             if hit is not None:
                 runs.append(hit)
                 cached.append(True)
-                report("cached", size=size, size_index=i, seed=seed)
+                reporter(size, i, seed)("cached")
                 continue
-            with embedding_lock:
-                if not embedding:
-                    embedding.append(torch.from_numpy(np.asarray(data.embedding(), dtype=np.float32)))
-            train_ids = torch.from_numpy(data.train_ids(size, plan.size_unit))
-
-            def relay(event, _seed=seed, **info):
-                report(event, size=size, size_index=i, seed=_seed, **info)
-
-            relay("start")
-            train = lambda: train_run_once(family, cfg_used, RunData(embedding[0], train_ids, val_ids), seed, plan.device, relay)  # noqa: E731
-            run = first_use_alone(warm_key(cfg_used, plan.device), train) if threads > 1 else train()
+            run = trained(size, i, seed) if cfg_used is cfg else alone(cfg_used, size, i, seed)
             if cache is not None:
                 cache.put(key, run)
             runs.append(run)
             cached.append(False)
         return runs, cached
 
-    def train_size(item: tuple[int, int]) -> SizeRecord:
-        i, size = item
+    def train_size(i: int, size: int) -> SizeRecord:
         runs, cached = run_size(cfg, size, i)
         raised = retry_settings(retry, {f for r in runs for f in r.capped})
-        if raised:  # the space raises the caps a run hit: the size is trained again with them
+        if raised:  # the space raises the caps a run hit: the size is trained again with them (alone)
             runs, cached = run_size(cfg.replace(**raised), size, i)
         record = combine_seeds(runs, size, plan.size_unit, cached)
         record.retried = raised
         return record
 
-    sized = in_order(list(enumerate(sizes)), train_size, threads, plan.device, idle=relay_events if progress else None)
     try:
-        for record in sized:
-            records.append(record)
+        for i, size in enumerate(sizes):
+            records.append(train_size(i, size))
             partial = summarize(plan, records, time.perf_counter() - t0, complete=len(records) == len(plan.sizes))
             if on_size is not None and on_size(records[-1], partial) is False and len(records) < len(plan.sizes):
                 complete = False
                 break
     finally:
-        sized.close()  # a pruned or failed trial: sizes not started are cancelled, running ones finish
+        if staged is not None:
+            staged.close()  # a stopped or failed trial: the started runs are dropped
     return summarize(plan, records, time.perf_counter() - t0, complete)

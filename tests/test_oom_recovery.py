@@ -74,7 +74,7 @@ def test_after_an_oom_the_next_trial_of_the_process_equals_a_clean_one(plan, mon
         run_trial(plan)
     assert is_out_of_memory(e.value)
     assert getattr(graphs._SESSIONS, "session", None) is None  # the kept session was dropped
-    run_frames = [f for f in frames_of(e.value.__traceback__) if f.f_code.co_name in ("_train_run", "train_phase2")]
+    run_frames = [f for f in frames_of(e.value.__traceback__) if f.f_code.co_name in ("_start", "_finish", "train_phase2")]
     assert run_frames and all(f.f_locals == {} for f in run_frames)  # no frame keeps the run's tensors
 
     monkeypatch.setattr(engine, "EagerStepper", real_stepper)  # the real step again
@@ -178,34 +178,3 @@ def test_a_worker_whose_trial_ran_out_of_memory_runs_the_next_trial(tmp_path, ti
     # released after the failed run and after the failed trial (not after the completed one),
     # in the one worker that ran both
     assert len(pids) == 2 and len(set(pids)) == 1 and int(pids[0]) == trials["small"].user_attrs["worker_pid"]
-
-
-def test_after_a_failed_trial_the_size_threads_and_their_sessions_go(plan, monkeypatch):
-    """engine.concurrent_sizes: 2 runs sizes in kept threads, each with its own kept session;
-    a failed trial ends them (their thread-local sessions with them), a completed one keeps them."""
-    import threading
-    import weakref
-
-    import archsearch.trial as T
-
-    plan.config["engine"]["concurrent_sizes"] = 2
-    seen = []
-
-    def keep_in_thread():  # what a GPU run leaves in its thread: a kept session
-        s = KeptSession()
-        graphs._SESSIONS.session = s
-        seen.append((threading.current_thread(), weakref.ref(s)))
-
-    real_train = engine.train_run
-
-    def train_run(*a, **k):
-        keep_in_thread()
-        return real_train(*a, **k)
-
-    monkeypatch.setattr(engine, "train_run", train_run)
-    run_trial(plan)
-    T.free_worker(plan, failed=False)
-    assert all(t.is_alive() and ref() is not None for t, ref in seen)  # kept for a later trial
-    T.free_worker(plan, failed=True)
-    assert seen and all(not t.is_alive() and ref() is None for t, ref in seen)
-    assert not T._POOLS

@@ -68,19 +68,19 @@ def test_no_kept_session_below_four_phase2_batches():
     assert est(train=4 * 4096 + 1).kept > 0
 
 
-def test_concurrent_sizes_multiply_the_cvfp_family_estimate():
-    from archsearch.config import EngineConfig
+def test_staged_runs_add_what_they_hold_to_the_cvfp_family_estimate():
+    from archsearch.cvfp.memory import held_bytes
     from archsearch.families.cvfp import gpu_memory
 
-    if "concurrent_sizes" not in {f.name for f in dataclasses.fields(EngineConfig)}:
-        pytest.skip("the engine trains no sizes at once in threads")
-
-    one = run_config_from_dict({})
-    four = run_config_from_dict({"engine": {"concurrent_sizes": 4}})
-    args = ([62_891, REPORT["train"]], REPORT["val"], REPORT["V"], REPORT["E"])
-    peak, kept = gpu_memory(one, *args)
-    assert (peak, kept) == (est().peak, est().kept)
-    assert gpu_memory(four, *args) == (4 * peak, 4 * kept)
+    sizes = [62_891, REPORT["train"]]
+    args = (sizes, REPORT["val"], REPORT["V"], REPORT["E"])
+    unstaged = run_config_from_dict({"engine": {"stage_sizes": False}})
+    assert gpu_memory(unstaged, *args) == (est().peak, est().kept)
+    staged = run_config_from_dict({})  # auto: staged on a GPU
+    held = sum(held_bytes(staged, n, REPORT["val"], REPORT["E"]) for n in sizes)
+    assert gpu_memory(staged, *args) == (est().peak + held, est().kept)
+    assert held > 4 * sum(sizes) * staged.model.context_dim  # at least the final contexts
+    assert gpu_memory(staged, [REPORT["train"]], *args[1:]) == (est().peak, est().kept)  # one size: nothing staged
 
 
 @pytest.mark.parametrize("process, gpu, n_gpus, at_once, k", [

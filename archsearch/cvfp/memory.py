@@ -163,3 +163,15 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
     graphed = p2.batch_size * 4 <= N - 1 and e.phase2_graph
     kept = session + pools if graphed else 0
     return RunMemory(resident, phase1, contexts, recurrence, phase2, kept)
+
+
+def held_bytes(cfg: RunConfig, train_tokens: int, val_tokens: int, embed_dim: int) -> int:
+    """Bytes a staged run (cvfp/run.py, ``engine.stage_sizes``) holds on its device from its
+    phase 1 to its finish: the (N, C) final contexts, the (L, M-1, C) validation cache and,
+    while the passes run, their (L, M-1, C) token halves (fp32); the blocks' parameters and
+    the ContextBlock's phase-1 gradients (fp32)."""
+    m = cfg.model
+    C, L = m.context_dim, m.num_layers
+    p1 = phase1_params(m, embed_dim)
+    return 4 * (train_tokens * C + 2 * L * (val_tokens - 1) * C + 2 * p1 + phase2_params(m, embed_dim))
+

@@ -26,6 +26,16 @@ a ready-made holder for them):
     ``val_acc``: one per epoch) for the live view and ``archsearch trial``'s progress line.
 ``version`` (optional, default 1)
     Bump it when the family's computation changes: it is part of the run-cache key.
+``train_many(cfg, runs, device, may_stop) -> Iterator | None`` (optional)
+    Several runs of one config at once, where the family gains by it (CVFP: a trial's sizes
+    and seeds staged, their validation passes batched; ``engine.stage_sizes``). ``runs`` is a
+    list of ``(data: RunData, seed, progress)`` sharing one embedding and validation stream;
+    ``may_stop``: whether the caller may stop after any run (a pruner). Returns None where it
+    does not apply (then the runs go through ``train`` one after another), else an iterator
+    yielding for each run, in order, its RunResult or the exception it failed with (then
+    nothing more); an out-of-memory exception means: train this run and the rest one after
+    another. Closing the iterator early drops what it holds. The numbers are those of
+    ``train``.
 ``release() -> bool`` (optional)
     Drop what the family keeps between runs in the calling thread (CVFP: its kept phase-2
     session, CUDA graphs and buffers) and say whether anything was kept. A trial calls it
@@ -107,6 +117,7 @@ class Family:
     description: str = ""
     release: Callable[[], bool] | None = None
     gpu_memory: Callable[[Any, list[int], int, int, int], tuple[int, int]] | None = None
+    train_many: Callable[..., Any] | None = None
 
 
 class FamilyError(ConfigError):
@@ -216,10 +227,9 @@ def protocol_problems(fam: Any) -> list[str]:
     for attr in ("param_counts", "train"):
         if not callable(getattr(fam, attr, None)):
             out.append(f"{attr} must be callable")
-    if getattr(fam, "release", None) is not None and not callable(fam.release):
-        out.append("release must be callable or None")
-    if getattr(fam, "gpu_memory", None) is not None and not callable(fam.gpu_memory):
-        out.append("gpu_memory must be callable or None")
+    for attr in ("release", "gpu_memory", "train_many"):
+        if getattr(fam, attr, None) is not None and not callable(getattr(fam, attr)):
+            out.append(f"{attr} must be callable or None")
     version = getattr(fam, "version", 1)
     if isinstance(version, bool) or not isinstance(version, int):
         out.append(f"version must be an integer, got {version!r}")

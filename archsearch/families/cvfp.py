@@ -26,6 +26,32 @@ def train(cfg: RunConfig, data: RunData, seed: int, device: str = "cpu", progres
     return train_run(cfg, data.embedding, data.train_ids, data.val_ids, seed, device, progress or noop)
 
 
+def stage_sizes(cfg: RunConfig, device: str, runs: int, may_stop: bool) -> bool:
+    """``engine.stage_sizes`` resolved: true / false as set; auto = on where it helps (CUDA
+    with Triton and the persistent recurrent pass, more than one run to train) unless the
+    trial may be stopped after any size (a pruner): then the unfinished sizes' phase 1 would
+    be spent for nothing."""
+    setting = cfg.engine.stage_sizes
+    if setting is True or setting is False:
+        return setting and runs > 1
+    from archsearch.cvfp.run import staging_helps
+
+    return runs > 1 and not may_stop and staging_helps(cfg, device)
+
+
+def train_many(cfg: RunConfig, runs: list, device: str = "cpu", may_stop: bool = False):
+    """A trial's runs staged (archsearch.cvfp.run.train_staged) where :func:`stage_sizes` says
+    so, else None. ``runs``: (RunData, seed, progress) sharing one embedding and validation
+    stream."""
+    if not stage_sizes(cfg, device, len(runs), may_stop):
+        return None
+    from archsearch.cvfp.phases import noop
+    from archsearch.cvfp.run import train_staged
+
+    data = runs[0][0]
+    return train_staged(cfg, data.embedding, data.val_ids, [(d.train_ids, seed, progress or noop) for d, seed, progress in runs], device)
+
+
 def release() -> bool:
     """Drop the calling thread's kept phase-2 session (graphs, buffers, Adam; GPU runs only)."""
     from archsearch.cvfp.fast.graphs import release_phase2_graphs
@@ -34,27 +60,22 @@ def release() -> bool:
 
 
 def gpu_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int, int]:
-    """(peak, kept) bytes of a trial on a GPU: its largest run's (archsearch.cvfp.memory), times
-    the sizes it trains at once (``engine.concurrent_sizes``: each size thread keeps its own
-    session). Its runs go one after another, so the largest size bounds them all."""
-    from archsearch.cvfp.memory import estimate_run_memory
+    """(peak, kept) bytes of a trial on a GPU: its largest run's (archsearch.cvfp.memory) plus,
+    where its runs may be staged (``engine.stage_sizes`` not false, more than one size), what
+    every size's staged run holds meanwhile (memory.held_bytes; a high bound: the largest run's
+    own contexts are in its peak too; one seed per size). Without staging the runs go one
+    after another, so the largest size bounds them all."""
+    from archsearch.cvfp.memory import estimate_run_memory, held_bytes
 
     est = estimate_run_memory(cfg, max(train_tokens), val_tokens, vocab_size, embed_dim)
-    threads = _sizes_at_once(cfg)
-    return threads * est.peak, threads * est.kept
-
-
-def _sizes_at_once(cfg: RunConfig) -> int:
-    """Sizes of a trial trained at once in threads (archsearch.trial.concurrent_sizes; 1 where
-    the engine has no such threads)."""
-    try:
-        from archsearch.trial import concurrent_sizes
-    except ImportError:
-        return 1
-    return concurrent_sizes(cfg)
+    staged = 0
+    if cfg.engine.stage_sizes is not False and len(train_tokens) > 1:
+        staged = sum(held_bytes(cfg, n, val_tokens, embed_dim) for n in train_tokens)
+    return est.peak + staged, est.kept
 
 
 family = Family(
     name="cvfp", config=RunConfig, param_counts=param_counts, train=train, version=1, release=release, gpu_memory=gpu_memory,
+    train_many=train_many,
     description="Context Vector Fixed-Point model (shared/reference/cvfp.md); versioned by runcache.ENGINE_VERSION",
 )  # fmt: skip
