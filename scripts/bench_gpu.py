@@ -1,12 +1,15 @@
 """Benchmark of the report's whole workload: 4 configs x 4 sizes, phases timed, JSON out.
 
-    python scripts/bench_gpu.py --precision bf16 --concurrency 2 --out benchmarks/h200_bench_c2.json
-    python scripts/bench_gpu.py --concurrent-sizes 2 --out benchmarks/h200_bench_sizes2.json
+    python scripts/bench_gpu.py --out benchmarks/h200_bench.json                 # staged, as archsearch run on a GPU
+    python scripts/bench_gpu.py --stage-sizes false --out benchmarks/h200_bench_unstaged.json
 
-``--concurrency N``: N trials at once (threads pulling trials, each trial's sizes in a row);
-``--concurrent-sizes N``: the trials one after another, each trial's sizes N at once, the way
-``archsearch run`` trains a trial with ``engine.concurrent_sizes: N`` (archsearch.trial's
-in_order and first_use_alone: a kept pool of threads, one CUDA stream each).
+``--stage-sizes auto|true|false`` (default auto, what ``archsearch run`` does with this grid on
+a GPU): each trial's runs go through the CVFP family's ``train_many`` exactly as
+``archsearch.trial.run_trial`` hands them over (``engine.stage_sizes``; archsearch.cvfp.run's
+train_staged: phase 1 of the trial's sizes, one batched validation call, then each size's
+phase 2), or, where it declines (``false``, a CPU under auto), through ``train_run`` one after
+another. ``--concurrency N`` (bench only, no ``archsearch run`` setting does this): N trials at
+once in threads of the bench, each on its own CUDA stream.
 
 The report's shapes with random data (no data access needed): V = 50,257, E = 768, training
 streams of 62,891 / 122,795 / 240,132 / 587,970 tokens, a 31,024-token validation stream,
@@ -41,7 +44,8 @@ import torch  # noqa: E402
 from archsearch.config import param_counts, run_config_from_dict, token_widths  # noqa: E402
 from archsearch.cvfp.run import train_run  # noqa: E402
 from archsearch.space import load_space  # noqa: E402
-from archsearch.trial import first_use_alone, in_order  # noqa: E402
+from archsearch.families import RunData  # noqa: E402
+from archsearch.families.cvfp import train_many  # noqa: E402
 
 # the report's grid: its configs and training-token counts, as the shipped space file has them
 GRID = load_space(Path(__file__).resolve().parent.parent / "spaces" / "grid_4arch_offline.yaml")
@@ -55,6 +59,7 @@ PEAK_TFLOPS = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}
 
 
 RECURRENT = "auto"
+STAGE_SIZES: str | bool = "auto"
 
 
 def run_config(L: int, C: int, k: int, precision: str, iterations: int, epochs: int):
@@ -62,7 +67,7 @@ def run_config(L: int, C: int, k: int, precision: str, iterations: int, epochs: 
         "model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
         "phase1": {"min_iterations": iterations, "max_iterations": iterations},
         "phase2": {"max_epochs": epochs, "patience": epochs},
-        "engine": {"precision": precision, "recurrent": RECURRENT},
+        "engine": {"precision": precision, "recurrent": RECURRENT, "stage_sizes": STAGE_SIZES},
     })  # fmt: skip
 
 
@@ -125,12 +130,14 @@ def _timed_parts() -> None:
     EN.Evaluation.__call__ = wrap(EN.Evaluation.__call__, "phase2_validation_s")
 
 
-def one_run(job, W, train, val, device, precision, epochs):
+def job_config(job, precision, epochs):
     name, (L, C, k), N = job
-    iterations = 10 if C == 1152 else 7
-    cfg = run_config(L, C, k, precision, iterations, epochs)
-    _PARTS.parts = {}
-    r = train_run(cfg, W, train[:N], val, seed=42, device=device)
+    return run_config(L, C, k, precision, 10 if C == 1152 else 7, epochs)
+
+
+def describe(job, r, cfg, val, device, precision):
+    """The bench's record of one run's RunResult."""
+    name, (L, C, k), N = job
     m, ps = r.metrics, r.phase_seconds
     f = flops(L, C, k, N, len(val), m["phase1_iterations"], m["phase2_stopped_epoch"])
     peak = PEAK_TFLOPS[precision] if device.type == "cuda" else float("nan")
@@ -142,12 +149,43 @@ def one_run(job, W, train, val, device, precision, epochs):
         phases[phase] = {"seconds": secs, "tokens_per_s": tokens / secs, "tflops": tflops, "fraction_of_peak": tflops / peak, "flop": f[phase]}
     return {
         "config": name, "train_tokens": N, "val_tokens": len(val), "phase1_iterations": m["phase1_iterations"],
-        "phase2_epochs": m["phase2_stopped_epoch"], "seconds": r.seconds, "val_step_us": m["val_step_us"],
-        "er_seconds": ps["er"],  # the two effective ranks (SVDs), between the phases, in no phase's time
+        "phase2_epochs": m["phase2_stopped_epoch"], "seconds": r.seconds,
+        "val_step_us": m["val_step_us"],  # per step of the pass the run's validation went through (shared when staged)
+        "er_seconds": ps["er"],  # the two effective ranks, between the phases, in no phase's time
         "phase2_prepare_s": m["phase2_prepare_seconds"],  # CPU time, in the contexts phase, overlapped: see _timed_parts
         "phase2_validation_s": _PARTS.parts.get("phase2_validation_s", 0.0),  # within phase 2
         "val_ppl": r.val_ppl, "phases": phases, **param_counts(cfg.model, E),
     }  # fmt: skip
+
+
+def one_run(job, W, train, val, device, precision, epochs):
+    cfg = job_config(job, precision, epochs)
+    _PARTS.parts = {}
+    r = train_run(cfg, W, train[: job[2]], val, seed=42, device=device)
+    return describe(job, r, cfg, val, device, precision)
+
+
+def trial_runs(trial, W, train, val, device, precision, epochs):
+    """A trial's records (or the exception a run failed with), in size order, the way
+    archsearch.trial.run_trial trains them: through the family's train_many where it takes
+    them (engine.stage_sizes), else one run after another."""
+    cfg = job_config(trial[0], precision, epochs)
+    runs = [(RunData(W, train[: job[2]], val), 42, None) for job in trial]
+    staged = train_many(cfg, runs, str(device), may_stop=False)
+    if staged is None:
+        for job in trial:
+            try:
+                yield one_run(job, W, train, val, device, precision, epochs)
+            except Exception as e:  # reported, not raised
+                yield e
+        return
+    for job in trial:
+        _PARTS.parts = {}
+        r = next(staged, None)
+        if isinstance(r, BaseException) or r is None:
+            yield r if r is not None else RuntimeError("train_many yielded fewer runs than it was given")
+            return
+        yield describe(job, r, cfg, val, device, precision)
 
 
 def reference_speedup(W, train, val, device, precision) -> dict:
@@ -177,8 +215,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="a device, or several separated by commas (cuda:0,cuda:1): runs are spread over them")
     ap.add_argument("--precision", default="bf16", choices=list(PEAK_TFLOPS))
-    ap.add_argument("--concurrency", type=int, default=1, help="runs sharing the device at once (threads, one CUDA stream each)")
-    ap.add_argument("--concurrent-sizes", type=int, default=1, help="sizes of one trial trained at once, as engine.concurrent_sizes makes archsearch.trial do (threads of a kept pool, one CUDA stream each, first use of a shape alone)")
+    ap.add_argument("--concurrency", type=int, default=1, help="trials sharing the device at once (threads of the bench, one CUDA stream each; bench only)")
+    ap.add_argument("--stage-sizes", default="auto", choices=["auto", "true", "false"], help="engine.stage_sizes of every trial, as archsearch run passes it (default auto: staged on a GPU with Triton)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every size (for a quick smoke run)")
     ap.add_argument("--epochs", type=int, default=5)
@@ -187,8 +225,9 @@ def main() -> None:
     ap.add_argument("--hang-after", type=float, default=240, help="with concurrency: dump every thread's stack and exit after this many seconds")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    global RECURRENT
+    global RECURRENT, STAGE_SIZES
     RECURRENT = args.recurrent
+    STAGE_SIZES = {"auto": "auto", "true": True, "false": False}[args.stage_sizes]
 
     _timed_parts()
     devices = [torch.device(d) for d in args.device.split(",")]
@@ -203,19 +242,23 @@ def main() -> None:
     trials = [[(name, CONFIGS[name], N) for N in sizes] for name in args.configs.split(",")]
     trials.sort(key=lambda t: -t[0][1][0] * t[0][1][1] * (1 + t[0][1][2]))  # biggest first: better packing when concurrent
 
-    # warm-up: kernel compilation (one per model shape), cuBLAS handles and the first use of each
-    # product shape (the full validation stream's too) stay out of the timings, as they do for
-    # every trial of a search but its first; the phase-2 sessions it leaves are dropped, so
-    # every trial below starts a new one (warm-up step and captures), as a trial of a search does
+    # warm-up: kernel compilation (one per model shape; a staged trial's batched pass for as
+    # many runs as a trial has), cuBLAS handles and the first use of each product shape (the
+    # full validation stream's too) stay out of the timings, as they do for every trial of a
+    # search but its first; the phase-2 sessions it leaves are dropped, so every trial below
+    # starts a new one (warm-up step and captures), as a trial of a search does
     from archsearch.cvfp.fast.graphs import release_phase2_graphs
 
     for d in devices:
         if d.type == "cuda":
             torch.cuda.set_device(d)
         for L, C, k in sorted({CONFIGS[name] for name in args.configs.split(",")}):
-            first_use_alone(((L, C, k), args.precision, str(d)), lambda: one_run(("warmup", (L, C, k), 4 * 4096 + 100), W, train, val, d, args.precision, 1))
+            warm = [("warmup", (L, C, k), 4 * 4096 + 100 + i) for i in range(len(sizes))]
+            for r in trial_runs(warm, W, train, val, d, args.precision, 1):
+                if isinstance(r, BaseException):
+                    raise r
     release_phase2_graphs()
-    if args.concurrency > 1 or args.concurrent_sizes > 1:  # a stuck run shows where it is stuck
+    if args.concurrency > 1:  # a stuck run shows where it is stuck
         import faulthandler
 
         faulthandler.dump_traceback_later(args.hang_after, exit=True)
@@ -236,22 +279,8 @@ def main() -> None:
             except queue.Empty:
                 return
 
-            def sized(job):  # one size of the trial; an error is reported, not raised
-                try:
-                    return first_use_alone((job[1], args.precision, str(device)), lambda: one_run(job, W, train, val, device, args.precision, args.epochs))
-                except Exception as e:
-                    return e
-
-            if args.concurrent_sizes > 1:  # as archsearch.trial.run_trial runs a trial's sizes
-                done = in_order(trial, sized, args.concurrent_sizes, str(device))
-            else:
-                def one_by_one():
-                    for job in trial:
-                        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                            r = sized(job)
-                        yield r
-
-                done = one_by_one()
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                done = list(trial_runs(trial, W, train, val, device, args.precision, args.epochs))
             for job, r in zip(trial, done):
                 try:
                     if isinstance(r, Exception):
@@ -275,7 +304,7 @@ def main() -> None:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
     wall = time.perf_counter() - t0
-    if args.concurrency > 1 or args.concurrent_sizes > 1:
+    if args.concurrency > 1:
         import faulthandler
 
         faulthandler.cancel_dump_traceback_later()
@@ -295,7 +324,7 @@ def main() -> None:
         "torch": torch.__version__,
         "precision": args.precision,
         "concurrency": args.concurrency,
-        "concurrent_sizes": args.concurrent_sizes,
+        "stage_sizes": args.stage_sizes,
         "devices": [str(d) for d in devices],
         "recurrent": args.recurrent,
         "scale": args.scale,
