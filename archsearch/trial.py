@@ -4,7 +4,9 @@ Sizes run smallest first (data size is the fidelity); each (size, seed) run is l
 in the run cache before it is trained. After every size the caller's ``on_size`` gets the
 per-size :class:`~archsearch.result.SizeRecord` and the partial result, and may stop the
 trial by returning ``False`` (that is how a search prunes). Replicate seeds of a size are
-combined before the fit (:func:`combine_seeds`). Nothing here prints: progress goes to the
+combined before the fit (:func:`combine_seeds`). The runs to train may go to the family's
+``train_many`` (CVFP: ``engine.stage_sizes``, every phase 1 first and the validation passes
+batched) with the same records, order and numbers. Nothing here prints: progress goes to the
 caller's callbacks.
 """
 
@@ -283,7 +285,8 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     staged = None  # the family's iterator over the runs in todo, in order
     train_many = getattr(family, "train_many", None)
     if train_many is not None and len(todo) > 1:
-        runs = [(run_data(size), seed, reporter(size, i, seed)) for i, size, seed in todo]
+        # each run's data loaded only where the family stages them (else at the run's turn, as ever)
+        runs = [(lambda size=size: run_data(size), seed, reporter(size, i, seed)) for i, size, seed in todo]
         staged = train_many(cfg.family_config, runs, plan.device, bool(plan.extra.get("pruner")))
         del runs
 

@@ -170,7 +170,7 @@ def trial_runs(trial, W, train, val, device, precision, epochs):
     archsearch.trial.run_trial trains them: through the family's train_many where it takes
     them (engine.stage_sizes), else one run after another."""
     cfg = job_config(trial[0], precision, epochs)
-    runs = [(RunData(W, train[: job[2]], val), 42, None) for job in trial]
+    runs = [(lambda n=job[2]: RunData(W, train[:n], val), 42, None) for job in trial]
     staged = train_many(cfg, runs, str(device), may_stop=False)
     if staged is None:
         for job in trial:

@@ -41,15 +41,16 @@ def stage_sizes(cfg: RunConfig, device: str, runs: int, may_stop: bool) -> bool:
 
 def train_many(cfg: RunConfig, runs: list, device: str = "cpu", may_stop: bool = False):
     """A trial's runs staged (archsearch.cvfp.run.train_staged) where :func:`stage_sizes` says
-    so, else None. ``runs``: (RunData, seed, progress) sharing one embedding and validation
-    stream."""
+    so, else None. ``runs``: (load, seed, progress), ``load() -> RunData`` (one embedding and
+    validation stream for all); every run's data is loaded here, before the first phase 1."""
     if not stage_sizes(cfg, device, len(runs), may_stop):
         return None
     from archsearch.cvfp.phases import noop
     from archsearch.cvfp.run import train_staged
 
-    data = runs[0][0]
-    return train_staged(cfg, data.embedding, data.val_ids, [(d.train_ids, seed, progress or noop) for d, seed, progress in runs], device)
+    data = [load() for load, _, _ in runs]
+    staged = [(d.train_ids, seed, progress or noop) for d, (_, seed, progress) in zip(data, runs)]
+    return train_staged(cfg, data[0].embedding, data[0].val_ids, staged, device)
 
 
 def release() -> bool:
