@@ -130,6 +130,8 @@ def space_run_memory(space, train_tokens: list[int], val_tokens: int, vocab_size
             cfg = space.run_config(params)
         except ConfigError:  # a corner of the search that is not a valid config: never run
             continue
+        if cfg.family == "cvfp" and cfg.engine.stage_sizes == "auto" and space.early_stopping.get("pruner", "none") != "none":
+            cfg = cfg.replace(**{"engine.stage_sizes": False})  # auto stages no trial a pruner may stop (families/cvfp.stage_sizes)
         family = cfg.family_object()
         estimate = getattr(family, "gpu_memory", None)
         if estimate is None:

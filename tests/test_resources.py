@@ -77,9 +77,11 @@ def test_staged_runs_add_what_they_hold_to_the_cvfp_family_estimate():
     unstaged = run_config_from_dict({"engine": {"stage_sizes": False}})
     assert gpu_memory(unstaged, *args) == (est().peak, est().kept)
     staged = run_config_from_dict({})  # auto: staged on a GPU
-    held = sum(held_bytes(staged, n, REPORT["val"], REPORT["E"]) for n in sizes)
-    assert gpu_memory(staged, *args) == (est().peak + held, est().kept)
-    assert held > 4 * sum(sizes) * staged.model.context_dim  # at least the final contexts
+    held = [held_bytes(staged, n, REPORT["val"], REPORT["E"], stage) for n in sizes for stage in ("start", "finish", "pass")]
+    assert held == sorted(held) and held[0] > 4 * sizes[0] * staged.model.context_dim  # at least the final contexts
+    peak, kept = gpu_memory(staged, *args)
+    # the smaller run's contexts beside the larger one's phase 1, at most all it holds beside the peak
+    assert est().phase1 + held[0] <= peak <= est().peak + held[2] + held[5] and kept == est().kept
     assert gpu_memory(staged, [REPORT["train"]], *args[1:]) == (est().peak, est().kept)  # one size: nothing staged
 
 
@@ -118,11 +120,15 @@ SIZES = ([62_891, 240_132, REPORT["train"]], REPORT["val"], REPORT["V"], REPORT[
 def test_grid_is_bounded_by_its_largest_config_plus_the_largest_kept_session(tiny_corpus):
     configs = {"small": {"num_layers": 1, "context_dim": 256}, "big": {"num_layers": 6, "context_dim": 1152},
                "wide_head": {"num_layers": 2, "context_dim": 256, "num_input_tokens": 4}}  # fmt: skip
-    space = _space(tiny_corpus, sampler={"type": "grid", "configs": configs})
+    space = _space(tiny_corpus, sampler={"type": "grid", "configs": configs}, engine={"stage_sizes": False})  # one run after another
     process, _ = space_run_memory(space, *SIZES)
     runs = [est(dict(c), phase1=space.base.to_dict()["phase1"], phase2=space.base.to_dict()["phase2"]) for c in configs.values()]
     assert process == process_bytes(max(r.peak for r in runs), max(r.kept for r in runs))
     assert process > max(r.peak for r in runs) + CUDA_CONTEXT_BYTES
+    staged, _ = space_run_memory(_space(tiny_corpus, sampler={"type": "grid", "configs": configs}), *SIZES)  # auto: staged on a GPU
+    assert staged > process
+    pruned = _space(tiny_corpus, sampler={"type": "grid", "configs": configs}, early_stopping={"pruner": "median"})
+    assert space_run_memory(pruned, *SIZES)[0] == process  # auto with a pruner: one run after another
 
 
 def test_search_is_bounded_by_the_corner_of_its_largest_values(tiny_corpus):
@@ -191,7 +197,7 @@ def test_only_auto_on_a_local_cluster_with_gpus_shares(tiny_corpus):
 
 def test_a_grid_is_bounded_by_its_own_configs_not_the_base(tiny_corpus):
     """A grid runs its configs only: a big base (the default model) does not count."""
-    space = _space(tiny_corpus, model={"num_layers": 12, "context_dim": 2048},
+    space = _space(tiny_corpus, model={"num_layers": 12, "context_dim": 2048}, engine={"stage_sizes": False},
                    sampler={"type": "grid", "configs": {"a": {"num_layers": 1, "context_dim": 64}}})  # fmt: skip
     small = est({"num_layers": 1, "context_dim": 64}, phase1=space.base.to_dict()["phase1"], phase2=space.base.to_dict()["phase2"])
     assert space_run_memory(space, *SIZES)[0] == process_bytes(small.peak, small.kept)

@@ -165,13 +165,13 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
     return RunMemory(resident, phase1, contexts, recurrence, phase2, kept)
 
 
-def held_bytes(cfg: RunConfig, train_tokens: int, val_tokens: int, embed_dim: int) -> int:
-    """Bytes a staged run (cvfp/run.py, ``engine.stage_sizes``) holds on its device from its
-    phase 1 to its finish: the (N, C) final contexts, the (L, M-1, C) validation cache and,
-    while the passes run, their (L, M-1, C) token halves (fp32); the blocks' parameters and
-    the ContextBlock's phase-1 gradients (fp32)."""
+def held_bytes(cfg: RunConfig, train_tokens: int, val_tokens: int, embed_dim: int, stage: str = "pass") -> int:
+    """Bytes a staged run (cvfp/run.py, ``engine.stage_sizes``) holds on its device while
+    another run works: from its phase 1 on its (N, C) final contexts, its blocks' parameters
+    and the ContextBlock's phase-1 gradients (``stage="start"``); during the batched
+    validation pass also its (L, M-1, C) validation cache and token halves (``"pass"``, the
+    most); after it, until its finish, the validation cache (``"finish"``); fp32 all."""
     m = cfg.model
     C, L = m.context_dim, m.num_layers
-    p1 = phase1_params(m, embed_dim)
-    return 4 * (train_tokens * C + 2 * L * (val_tokens - 1) * C + 2 * p1 + phase2_params(m, embed_dim))
-
+    caches = {"start": 0, "pass": 2, "finish": 1}[stage]
+    return 4 * (train_tokens * C + caches * L * (val_tokens - 1) * C + 2 * phase1_params(m, embed_dim) + phase2_params(m, embed_dim))
