@@ -299,6 +299,9 @@ def _finish(run: StartedRun) -> RunResult:
     N, M = int(run.train_ids.shape[0]), int(run.val_ids.shape[0])
     V, E = int(run.emb.weight.shape[0]), int(run.emb.weight.shape[1])
     t_enter = time.perf_counter()
+    # no CVFP code draws from the global generators, but should some library code do so, a
+    # staged finish sees them as its own run alone does, not as the last run started left them
+    seed_everything(run.seed)
     if run.train_cache is None:
         _train_cache(run)
         _prepare_phase2(run)
