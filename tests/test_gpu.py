@@ -429,8 +429,8 @@ def test_staged_runs_on_gpu_equal_one_after_another():
     """A trial's 4 sizes x 2 seeds staged on the GPU (cvfp.run.train_staged, as run_trial's
     train_many hands them over: phase 1 of all, one batched recurrent_passes call, each phase 2
     in order), bf16 with the fused layers, captured graphs and Triton kernels, against each run
-    alone: phase 1, the train ER and phase 2's training losses to the bit; what reads the
-    validation cache (a batched kernel's rounding may differ from the single pass's) to 1e-5."""
+    alone: every number to the bit (a batched launch uses the tile of the single pass:
+    recurrent.PLAN, one tile per shape)."""
     import json
 
     from archsearch.config import run_config_from_dict
@@ -451,7 +451,7 @@ def test_staged_runs_on_gpu_equal_one_after_another():
         for s, a in zip(staged, alone):
             (s_train, s_val), (a_train, a_val) = _gpu_numbers(s), _gpu_numbers(a)
             assert json.dumps(s_train) == json.dumps(a_train)  # NaN compares as text
-            assert s_val == pytest.approx(a_val, rel=1e-5)
+            assert json.dumps(s_val) == json.dumps(a_val), "what reads the validation cache differs"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -559,6 +559,4 @@ def test_staged_trial_on_gpu_equals_one_after_another(tiny_corpus):
 
     seq, staged = numbers(run_trial(plan(False))), numbers(run_trial(plan(True)))
     assert [r["size"] for r in staged[0]] == SIZES
-    for a, b in zip(staged[0], seq[0]):
-        assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-5) and b["metrics"]["phase1_iterations"] == a["metrics"]["phase1_iterations"]
-        assert b["metrics"]["train_er"] == a["metrics"]["train_er"]
+    assert staged == seq  # to the bit, as on the CPU
