@@ -30,9 +30,16 @@ CUDA allocator's peak over the timed calls (for ``--set engine.phase1_chunk_batc
 + backward alone, through phases.phase1_span or, where the block runs it, the fused iteration
 over that one span.
 
-Profile (unless ``--no-profile``): torch.profiler over one whole trained iteration of the
-first size of each case, the kernels sorted by CUDA time, per iteration and per 64k-position
-chunk (divided by the iteration's chunk count), plus the profiler's own table.
+Profile (unless ``--no-profile``): torch.profiler over one trained iteration alone of the
+first size of each case (from train_phase1's progress call after its set-up to the one after
+that iteration: no block construction, no set-up, no untrained iteration 1), the kernels sorted
+by CUDA time, per iteration and per 64k-position chunk (divided by ceil(N / chunk); the
+iteration's spans, ``spans_per_iteration``, include the partial last batch), plus the profiler's
+own table and the iteration's host<->device copies (``htod_copies``, ``dtoh_copies``: 0 and 1,
+the one read-back of the losses and the rate, where nothing copies from the host). Until
+2026-12-01 the window was the whole ``train_phase1`` call with the block built in it: the
+"48 Memcpy HtoD (Pageable -> Device)" of that profile (L6 k1) were the bench's own ContextBlock
+and TokenBlock parameters (24 + 24 tensors, 12 of them 4.7 MB) moved to the GPU, not the engine.
 """
 
 from __future__ import annotations
@@ -122,14 +129,15 @@ class Case:
         cb, tb = cb.to(self.dev), tb.to(self.dev)
         return fast.select(cb, tb, cfg, self.dev).context_block
 
-    def run(self, iterations: int):
-        """(seconds, Phase1Result) of one train_phase1 call of ``iterations`` iterations."""
+    def run(self, iterations: int, progress=None):
+        """(seconds, Phase1Result, block) of one train_phase1 call of ``iterations`` iterations
+        (the block is built before the clock starts)."""
         cfg = self.cfg(iterations)
         block = self.block(cfg)
         gen = torch.Generator(device=self.dev).manual_seed(2)
         sync(self.dev)
         t0 = time.perf_counter()
-        res = train_phase1(block, self.emb, self.win, cfg, gen)
+        res = train_phase1(block, self.emb, self.win, cfg, gen, progress or (lambda *_, **__: None))
         sync(self.dev)
         return time.perf_counter() - t0, res, block
 
@@ -142,15 +150,31 @@ def median(xs):
 def profile_iteration(case: Case, chunk_positions: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    from archsearch.cvfp.phases import phase1_spans
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.dev.type == "cuda" else [])
     case.run(2)  # warm
-    with profile(activities=acts) as prof:
-        case.run(2)
+    prof = profile(activities=acts)
+
+    def window(event, iteration=0, **_):  # one trained iteration: after the set-up, to its end
         sync(case.dev)
+        if iteration == 1:
+            prof.start()
+        elif iteration == 2:
+            prof.stop()
+
+    case.run(2, window)
     chunks = math.ceil(case.N / chunk_positions)
+    cfg = case.cfg(2)
+    spans = len(phase1_spans(case.N, cfg.phase1.batch_size, cfg.engine.phase1_chunk_batches))
     rows = []
     total = 0.0
+    copies = {"htod_copies": 0, "dtoh_copies": 0}
     for ev in prof.key_averages():
+        if ev.key.startswith("Memcpy HtoD"):
+            copies["htod_copies"] += ev.count
+        elif ev.key.startswith("Memcpy DtoH"):
+            copies["dtoh_copies"] += ev.count
         us = getattr(ev, "self_device_time_total", None)
         if us is None:
             us = getattr(ev, "self_cuda_time_total", 0.0)
@@ -163,7 +187,8 @@ def profile_iteration(case: Case, chunk_positions: int) -> dict:
         r["per_chunk_ms"] = r["self_cuda_us"] / 1e3 / chunks
     sort_key = "self_cuda_time_total" if case.dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
-    return {"chunks_per_iteration": chunks, "chunk_positions": chunk_positions, "cuda_ms_total": total / 1e3,
+    return {"chunks_per_iteration": chunks, "spans_per_iteration": spans, **copies,
+            "chunk_positions": chunk_positions, "cuda_ms_total": total / 1e3,
             "cuda_ms_per_chunk": total / 1e3 / chunks, "top_kernels": rows[:40], "table": table}  # fmt: skip
 
 
@@ -245,7 +270,8 @@ def measure(L: int, C: int, k: int, N: int, dev, args, engine: dict, peak: float
         chunk = case.cfg(2).phase1.batch_size * case.cfg(2).engine.phase1_chunk_batches
         p = row["profile"] = profile_iteration(case, chunk)
         print(f"  profile: {p['cuda_ms_per_chunk']:.2f} ms CUDA per {p['chunk_positions']}-position chunk "
-              f"({p['chunks_per_iteration']} chunks)")  # fmt: skip
+              f"({p['chunks_per_iteration']} chunks, {p['spans_per_iteration']} spans), host->device copies "
+              f"{p['htod_copies']}, device->host {p['dtoh_copies']}")  # fmt: skip
         for r in p["top_kernels"][:15]:
             print(f"    {r['per_chunk_ms']:7.3f} ms/chunk  x{r['count']:<5} {r['name'][:90]}")
     return row
