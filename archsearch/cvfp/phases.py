@@ -81,12 +81,13 @@ def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, c
     opt = torch.optim.Adam(block.parameters(), lr=p1.lr, fused=device.type == "cuda")
     # a drop-in of cvfp/fast (FusedContextBlock with engine.phase1_fused) may run the iteration
     fast = block.phase1_fast(emb, windows, cfg) if hasattr(block, "phase1_fast") else None
-    prev = torch.randn(N, C, generator=generator, device=device) * p1.init_context_std  # (N, C): iteration 1
+    # scaled in place: the same values as ``randn(...) * std``, one (N, C) buffer fewer
+    prev = torch.randn(N, C, generator=generator, device=device).mul_(p1.init_context_std)  # (N, C): iteration 1
     history = [{"iteration": 1, "loss": math.nan, "cvfp": math.nan, "diversity": math.nan, "convergence_rate": 0.0}]
     rate, iteration = 0.0, 1
     progress("phase1", iteration=1, max_iterations=p1.max_iterations, convergence_rate=0.0)
     for iteration in range(2, p1.max_iterations + 1):
-        noise = torch.randn(N, C, generator=generator, device=device) * p1.noise_std  # (N, C)
+        noise = torch.randn(N, C, generator=generator, device=device).mul_(p1.noise_std)  # (N, C)
         out_all = torch.empty_like(prev)  # (N, C)
         opt.zero_grad(set_to_none=True)
         if fast is None:
@@ -95,9 +96,9 @@ def train_phase1(block: nn.Module, emb: TokenEmbedding, windows: torch.Tensor, c
             sums, rate_t = fast.iteration(prev, noise, out_all, spans, num_batches)
         torch.nn.utils.clip_grad_norm_(block.parameters(), p1.grad_clip)
         opt.step()
-        rate = float(rate_t)
         prev = out_all
-        loss, cvfp, div = (sums / num_batches).tolist()
+        # one host sync per iteration: the three mean losses and the rate read back together
+        loss, cvfp, div, rate = torch.cat([sums / num_batches, rate_t.reshape(1).to(sums.dtype)]).tolist()
         history.append({"iteration": iteration, "loss": loss, "cvfp": cvfp, "diversity": div, "convergence_rate": rate})
         progress("phase1", iteration=iteration, max_iterations=p1.max_iterations, convergence_rate=rate, loss=loss)
         if iteration >= p1.min_iterations and rate >= p1.min_converged_fraction:
