@@ -29,21 +29,34 @@ ENGINE_VERSION = 4  # 2: GPU bias added inside the fused norm (rounding), er_sec
 # the embedding's LayerNorm on the device (rounding); 4 (GPU only, rounding): the cross-entropy's
 # sums per column group, the gradient clip applied inside the fused Adam, every phase-2 step
 # replayed from the graph, the first included
-"""Bump when the engine's computation changes, so older cached runs are not reused."""
+"""Bump when the engine's computation changes, so older cached runs are not reused (every
+device's keys change; a change of the GPU paths only bumps GPU_ENGINE_VERSION instead)."""
+
+GPU_ENGINE_VERSION = 1  # 1 (rounding): phase 1's fused iteration the default (engine.phase1_fused)
+"""Bump when only the GPU paths' computation changes (CVFP runs on a CUDA device): their keys
+change, a CPU run's key stays what it was."""
 
 RECORD_VERSION = 2  # 2: a RunResult (was a flat dict of ~30 keys)
 """Bump when the stored record's form changes (the numbers may be the same)."""
 
 
-def run_key(cfg: RunConfig, stream_fingerprint: str, seed: int) -> str:
-    """Config, data, seed, record version, and for CVFP its ENGINE_VERSION; another family's
-    version is in its ``cfg.key()`` (with its name and config), so CVFP's engine version does
-    not touch it."""
+def engine_version(device: str | None = None) -> int | list[int]:
+    """CVFP's engine version as a run key holds it: ENGINE_VERSION for a CPU run (or where the
+    caller names no device), [ENGINE_VERSION, GPU_ENGINE_VERSION] for a run on a GPU."""
+    kind = str(device or "cpu").split(":")[0]
+    return ENGINE_VERSION if kind == "cpu" else [ENGINE_VERSION, GPU_ENGINE_VERSION]
+
+
+def run_key(cfg: RunConfig, stream_fingerprint: str, seed: int, device: str | None = None) -> str:
+    """Config, data, seed, record version, and for CVFP its engine version on ``device`` (a CPU
+    run's key is the one it always was; a GPU run's changes with GPU_ENGINE_VERSION too); another
+    family's version is in its ``cfg.key()`` (with its name and config), so CVFP's engine version
+    does not touch it."""
     blob = json.dumps(
-        {"config": cfg.key(), "data": stream_fingerprint, "seed": int(seed), "engine": ENGINE_VERSION if cfg.family == "cvfp" else None,
-         "record": RECORD_VERSION},
+        {"config": cfg.key(), "data": stream_fingerprint, "seed": int(seed),
+         "engine": engine_version(device) if cfg.family == "cvfp" else None, "record": RECORD_VERSION},
         sort_keys=True,
-    )
+    )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
