@@ -76,13 +76,33 @@ def test_phase1_chunking_changes_nothing():
 
 
 def test_phase1_fused_switch_is_speed_only_where_it_does_not_apply():
-    """engine.phase1_fused needs the fused ContextBlock (CUDA + Triton): on a CPU the run is the
-    plain one to the bit, and its run-cache key does not change (speed only)."""
+    """engine.phase1_fused (on by default) needs the fused ContextBlock (CUDA + Triton): on a CPU
+    the default run is the plain one (phase1_fused=false) to the bit, and its run-cache key and
+    its study signature's config are those of the switch off."""
     W, train, val = tiny_data(1)
+    assert tiny_cfg(2, 2).engine.phase1_fused is True
     a = train_run(tiny_cfg(2, 2), W, train, val, seed=5)
-    b = train_run(tiny_cfg(2, 2, phase1_fused=True), W, train, val, seed=5)
+    b = train_run(tiny_cfg(2, 2, phase1_fused=False), W, train, val, seed=5)
     assert numbers(a) == numbers(b)
-    assert tiny_cfg(2, 2).key() == tiny_cfg(2, 2, phase1_fused=True).key()
+    assert tiny_cfg(2, 2).key() == tiny_cfg(2, 2, phase1_fused=False).key()
+
+
+def test_gpu_engine_version_changes_gpu_run_keys_only(monkeypatch):
+    """Phase 1's fused iteration, the GPU default now, rounds otherwise than the path GPU runs took
+    before it, so a GPU run's cache key carries GPU_ENGINE_VERSION; a CPU run's key is the one it
+    was before (pinned: the default config's key on main before the change)."""
+    import archsearch.runcache as rc
+    from archsearch.config import RunConfig
+
+    cfg = RunConfig()
+    cpu = rc.run_key(cfg, "fp", 1, "cpu")
+    assert cpu == rc.run_key(cfg, "fp", 1) == "2ddadf731037b1e5ff81f5507b3e1fc9b2d4b22420c01be5ef7fa6f2909e19f4"
+    gpu = rc.run_key(cfg, "fp", 1, "cuda:0")
+    assert gpu != cpu and gpu == rc.run_key(cfg, "fp", 1, "cuda")
+    monkeypatch.setattr(rc, "GPU_ENGINE_VERSION", rc.GPU_ENGINE_VERSION + 1)
+    assert rc.run_key(cfg, "fp", 1, "cuda") != gpu and rc.run_key(cfg, "fp", 1, "cpu") == cpu
+    monkeypatch.setattr(rc, "ENGINE_VERSION", rc.ENGINE_VERSION + 1)  # an engine change of every device
+    assert rc.run_key(cfg, "fp", 1, "cpu") != cpu
 
 
 def test_same_seed_identical_metrics_different_seed_not():

@@ -560,3 +560,44 @@ def test_staged_trial_on_gpu_equals_one_after_another(tiny_corpus):
     seq, staged = numbers(run_trial(plan(False))), numbers(run_trial(plan(True)))
     assert [r["size"] for r in staged[0]] == SIZES
     assert staged == seq  # to the bit, as on the CPU
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_phase1_iteration_copies_nothing_from_the_host_on_gpu(fused):
+    """One trained phase-1 iteration (train_phase1 from its progress call after the set-up to the
+    one after the iteration, kernels compiled before) makes no host-to-device copy, on the default
+    fused iteration and on the fused layers' path (phase1_fused=false); the fused iteration reads
+    back once (the losses and the rate together: one host sync per iteration)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp import fast
+    from archsearch.cvfp.model import ContextBlock, TokenBlock, TokenEmbedding, init_parameters
+    from archsearch.cvfp.phases import train_phase1
+
+    dev = torch.device("cuda")
+    cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 256, "num_input_tokens": 2},
+                                "phase1": {"batch_size": 1000, "min_iterations": 2, "max_iterations": 2},
+                                "engine": {"precision": "bf16", "phase1_fused": fused, "phase1_chunk_batches": 2}})  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    emb = TokenEmbedding(torch.randn(3000, 128, device=dev, generator=g) * 0.1, 2).to(dev)
+    win = emb.windows(torch.randint(0, 3000, (5500,), device=dev, generator=g))
+    cb, tb = ContextBlock(cfg.model, 128), TokenBlock(cfg.model, 128)
+    init_parameters(cb, cfg.model, torch.Generator().manual_seed(1))
+    block = fast.select(cb.to(dev), tb.to(dev), cfg, dev).context_block
+    assert (block.phase1_fast(emb, win, cfg) is not None) == fused
+    train_phase1(block, emb, win, cfg, torch.Generator(device=dev).manual_seed(2))  # compile, first use
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def window(event, iteration=0, **_):
+        torch.cuda.synchronize()
+        if iteration == 1:
+            prof.start()
+        elif iteration == 2:
+            prof.stop()
+
+    train_phase1(block, emb, win, cfg, torch.Generator(device=dev).manual_seed(2), window)
+    counts = {ev.key: ev.count for ev in prof.key_averages() if ev.key.startswith("Memcpy")}
+    assert not any(k.startswith("Memcpy HtoD") for k in counts), counts
+    if fused:
+        assert sum(v for k, v in counts.items() if k.startswith("Memcpy DtoH")) == 1, counts
