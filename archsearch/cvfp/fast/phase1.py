@@ -19,9 +19,10 @@ autograd, per chunk of ``phase1.batch_size * engine.phase1_chunk_batches`` posit
   residual's gradient by the GEMM), and d W_token of all layers as ONE GEMM, Z^T @ x, all
   accumulated in fp32 over the chunks. No d token vector.
 
-Weights are cast to the GEMM dtype once per iteration (not per chunk and layer). The
-gradients land in the parameters' ``.grad`` after the last chunk, for the caller's clip and
-Adam step. Buffers are allocated once per phase 1, for the largest chunk.
+Weights are cast to the GEMM dtype once per iteration (not per chunk and layer), straight into
+the two operand buffers (no stack, no reshape copy). The gradients land in the parameters'
+``.grad`` after the last chunk, for the caller's clip and Adam step. Buffers are allocated once
+per phase 1, for the largest chunk.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class FusedPhase1:
         self.gWc = torch.empty(L, C, C, device=dev, dtype=f32)
         self.gWt = torch.empty(L * C, self.Ek, device=dev, dtype=f32)
         self.gvec = torch.empty(L, 3, C, device=dev, dtype=f32)  # d gamma, d beta, d bias per layer
+        self.Wc = torch.empty(L, C, C, device=dev, dtype=g16)  # the context halves, GEMM dtype
+        self.Wt = torch.empty(L * C, self.Ek, device=dev, dtype=g16)  # the token halves of all layers, stacked
 
     @torch.no_grad()
     def iteration(self, prev: torch.Tensor, noise: torch.Tensor, out_all: torch.Tensor, spans, num_batches: int):
@@ -84,10 +87,11 @@ class FusedPhase1:
         the outputs; the parameters' ``.grad`` the gradient of the summed batch losses / num_batches.
         Returns ((loss, cvfp, diversity) summed over finite batches, converged fraction), both
         tensors on the device."""
-        C, L = self.C, self.L
-        W16 = torch.stack([layer.fc.weight for layer in self.layers]).to(self.dtype)  # (L, C, C + E*k)
-        self.Wc = W16[:, :, :C]  # (L, C, C) views
-        self.Wt = W16[:, :, C:].reshape(L * C, self.Ek)  # (L*C, E*k): the token halves, stacked
+        C = self.C
+        for i, layer in enumerate(self.layers):  # cast straight into the GEMM operands: no stack, no reshape copy
+            w = layer.fc.weight.detach()  # (C, C + E*k)
+            self.Wc[i].copy_(w[:, :C])
+            self.Wt[i * C : (i + 1) * C].copy_(w[:, C:])
         self.gWc.zero_()
         self.gWt.zero_()
         self.gvec.zero_()
