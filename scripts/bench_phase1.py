@@ -195,34 +195,44 @@ def profile_iteration(case: Case, chunk_positions: int) -> dict:
 def chunk_ms(case: Case) -> tuple[float, str]:
     """Milliseconds of one chunk's forward + backward (median of 5 after 2 warm-ups, CUDA
     events; wall clock off CUDA): phases.phase1_span, or the fused iteration over that one span
-    where the block runs one (its weight casts and gradient hand-over included)."""
+    where the block runs one (its weight casts and gradient hand-over included; until
+    2026-12-01 a clone of the whole (N, C) noise was timed with it too, ~0.5 ms at N=240k)."""
     from archsearch.cvfp import phases
 
     cfg = case.cfg(2)
     block = case.block(cfg)
-    n = min(cfg.phase1.batch_size * cfg.engine.phase1_chunk_batches, case.N)
+    n = phases.phase1_spans(case.N, cfg.phase1.batch_size, cfg.engine.phase1_chunk_batches)[0][1]  # the first span
     g = torch.Generator(device=case.dev).manual_seed(3)
     prev = torch.randn(case.N, case.C, device=case.dev, generator=g)
     noise = torch.randn(case.N, case.C, device=case.dev, generator=g) * 0.1
     out_all = torch.empty_like(prev)
     nb = math.ceil(case.N / cfg.phase1.batch_size)
     fast = block.phase1_fast(case.emb, case.win, cfg) if hasattr(block, "phase1_fast") else None
+    work = noise.clone()
     if fast is not None:
         path = "fused iteration"
 
+        def prep():  # the iteration turns the span's noise into its input contexts: restored untimed
+            work[:n].copy_(noise[:n])
+
         def fn():
-            fast.iteration(prev, noise.clone(), out_all, [(0, n)], nb)
+            fast.iteration(prev, work, out_all, [(0, n)], nb)
     else:
         path = "phase1_span"
         inputs = torch.roll(prev, 1, 0) + noise
+
+        def prep():
+            pass
 
         def fn():
             phases.phase1_span(block, case.emb, case.win, inputs, prev, out_all, 0, n, nb, cfg)
 
     for _ in range(2):
+        prep()
         fn()
     times = []
     for _ in range(5):
+        prep()
         if case.dev.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
