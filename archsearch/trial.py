@@ -272,7 +272,7 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
         return RunData(embedding[0], torch.from_numpy(data.train_ids(size, plan.size_unit)), val_ids)
 
     def lookup(cfg_used: RunConfig, size: int, seed: int) -> tuple[str, RunResult | None]:
-        key = run_key(cfg_used, data.stream_fingerprint(size, plan.size_unit), seed)
+        key = run_key(cfg_used, data.stream_fingerprint(size, plan.size_unit), seed, plan.device)
         return key, cache.get(key) if cache is not None else None
 
     def alone(cfg_used: RunConfig, size: int, i: int, seed: int) -> RunResult:
