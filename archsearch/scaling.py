@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
 from archsearch.errors import FitError
 
@@ -131,6 +130,10 @@ def _jackknife_se(values: np.ndarray) -> float:
 
 
 def _t(level: float, n: int) -> float:
+    # imported here: scipy.stats takes ~1 s to import, and `archsearch run` imports this module
+    # (through the trial plan) before Ray starts, while the first fit comes only after a trial
+    from scipy import stats
+
     return float(stats.t.ppf(0.5 + level / 2, n - 1))
 
 
