@@ -371,6 +371,10 @@ def run(
       archsearch run spaces/quickstart.yaml phase2.max_epochs=2 --study quick_e2 --dry-run
       archsearch run spaces/tpe_explore.yaml "data.sizes={tokens: [2000, 4000, 8000]}" --n-trials 3 --dry-run
     """
+    from archsearch.timing import Laps, process_start
+
+    laps = Laps(start=process_start())  # --json timings: from the process's start, see archsearch.timing
+    laps.lap("imports")
     from archsearch.space import load_space
 
     check_outputs(json_path)
@@ -380,11 +384,16 @@ def run(
     if dry_run:
         _print_dry_run(sp, storage, study, n_trials, json_path)
         return
-    from archsearch.search.runner import run_search
+    from archsearch.search.runner import run_search, stop_embedded_ray
 
+    laps.lap("space")
     summary = run_search(sp, storage=storage, study_name=study, n_trials=n_trials, address=address,
-                         view_mode="quiet" if quiet else "auto")  # fmt: skip
+                         view_mode="quiet" if quiet else "auto", laps=laps)  # fmt: skip
     _print_summary(sp, summary)
+    laps.lap("summary")
+    if not summary.cluster_lost:  # a lost cluster is abandoned below, never waited on
+        stop_embedded_ray()
+    laps.lap("ray_shutdown")
     _write_json(json_path, summary.to_dict())
     if summary.disk_full:
         err_console.print(f"[bold red]the run stopped[/bold red]: {summary.disk_full}. Its trials failed as disk_full; what "

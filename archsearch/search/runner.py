@@ -23,6 +23,7 @@ from archsearch.console import data_progress
 from archsearch.errors import ConfigError
 from archsearch.plan import prepare_space_data, trial_plan
 from archsearch.space import Space, known_embed_dim, known_vocab_size
+from archsearch.timing import Laps
 
 
 @dataclass
@@ -42,7 +43,9 @@ class RunSummary:
     disk_full: str | None = None
     """Why the run stopped early for want of space (see StudyBridge.halt)."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per part of the run: ray_init, data, study, trials, publish."""
+    """Seconds per part of the run, contiguous laps (archsearch.timing): checks, ray_init,
+    data_wait, study, trials, record, publish (``archsearch run`` adds imports and space before
+    them, summary and ray_shutdown after), and data, which runs beside ray_init."""
     repeats: int = 0
     """Proposals answered from the study (configs it already held), not run."""
     exhausted: str | None = None
@@ -98,15 +101,18 @@ WARM_WORKERS_VAR = "ARCHSEARCH_RAY_WARM_WORKERS"
 def local_init_options() -> dict[str, Any]:
     """ray.init options of the embedded local Ray beyond the dashboard's and the address's.
 
-    With ``ARCHSEARCH_RAY_WARM_WORKERS=1`` every worker Ray starts, among them the idle ones it
-    prestarts (one per CPU) while the driver prepares the data and the study, imports torch and
-    the engine at once (trainable.warm_worker), so a trial's worker no longer imports them
-    after its hand-out. Off by default: on the 2-core CPU the imports only move onto cores that
-    are already busy (no gain measured, benchmarks/NOTES.md), and on a host of many CPUs every
-    prestarted worker would hold torch (~0.4 GB each)."""
+    No idle workers prestarted for the driver (Ray starts one per CPU when the driver
+    connects, ~0.5 s of CPU each, 16 on a 16-core host): a trial never runs in one, since Ray
+    Tune gives its trainable class a runtime_env of its own (``env_vars``), so every trial
+    actor gets a fresh worker process, and archsearch starts no other Ray tasks.
+
+    With ``ARCHSEARCH_RAY_WARM_WORKERS=1`` every worker Ray starts imports torch and the engine
+    at once (trainable.warm_worker). Since a trial's worker starts only at its hand-out, this
+    moves the imports, it does not hide them (no gain measured, benchmarks/NOTES.md): opt-in."""
+    options: dict[str, Any] = {"_system_config": {"prestart_worker_first_driver": False}}
     if os.environ.get(WARM_WORKERS_VAR, "") in ("1", "true", "yes"):
-        return {"runtime_env": {"worker_process_setup_hook": "archsearch.search.trainable.warm_worker"}}
-    return {}
+        options["runtime_env"] = {"worker_process_setup_hook": "archsearch.search.trainable.warm_worker"}
+    return options
 
 
 RAY_TMPDIR_VAR = "ARCHSEARCH_RAY_TMPDIR"
@@ -393,18 +399,21 @@ def run_search(
     address: str | None = None,
     view_mode: str = "auto",
     artifacts: Callable[..., Any] | None = None,
+    laps: Laps | None = None,
 ) -> RunSummary:
     """Run ``space``'s study. ``artifacts(trial, config_name, records, fit, folder)`` draws and
     stores each finished trial's views and returns their files (default: its plot and table in
     the storage's artifact folder, see :mod:`archsearch.report.artifacts` and
-    ``archsearch.search.bridge.ArtifactsFn``)."""
+    ``archsearch.search.bridge.ArtifactsFn``). ``laps``: the caller's, continued (the summary's
+    timings are then its dict), else laps from this call's start."""
+    t0 = time.time()
+    laps = laps or Laps()
+    timings = laps.into
     import optuna
 
     from archsearch.search import storage as stg
     from archsearch.search import study as st
 
-    t0 = time.time()
-    timings: dict[str, float] = {}
     url = stg.resolve_url(storage or space.storage)
     stg.check_writable(url)
     check_search_options(space)
@@ -423,16 +432,16 @@ def run_search(
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="archsearch-setup") as pool:
             data_job = pool.submit(_timed, prepare_space_data, space, data_progress(view_mode == "quiet"))
-            t = time.perf_counter()
+            laps.lap("checks")
             import ray  # before the thread below imports its parts
 
             pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
             memory_job = _gpu_memory_job(space, address)
             started = not address and not ray.is_initialized()  # an embedded Ray of this call (not the caller's)
             init_ray(address, quiet=True, temp_dir=ray_tmp)
-            timings["ray_init"] = time.perf_counter() - t
+            laps.lap("ray_init")
             gpus, cpus = trial_resources(space, ray)
-            data, timings["data"] = data_job.result()
+            data, timings["data"] = data_job.result()  # its own seconds, beside ray_init: not a lap
             sharing = auto_sharing(space, ray, gpus, data, memory_job.result() if memory_job else None, n_new, local=not address)
             if sharing is not None:
                 gpus = sharing.gpus
@@ -456,7 +465,7 @@ def run_search(
     from archsearch.search.trainable import cvfp_trainable
     from archsearch.search.view import LiveView
 
-    t = time.perf_counter()
+    laps.lap("data_wait")
     with stg.writer_lock(url):
         opt_storage = stg.open_storage(url)
         study = st.create_or_load(space, opt_storage, name)
@@ -477,8 +486,7 @@ def run_search(
         bridge.plan_gpus = gpus
         bridge.vocab_size = data.vocab_size
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
-        timings["study"] = time.perf_counter() - t
-        t = time.perf_counter()
+        laps.lap("study")
         watch = ClusterWatch(ray, bridge, local=not address)
         try:
             with view:
@@ -502,13 +510,13 @@ def run_search(
         summary.outcomes = bridge.outcomes
         summary.repeats, summary.exhausted = bridge.repeats, bridge.exhausted
         summary.interrupted = not summary.cluster_lost and (summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes))
-        timings["trials"] = time.perf_counter() - t
+        laps.lap("trials")
         summary.counts = _counts(study)
         _record_run(study, space, data, t0, timings["trials"], bridge)
-        t = time.perf_counter()
+        laps.lap("record")
         if summary.counts.get("COMPLETE"):
             _publish(study, url)
-        timings["publish"] = time.perf_counter() - t
+        laps.lap("publish")
         summary.seconds = time.time() - t0
         summary.timings = timings
         return summary
@@ -628,6 +636,39 @@ def discard_embedded_ray(new_dirs: list[Path] = ()) -> None:
             folder.rmdir()  # only if empty
         except OSError:
             pass
+
+
+def stop_embedded_ray() -> None:
+    """Stop Ray at the end of a command, before its summary is written (a no-op if Ray is not
+    up; with ``--address`` only this driver disconnects).
+
+    Ray's own exit handler would do the same after a fixed 0.5 s pause (for the workers' log
+    lines, which an archsearch run does not forward), and its shutdown stops the processes of
+    the node one after another, each given up to 1 s to end on SIGTERM: the autoscaler monitor
+    takes all of it, since its SIGTERM handler reports its own end to the GCS, which Ray has
+    stopped by then. A local run has no autoscaling and the monitor keeps no state, so it is
+    stopped with SIGKILL first; Ray then stops the rest as usual (the raylet first, which
+    stops the workers)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = ray._private.worker._global_node
+    if node is not None and node.is_head():
+        from ray._private import ray_constants
+
+        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+            if info.process.poll() is None:
+                info.process.kill()
+                try:
+                    info.process.wait(timeout=5)
+                except Exception:  # pragma: no cover - Ray's shutdown kills and waits again
+                    pass
+    ray.shutdown()
 
 
 def abandon_ray(code: int = 1) -> None:

@@ -75,8 +75,11 @@ def test_grid_study_gets_exactly_its_configs_complete_with_attributes(home, tiny
     for t in trials:  # the worker that ran it, and how long it had been up when the trial began
         w = t.user_attrs["worker"]
         assert w["pid"] == t.user_attrs["worker_pid"] and w["process_age_s"] >= 0 and w["imports_s"] >= 0
-    assert set(summary.timings) == {"ray_init", "data", "study", "trials", "publish"}
+    # contiguous laps from run_search's start (data: beside ray_init, not a lap); they cover the run's seconds
+    assert list(summary.timings) == ["checks", "ray_init", "data", "data_wait", "study", "trials", "record", "publish"]
     assert all(v >= 0 for v in summary.timings.values()) and summary.timings["trials"] < summary.seconds
+    laps = sum(v for k, v in summary.timings.items() if k != "data")
+    assert summary.seconds - 0.05 <= laps <= summary.seconds + 0.05
 
 
 def test_rerun_adds_no_trial(home, tiny_corpus, ray_local):
