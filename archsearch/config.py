@@ -118,10 +118,10 @@ class EngineConfig:
     a run holds its (N, C) contexts and (L, M-1, C) validation cache (fp32) on the device, at
     most half of the memory available then (cvfp/run.py, STAGE_MEMORY_FRACTION). CVFP only."""
     phase1_fused: bool = True
-    """Phase 1's fused iteration on GPUs with Triton (cvfp/fast/phase1.py: the token half of all
+    """Phase 1's fused iteration on GPUs with Triton, for bf16 runs (cvfp/fast/phase1.py: the token half of all
     layers in one GEMM, no concatenation, the loss, its gradient and the convergence count in a
     few kernels, no autograd; standard ContextBlocks only; speed only). Where it does not apply
-    (a CPU, no Triton, ``fused_layers`` off, a non-standard ContextBlock) phase 1 runs
+    (a CPU, no Triton, ``fused_layers`` off, a non-standard ContextBlock, an fp32 or tf32 run) phase 1 runs
     phases.plain_iteration whatever this says; false keeps that path on a GPU too (for A/B:
     scripts/bench_phase1.py times both). On an H200 1.5-1.7x faster per iteration than the
     fused layers' path (docs/engine.md)."""
