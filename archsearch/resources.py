@@ -67,6 +67,19 @@ def process_bytes(peak: int, kept: int) -> int:
     return int((peak + kept) * ALLOCATOR_MARGIN) + CUDA_CONTEXT_BYTES
 
 
+MIN_CAP_BYTES = 256 * 2**20
+"""The least a sharing worker's allocator is allowed (a share too small for its CUDA context
+still gets this much: its runs then fail out_of_memory in that worker, as they would)."""
+
+
+def allocator_cap(gpus: float, gpu_bytes: int) -> int:
+    """Bytes the CUDA allocator of a worker holding ``gpus`` (< 1) of a GPU of ``gpu_bytes`` may
+    reserve: its share of GPU_MEMORY_FRACTION of the GPU, less its CUDA context (outside the
+    allocator). k workers at 1/k then hold at most GPU_MEMORY_FRACTION of it together, the
+    budget :func:`trials_per_gpu` fits their estimates in (archsearch.gpu_share applies it)."""
+    return max(MIN_CAP_BYTES, min(int(gpus * GPU_MEMORY_FRACTION * gpu_bytes) - CUDA_CONTEXT_BYTES, int(gpu_bytes)))
+
+
 def gpus_for(per_gpu: int) -> float:
     """1 / per_gpu in Ray's resolution (1e-4), rounded down so that per_gpu trials fit on one GPU."""
     return 1.0 if per_gpu <= 1 else math.floor(1e4 / per_gpu) / 1e4
@@ -118,13 +131,14 @@ def candidate_configs(space) -> list[dict[str, Any]] | None:
 
 def space_run_memory(space, train_tokens: list[int], val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int | None, str]:
     """(process bytes of a worker of this space, what it rests on), or (None, why not);
-    ``train_tokens``: the sizes' training-token counts. A worker may run any config after any
+    ``train_tokens``: the sizes' training-token counts (each run of every seed is counted). A worker may run any config after any
     other, so it is the largest trial's peak plus the largest of what a trial keeps
     (:func:`process_bytes`)."""
     configs = candidate_configs(space)
     if configs is None:
         return None, f"more than {MAX_CORNERS} combinations of the searched choices"
     peak = kept = 0
+    runs = [n for n in train_tokens for _ in getattr(space, "seeds", [0])]  # a trial's runs: its sizes times its seeds
     for params in configs:
         try:
             cfg = space.run_config(params)
@@ -137,7 +151,7 @@ def space_run_memory(space, train_tokens: list[int], val_tokens: int, vocab_size
         if estimate is None:
             return None, f"family {cfg.family!r} gives no memory estimate"
         try:
-            p, k = estimate(cfg.family_config, train_tokens, val_tokens, vocab_size, embed_dim)
+            p, k = estimate(cfg.family_config, runs, val_tokens, vocab_size, embed_dim)
             p, k = int(p), int(k)
         except Exception as e:  # a family's own code: its failure costs the sharing, not the run
             return None, f"family {cfg.family!r}: gpu_memory raised {type(e).__name__}: {str(e)[:200]}"

@@ -17,14 +17,19 @@ widths.
   them while a chunk of n rows runs forward and backward: the token vectors (fp32 and g), per
   layer the GEMM input (n, C + E k) g, its output (n, C) g and the layer's output (n, C) fp32
   (plus, on the plain path, the fp32 concatenation and the ReLU's output), the loss's
-  (n, C) temporaries and the backward's. ``engine.phase1_fused`` (fast/phase1.py) holds less
-  (per chunk one (n, L C) g pre-activation buffer and the layers' (n, C) outputs, no input
-  contexts (N, C), no per-layer concatenation), so this count bounds it too.
+  (n, C) temporaries and the backward's. ``engine.phase1_fused`` (fast/phase1.py, bf16 runs)
+  holds ``prev``, the noise and ``out_all`` (3 of them) and its buffers, allocated once per
+  phase 1 for the largest chunk: the token vectors and input contexts (g), the (n, L C) g
+  pre-activations, the outputs of layers 0..L-2 in fp32 and g, the (n, C) fp32 gradient, the
+  weights' g copies and fp32 gradient accumulators (L C (C + E k) each), the reductions'
+  partial sums and the table (V + 1, E) in g; the larger of the two counts is taken.
 - **contexts**: the final contexts (N, C) fp32, the shifted inputs (N, C) fp32 and the
   training cache (L, N, C) g, with a step of 4 b rows of activations.
 - **recurrence** (the validation pass): the token halves P and two (L, M, C) fp32 outputs
-  (persistent kernel; the graph path pads and keeps one more), next to the final contexts
-  and the training cache.
+  (persistent kernel; the graph path pads and keeps one more) and W_c stacked twice, next to
+  the final contexts and the training cache; then (P freed) the run's phase-2 session is
+  prepared beside the validation cache: a new session's warm-up step (uncaptured
+  activations) and its graphs' pools.
 - **phase 2**: the training cache (L, N, C) g and the validation cache (L, M, C) fp32; the
   session (kept by the worker for its next run): a copy of the TokenBlock, its Adam moments
   and gradients, the token-vector table (V, E) fp32, the head (V padded to 64, E) g, the
@@ -34,9 +39,13 @@ widths.
 
 The sum of each stage's live tensors is counted as if all of them were live at once, and the
 largest stage is the run's peak: an upper estimate of ``torch.cuda.max_memory_allocated`` of
-the run (scripts/check_memory_estimate.py compares the two on a GPU). It leaves out what a
-process holds beside PyTorch's allocations (the CUDA context, cached but unused blocks):
-:mod:`archsearch.gpu_share` adds those.
+the run (scripts/check_memory_estimate.py compares the two on a GPU). The graphs' pools are
+counted as allocated from their capture on (the allocator keeps them reserved for the graphs'
+life; the tensors in them are freed). A kept session holds no data of the run that left it
+(run.py drops its reference to the training cache after phase 2). :func:`trial_memory` puts a
+trial's runs together, one after another or staged (``engine.stage_sizes``). It leaves out
+what a process holds beside PyTorch's allocations (the CUDA context, cached but unused
+blocks): archsearch.resources.process_bytes adds those.
 """
 
 from __future__ import annotations
@@ -51,6 +60,9 @@ CHUNK_ROWS = 4096
 """fast/head.py forms the logits this many rows at a time."""
 WORKSPACE_BYTES = 256 * 2**20
 """cuBLAS workspaces (one per stream, the capture stream included) and kernels' scratch."""
+MAX_PROGRAMS = 4 * 256
+"""fast/phase1_kernels' reductions run at most 4 programs per multiprocessor (256 SMs bound
+every GPU made so far): their partial sums are (programs, C) and (programs, 3 C) fp32."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,20 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
         per_layer += n * (4 * (C + Ek) + g * C + 4 * C)  # the fp32 concatenation, ReLU's output, the residual sum
     chunk = n * Ek * (4 + g) + L * per_layer + 3 * 4 * n * C + 3 * 4 * n * C  # token vectors, layers, loss, backward
     adam1 = 2 * 4 * P1
-    phase1 = resident + adam1 + max(6 * NC, 4 * NC + chunk)
+    phase1 = max(6 * NC, 4 * NC + chunk)
+    if fused and e.phase1_fused and g == 2:  # fast/phase1.FusedPhase1 (bf16 runs): its buffers, once per phase 1
+        W1 = L * C * (C + Ek)  # the layers' weights
+        nb = -(-n // p1.batch_size)
+        buffers = (
+            g * (V + 1) * E  # the table in g
+            + n * (g * Ek + g * C + g * L * C)  # token vectors, input contexts, pre-activations
+            + max(L - 1, 1) * n * C * (4 + g) + 8 * L * n + 4 * n * C  # layer outputs fp32 and g, mean/rstd, d output
+            + 4 * (MAX_PROGRAMS + nb) * (C + 3) + 4 * MAX_PROGRAMS * 3 * C  # the reductions' partial sums
+            + (4 + g) * W1 + 4 * 3 * L * C  # gradient accumulators and g weights
+            + 4 * C * (C + Ek) + 4 * max(L * C * Ek, n * C)  # a weight gradient formed beside the old; a GEMM's fp32 result
+        )
+        phase1 = max(phase1, 3 * NC + buffers)
+    phase1 += resident + adam1
 
     # the training cache (parallel pass, no grad)
     b = e.eval_batch_size
@@ -117,9 +142,9 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
     train_cache = g * L * N * C
     contexts = resident + NC + NC + train_cache + step
 
-    # the validation recurrence
+    # the validation recurrence (the run's passes; held_bytes counts another staged run's)
     LMC = 4 * L * M * C
-    recurrence = resident + NC + train_cache + 2 * 4 * L * C * C + 4 * b * (Ek + C)  # W_c twice, the token half's batch
+    recurrence = NC + train_cache + 2 * 4 * L * C * C + 4 * b * (Ek + C)  # W_c twice, the token half's batch
     if triton and e.recurrent in ("auto", "persistent", "graph"):
         # the persistent kernel: P, the pass's output and the kernel's (3 copies); where its grid
         # cannot be resident (C above 32 rows per multiprocessor: 1024 is safe on GPUs of 32 SMs and
@@ -158,7 +183,10 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
 
     # the graphs' pools keep a step's and a validation chunk's temporaries for the session's life
     pools = activations(B, True) + activations(min(b, M), False)
-    er = 12 * min(N, e.er_max_rows) * C + 8 * C * C
+    warmup = activations(B, True) + 4 * P2 * 3 + g * P2  # a new session's eager step: its activations, gradients, Adam's, g weights
+    # after the passes (P freed), the run's phase-2 session is prepared beside the validation cache
+    recurrence = resident + max(recurrence, NC + train_cache + LMC + session + pools + warmup)
+    er = 12 * min(N, e.er_max_rows) * C + 8 * C * C + 8 * (2 * C * C + 6 * C)  # rows, their fp64 copy, the Gram, eigvalsh's workspace
     phase2 = resident + NC + train_cache + LMC + session + pools + er  # the final contexts live until the ERs
     graphed = p2.batch_size * 4 <= N - 1 and e.phase2_graph
     kept = session + pools if graphed else 0
@@ -167,11 +195,40 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
 
 def held_bytes(cfg: RunConfig, train_tokens: int, val_tokens: int, embed_dim: int, stage: str = "pass") -> int:
     """Bytes a staged run (cvfp/run.py, ``engine.stage_sizes``) holds on its device while
-    another run works: from its phase 1 on its (N, C) final contexts, its blocks' parameters
-    and the ContextBlock's phase-1 gradients (``stage="start"``); during the batched
-    validation pass also its (L, M-1, C) validation cache and token halves (``"pass"``, the
-    most); after it, until its finish, the validation cache (``"finish"``); fp32 all."""
+    another run works: from its phase 1 on its (N, C) final contexts, its blocks' parameters,
+    the ContextBlock's phase-1 gradients and its token ids and windows (``stage="start"``);
+    during the batched validation pass also its (L, M-1, C) validation cache, its token
+    halves and its W_c stacked twice (``"pass"``, the most); after it, until its finish, the
+    validation cache (``"finish"``); fp32 all (the ids int64)."""
     m = cfg.model
-    C, L = m.context_dim, m.num_layers
+    C, L, k = m.context_dim, m.num_layers, m.num_input_tokens
     caches = {"start": 0, "pass": 2, "finish": 1}[stage]
-    return 4 * (train_tokens * C + caches * L * (val_tokens - 1) * C + 2 * phase1_params(m, embed_dim) + phase2_params(m, embed_dim))
+    weights = 2 * L * C * C if stage == "pass" else 0
+    ids = 8 * (2 * train_tokens + k)
+    return ids + 4 * (train_tokens * C + caches * L * (val_tokens - 1) * C + weights + 2 * phase1_params(m, embed_dim) + phase2_params(m, embed_dim))
+
+
+def trial_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab_size: int, embed_dim: int,
+                 staged: bool) -> tuple[int, int]:  # fmt: skip
+    """(peak, kept) bytes of a trial's runs on a GPU (``train_tokens``: one entry per run, its
+    sizes times its seeds), beside whatever an earlier trial of the worker keeps (the caller
+    adds that: archsearch.resources.process_bytes). One after another, the largest run's peak
+    bounds them all. Staged (cvfp/run.train_staged, all runs in one group: the most a group
+    holds), the runs not working hold :func:`held_bytes` beside the working one: each run's
+    phase 1 beside the runs started before it; the first run's recurrence beside every other
+    run's share of the batched pass; each run's finish beside the runs still to finish and
+    the validation caches of every run of the group (one launch's caches are views of one
+    tensor, freed with the last of them)."""
+    runs = sorted(int(n) for n in train_tokens)
+    ests = [estimate_run_memory(cfg, n, val_tokens, vocab_size, embed_dim) for n in runs]
+    peak = max(e.peak for e in ests)
+    kept = max(e.kept for e in ests)
+    if not staged or len(runs) < 2:
+        return peak, kept
+    held = {stage: [held_bytes(cfg, n, val_tokens, embed_dim, stage) for n in runs] for stage in ("start", "pass", "finish")}
+    m = cfg.model
+    val = 4 * m.num_layers * (val_tokens - 1) * m.context_dim  # one run's validation cache
+    starts = max(sum(held["start"][:j]) + e.phase1 for j, e in enumerate(ests))
+    passes = sum(held["pass"][1:]) + ests[0].recurrence
+    finishes = max(sum(held["start"][j + 1 :]) + val * (len(runs) - 1) + max(e.contexts + val, e.phase2) for j, e in enumerate(ests))
+    return max(peak, starts, passes, finishes), kept

@@ -326,6 +326,10 @@ def _finish(run: StartedRun) -> RunResult:
         head = run.emb.weight.to(gemm_dtype(cfg.engine.precision))  # (V, E)
         step, evaluate = EagerStepper(run.tblock, run.emb, head, cfg, train_p2), EagerEvaluator(run.tblock, run.emb, head, cfg, val_p2)
     p2 = train_phase2(step, evaluate, N - 1, cfg, progress)  # a kept GPU session trains a copy of its own
+    if session is not None:
+        # the kept session must not hold this run's (L, N-1, C) train cache until the next run loads
+        # its own: that is GBs beside the next run's phase 1 and train cache (memory.py counts none)
+        session.step.load(None, None, None)
     del session, step, evaluate, train_p2, val_p2
     sync(device)
     t3 = time.perf_counter()
@@ -378,20 +382,22 @@ def _finish(run: StartedRun) -> RunResult:
 # --------------------------------------------------------------------------- a trial's runs staged
 
 STAGE_MEMORY_FRACTION = 0.5
-"""Staged runs hold at most this fraction of the device memory available when staging begins
-(free on the device plus PyTorch's cached, unallocated blocks); the rest is left for the
-working run's own phase 1 or phase 2, as one run alone has it."""
+"""Staged runs hold at most this fraction of the device memory available to the process when
+staging begins (free on the device plus PyTorch's cached, unallocated blocks, within the
+allocator's cap where the worker shares its GPU: archsearch.gpu_share); the rest is left for
+the working run's own phase 1 or phase 2, as one run alone has it."""
 
 
 def stage_budget(device: str | torch.device) -> int | None:
-    """Bytes staged runs may hold on ``device`` (:data:`STAGE_MEMORY_FRACTION`); None: no limit
-    (a CPU: its memory is the process's, as for one run after another)."""
+    """Bytes staged runs may hold on ``device`` (:data:`STAGE_MEMORY_FRACTION` of
+    ``gpu_share.available_bytes``); None: no limit (a CPU: its memory is the process's, as
+    for one run after another)."""
+    from archsearch.gpu_share import available_bytes
+
     device = _resolved(device)
     if device.type != "cuda":
         return None
-    free, _total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(STAGE_MEMORY_FRACTION * (free + cached))
+    return int(STAGE_MEMORY_FRACTION * available_bytes(device))
 
 
 def stage_groups(need: list[int], budget: int | None) -> list[list[int]]:

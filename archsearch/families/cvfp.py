@@ -61,25 +61,12 @@ def release() -> bool:
 
 
 def gpu_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab_size: int, embed_dim: int) -> tuple[int, int]:
-    """(peak, kept) bytes of a trial on a GPU (archsearch.cvfp.memory). One run after another:
-    the largest run's peak bounds them all. Where its runs may be staged (``engine.stage_sizes``
-    not false, more than one size; a pruner turns auto off: archsearch.resources), the runs
-    staged but not working hold their memory.held_bytes beside the working one: the peak is the largest of each run's phase 1
-    beside the smaller runs started before it, the first run's validation stage beside every
-    other run, and each run's finish beside the larger runs still staged (one seed per size
-    counted)."""
-    from archsearch.cvfp.memory import estimate_run_memory, held_bytes
+    """(peak, kept) bytes of a trial on a GPU (archsearch.cvfp.memory.trial_memory; ``train_tokens``:
+    one entry per run). Staged where its runs may be (``engine.stage_sizes`` not false, more
+    than one run; a pruner turns auto off: archsearch.resources)."""
+    from archsearch.cvfp.memory import trial_memory
 
-    sizes = sorted(train_tokens)
-    ests = [estimate_run_memory(cfg, n, val_tokens, vocab_size, embed_dim) for n in sizes]
-    peak, kept = ests[-1].peak, ests[-1].kept
-    if cfg.engine.stage_sizes is not False and len(sizes) > 1:
-        held = {stage: [held_bytes(cfg, n, val_tokens, embed_dim, stage) for n in sizes] for stage in ("start", "pass", "finish")}
-        starts = max(sum(held["start"][:j]) + e.phase1 for j, e in enumerate(ests))
-        passes = sum(held["pass"][1:]) + ests[0].recurrence
-        finishes = max(sum(held["finish"][j + 1 :]) + max(e.contexts, e.phase2) for j, e in enumerate(ests))
-        peak = max(peak, starts, passes, finishes)
-    return peak, kept
+    return trial_memory(cfg, train_tokens, val_tokens, vocab_size, embed_dim, staged=cfg.engine.stage_sizes is not False)
 
 
 family = Family(

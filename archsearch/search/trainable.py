@@ -87,10 +87,16 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from archsearch.gpu_share import configure_worker
+
     worker = {"pid": os.getpid(), "entered": entered, "process_age_s": age, "imports_s": time.perf_counter() - t, "torch_before_trial": torch_before}
 
     plan = TrialPlan(**config["plan"])
-    plan.device = "cuda" if config.get("gpus", 0) > 0 and torch.cuda.is_available() else "cpu"
+    gpus = float(config.get("gpus", 0) or 0)
+    plan.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    # a GPU shared with other trials: this worker's allocator capped to its share, before its
+    # first CUDA allocation (archsearch.gpu_share)
+    worker["gpu_share"] = configure_worker(gpus, cuda=plan.device == "cuda").to_dict()
     torch.set_num_threads(max(1, int(config.get("cpus", 1))))
     node = ray.get_runtime_context().get_node_id()
     worker["resources"] = ray.get_runtime_context().get_assigned_resources()  # e.g. {"CPU": 1, "GPU": 0.25}: its share

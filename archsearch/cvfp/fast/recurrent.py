@@ -26,7 +26,7 @@ from archsearch.cvfp.model import ContextBlock, TokenEmbedding
 log = logging.getLogger(__name__)
 
 GRAPH_STEPS = 128  # steps per captured graph (even, see triton_pass)
-MEMORY_FRACTION = 0.9  # of the free device memory a batch of passes may take (its P and outputs)
+MEMORY_FRACTION = 0.9  # of the memory available to the process (gpu_share.available_bytes) a batch of passes may take (its P and outputs)
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,9 @@ def _fits(v: Variant, left: int, L: int, T: int, C: int, device: torch.device, i
         return False
     if grid > min(sms * v.per_sm, resident):
         return False
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cached blocks
+    from archsearch.gpu_share import available_bytes
+
+    free = available_bytes(device)  # free and the allocator's cached blocks, within a sharing worker's cap
     need = v.runs * 4 * (2 * L * T * C + L * C * C + 2 * L * C)  # P, outputs, W, G, B in float32
     return need <= MEMORY_FRACTION * free
 
