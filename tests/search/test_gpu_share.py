@@ -32,9 +32,13 @@ def _run(space: dict):
     return runner.run_search(parse_space(space), view_mode="quiet")
 
 
-def _assigned(home, name):
+def _workers(home, name):
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'archsearch.db'}")
-    return {t.user_attrs["config_name"]: t.user_attrs["worker"]["resources"] for t in study.get_trials()}
+    return {t.user_attrs["config_name"]: t.user_attrs["worker"] for t in study.get_trials()}
+
+
+def _assigned(home, name):
+    return {config: worker["resources"] for config, worker in _workers(home, name).items()}
 
 
 def test_auto_puts_two_trials_on_the_one_gpu(home, tiny_corpus, ray_one_gpu, monkeypatch):
@@ -48,6 +52,10 @@ def test_auto_puts_two_trials_on_the_one_gpu(home, tiny_corpus, ray_one_gpu, mon
     assert summary.to_dict()["gpu_sharing"] == summary.gpu_sharing  # what `run --json` writes
     assigned = _assigned(home, "shared")
     assert set(assigned) == {"a", "b"} and all(r.get("GPU") == 0.5 for r in assigned.values()), assigned
+    # the share reached each worker's allocator cap (archsearch.gpu_share), which a worker
+    # without a CUDA device (this machine) records without applying
+    shares = [w["gpu_share"] for w in _workers(home, "shared").values()]
+    assert all(s["gpus"] == 0.5 and s["cap_bytes"] is None and s["reason"] == "no CUDA device in this worker" for s in shares), shares
 
 
 def test_an_explicit_gpu_count_keeps_its_meaning(home, tiny_corpus, ray_one_gpu, monkeypatch):
@@ -57,3 +65,4 @@ def test_an_explicit_gpu_count_keeps_its_meaning(home, tiny_corpus, ray_one_gpu,
     summary = _run(space)
     assert summary.counts == {"COMPLETE": 1} and summary.gpu_sharing is None
     assert _assigned(home, "whole")["a"].get("GPU") == 1.0
+    assert _workers(home, "whole")["a"]["gpu_share"]["cap_bytes"] is None  # a GPU of its own: no cap
