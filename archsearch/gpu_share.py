@@ -73,7 +73,8 @@ def set_alloc_conf(environ: MutableMapping[str, str] | None = None, apply: Calla
     if apply is None:
         import torch
 
-        apply = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+        # torch 2.9+ names it in torch._C (torch.cuda.memory's wrapper warns there); older builds have the wrapper only
+        apply = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(torch.cuda.memory, "_set_allocator_settings", None)
     if apply is not None:
         try:
             apply(ALLOC_CONF)

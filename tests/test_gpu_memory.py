@@ -57,3 +57,90 @@ def test_the_driver_reads_gpu_memory_without_making_a_cuda_context():
     memory, context = json.loads(r.stdout.strip().splitlines()[-1])
     assert memory == [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     assert not context
+
+
+def _fresh() -> int:
+    release_phase2_graphs()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def test_a_staged_trial_of_the_report_shape_allocates_no_more_than_estimated():
+    """The report's baseline (L6, C768, k1) at its four sizes with MiniLM's shapes, staged as auto
+    stages a trial's runs on CUDA (every phase 1, one batched validation pass, each finish):
+    the peak allocation is within memory.trial_memory, and after the trial only the kept
+    phase-2 session is left, holding no training data (run.py drops its train cache)."""
+    from archsearch.cvfp.fast import graphs
+    from archsearch.cvfp.memory import trial_memory
+    from archsearch.cvfp.run import train_staged
+    from archsearch.result import RunResult
+
+    V, E, M = 30_522, 384, 30_000
+    sizes = [62_891, 122_795, 240_132, 587_970]
+    cfg = run_config_from_dict({"phase1": {"max_iterations": 3, "min_iterations": 2}, "phase2": {"max_epochs": 1}})
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(V, E, generator=g)
+    train, val = torch.randint(0, V, (max(sizes),), generator=g), torch.randint(0, V, (M,), generator=g)
+    base = _fresh()
+    results = list(train_staged(cfg, embedding, val, [(train[:n], 42, lambda *a, **k: None) for n in sizes], "cuda"))
+    measured = torch.cuda.max_memory_allocated() - base
+    peak, kept = trial_memory(cfg, sizes, M, V, E, staged=True)
+    assert all(isinstance(r, RunResult) for r in results), results
+    assert 0.5 * peak < measured <= peak, (measured, peak, torch.cuda.memory_summary(abbreviated=True))
+    session = graphs._SESSIONS.session
+    assert session.step.cache is None and session.step.windows is None  # the kept session keeps no run's data
+    gc.collect()
+    left = torch.cuda.memory_allocated() - base
+    assert left <= kept, (left, kept)
+    release_phase2_graphs()
+
+
+def test_a_sharing_worker_reserves_no_more_than_its_cap_and_fails_beyond_it():
+    """A worker at 0.25 of the GPU (auto's share of 4 trials), in a process of its own as Ray
+    starts it: gpu_share.configure_worker caps its allocator before its first CUDA allocation
+    and turns on expandable segments; a staged trial then reserves within the cap, and an
+    allocation beyond the cap is an out-of-memory error in that process, which goes on."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = """
+import json, torch
+from archsearch.gpu_share import configure_worker
+share = configure_worker(0.25)
+from archsearch.config import run_config_from_dict
+from archsearch.cvfp.run import train_staged
+from archsearch.errors import is_out_of_memory
+V, E, M = 30522, 384, 6000
+cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 512}, "phase1": {"max_iterations": 3, "min_iterations": 2},
+                            "phase2": {"max_epochs": 1}})
+g = torch.Generator().manual_seed(0)
+emb, train, val = torch.randn(V, E, generator=g), torch.randint(0, V, (120000,), generator=g), torch.randint(0, V, (M,), generator=g)
+out = list(train_staged(cfg, emb, val, [(train[:n], 42, lambda *a, **k: None) for n in (30000, 120000)], "cuda"))
+reserved = torch.cuda.max_memory_reserved()
+try:
+    torch.empty(share.cap_bytes, dtype=torch.uint8, device="cuda")
+    over = None
+except Exception as e:
+    over = is_out_of_memory(e)
+after = float(torch.ones(1024, device="cuda").sum())
+segments = torch.cuda.memory_snapshot()
+print(json.dumps({"share": share.to_dict(), "ok": all(hasattr(r, "val_ppl") for r in out), "reserved": reserved, "over": over,
+                  "after": after, "expandable": [s.get("is_expandable") for s in segments]}))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    share = got["share"]
+    assert got["ok"] and share["alloc_conf"] == "expandable_segments:True" and share["cap_bytes"] > 0
+    assert got["reserved"] <= share["cap_bytes"], got
+    assert got["over"] is True and got["after"] == 1024.0, got
+    if any(e is not None for e in got["expandable"]):  # the snapshot says which segments are expandable (torch 2.1+)
+        assert True in got["expandable"], got["expandable"]
