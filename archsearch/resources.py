@@ -7,7 +7,8 @@ in GPU_MEMORY_FRACTION of the smallest GPU, and no more than the trials can use
 peak allocation plus what an earlier run of the worker keeps (:func:`space_run_memory`),
 times ALLOCATOR_MARGIN, plus CUDA_CONTEXT_BYTES. Without an estimate (a family that gives
 none, a GPU whose memory the driver cannot see) it is one GPU per trial, as an explicit
-``resources.gpus: 1`` always is.
+``resources.gpus: 1`` always is. Each worker that shares a GPU caps its allocator at its share
+(:func:`allocator_cap`, applied by archsearch.gpu_share in the worker).
 """
 
 from __future__ import annotations
