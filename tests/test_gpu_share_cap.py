@@ -142,3 +142,21 @@ def test_the_fused_phase1_buffers_are_counted():
     n, L, C = 64_000, 12, 2048
     assert m.phase1 - m.resident >= 3 * 4 * N * C + n * L * C * 2 + (L - 1) * n * C * 6
     assert estimate_run_memory(cfg.replace(**{"engine.phase1_fused": False}), N, M, V, E).phase1 <= m.phase1
+
+
+def test_an_allocation_beyond_the_cap_is_an_out_of_memory_error_the_fallbacks_take():
+    """What PyTorch raises past set_per_process_memory_fraction (its message names what is
+    allowed) is an out-of-memory error to the trial's fallbacks (trial.train_run_once, the
+    staged trial's one-after-another, the trainable's out_of_memory kind)."""
+    from archsearch.errors import is_out_of_memory
+
+    e = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+                               "96.12 GiB is free. 28.70 GiB allowed; 27.90 GiB allocated by PyTorch")  # fmt: skip
+    assert is_out_of_memory(e)
+    try:
+        try:
+            raise e
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("operation failed during CUDA graph capture") from inner
+    except RuntimeError as outer:
+        assert is_out_of_memory(outer)
