@@ -215,8 +215,8 @@ def trial_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab
     adds that: archsearch.resources.process_bytes). One after another, the largest run's peak
     bounds them all. Staged (cvfp/run.train_staged, all runs in one group: the most a group
     holds), the runs not working hold :func:`held_bytes` beside the working one: each run's
-    phase 1 beside the runs started before it; the first run's recurrence beside every other
-    run's share of the batched pass; each run's finish beside the runs still to finish and
+    phase 1 beside the runs started before it; the first run's train cache and recurrence
+    beside every other run's share of the batched pass; each run's finish beside the runs still to finish and
     the validation caches of every run of the group (one launch's caches are views of one
     tensor, freed with the last of them)."""
     runs = sorted(int(n) for n in train_tokens)
@@ -229,6 +229,6 @@ def trial_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab
     m = cfg.model
     val = 4 * m.num_layers * (val_tokens - 1) * m.context_dim  # one run's validation cache
     starts = max(sum(held["start"][:j]) + e.phase1 for j, e in enumerate(ests))
-    passes = sum(held["pass"][1:]) + ests[0].recurrence
+    passes = sum(held["pass"][1:]) + max(ests[0].contexts, ests[0].recurrence)  # the first run's train cache is built first
     finishes = max(sum(held["start"][j + 1 :]) + val * (len(runs) - 1) + max(e.contexts + val, e.phase2) for j, e in enumerate(ests))
     return max(peak, starts, passes, finishes), kept
