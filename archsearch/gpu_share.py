@@ -107,10 +107,26 @@ def configure_worker(gpus: float, device: int | None = None, *, environ: Mutable
         set_fraction = set_fraction or (lambda f, d: torch.cuda.set_per_process_memory_fraction(f, d))
     total = int(total_memory(device))
     cap = allocator_cap(gpus, total)
-    fraction = cap / total
-    set_fraction(fraction, device)
-    _CAPS[device] = cap
+    fraction = set_cap(cap, device, total, set_fraction)
     return WorkerShare(gpus, cap, fraction, conf, f"{gpus:g} of the GPU: at most {cap / 2**30:.1f} GiB for its allocator")
+
+
+def set_cap(cap: int | None, device: int, total: int, set_fraction: Callable[[float, int], Any] | None = None) -> float:
+    """Cap this process's allocator on ``device`` (of ``total`` bytes) at ``cap`` bytes (None:
+    no cap); returns the fraction passed to torch.cuda.set_per_process_memory_fraction."""
+    if set_fraction is None:
+        import torch
+
+        def set_fraction(f, d):
+            torch.cuda.set_per_process_memory_fraction(f, d)
+
+    fraction = 1.0 if cap is None else min(1.0, cap / total)
+    set_fraction(fraction, device)
+    if cap is None:
+        _CAPS.pop(device, None)
+    else:
+        _CAPS[device] = cap
+    return fraction
 
 
 def memory_cap(device) -> int | None:

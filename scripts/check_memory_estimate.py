@@ -188,11 +188,8 @@ def main() -> None:
         """(share, cap bytes) for a worker whose process estimate is ``process`` (--share)."""
         k = trials_per_gpu(process, total, 1, 4)[0] if args.share == "auto" else int(args.share)
         share = gpus_for(k)
-        if k <= 1:
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            return share, None
-        cap = allocator_cap(share, total)
-        torch.cuda.set_per_process_memory_fraction(cap / total)
+        cap = allocator_cap(share, total) if k > 1 else None
+        gpu_share.set_cap(cap, torch.cuda.current_device(), total)  # what configure_worker sets in a worker
         return share, cap
 
     def trial(name: str, mode: str, release: bool, space_process: int | None = None) -> dict:
