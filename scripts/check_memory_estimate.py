@@ -270,12 +270,14 @@ def main() -> None:
         }  # fmt: skip
         print(json.dumps({k: v for k, v in out["worker"].items() if k != "trials"}), flush=True)
     out["all_within"] = all(t["within"] for t in out["trials"]) and out.get("worker", {}).get("within", True)
-    out["all_reserved_within_cap"] = all(t["reserved_within_cap"] for t in out["trials"])
+    out["all_reserved_within_cap"] = all(t["reserved_within_cap"] for t in out["trials"])  # the cap in force (the allocator enforces it)
+    every = out["trials"] + out.get("worker", {}).get("trials", [])
+    out["all_completed"] = not any(r["failed"] for t in every for r in t["runs"])  # no run failed (an OOM under its cap, say)
     text = json.dumps(out, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-    print(json.dumps({k: out[k] for k in ("all_within", "all_reserved_within_cap")}))
+    print(json.dumps({k: out[k] for k in ("all_within", "all_reserved_within_cap", "all_completed")}))
 
 
 if __name__ == "__main__":
