@@ -213,7 +213,7 @@ def main() -> None:
             stages = meter.take()
             alloc, reserved = max(r["allocated"] for r in stages), max(r["reserved"] for r in stages)
             failed = [f"{type(r).__name__}: {str(r)[:300]}" for r in results if isinstance(r, BaseException)]
-            bound = peak + before
+            bound = peak + max(before, kept_est)  # one phase-2 session at a time: the previous trial's, then this one's
             runs.append({"train_tokens": sizes, "measured_allocated": alloc, "measured_reserved": reserved, "estimate_bound": bound,
                          "ratio": round(alloc / bound, 3), "failed": failed, "stages": stages})  # fmt: skip
             print(f"{name:>18} staged {len(sizes)} runs: allocated {alloc / GB:6.2f} GB, reserved {reserved / GB:6.2f} GB, "

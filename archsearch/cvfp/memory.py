@@ -211,9 +211,10 @@ def held_bytes(cfg: RunConfig, train_tokens: int, val_tokens: int, embed_dim: in
 def trial_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab_size: int, embed_dim: int,
                  staged: bool) -> tuple[int, int]:  # fmt: skip
     """(peak, kept) bytes of a trial's runs on a GPU (``train_tokens``: one entry per run, its
-    sizes times its seeds), beside whatever an earlier trial of the worker keeps (the caller
-    adds that: archsearch.resources.process_bytes). One after another, the largest run's peak
-    bounds them all. Staged (cvfp/run.train_staged, all runs in one group: the most a group
+    sizes times its seeds): the trial allocates at most peak + kept, kept standing for the one
+    phase-2 session a thread holds at a time (an earlier run's or trial's, or the staged
+    trial's own during its finishes; archsearch.resources.process_bytes adds the largest any
+    config keeps). One after another, the largest run's peak bounds them all. Staged (cvfp/run.train_staged, all runs in one group: the most a group
     holds), the runs not working hold :func:`held_bytes` beside the working one: each run's
     phase 1 beside the runs started before it; the first run's train cache and recurrence
     beside every other run's share of the batched pass; each run's finish beside the runs still to finish and
