@@ -195,8 +195,11 @@ def _write(spec: DataSpec, folder: Path, name: str, need: tuple[int, int], say: 
     start = time.perf_counter()
     # Resolve tokenizer and dataset first and report both if both are missing (offline).
     problems: list[DataUnavailable] = []
-    if spec.source in sources.EXTRAS:
-        sources.require_datasets(spec.source)  # before any download: nothing could be read without it
+    # Before any download: nothing could be read without datasets.
+    if spec.source == "ultrachat":
+        sources.require_datasets(spec.source)
+    elif spec.source == "files":
+        sources.require_datasets_for_files(spec)  # only parquet, JSON arrays and compressed files need it
     try:
         files = resolve_tokenizer_files(spec.tokenizer_name, say)
     except DataUnavailable as e:

@@ -2,7 +2,7 @@
 
 - ``wiki``: the English Wikipedia sample shipped inside the gensim wheel (offline).
 - ``ultrachat``: UltraChat-200k exactly as the report used it (cvfp.md section 8).
-- ``files``: local .txt / .jsonl / .json / .parquet files read through HF ``datasets``.
+- ``files``: local .txt / .jsonl / .json files (standard library) and .parquet files (HF ``datasets``).
 
 Every document is tokenised on its own, without special tokens; a training stream is the
 concatenation of its documents' ids. ``gensim`` and ``datasets`` are imported inside the
@@ -12,6 +12,8 @@ functions that need them.
 from __future__ import annotations
 
 import bz2
+import codecs
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -189,7 +191,8 @@ def resolve_dataset(dataset: str, split: str) -> Path:
 
 
 EXTRAS = {"ultrachat": "hub", "files": "files"}
-"""The archsearch extra that brings HF ``datasets`` for each source that reads through it."""
+"""The archsearch extra that brings HF ``datasets`` for each source that reads through it
+(``files``: only parquet, JSON arrays and compressed files, see :func:`needs_datasets`)."""
 
 
 def require_datasets(source: str) -> None:
@@ -301,17 +304,177 @@ def ultrachat_corpus(
 # --------------------------------------------------------------------------- files
 
 
-def file_documents(path: str, fmt: str, text_field: str) -> Iterator[str]:
-    """Documents of one file, in order, through an HF ``datasets`` builder (streamed).
+# .txt files and JSON lines are read with the standard library, row for row as HF datasets'
+# text builder (sample_by=document) and json builder read them, so that a prepared folder does
+# not depend on whether datasets is installed. What only datasets reads goes through it:
+# parquet, a JSON array, and compressed files (which its builders decompress on the fly).
 
-    text: a whole file is one document (prose: a line is not a document); json/parquet: the
-    ``text_field`` of each row. Empty documents are skipped."""
-    require_datasets("files")
+JSON_CHUNK = 1 << 20
+"""Bytes of a JSON-lines file read at a time (a value spanning more is read on in larger steps)."""
+
+_PLAIN_EXTENSIONS = frozenset(
+    "txt csv json jsonl tsv conll conllu orig parquet pkl pickle rel xml arrow".split()
+)  # datasets never decompresses these (its BASE_KNOWN_EXTENSIONS)
+_COMPRESSED_EXTENSIONS = frozenset("bz2 gz gzip lz4 xz zst zstd zip eval".split())
+_COMPRESSION_MAGIC = (
+    b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08", b"BZh", b"\x1f\x8b",
+    b"\xfd7zXZ\x00", b"\x04\x22\x4d\x18", b"\x28\xb5\x2f\xfd", b"Rar!",
+)  # fmt: skip
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _compressed(path: str) -> bool:
+    """Whether datasets would decompress ``path``: by its extension (read as datasets reads it,
+    train.txt-00000-of-00002 -> txt), else by its first bytes."""
+    extension = path.rsplit(".", 1)[-1]
+    for mark in "?-_":
+        extension = extension.split(mark)[0]
+    if extension in _PLAIN_EXTENSIONS:
+        return False
+    if extension in _COMPRESSED_EXTENSIONS:
+        return True
+    with open(path, "rb") as f:
+        return f.read(8).startswith(_COMPRESSION_MAGIC)
+
+
+def _starts_with_array(path: str) -> bool:
+    """Whether the first JSON character of ``path`` (after a UTF-8 BOM and whitespace) opens an array."""
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8)
+        while head:
+            rest = head.lstrip(b" \t\n\r")
+            if rest:
+                return rest.startswith(b"[")
+            head = f.read(4096)
+    return False
+
+
+def needs_datasets(path: str, fmt: str = "auto") -> str | None:
+    """Why ``path`` is read through HF ``datasets`` ("parquet", "a JSON array", "compressed"),
+    or None: the standard library reads it (text; JSON lines, one or more objects per line or
+    objects spanning lines)."""
+    builder = file_format(path, fmt)
+    if builder == "parquet":
+        return "parquet"
+    if _compressed(path):
+        return "compressed"
+    if builder == "json" and _starts_with_array(path):
+        return "a JSON array"
+    return None
+
+
+def require_datasets_for_files(spec: DataSpec) -> None:
+    """DataUnavailable naming every file of ``spec`` that needs HF ``datasets`` when it is missing."""
+    try:
+        import datasets  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    needing = []
+    for key in ("paths", "val_paths"):
+        for i, path in enumerate(getattr(spec, key)):
+            try:
+                why = needs_datasets(path, spec.format)
+            except OSError as e:
+                raise DataUnavailable(f"data.{key}[{i}]: could not read {path} ({type(e).__name__}: {e})") from e
+            if why:
+                needing.append(f"data.{key}[{i}] ({os.path.basename(path)}: {why})")
+    if needing:
+        raise DataUnavailable(
+            f"{', '.join(needing)}: read through HF datasets, which is not installed: "
+            "pip install 'archsearch[files]' (or pip install datasets). "
+            ".txt and JSON-lines files need nothing more."
+        )
+
+
+def _json_values(path: str) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each JSON value of ``path``, a stream of values separated by
+    whitespace (or none), as pyarrow's JSON reader takes it: one per line, several on a line,
+    or one spanning lines. A leading UTF-8 BOM is skipped. Only complete lines are parsed, so
+    a value cut at the end of what was read is one continuing on the next lines."""
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    data, line, at_start, eof, size = "", 1, True, False, JSON_CHUNK
+    with open(path, "rb") as f:
+        while not eof:
+            chunk = f.read(size)
+            eof = not chunk
+            text = utf8.decode(chunk, final=eof)
+            if at_start and text:
+                text, at_start = text.removeprefix("\ufeff"), False
+            data += text
+            block = data if eof else data[: data.rfind("\n") + 1]
+            pos = 0
+            while True:
+                pos = _JSON_SPACE.match(block, pos).end()
+                if pos >= len(block):
+                    break
+                try:
+                    value, end = decoder.raw_decode(block, pos)
+                except json.JSONDecodeError as e:
+                    cut = e.pos >= len(block)
+                    if cut and not eof:
+                        break  # the value goes on past the lines read so far
+                    where = line + block.count("\n", 0, pos if cut else e.pos)
+                    what = f"the file ends inside the value starting there ({e.msg})" if cut else e.msg
+                    raise DataUnavailable(f"could not read {path} as json (line {where}: {what})") from None
+                yield line + block.count("\n", 0, pos), value
+                pos = end
+            line += data.count("\n", 0, pos)
+            data = data[pos:]
+            size = max(JSON_CHUNK, 2 * len(data))  # a long value: read on in larger steps
+
+
+def _json_documents(path: str, column: str) -> Iterator[str]:
+    """The ``column`` of each row of a JSON-lines file, with the checks and messages of the
+    datasets path: datasets makes a column of every field of the rows, so a field missing from
+    some rows is null there, and missing from every row is no field of the file."""
+    rows = _json_values(path)
+    seen = False  # some row held the column
+    for line, row in rows:
+        if not isinstance(row, dict):
+            raise DataUnavailable(
+                f"could not read {path} as json (line {line}: a JSON {type(row).__name__}, not an object)"
+            )
+        if column in row:
+            seen, text = True, row[column]
+        else:
+            if not seen:
+                fields = dict.fromkeys(row)
+                for _, other in rows:
+                    if isinstance(other, dict):
+                        fields.update(dict.fromkeys(other))
+                        seen = seen or column in other
+                if not seen:
+                    raise ConfigError(f"data.text_field: {path} has no field {column!r} (fields: {', '.join(fields)})")
+            text = None
+        if not isinstance(text, str):
+            raise ConfigError(f"data.text_field: field {column!r} of {path} holds {type(text).__name__}, not text")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataUnavailable(
+                    f"could not read {path} as json (line {line}: {column!r} holds an unpaired surrogate \\u escape)"
+                ) from None
+        if text.strip():
+            yield text
+
+
+def _text_document(path: str) -> str:
+    """A text file as one document: UTF-8, universal newlines (\\r\\n and \\r become \\n), a BOM
+    kept as U+FEFF, exactly as datasets' text builder opens it."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _datasets_documents(path: str, builder: str, column: str) -> Iterator[str]:
+    """Documents of one file through an HF ``datasets`` builder (streamed)."""
     import datasets
 
-    builder = file_format(path, fmt)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    column = "text" if builder == "text" else text_field
+    column = "text" if builder == "text" else column
     try:
         rows = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **kwargs)
         for row in rows:
@@ -325,6 +488,27 @@ def file_documents(path: str, fmt: str, text_field: str) -> Iterator[str]:
     except ConfigError:
         raise
     except Exception as e:
+        raise DataUnavailable(f"could not read {path} as {builder} ({type(e).__name__}: {e})") from e
+
+
+def file_documents(path: str, fmt: str, text_field: str) -> Iterator[str]:
+    """Documents of one file, in order. text: a whole file is one document (prose: a line is
+    not a document); json/parquet: the ``text_field`` of each row. Empty documents are skipped.
+
+    Text and JSON lines are read with the standard library; parquet, a JSON array and
+    compressed files through HF ``datasets`` (see :func:`needs_datasets`)."""
+    builder = file_format(path, fmt)
+    try:
+        if needs_datasets(path, fmt):
+            require_datasets("files")
+            yield from _datasets_documents(path, builder, text_field)
+        elif builder == "text":
+            text = _text_document(path)
+            if text.strip():
+                yield text
+        else:
+            yield from _json_documents(path, text_field)
+    except (OSError, UnicodeDecodeError) as e:
         raise DataUnavailable(f"could not read {path} as {builder} ({type(e).__name__}: {e})") from e
 
 
