@@ -285,6 +285,52 @@ def test_header_names_date_versions_device_data_seeds_settings_and_times(tmp_pat
         assert text in md, text
 
 
+def _one_trial_study(tmp_path, device: str, runs=None):
+    """A study (real SQLite) with one complete trial on ``device`` and its run records: those
+    given, or the one `archsearch run` writes (search.runner._record_run)."""
+    from types import SimpleNamespace as NS
+
+    from archsearch.result import SizeRecord
+    from archsearch.search.runner import _record_run
+    from archsearch.space import parse_space
+
+    tmp_path.mkdir()
+    study = optuna.create_study(study_name="one", storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    if runs is None:
+        space = parse_space({"data": {"source": "wiki", "sizes": {"tokens": TOKENS}}})
+        _record_run(study, space, NS(fingerprint="f" * 16), 0.0, 1.0, NS(outcomes=[], repeats=0, exhausted=None))
+    else:
+        study.set_user_attr("runs", runs)
+    sizes = [SizeRecord(size=t, size_unit="tokens", train_tokens=t, val_tokens=2000, val_loss=math.log(p), val_loss_se=0.01,
+                        val_ppl=p, val_acc=0.05, params={"phase1": 1000, "phase2": 500, "total": 1500}, seconds=1.0,
+                        device=device, precision="fp32", seeds=[42]).to_dict()
+             for t, p in zip(TOKENS, [4000, 2000, 1600, 1500])]  # fmt: skip
+    t = study.ask({"num_layers": optuna.distributions.IntDistribution(1, 3)})
+    t.set_user_attr("config_name", "a")
+    t.set_user_attr("sizes", sizes)
+    t.set_user_attr("device", device)
+    study.tell(t, -0.5)
+    return study
+
+
+def test_the_header_names_the_engine_version_of_gpu_runs(tmp_path):
+    """A run records CVFP's engine version and its GPU paths' (both in a GPU run's cache key);
+    the header shows the GPU paths' version when the study has GPU trials, says when an older
+    run record lacks it, and leaves it out for CPU trials."""
+    from archsearch.report import study_report
+    from archsearch.report.render import header
+    from archsearch.runcache import ENGINE_VERSION, GPU_ENGINE_VERSION
+
+    gpu = study_report(_one_trial_study(tmp_path / "gpu", "NVIDIA H200"))
+    assert gpu.meta["runs"][-1]["gpu_engine_version"] == GPU_ENGINE_VERSION  # in the JSON report too
+    assert f"/ engine {ENGINE_VERSION}, GPU paths {GPU_ENGINE_VERSION} |" in "\n".join(header(gpu))
+    cpu = "\n".join(header(study_report(_one_trial_study(tmp_path / "cpu", "cpu"))))
+    assert f"/ engine {ENGINE_VERSION} |" in cpu and "GPU paths" not in cpu
+    old = [{"archsearch_version": "0.1.0", "engine_version": 4, "seconds": 1.0, "trial_seconds": 1.0}]
+    older = "\n".join(header(study_report(_one_trial_study(tmp_path / "old", "NVIDIA H200", runs=old))))
+    assert "0.1.0 / engine 4, GPU paths not recorded" in older
+
+
 def test_the_report_rejudges_admissibility_against_the_final_best(tmp_path):
     """A crafted search (real SQLite) as the bridge records it with admissible: {max_ppl_ratio:
     1.5}: the first trial was admitted against itself, the third was not; against the final

@@ -36,6 +36,16 @@ def _short(count: int) -> str:
     return f"{count / 1e6:g}M" if count >= 1e6 else f"{count / 1e3:g}k"
 
 
+def _versions(run: dict[str, Any], devices: list[str]) -> str:
+    """archsearch's and CVFP's engine version of a run record; with GPU trials, also the
+    version of the engine's GPU paths (runcache.GPU_ENGINE_VERSION, part of a GPU run's key)."""
+    text = f"{run.get('archsearch_version', '-')} / engine {run.get('engine_version', '-')}"
+    if any(d != "cpu" for d in devices):
+        gpu = run.get("gpu_engine_version")
+        text += f", GPU paths {gpu}" if gpu is not None else ", GPU paths not recorded (a run from before they were)"
+    return text
+
+
 def header(rep: Report) -> list[str]:
     """What a reader needs to reproduce or weigh the numbers: when, with what, on what, how long."""
     m = rep.meta
@@ -52,7 +62,7 @@ def header(rep: Report) -> list[str]:
         ("Study", f"`{m['study']}` ({m.get('storage', '')}): {counts}"),
         ("Sampler, objective", f"{m.get('sampler')}; " + ", ".join(f"{o} ({d})" for o, d in zip(m.get("objectives", []), m.get("directions", [])))),
         ("Runs", "; ".join(f"{r.get('date', '-')} ({r.get('seconds', 0):.0f} s for the command, {r.get('trial_seconds', 0):.0f} s of it in trials)" for r in runs) or "-"),
-        ("archsearch / engine", f"{last.get('archsearch_version', '-')} / engine {last.get('engine_version', '-')}"),
+        ("archsearch / engine", _versions(last, m.get("devices") or [])),
         ("Device(s)", ", ".join(m.get("devices") or ["-"])),
         ("Data", f"{m.get('data_source')}, fingerprint {last.get('data_fingerprint', '-')}"),
         ("Sizes", f"{', '.join(f'{s:,}' for s in m.get('sizes') or [])} {m.get('size_unit', '')}"),

@@ -709,19 +709,19 @@ MAX_RUN_RECORDS = 100
 
 def _record_run(study, space: Space, data, t0: float, trial_seconds: float, bridge) -> None:
     """What the report's header needs of this run, appended to the study's ``runs`` attribute:
-    date, versions, data fingerprint, seeds, the settings that differ from the defaults, the
+    date, versions (CVFP's engine and its GPU paths', as run keys hold them), data fingerprint, seeds, the settings that differ from the defaults, the
     command's wall time so far and the trials' time. Never fails the run."""
     import datetime
     import logging
 
     try:
         from archsearch import __version__
-        from archsearch.runcache import ENGINE_VERSION
+        from archsearch.runcache import ENGINE_VERSION, GPU_ENGINE_VERSION
 
         runs = list(study.user_attrs.get("runs") or [])
         runs.append({
             "date": datetime.datetime.fromtimestamp(t0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "archsearch_version": __version__, "engine_version": ENGINE_VERSION,
+            "archsearch_version": __version__, "engine_version": ENGINE_VERSION, "gpu_engine_version": GPU_ENGINE_VERSION,
             "data_fingerprint": _fingerprint(data), "seeds": list(space.seeds),
             "settings": non_default_settings(space), "seconds": round(time.time() - t0, 1),
             "trial_seconds": round(trial_seconds, 1), "trials": sum(1 for o in bridge.outcomes if o.state != "REPEAT"),
