@@ -602,7 +602,7 @@ def report(
     check_outputs(out=folder)
     st_obj = optuna.load_study(study_name=study, storage=opt_storage)
     with err_console.status(f"building the report of {study}", spinner="dots") if not quiet else _nullcontext():
-        rep = study_report(st_obj, stg.mask_url(url), top)
+        rep = study_report(st_obj, stg.shown_url(url, storage), top)
         if not rep.configs:
             raise ConfigError(f"study {study!r} has no COMPLETE trial to report on")
         ref, label = None, ""
@@ -614,7 +614,7 @@ def report(
                 ref_configs, ref_meta = from_reference(compare)
                 ref, label = build_report(ref_configs, meta=ref_meta), compare
             elif compare in names:
-                ref, label = study_report(optuna.load_study(study_name=compare, storage=opt_storage), stg.mask_url(url), top), f"study {compare}"
+                ref, label = study_report(optuna.load_study(study_name=compare, storage=opt_storage), stg.shown_url(url, storage), top), f"study {compare}"
             else:
                 raise ConfigError(f"--compare {compare!r}: not 'reference', a file, or a study of this storage")
         written = write_report(rep, folder, st_obj, ref, label)

@@ -77,6 +77,7 @@ def test_report_of_a_real_study_has_every_section_and_plot(small_study):
     r = cli("report", "--storage", storage, "--out", str(out), "--compare", "reference", env={"ARCHSEARCH_HOME": str(home)})
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
+    assert "`small` (sqlite:///$ARCHSEARCH_HOME/archsearch.db)" in md and str(small_study) not in md.split("## Settings")[0]
     for section in ("## Summary", "## Settings", "## Results per config", "**Scaling law**", "## What α means",
                     "## Rankings", "## Recommendation", "## Plots", "## Comparison with"):  # fmt: skip
         assert section in md, section
@@ -93,7 +94,7 @@ def test_report_of_a_real_study_has_every_section_and_plot(small_study):
     # the dashboard views: the summary table is the study's note, the plot a study-level graph
     import optuna_dashboard
 
-    assert "## Summary" in optuna_dashboard.get_note(study)
+    assert "## Summary" in optuna_dashboard.get_note(study) and str(small_study) not in optuna_dashboard.get_note(study)
     attrs = study._storage.get_study_system_attrs(study._study_id)
     assert any(k.startswith("dashboard:plot_data:archsearch-scaling") for k in attrs)
 

@@ -515,7 +515,7 @@ def run_search(
         _record_run(study, space, data, t0, timings["trials"], bridge)
         laps.lap("record")
         if summary.counts.get("COMPLETE"):
-            _publish(study, url)
+            _publish(study, url, storage or space.storage)
         laps.lap("publish")
         summary.seconds = time.time() - t0
         summary.timings = timings
@@ -783,16 +783,17 @@ def _warm_imports() -> None:
         pass
 
 
-def _publish(study, url: str) -> None:
+def _publish(study, url: str, given: str | None = None) -> None:
     """The study's summary as its note and its log-log plot as a study-level graph in
-    optuna-dashboard (a failure here must not fail the run)."""
+    optuna-dashboard (a failure here must not fail the run). ``given``: the storage as the
+    user named it (see storage.shown_url)."""
     import logging
 
     from archsearch.report import publish_to_dashboard, study_report
-    from archsearch.search.storage import mask_url
+    from archsearch.search.storage import shown_url
 
     try:
-        publish_to_dashboard(study, study_report(study, mask_url(url)))
+        publish_to_dashboard(study, study_report(study, shown_url(url, given)))
     except Exception as e:  # pragma: no cover - plotting/serialisation problems are reported, not raised
         logging.getLogger(__name__).warning("could not write the dashboard views: %s", e)
 

@@ -97,6 +97,20 @@ def mask_url(url: str) -> str:
     return u.render_as_string(hide_password=True).replace("%2A%2A%2A", MASK)
 
 
+def shown_url(url: str, given: str | None = None) -> str:
+    """A storage as a report or a study's note shows it: a SQLite/journal file inside
+    ``$ARCHSEARCH_HOME`` relative to it (``sqlite:///$ARCHSEARCH_HOME/archsearch.db``, so no
+    absolute path of the machine that wrote it), else what the user ``given`` (before
+    :func:`resolve_url` made it absolute), else ``url``; masked by :func:`mask_url` either way."""
+    path = sqlite_path(url) or journal_path(url)
+    if path is not None:
+        try:
+            return f"{kind(url)}:///$ARCHSEARCH_HOME/{path.relative_to(paths.home()).as_posix()}"
+        except ValueError:
+            pass
+    return mask_url(given or url)
+
+
 def redact(text: str, url: str | None) -> str:
     """``text`` (a message, an error from a driver) with every credential of ``url`` masked."""
     text = str(text)

@@ -42,6 +42,27 @@ def test_mask_url(url, shown):
     assert mask_url(url) == shown
 
 
+def test_a_report_shows_the_storage_without_the_machines_paths_or_a_password(tmp_path, monkeypatch):
+    """What a report header and a study's dashboard note show (storage.shown_url): a file in
+    ARCHSEARCH_HOME relative to it, another as the user gave it, a database URL masked."""
+    from archsearch.search.storage import resolve_url, shown_url
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ARCHSEARCH_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    for given, shown in [
+        (None, "sqlite:///$ARCHSEARCH_HOME/archsearch.db"),  # the default storage
+        (f"sqlite:///{home}/sub/x.db", "sqlite:///$ARCHSEARCH_HOME/sub/x.db"),
+        (f"journal:///{home}/s.log", "journal:///$ARCHSEARCH_HOME/s.log"),
+        ("sqlite:///other/x.db", "sqlite:///other/x.db"),  # relative to where it ran, as given
+        ("postgresql://u:hunter2@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u@h/db?password=hunter2", "postgresql://u@h/db?password=***"),
+    ]:  # fmt: skip
+        url = resolve_url(given)
+        assert shown_url(url, given) == shown, given
+        assert str(tmp_path) not in shown_url(url, given) and "hunter2" not in shown_url(url, given)
+
+
 @pytest.mark.parametrize("url, secret", [
     ("postgresql://u:secret@h/db", "secret"),
     ("postgresql://u:p%40ss%20w@h/db", "p@ss w"),
