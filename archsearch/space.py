@@ -1002,9 +1002,15 @@ def _cartesian(parameters: dict[str, Distribution], base, problems) -> dict[str,
     out = {}
     for combo in itertools.product(*values):
         params = dict(zip(names, combo))
-        label = ",".join(f"{k}={v}" for k, v in params.items())
-        out[label] = params
+        out[config_label(params)] = params
     return out
+
+
+def config_label(params: dict[str, Any]) -> str:
+    """A config's name from its parameters, in their order: ``num_layers=3,context_dim=768``.
+    A Cartesian grid names its points so, and a sampler's proposals are named so (values as
+    Python writes them, so distinct configs get distinct names)."""
+    return ",".join(f"{k}={v}" for k, v in params.items())
 
 
 # option -> (kind, low, high); kinds: int, float, float+ (above low), float? (or null), bool,

@@ -54,7 +54,7 @@ from archsearch.result import SizeRecord
 from archsearch.search import study as st
 from archsearch.search.distributions import search_distributions, suggest_all
 from archsearch.search.notes import capped_text
-from archsearch.space import Space
+from archsearch.space import Space, config_label
 from archsearch.trial import TrialPlan
 
 MAX_INFEASIBLE = 200
@@ -177,7 +177,7 @@ class StudyBridge:
                     return None if self.live else Searcher.FINISHED
                 self.asked_new += 1
             params = suggest_all(trial, self.dists)
-            name = trial.user_attrs.get("config_name") or f"trial_{trial.number}"
+            name = trial.user_attrs.get("config_name") or config_label(params)  # a proposal: named as a grid's points
             if "config_name" not in trial.user_attrs:
                 trial.set_user_attr("config_name", name)
             storage = self.study._storage
@@ -293,9 +293,9 @@ class StudyBridge:
             if not problems:
                 return trial
             trial.set_user_attr("pruned_reason", "infeasible: " + "; ".join(problems))
-            trial.set_user_attr("config_name", f"trial_{trial.number}")
+            trial.set_user_attr("config_name", config_label(params))
             self.study.tell(trial, state=TrialState.PRUNED)
-            self.outcomes.append(Outcome(trial.number, f"trial_{trial.number}", params, "PRUNED", None, "infeasible: " + "; ".join(problems)))
+            self.outcomes.append(Outcome(trial.number, config_label(params), params, "PRUNED", None, "infeasible: " + "; ".join(problems)))
         raise UserError(f"constraints: {MAX_INFEASIBLE} proposals in a row violated {self.space.constraints}; widen the constraints or narrow the parameters")
 
     # -- results -------------------------------------------------------------------------

@@ -248,3 +248,37 @@ def test_a_repeat_of_a_running_trial_waits_and_gets_its_value(tmp_path, tiny_cor
         assert [o.state for o in bridge.outcomes] == ["COMPLETE", "REPEAT"]
     finally:
         bridge.close()
+
+
+def test_proposals_are_named_by_their_parameters_as_grid_points_are(tmp_path, tiny_corpus, monkeypatch):
+    """A sampler's proposal gets the readable name a Cartesian grid gives its points (the
+    dashboard's list shows "Trial N · <name>"), a warm start keeps its own, an infeasible
+    proposal is named the same way."""
+    from archsearch.space import config_label
+
+    grid = parse_space(tiny_space(tiny_corpus, sampler={"type": "grid"}, parameters=PARAMS))
+    assert set(grid.configs) == {"num_layers=1,context_dim=8", "num_layers=2,context_dim=8"}
+    space = search_space(tiny_corpus, warm_start={"configs": {"w": {"num_layers": 1, "context_dim": 8}}})
+    study, bridge = bridge_for(tmp_path, space)
+    try:
+        queued, sampled = bridge.suggest("ray-1"), bridge.suggest("ray-2")
+        names = {t.number: t.user_attrs["config_name"] for t in study.get_trials()}
+        assert names[queued["optuna_trial"]] == "w"
+        proposal = study.trials[sampled["optuna_trial"]]
+        assert names[proposal.number] == config_label(proposal.params) in grid.configs
+        assert bridge.live["ray-2"].name == names[proposal.number]
+    finally:
+        bridge.close()
+    from archsearch.search import bridge as bridge_module
+
+    monkeypatch.setattr(bridge_module, "MAX_INFEASIBLE", 3)  # three infeasible proposals, then it gives up
+    tight = search_space(tiny_corpus, constraints={"max_phase1_params": 1})
+    (tmp_path / "tight").mkdir()
+    study, bridge = bridge_for(tmp_path / "tight", tight)
+    try:
+        with pytest.raises(Exception, match="constraints"):
+            bridge.suggest("ray-1")
+        pruned = study.get_trials(states=(TrialState.PRUNED,))
+        assert len(pruned) == 3 and all(t.user_attrs["config_name"] == config_label(t.params) for t in pruned)
+    finally:
+        bridge.close()
