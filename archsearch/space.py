@@ -1006,11 +1006,16 @@ def _cartesian(parameters: dict[str, Distribution], base, problems) -> dict[str,
     return out
 
 
+LABEL_NAMES = {"num_layers": "L", "context_dim": "C", "num_input_tokens": "k"}
+"""Short names of CVFP's shape in config labels (the notation of cvfp.md)."""
+
+
 def config_label(params: dict[str, Any]) -> str:
-    """A config's name from its parameters, in their order: ``num_layers=3,context_dim=768``.
-    A Cartesian grid names its points so, and a sampler's proposals are named so (values as
-    Python writes them, so distinct configs get distinct names)."""
-    return ",".join(f"{k}={v}" for k, v in params.items())
+    """A config's name from its parameters, in their order: ``L=3,C=768,k=1,phase1.lr=0.001``
+    (the shape short, other fields by their dotted names). A Cartesian grid names its points
+    so and a sampler's proposals are named so, short enough for the dashboard's trial list;
+    values as Python writes them, so distinct configs get distinct names."""
+    return ",".join(f"{LABEL_NAMES.get(k, k)}={v}" for k, v in params.items())
 
 
 # option -> (kind, low, high); kinds: int, float, float+ (above low), float? (or null), bool,

@@ -257,7 +257,8 @@ def test_proposals_are_named_by_their_parameters_as_grid_points_are(tmp_path, ti
     from archsearch.space import config_label
 
     grid = parse_space(tiny_space(tiny_corpus, sampler={"type": "grid"}, parameters=PARAMS))
-    assert set(grid.configs) == {"num_layers=1,context_dim=8", "num_layers=2,context_dim=8"}
+    assert set(grid.configs) == {"L=1,C=8", "L=2,C=8"}
+    assert config_label({"num_layers": 3, "phase1.lr": 0.001, "num_input_tokens": 2}) == "L=3,phase1.lr=0.001,k=2"
     space = search_space(tiny_corpus, warm_start={"configs": {"w": {"num_layers": 1, "context_dim": 8}}})
     study, bridge = bridge_for(tmp_path, space)
     try:
