@@ -395,7 +395,8 @@ def _json_values(path: str) -> Iterator[tuple[int, Any]]:
     a value cut at the end of what was read is one continuing on the next lines."""
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
-    data, line, at_start, eof, size = "", 1, True, False, JSON_CHUNK
+    data, at_start, eof, size = "", True, False, JSON_CHUNK
+    line, counted = 1, 0  # the line number of data[counted]
     with open(path, "rb") as f:
         while not eof:
             chunk = f.read(size)
@@ -410,18 +411,19 @@ def _json_values(path: str) -> Iterator[tuple[int, Any]]:
                 pos = _JSON_SPACE.match(block, pos).end()
                 if pos >= len(block):
                     break
+                line, counted = line + block.count("\n", counted, pos), pos
                 try:
                     value, end = decoder.raw_decode(block, pos)
                 except json.JSONDecodeError as e:
                     cut = e.pos >= len(block)
                     if cut and not eof:
                         break  # the value goes on past the lines read so far
-                    where = line + block.count("\n", 0, pos if cut else e.pos)
+                    where = line if cut else line + block.count("\n", pos, e.pos)
                     what = f"the file ends inside the value starting there ({e.msg})" if cut else e.msg
                     raise DataUnavailable(f"could not read {path} as json (line {where}: {what})") from None
-                yield line + block.count("\n", 0, pos), value
+                yield line, value
                 pos = end
-            line += data.count("\n", 0, pos)
+            line, counted = line + data.count("\n", counted, pos), 0
             data = data[pos:]
             size = max(JSON_CHUNK, 2 * len(data))  # a long value: read on in larger steps
 
