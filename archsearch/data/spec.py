@@ -26,7 +26,7 @@ DEFAULT_TOKENIZER = {"wiki": "minilm", "ultrachat": "gpt2", "files": "minilm"}
 ALIASES = ("minilm", "gpt2")
 """Tokenizer names that are never read as local folders."""
 
-# File extension -> HF `datasets` builder, for format="auto".
+# File extension -> format (named as HF `datasets` names its builders), for format="auto".
 EXTENSION_FORMATS = {
     ".txt": "text",
     ".text": "text",
@@ -324,7 +324,7 @@ def spec_problems(
 
 
 def file_format(path: str, fmt: str = "auto") -> str | None:
-    """The HF builder that reads ``path``: ``fmt`` itself, or the one its extension names."""
+    """The format of ``path`` (text, json, parquet): ``fmt`` itself, or the one its extension names."""
     if fmt != "auto":
         return fmt
     return EXTENSION_FORMATS.get(Path(path).suffix.lower())
