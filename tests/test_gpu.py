@@ -550,8 +550,6 @@ def test_fused_phase1_run_is_close_to_fp32_on_gpu():
     assert out["bf16"].val_ppl == pytest.approx(out["fp32"].val_ppl, rel=0.02)
 
 
-@pytest.mark.xfail(strict=False, reason="failed once on an H200 (2026-12-01; the one call it ran in), cause not found; the "
-                   "16-run bench's staged and unstaged runs were equal to the bit there (benchmarks/h200_bench.json)")  # fmt: skip
 def test_staged_trial_on_gpu_equals_one_after_another(tiny_corpus):
     """run_trial on CUDA with engine.stage_sizes true and false: the same records and fit."""
     from test_stage_sizes import SIZES, numbers
