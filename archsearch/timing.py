@@ -3,8 +3,8 @@
 ``archsearch run --json`` writes its laps as ``timings``: each part starts where the one
 before it ended, and the first starts at the process's start, so their sum is the time from
 the process's start to the writing of the JSON (what is left of the wall time is the
-interpreter's exit). A part that runs beside the others in a thread (``data``) is recorded
-on its own and is not one of the laps (:data:`OVERLAPPED`).
+interpreter's exit). A part that runs beside the others in a thread (``data``, ...) is
+recorded on its own and is not one of the laps (:data:`OVERLAPPED`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import time
 
-OVERLAPPED = ("data",)
-"""Timings keys that run in a thread beside the laps (the data is prepared while Ray starts):
-not part of the laps' sum."""
+OVERLAPPED = ("data", "gpu_memory", "warm_imports", "late_imports")
+"""Timings keys that run in a thread beside the laps, not part of the laps' sum: the data's
+preparation, the GPUs' memory (a child process) and the imports of what comes next, all three
+while Ray starts, and the imports a trial's end needs (beside Ray Tune's start)."""
 
 
 def process_start() -> float:

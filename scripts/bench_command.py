@@ -53,7 +53,7 @@ def one_command(space: Path, overrides: list[str], home: Path, env: dict, repo: 
     return summarise(run, wall, exited) | {"sizes": size_rows(run)}
 
 
-OVERLAPPED = ("data",)
+OVERLAPPED = ("data", "gpu_memory", "warm_imports", "late_imports")
 """Timings that run beside the laps (archsearch.timing.OVERLAPPED; repeated here so that
 code from before the laps can be measured)."""
 

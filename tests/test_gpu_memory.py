@@ -50,13 +50,14 @@ def test_the_driver_reads_gpu_memory_without_making_a_cuda_context():
 
     from helpers import ROOT
 
-    code = ("import json, torch; from archsearch.search.runner import local_gpu_memory; m = local_gpu_memory(); "
-            "print(json.dumps([m, bool(torch._C._cuda_hasPrimaryContext(0))]))")  # fmt: skip
+    code = ("import json, sys; from archsearch.search.runner import local_gpu_memory; m = local_gpu_memory(); t = 'torch' in sys.modules; "
+            "import torch; print(json.dumps([m, t, bool(torch._C._cuda_hasPrimaryContext(0))]))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    memory, context = json.loads(r.stdout.strip().splitlines()[-1])
+    memory, torch_in_driver, context = json.loads(r.stdout.strip().splitlines()[-1])
     assert memory == [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     assert not context
+    assert not torch_in_driver  # read by a child process: the driver imports no torch
 
 
 def _fresh() -> int:

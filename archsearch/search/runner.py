@@ -90,9 +90,58 @@ def init_ray(address: str | None, quiet: bool = True, temp_dir: str | None = Non
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
         temp_dir = temp_dir or ray_temp_dir()
-        with _loopback_only(ray), _owner_mark():
+        with _loopback_only(ray), _owner_mark(), _prompt_node_wait():
             ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, **local_init_options(), **kwargs)
     return ray
+
+
+NODE_POLL_S = 0.02
+"""How often the embedded Ray's start asks the GCS whether the raylet has registered."""
+NODE_WAIT_S = 60.0
+"""How long it asks, at most; then Ray's own wait (30 s more, then its error) takes over."""
+
+
+@contextmanager
+def _prompt_node_wait():
+    """Notice the raylet's registration within NODE_POLL_S instead of Ray's whole second.
+
+    ``ray.init`` waits for the new raylet to register with the GCS in a C++ loop that asks,
+    then sleeps one second (GlobalStateAccessor::GetNode); the raylet registers 0.8-1.3 s after
+    its start (2-core CPU; it waits for its dashboard and runtime-env agents), so two or three
+    whole seconds went by (measured: 1.02, 2.03 or 4.08 s, the loop's steps; 1.0-1.7 s with
+    this). While the node starts, Ray's ``services.get_node`` first polls the GCS's node table
+    itself, then calls Ray's own, which then answers at once: the same node information
+    either way. Anything unexpected (another Ray whose functions differ) falls through to
+    Ray's wait unchanged."""
+    from ray._private import services
+
+    original = getattr(services, "get_node", None)
+    if original is None:  # pragma: no cover - a Ray without it: its own wait
+        yield
+        return
+
+    @functools.wraps(original)
+    def get_node(gcs_address, node_id, *args, **kwargs):
+        try:
+            from ray._raylet import GcsClient
+            from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+            client = GcsClient(address=gcs_address)
+            deadline = time.monotonic() + NODE_WAIT_S
+            while time.monotonic() < deadline:
+                alive = client.get_all_node_info(timeout=5, state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
+                if any(key.hex() == node_id for key in alive):
+                    break
+                time.sleep(NODE_POLL_S)
+        except Exception:  # Ray's own wait below decides
+            pass
+        return original(gcs_address, node_id, *args, **kwargs)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = original
 
 
 WARM_WORKERS_VAR = "ARCHSEARCH_RAY_WARM_WORKERS"
@@ -334,31 +383,53 @@ def trial_resources(space: Space, ray) -> tuple[float, float]:
     return gpus, space.cpus
 
 
+GPU_MEMORY_TIMEOUT_S = 120.0
+"""Seconds the child process that reads the GPUs' memory may take (torch's import and CUDA's
+initialisation: 2-4 s on the H200 host); past it, auto gives each trial a GPU of its own."""
+
+_GPU_MEMORY_CODE = (
+    "import json, torch\n"
+    "m = [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())] "
+    "if torch.cuda.is_available() else None\n"
+    "print(json.dumps(m or None))\n"
+)
+
+
 def local_gpu_memory() -> list[int] | None:
     """Bytes of each CUDA device this process sees (``torch.cuda.get_device_properties``: the
     same devices, under the same CUDA_VISIBLE_DEVICES, as the embedded Ray's), or None where
-    there is none. Without an NVIDIA driver on the machine it returns at once, before torch is
-    imported (a CPU run pays nothing). Reading the properties makes no CUDA context."""
+    there is none. Without an NVIDIA driver on the machine it returns at once (a CPU run pays
+    nothing). Reading the properties makes no CUDA context.
+
+    Read in a child process: the driver itself never imports torch (seconds of imports that
+    would hold the driver's GIL while Ray starts beside them, and ~0.7 s more at the
+    interpreter's exit); the child asks torch exactly as the driver would have."""
     if not Path("/proc/driver/nvidia/gpus").is_dir() and shutil.which("nvidia-smi") is None:
         return None
-    try:
-        import torch
+    import json
+    import subprocess
+    import sys
 
-        if not torch.cuda.is_available():
+    try:
+        out = subprocess.run([sys.executable, "-c", _GPU_MEMORY_CODE], capture_output=True, text=True, timeout=GPU_MEMORY_TIMEOUT_S,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+        if out.returncode != 0:
             return None
-        return [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())] or None
-    except Exception:  # a broken driver or build: auto then gives each trial a GPU of its own
+        memory = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):  # a broken driver or build: auto then gives each trial a GPU of its own
         return None
+    if not isinstance(memory, list) or not all(isinstance(m, int) and m > 0 for m in memory):
+        return None
+    return memory or None
 
 
 def _gpu_memory_job(space: Space, address: str | None):
-    """For ``resources.gpus: auto`` on the embedded Ray: :func:`local_gpu_memory` in a thread of
-    its own, read while Ray starts (the setup pool's two threads are busy with the data and
-    the imports); None otherwise."""
+    """For ``resources.gpus: auto`` on the embedded Ray: :func:`local_gpu_memory` (a child
+    process) waited on in a thread of its own while Ray starts, with its seconds; None otherwise."""
     if space.gpus is not None or address:
         return None
     pool = ThreadPoolExecutor(1, thread_name_prefix="archsearch-gpu-memory")
-    job = pool.submit(local_gpu_memory)
+    job = pool.submit(_timed, local_gpu_memory)
     pool.shutdown(wait=False)  # the job still runs to its end
     return job
 
@@ -435,14 +506,18 @@ def run_search(
             laps.lap("checks")
             import ray  # before the thread below imports its parts
 
-            pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer, matplotlib: seconds of imports
+            imports_job = pool.submit(_warm_imports)  # Ray Tune, the storage's SQL layer: seconds of imports
             memory_job = _gpu_memory_job(space, address)
             started = not address and not ray.is_initialized()  # an embedded Ray of this call (not the caller's)
             init_ray(address, quiet=True, temp_dir=ray_tmp)
             laps.lap("ray_init")
             gpus, cpus = trial_resources(space, ray)
             data, timings["data"] = data_job.result()  # its own seconds, beside ray_init: not a lap
-            sharing = auto_sharing(space, ray, gpus, data, memory_job.result() if memory_job else None, n_new, local=not address)
+            memory = None
+            if memory_job is not None:
+                memory, timings["gpu_memory"] = memory_job.result()
+            sharing = auto_sharing(space, ray, gpus, data, memory, n_new, local=not address)
+            timings["warm_imports"] = imports_job.result()
             if sharing is not None:
                 gpus = sharing.gpus
                 if view_mode != "quiet":
@@ -487,6 +562,7 @@ def run_search(
         bridge.vocab_size = data.vocab_size
         results_dir = paths.home() / "ray" / f"{name}-{int(t0)}-{os.getpid()}"
         laps.lap("study")
+        late_imports = _late_imports()  # a trial's end needs them first, seconds from now
         watch = ClusterWatch(ray, bridge, local=not address)
         try:
             with view:
@@ -511,6 +587,7 @@ def run_search(
         summary.repeats, summary.exhausted = bridge.repeats, bridge.exhausted
         summary.interrupted = not summary.cluster_lost and (summary.interrupted or any(o.kind == "interrupted" for o in bridge.outcomes))
         laps.lap("trials")
+        timings["late_imports"] = late_imports()  # done long since, unless no trial ran (then the publishing needs them)
         summary.counts = _counts(study)
         _record_run(study, space, data, t0, timings["trials"], bridge)
         laps.lap("record")
@@ -760,27 +837,52 @@ def _timed(fn, *args, **kwargs):
     return fn(*args, **kwargs), time.perf_counter() - t
 
 
-def _warm_imports() -> None:
-    """Import, while Ray starts, what the run needs next: Ray Tune and the bridge, the SQL layer
-    Optuna's storage loads on first use, and matplotlib for the trials' plots (whose first
-    use would otherwise hold up the trial loop). A failure here is met again, and reported,
-    where the module is really used."""
+WARM_IMPORTS = ("archsearch.search.bridge", "archsearch.search.trainable", "ray.tune", "sqlalchemy.orm", "alembic.command",
+                "alembic.migration", "optuna.storages._rdb.models")
+"""Imported while Ray starts: what the study and Ray Tune's start need right after it (Ray
+Tune and the bridge, the SQL layer Optuna's storage loads on first use)."""
+LATE_IMPORTS = ("archsearch.report.artifacts", "scipy.stats", "matplotlib.pyplot")
+"""Imported beside Ray Tune's start, not waited for: what a trial's end needs first (its fit's
+interval, its plot). Beside Ray's start they held the driver's GIL for ~1.2 s more (2-core CPU)
+and ended after it."""
+
+
+def _import_all(names: tuple[str, ...]) -> float:
+    """Import ``names``; their seconds. A failure here is met again, and reported, where the
+    module is really used."""
     import importlib
 
-    for name in ("archsearch.search.bridge", "archsearch.search.trainable", "archsearch.report.artifacts", "ray.tune",
-                 "sqlalchemy.orm", "alembic.command", "alembic.migration", "optuna.storages._rdb.models",
-                 "scipy.stats"):  # fmt: skip
+    t = time.perf_counter()
+    for name in names:
         try:
+            if name == "matplotlib.pyplot":
+                import matplotlib
+
+                matplotlib.use("Agg")
             importlib.import_module(name)
         except Exception:  # pragma: no cover
             pass
-    try:
-        import matplotlib
+    return time.perf_counter() - t
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-    except Exception:  # pragma: no cover
-        pass
+
+def _warm_imports() -> float:
+    """:data:`WARM_IMPORTS`, in a thread beside Ray's start; their seconds."""
+    return _import_all(WARM_IMPORTS)
+
+
+def _late_imports() -> Callable[[], float]:
+    """:data:`LATE_IMPORTS` in a daemon thread of their own (an import the main thread needs
+    meanwhile waits on Python's import lock for the thread's, then finds it done); returns the
+    wait for it, which gives their seconds."""
+    box: dict[str, float] = {}
+    thread = threading.Thread(target=lambda: box.update(seconds=_import_all(LATE_IMPORTS)), name="archsearch-late-imports", daemon=True)
+    thread.start()
+
+    def wait() -> float:
+        thread.join()
+        return box.get("seconds", 0.0)
+
+    return wait
 
 
 def _publish(study, url: str, given: str | None = None) -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -79,9 +80,91 @@ def _process_age() -> float | None:
         return None
 
 
+WARMUP_VAR = "ARCHSEARCH_WORKER_WARMUP"
+"""``0`` turns the trial worker's warm-up thread (:class:`Warmup`) off (to measure it)."""
+
+WARM_MODULES = ("torch", "archsearch.cvfp.run", "archsearch.families.cvfp", "torch._refs", "torch._prims_common",
+                "torch.fx.experimental.symbolic_shapes")
+"""What a worker's first run imports (the engine, and torch modules its first operations load
+lazily: 0.5 s each in a first run's profile on the H200, benchmarks/h200_worker_start.json)."""
+CUDA_MODULES = ("archsearch.cvfp.fast.kernels", "archsearch.cvfp.fast.phase1_kernels", "archsearch.cvfp.fast.recurrent_kernels",
+                "archsearch.cvfp.fast.head", "torch._higher_order_ops.triton_kernel_wrap")
+"""On CUDA, the Triton kernels' modules too (their imports define the kernels)."""
+
+
+class Warmup:
+    """The first uses a trial's run would otherwise make itself, in a thread started at the
+    trainable's entry and joined before the run starts: the imports above and, on CUDA, the
+    device's context, cuBLAS's handle (the engine's own GEMM probe,
+    ``archsearch.cvfp.fast.device.gemm_caps``, whose answer it keeps) and Triton's driver.
+
+    Scheduling only: it draws no random numbers and leaves no tensor behind, and a run's
+    numbers do not depend on whether a context, a handle or a module was made before it.
+    Joined before the run (never beside it: a CUDA graph capture must have the device to
+    itself), without a time limit: it makes the calls the run's first steps would make, so
+    a hang there would hang the run too. Its failure is recorded (``error``) and nothing
+    else: the run then meets, and reports, the same problem itself."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.info = cuda, {"cuda": cuda, "seconds": None, "waited_s": None, "error": None}
+        self._thread = threading.Thread(target=self._run, name="archsearch-warmup", daemon=True)
+
+    def start(self) -> Warmup:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        t = time.perf_counter()
+        try:
+            self._warm()
+        except BaseException as e:  # noqa: BLE001 - nothing of it may reach the trial
+            self.info["error"] = f"{type(e).__name__}: {e}"[:500]
+        self.info["seconds"] = time.perf_counter() - t
+
+    def _warm(self) -> None:
+        import importlib
+
+        for name in WARM_MODULES + (CUDA_MODULES if self.cuda else ()):
+            try:
+                importlib.import_module(name)
+            except ImportError:  # an optional part (Triton) missing: the run takes its other path
+                pass
+        if not self.cuda:
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        from archsearch.cvfp.fast.device import gemm_caps
+
+        device = torch.device("cuda", torch.cuda.current_device())  # the device Ray gave this worker (CUDA_VISIBLE_DEVICES)
+        gemm_caps(device)  # the context, cuBLAS(Lt)'s handle and the probe the engine makes first
+        try:
+            from triton.runtime import driver
+
+            driver.active.get_current_device()  # Triton's launcher utilities, loaded (built once, then cached)
+        except ImportError:
+            pass
+        torch.cuda.synchronize(device)
+
+    def join(self) -> dict[str, Any]:
+        """Wait for it; what it did (``info``), with the seconds the trial waited for it."""
+        t = time.perf_counter()
+        self._thread.join()
+        self.info["waited_s"] = time.perf_counter() - t
+        return self.info
+
+
+def _warmup(config: dict[str, Any]) -> Warmup | None:
+    if os.environ.get(WARMUP_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return Warmup(cuda=config.get("gpus", 0) > 0).start()
+
+
 def cvfp_trainable(config: dict[str, Any]) -> None:
     entered, age = time.time(), _process_age()
     torch_before = "torch" in sys.modules  # imported already by warm_worker (ARCHSEARCH_RAY_WARM_WORKERS)
+    warmup = _warmup(config)
     t = time.perf_counter()
     import ray
     import torch
@@ -138,6 +221,8 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
 
     failure = None
     limit = config.get("memory_gb")
+    if warmup is not None:
+        worker["warmup"] = warmup.join()
     try:
         with memory_limit(limit):
             result = run_trial(plan, on_size=on_size, progress=progress)

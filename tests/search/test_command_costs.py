@@ -14,6 +14,8 @@ import time
 import pytest
 from helpers import ROOT, tiny_space, write_space
 
+from archsearch.timing import OVERLAPPED
+
 LAPS = ["imports", "space", "checks", "ray_init", "data_wait", "study", "trials", "record", "publish", "summary", "ray_shutdown"]
 
 
@@ -47,8 +49,12 @@ def test_the_embedded_ray_prestarts_no_idle_worker_and_stops_every_process(tmp_p
 
     from archsearch.search.runner import init_ray, stop_embedded_ray
 
+    from ray._private import services
+
     monkeypatch.setenv("ARCHSEARCH_HOME", str(tmp_path / "home"))
+    ray_get_node = services.get_node
     init_ray(None)
+    assert services.get_node is ray_get_node  # the prompt wait for the raylet's registration is gone again
     node = ray._private.worker._global_node
     processes = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
     assert processes[ray_constants.PROCESS_TYPE_MONITOR] and processes[ray_constants.PROCESS_TYPE_RAYLET]
@@ -62,6 +68,44 @@ def test_the_embedded_ray_prestarts_no_idle_worker_and_stops_every_process(tmp_p
         if kind != ray_constants.PROCESS_TYPE_REAPER:  # the reaper outlives the node by design and ends on its own
             assert all(p.poll() is not None for p in procs), kind
     stop_embedded_ray()  # a no-op once Ray is down
+
+
+def test_the_prompt_node_wait_answers_what_rays_own_answers(monkeypatch):
+    """While the embedded Ray starts, Ray's wait for its raylet first polls the GCS itself (no
+    whole-second steps), then gives Ray's own answer; if the polling cannot even begin it is
+    Ray's own wait alone."""
+    import ray._raylet
+    from ray._private import services
+
+    from archsearch.search import runner
+
+    calls = []
+    monkeypatch.setattr(services, "get_node", lambda address, node_id: calls.append((address, node_id)) or {"node_id": node_id})
+
+    class Registered:  # the GCS's node table: the node is there at the third look
+        looks = 0
+
+        def __init__(self, address):
+            self.address = address
+
+        def get_all_node_info(self, timeout, state_filter):
+            Registered.looks += 1
+            return {type("Id", (), {"hex": lambda self: "ab12"})(): None} if Registered.looks >= 3 else {}
+
+    monkeypatch.setattr(ray._raylet, "GcsClient", Registered)
+    ours = services.get_node
+    with runner._prompt_node_wait():
+        assert services.get_node is not ours
+        assert services.get_node("127.0.0.1:1", "ab12") == {"node_id": "ab12"}
+    assert services.get_node is ours and Registered.looks == 3 and calls == [("127.0.0.1:1", "ab12")]
+
+    def unreachable(address):
+        raise ConnectionError("no GCS")
+
+    monkeypatch.setattr(ray._raylet, "GcsClient", unreachable)
+    with runner._prompt_node_wait():
+        assert services.get_node("127.0.0.1:1", "cd34") == {"node_id": "cd34"}
+    assert calls[-1] == ("127.0.0.1:1", "cd34") and services.get_node is ours
 
 
 def test_validate_and_the_runner_import_none_of_the_heavy_modules():
@@ -89,7 +133,7 @@ def test_bench_command_reports_the_laps_and_every_trials_sizes(tmp_path, tiny_co
                        capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     (row,) = json.loads(out.read_text())["runs"]
-    assert [k for k in row["timings"] if k != "data"] == LAPS and "data" in row["timings"]
+    assert [k for k in row["timings"] if k not in OVERLAPPED] == LAPS and {"data", "warm_imports", "late_imports"} <= set(row["timings"])
     assert all(v >= 0 for v in row["timings"].values())
     assert 0 < row["laps_sum_s"] <= row["wall_s"] and row["exit_s"] == row["wall_s"] - row["laps_sum_s"]
     assert len(row["worker_start_s"]) == 2 and 0 < row["after_last_trial_s"] < row["wall_s"]

@@ -13,6 +13,7 @@ from archsearch.config import param_counts
 from archsearch.scaling import fit_power_law
 from archsearch.search.runner import run_search
 from archsearch.space import parse_space
+from archsearch.timing import OVERLAPPED
 
 SIZES = [400, 800, 1600]
 
@@ -75,10 +76,12 @@ def test_grid_study_gets_exactly_its_configs_complete_with_attributes(home, tiny
     for t in trials:  # the worker that ran it, and how long it had been up when the trial began
         w = t.user_attrs["worker"]
         assert w["pid"] == t.user_attrs["worker_pid"] and w["process_age_s"] >= 0 and w["imports_s"] >= 0
-    # contiguous laps from run_search's start (data: beside ray_init, not a lap); they cover the run's seconds
-    assert list(summary.timings) == ["checks", "ray_init", "data", "data_wait", "study", "trials", "record", "publish"]
+        # its warm-up (the engine's imports; no CUDA here) ran, ended before the run, and failed in nothing
+        assert w["warmup"]["cuda"] is False and w["warmup"]["error"] is None and w["warmup"]["seconds"] >= w["warmup"]["waited_s"] >= 0
+    # contiguous laps from run_search's start (data and the imports: in threads beside them, not laps); they cover the run's seconds
+    assert list(summary.timings) == ["checks", "ray_init", "data", "warm_imports", "data_wait", "study", "trials", "late_imports", "record", "publish"]
     assert all(v >= 0 for v in summary.timings.values()) and summary.timings["trials"] < summary.seconds
-    laps = sum(v for k, v in summary.timings.items() if k != "data")
+    laps = sum(v for k, v in summary.timings.items() if k not in OVERLAPPED)
     assert summary.seconds - 0.05 <= laps <= summary.seconds + 0.05
 
 
