@@ -94,15 +94,19 @@ CUDA_MODULES = ("archsearch.cvfp.fast.kernels", "archsearch.cvfp.fast.phase1_ker
 
 class Warmup:
     """The first uses a trial's run would otherwise make itself, in a thread started at the
-    trainable's entry and joined before the run starts: the imports above and, on CUDA, the
-    device's context, cuBLAS's handle (the engine's own GEMM probe,
+    trainable's entry, while the trial starts and loads its data: the imports above and, on
+    CUDA, the device's context, cuBLAS's handle (the engine's own GEMM probe,
     ``archsearch.cvfp.fast.device.gemm_caps``, whose answer it keeps) and Triton's driver.
+    Joined at the run's first progress event (a run's start), so the run's phases never run
+    beside it; its CUDA calls hold the engine's ``CAPTURE_LOCK`` (the lock every CUDA-graph
+    capture and device-wide synchronisation takes), so nothing the engine does before that
+    event (a staged trial's memory query) can meet them badly either.
 
     Scheduling only: it draws no random numbers and leaves no tensor behind, and a run's
-    numbers do not depend on whether a context, a handle or a module was made before it.
-    Joined before the run (never beside it: a CUDA graph capture must have the device to
-    itself), without a time limit: it makes the calls the run's first steps would make, so
-    a hang there would hang the run too. Its failure is recorded (``error``) and nothing
+    numbers do not depend on whether a context, a handle or a module was made before it
+    (``tests/search/test_worker_warmup.py``: a run's numbers with it and without it, to the
+    bit). The join has no time limit: the thread makes the calls the run's first steps would
+    make, which would hang the run as well. Its failure is recorded (``error``) and nothing
     else: the run then meets, and reports, the same problem itself."""
 
     def __init__(self, cuda: bool):
@@ -135,23 +139,26 @@ class Warmup:
 
         if not torch.cuda.is_available():
             return
-        from archsearch.cvfp.fast.device import gemm_caps
+        from archsearch.cvfp.fast.device import CAPTURE_LOCK, gemm_caps
 
-        device = torch.device("cuda", torch.cuda.current_device())  # the device Ray gave this worker (CUDA_VISIBLE_DEVICES)
-        gemm_caps(device)  # the context, cuBLAS(Lt)'s handle and the probe the engine makes first
-        try:
-            from triton.runtime import driver
+        with CAPTURE_LOCK:
+            device = torch.device("cuda", torch.cuda.current_device())  # the device Ray gave this worker (CUDA_VISIBLE_DEVICES)
+            gemm_caps(device)  # the context, cuBLAS(Lt)'s handle and the probe the engine makes first
+            try:
+                from triton.runtime import driver
 
-            driver.active.get_current_device()  # Triton's launcher utilities, loaded (built once, then cached)
-        except ImportError:
-            pass
-        torch.cuda.synchronize(device)
+                driver.active.get_current_device()  # Triton's launcher utilities, loaded (built once, then cached)
+            except ImportError:
+                pass
+            torch.cuda.current_stream(device).synchronize()
 
     def join(self) -> dict[str, Any]:
-        """Wait for it; what it did (``info``), with the seconds the trial waited for it."""
-        t = time.perf_counter()
-        self._thread.join()
-        self.info["waited_s"] = time.perf_counter() - t
+        """Wait for it (once; later calls return at once); what it did (``info``), with the
+        seconds the trial waited for it."""
+        if self.info["waited_s"] is None:
+            t = time.perf_counter()
+            self._thread.join()
+            self.info["waited_s"] = time.perf_counter() - t
         return self.info
 
 
@@ -203,7 +210,10 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
     last_progress = [0.0]
 
     def progress(event: str, size, size_index, seed, **info) -> None:
-        """Phase-level progress for the live view, at most every PROGRESS_S seconds."""
+        """Phase-level progress for the live view, at most every PROGRESS_S seconds. The first
+        event (a run's start) waits for the warm-up first."""
+        if warmup is not None and "warmup" not in worker:
+            worker["warmup"] = warmup.join()
         now = time.monotonic()
         if event == "notice":  # a layer form the fast paths do not take: always shown
             report("progress", {"size_index": size_index, "size": size, "text": f"notice: {info['message']}"})
@@ -221,8 +231,6 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
 
     failure = None
     limit = config.get("memory_gb")
-    if warmup is not None:
-        worker["warmup"] = warmup.join()
     try:
         with memory_limit(limit):
             result = run_trial(plan, on_size=on_size, progress=progress)
@@ -235,6 +243,8 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         failure = {"error": error[:2000], "kind": kind, "traceback": tb[-4000:]}
         e.__traceback__ = None  # its frames hold the run's tensors
     finally:
+        if warmup is not None:  # a trial with no run to start (every run cached) or that failed before one
+            worker["warmup"] = warmup.join()
         # this worker's next trial (or a co-tenant of its GPU) gets the memory back; after a
         # failure nothing of the trial's is kept
         free_worker(plan, failed=failure is not None)
