@@ -5,6 +5,7 @@ start-up, first use) before and after a change; JSON out.
     python scripts/bench_command.py spaces/quickstart.yaml -n 3 --out benchmarks/cpu_quickstart_command.json
     python scripts/bench_command.py spaces/quickstart.yaml -n 3 --set "data.sizes={tokens: [1000, 2000]}"
     python scripts/bench_command.py spaces/quickstart.yaml -n 3 --before /tmp/old_checkout   # before and after, alternating
+    python scripts/bench_command.py spaces/quickstart.yaml -n 3 --before . --before-env ARCHSEARCH_WORKER_WARMUP=0   # a switch
 
 Each command is a subprocess (``sys.executable -m archsearch.cli run SPACE --json ... --quiet``,
 in the tree of ``--repo``, or of ``--before`` and ``--repo`` in turn) timed around the whole process; the prepared data is
@@ -12,12 +13,14 @@ shared between the commands (the space's ``data.cache_dir``, or a shared folder 
 script's), so a command prepares it once at most and the rest load and verify it. Per command:
 wall; the run's ``timings``, contiguous laps from the process's start to the writing of its
 JSON (imports, space, checks, ray_init, data_wait, study, trials, record, publish, summary,
-ray_shutdown; ``data`` runs beside ray_init and is not a lap), their sum and ``exit`` (wall
+ray_shutdown; ``data``, ``warm_imports``, ``gpu_memory`` and ``late_imports`` run beside
+them and are not laps), their sum and ``exit`` (wall
 minus that sum: the interpreter's exit after the JSON, and the process's launch); per trial,
 its worker's start-up (hand-out to its first line), the time from the trials lap's start to
 the first hand-out (Tune's start) and from the last trial's end to the process's exit; and the per-size rows of every trial, read from the study the command
 wrote (seconds, the phases' seconds, phase-1 iterations, phase-2 epochs, the recurrent
-validation pass's step time); ``outside_run_s``, wall minus the runner's own seconds (what
+validation pass's step time), and per trial its worker's start (``workers``: imports at the
+trainable's entry, the warm-up thread's seconds and the trial's wait for it); ``outside_run_s``, wall minus the runner's own seconds (what
 the CLI, Ray's stop and the exit add), which code from before the laps gives too (it has no
 ``imports`` key, so no laps' sum or ``exit``). Then the medians.
 """
@@ -50,7 +53,8 @@ def one_command(space: Path, overrides: list[str], home: Path, env: dict, repo: 
     if proc.returncode != 0 or not out.exists():
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     run = json.loads(out.read_text())
-    return summarise(run, wall, exited) | {"sizes": size_rows(run)}
+    sizes, workers = study_rows(run)
+    return summarise(run, wall, exited) | {"sizes": sizes, "workers": workers}
 
 
 OVERLAPPED = ("data", "gpu_memory", "warm_imports", "late_imports")
@@ -83,9 +87,11 @@ def summarise(run: dict, wall: float, exited: float | None = None) -> dict:
     return row
 
 
-def size_rows(run: dict) -> list[dict]:
+def study_rows(run: dict) -> tuple[list[dict], list[dict]]:
     """Every trial's per-size records, from the study the command wrote (archsearch's own
-    reader of the per-size records, archsearch.result.SizeRecord)."""
+    reader of the per-size records, archsearch.result.SizeRecord), and per trial its worker's
+    start: its imports at the trainable's entry and its warm-up thread's seconds, the seconds
+    the trial waited for it and its error (search/trainable.Warmup; absent when it was off)."""
     import optuna
 
     from archsearch.result import SizeRecord
@@ -102,7 +108,15 @@ def size_rows(run: dict) -> list[dict]:
                          "phase1_iterations": m.get("phase1_iterations"), "phase2_epochs": m.get("phase2_stopped_epoch"),
                          "phase2_best_epoch": m.get("phase2_best_epoch"), "val_step_us": m.get("val_step_us"),
                          "cached": rec.cached, "device": rec.device})  # fmt: skip
-    return rows
+    workers = []
+    for t in study.get_trials(deepcopy=False):
+        w = t.user_attrs.get("worker")
+        if w:
+            warm = w.get("warmup") or {}
+            workers.append({"trial": t.number, "config": t.user_attrs.get("config_name"), "process_age_s": w.get("process_age_s"),
+                            "imports_s": w.get("imports_s"), "warmup_s": warm.get("seconds"), "warmup_waited_s": warm.get("waited_s"),
+                            "warmup_error": warm.get("error")})  # fmt: skip
+    return rows, workers
 
 
 def _median(values) -> float | None:
@@ -123,7 +137,7 @@ def _print_row(label: str, r: dict) -> None:
           + (f" | after the last trial {r['after_last_trial_s']:.1f} s" if "after_last_trial_s" in r else "")
           + (f" | first hand-out {r['first_hand_out_s']:.1f} s into the trials" if "first_hand_out_s" in r else "")
           + " | worker start-ups " + " ".join(f"{x:.1f}" for x in r["worker_start_s"]), flush=True)  # fmt: skip
-    for row in r["sizes"]:
+    for row in r["sizes"] + r["workers"]:
         print("    " + " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
 
@@ -153,10 +167,16 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, default=REPO, help="the source tree whose archsearch the commands run (default: this one)")
     ap.add_argument("--before", type=Path, help="another source tree (the code before a change): each round runs one command "
                     "of it, then one of --repo, so that the machine's load falls on both alike")  # fmt: skip
+    ap.add_argument("--before-env", action="append", default=[], metavar="K=V", help="an environment variable for the --before "
+                    "commands only (repeatable): with --before the same tree, an A/B of a switch, e.g. ARCHSEARCH_WORKER_WARMUP=0")  # fmt: skip
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     trees = {"before": args.before, "after": args.repo} if args.before else {"after": args.repo}
     envs = {name: _env(repo) for name, repo in trees.items()}
+    if args.before_env:
+        if not args.before:
+            raise SystemExit("--before-env needs --before")
+        envs["before"] |= dict(kv.split("=", 1) for kv in args.before_env)
     load_before = os.getloadavg()[0]
     rows: dict[str, list[dict]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory(prefix="bench_command_") as tmp:
@@ -177,7 +197,7 @@ def main() -> None:
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f}",
     }
     if args.before:
-        out["before"] = {"repo": str(args.before), **medians(rows["before"]), "runs": rows["before"]}
+        out["before"] = {"repo": str(args.before), "env": args.before_env, **medians(rows["before"]), "runs": rows["before"]}
     out |= medians(rows["after"]) | {"runs": rows["after"]}
     for name in trees:
         m = out[name] if name == "before" else out
