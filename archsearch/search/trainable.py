@@ -81,15 +81,18 @@ def _process_age() -> float | None:
 
 
 WARMUP_VAR = "ARCHSEARCH_WORKER_WARMUP"
-"""``0`` turns the trial worker's warm-up thread (:class:`Warmup`) off (to measure it)."""
+"""The trial worker's warm-up thread (:class:`Warmup`): ``auto`` (the default, and any value
+not below) for trials on a GPU, ``1`` for every trial, ``0`` for none (to measure it). A CPU
+trial gains nothing from it: its imports are all it would do there, and they hold the GIL
+that the trial's own start needs."""
 
-WARM_MODULES = ("torch", "archsearch.cvfp.run", "archsearch.families.cvfp", "torch._refs", "torch._prims_common",
-                "torch.fx.experimental.symbolic_shapes")
-"""What a worker's first run imports (the engine, and torch modules its first operations load
-lazily: 0.5 s each in a first run's profile on the H200, benchmarks/h200_worker_start.json)."""
+WARM_MODULES = ("torch", "archsearch.cvfp.run", "archsearch.families.cvfp")
+"""What a worker's first run imports: the engine."""
 CUDA_MODULES = ("archsearch.cvfp.fast.kernels", "archsearch.cvfp.fast.phase1_kernels", "archsearch.cvfp.fast.recurrent_kernels",
-                "archsearch.cvfp.fast.head", "torch._higher_order_ops.triton_kernel_wrap")
-"""On CUDA, the Triton kernels' modules too (their imports define the kernels)."""
+                "archsearch.cvfp.fast.head", "torch._higher_order_ops.triton_kernel_wrap", "torch.fx.experimental.symbolic_shapes")
+"""On CUDA, the Triton kernels' modules too (their imports define the kernels), and the torch
+modules a first CUDA run loads lazily (0.5 s each in its profile on the H200,
+benchmarks/h200_worker_start.json)."""
 
 
 class Warmup:
@@ -163,9 +166,12 @@ class Warmup:
 
 
 def _warmup(config: dict[str, Any]) -> Warmup | None:
-    if os.environ.get(WARMUP_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+    """This trial's warm-up, started, or None (:data:`WARMUP_VAR`)."""
+    mode = os.environ.get(WARMUP_VAR, "auto").strip().lower()
+    cuda = config.get("gpus", 0) > 0
+    if mode in ("0", "false", "no", "off") or (mode not in ("1", "true", "yes", "on") and not cuda):
         return None
-    return Warmup(cuda=config.get("gpus", 0) > 0).start()
+    return Warmup(cuda=cuda).start()
 
 
 def cvfp_trainable(config: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The trial worker's warm-up thread (search/trainable.Warmup): the first uses of a trial's run
 (the engine's imports; on CUDA the context, cuBLAS, Triton's driver) made while the worker
 starts its trial, joined before the run. It may fail in anything without failing or changing
-the trial; ARCHSEARCH_WORKER_WARMUP=0 turns it off."""
+the trial. ARCHSEARCH_WORKER_WARMUP: auto (GPU trials), 1 (every trial), 0 (none)."""
 
 from __future__ import annotations
 
@@ -37,16 +37,20 @@ def test_a_warmup_on_the_cpu_imports_the_engine_and_no_cuda_part():
     assert info["error"] is None and info["seconds"] > 0 and engine and not kernels
 
 
-def test_the_warmup_is_on_unless_switched_off(monkeypatch):
+def test_the_warmup_is_for_gpu_trials_unless_switched(monkeypatch):
     monkeypatch.delenv(WARMUP_VAR, raising=False)
+    assert trainable._warmup({"gpus": 0}) is None  # auto: a CPU trial gains nothing from it
+    monkeypatch.setenv(WARMUP_VAR, "1")
     warm = trainable._warmup({"gpus": 0})
-    assert isinstance(warm, Warmup) and warm.join()["error"] is None
+    assert isinstance(warm, Warmup) and warm.join()["error"] is None and not warm.info["cuda"]
     monkeypatch.setenv(WARMUP_VAR, "0")
-    assert trainable._warmup({"gpus": 0}) is None
+    assert trainable._warmup({"gpus": 0.25}) is None
 
 
 @pytest.mark.slow  # two whole `archsearch run`s (~30-60 s on 2 cores)
 def test_a_run_gives_the_same_numbers_with_and_without_the_warmup(tmp_path, tiny_corpus):
+    """Through the trainable in real Ray workers (the warm-up switched on for CPU trials): the
+    same per-size numbers to the bit, and each trial's record of its warm-up."""
     import sqlite3
 
     values = {}
@@ -60,5 +64,6 @@ def test_a_run_gives_the_same_numbers_with_and_without_the_warmup(tmp_path, tiny
                 "select t.number, a.value_json from trial_user_attributes a join trials t using (trial_id) where a.key = 'sizes'")}  # fmt: skip
             workers = [json.loads(v) for (v,) in con.execute("select value_json from trial_user_attributes where key = 'worker'")]
         values[switch] = {n: [(s["train_tokens"], s["val_ppl"], s["val_loss"]) for s in rows] for n, rows in sizes.items()}
-        assert all(("warmup" in w) == (switch == "1") for w in workers) and workers
+        assert workers and all(("warmup" in w) == (switch == "1") for w in workers)
+        assert all(w["warmup"]["error"] is None and w["warmup"]["seconds"] > 0 for w in workers if switch == "1")
     assert values["1"] == values["0"]  # to the bit: the warm-up is scheduling only
