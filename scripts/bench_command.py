@@ -18,7 +18,7 @@ them and are not laps), their sum and ``exit`` (wall
 minus that sum: the interpreter's exit after the JSON, and the process's launch); per trial,
 its worker's start-up (hand-out to its first line), the time from the trials lap's start to
 the first hand-out (Tune's start) and from the last trial's end to the process's exit; and the per-size rows of every trial, read from the study the command
-wrote (seconds, the phases' seconds, phase-1 iterations, phase-2 epochs, the recurrent
+wrote (seconds, the validation PPL (to compare two trees' numbers), the phases' seconds, phase-1 iterations, phase-2 epochs, the recurrent
 validation pass's step time), and per trial its worker's start (``workers``: imports at the
 trainable's entry, the warm-up thread's seconds and the trial's wait for it); ``outside_run_s``, wall minus the runner's own seconds (what
 the CLI, Ray's stop and the exit add), which code from before the laps gives too (it has no
@@ -104,7 +104,7 @@ def study_rows(run: dict) -> tuple[list[dict], list[dict]]:
         for rec in map(SizeRecord.from_dict, t.user_attrs.get("sizes") or []):
             m = rec.metrics
             rows.append({"trial": t.number, "config": t.user_attrs.get("config_name"), "size": rec.size, "train_tokens": rec.train_tokens,
-                         "seconds": rec.seconds, **{f"{k}_s": v for k, v in rec.phase_seconds.items()},
+                         "seconds": rec.seconds, "val_ppl": rec.val_ppl, **{f"{k}_s": v for k, v in rec.phase_seconds.items()},
                          "phase1_iterations": m.get("phase1_iterations"), "phase2_epochs": m.get("phase2_stopped_epoch"),
                          "phase2_best_epoch": m.get("phase2_best_epoch"), "val_step_us": m.get("val_step_us"),
                          "cached": rec.cached, "device": rec.device})  # fmt: skip
