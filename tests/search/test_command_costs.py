@@ -142,3 +142,21 @@ def test_bench_command_reports_the_laps_and_every_trials_sizes(tmp_path, tiny_co
     for s in sizes:
         assert {"phase1_s", "contexts_s", "er_s", "phase2_s"} <= set(s) and s["seconds"] >= s["phase1_s"] + s["phase2_s"]
         assert s["phase1_iterations"] >= 1 and s["phase2_epochs"] >= 1 and s["val_step_us"] > 0 and s["device"] == "cpu"
+
+
+@pytest.mark.slow  # two embedded Ray starts in fresh processes (~10-20 s on 2 cores)
+def test_profile_ray_init_times_rays_steps_and_the_wait_for_the_raylet(tmp_path):
+    """scripts/profile_ray_init.py: per start, Ray's steps (Node's start methods, the wait for
+    the raylet's registration) from inside, for archsearch's prompt wait and Ray's own."""
+    out = tmp_path / "ray_init.json"
+    r = subprocess.run([sys.executable, "scripts/profile_ray_init.py", "-n", "1", "--variants", "prompt,ray_wait+imports", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(out.read_text())
+    for variant in ("prompt", "ray_wait+imports"):
+        (row,) = d["runs"][variant]
+        steps = [name for name, _, _ in row["steps"]]
+        assert {"start_gcs_server", "start_api_server", "start_raylet", "get_node"} <= set(steps)
+        assert 0 < row["node_wait_s"] < row["init_ray_s"] and row["first_actor_s"] > 0
+    assert d["runs"]["ray_wait+imports"][0]["beside_imports"]["seconds"] > 0
+    assert set(d["summary"]) == {"prompt", "ray_wait+imports"}
