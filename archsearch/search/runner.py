@@ -106,13 +106,12 @@ def _prompt_node_wait():
     """Notice the raylet's registration within NODE_POLL_S instead of Ray's whole second.
 
     ``ray.init`` waits for the new raylet to register with the GCS in a C++ loop that asks,
-    then sleeps one second (GlobalStateAccessor::GetNode); the raylet registers 0.8-1.3 s after
-    its start (2-core CPU; it waits for its dashboard and runtime-env agents), so two or three
-    whole seconds went by (measured: 1.02, 2.03 or 4.08 s, the loop's steps; 1.0-1.7 s with
-    this). While the node starts, Ray's ``services.get_node`` first polls the GCS's node table
-    itself, then calls Ray's own, which then answers at once: the same node information
-    either way. Anything unexpected (another Ray whose functions differ) falls through to
-    Ray's wait unchanged."""
+    then sleeps one second (GlobalStateAccessor::GetNode); the raylet registers only once its
+    dashboard and runtime-env agents (Python processes) have started, so the wait ends on the
+    next whole second after that (benchmarks/NOTES.md, branch ``cmd2``). While the node starts,
+    Ray's ``services.get_node`` first polls the GCS's node table itself, then calls Ray's own,
+    which then answers at once: the same node information either way. Anything unexpected
+    (another Ray whose functions differ) falls through to Ray's wait unchanged."""
     from ray._private import services
 
     original = getattr(services, "get_node", None)
@@ -385,7 +384,7 @@ def trial_resources(space: Space, ray) -> tuple[float, float]:
 
 GPU_MEMORY_TIMEOUT_S = 120.0
 """Seconds the child process that reads the GPUs' memory may take (torch's import and CUDA's
-initialisation: 2-4 s on the H200 host); past it, auto gives each trial a GPU of its own."""
+initialisation: seconds); past it, auto gives each trial a GPU of its own."""
 
 _GPU_MEMORY_CODE = (
     "import json, torch\n"
@@ -402,8 +401,8 @@ def local_gpu_memory() -> list[int] | None:
     nothing). Reading the properties makes no CUDA context.
 
     Read in a child process: the driver itself never imports torch (seconds of imports that
-    would hold the driver's GIL while Ray starts beside them, and ~0.7 s more at the
-    interpreter's exit); the child asks torch exactly as the driver would have."""
+    would hold the driver's GIL while Ray starts beside them, and a longer interpreter exit);
+    the child asks torch exactly as the driver would have."""
     if not Path("/proc/driver/nvidia/gpus").is_dir() and shutil.which("nvidia-smi") is None:
         return None
     import json
@@ -843,8 +842,8 @@ WARM_IMPORTS = ("archsearch.search.bridge", "archsearch.search.trainable", "ray.
 Tune and the bridge, the SQL layer Optuna's storage loads on first use)."""
 LATE_IMPORTS = ("archsearch.report.artifacts", "scipy.stats", "matplotlib.pyplot")
 """Imported beside Ray Tune's start, not waited for: what a trial's end needs first (its fit's
-interval, its plot). Beside Ray's start they held the driver's GIL for ~1.2 s more (2-core CPU)
-and ended after it."""
+interval, its plot). Beside Ray's start they held the driver's GIL longer than Ray's start
+took (benchmarks/NOTES.md, branch ``cmd2``)."""
 
 
 def _import_all(names: tuple[str, ...]) -> float:

@@ -91,8 +91,7 @@ WARM_MODULES = ("torch", "archsearch.cvfp.run", "archsearch.families.cvfp")
 CUDA_MODULES = ("archsearch.cvfp.fast.kernels", "archsearch.cvfp.fast.phase1_kernels", "archsearch.cvfp.fast.recurrent_kernels",
                 "archsearch.cvfp.fast.head", "torch._higher_order_ops.triton_kernel_wrap", "torch.fx.experimental.symbolic_shapes")
 """On CUDA, the Triton kernels' modules too (their imports define the kernels), and the torch
-modules a first CUDA run loads lazily (0.5 s each in its profile on the H200,
-benchmarks/h200_worker_start.json)."""
+modules a first CUDA run loads lazily (its profile: benchmarks/h200_worker_start.json)."""
 
 
 class Warmup:
