@@ -97,8 +97,9 @@ modules a first CUDA run loads lazily (its profile: benchmarks/h200_worker_start
 class Warmup:
     """The first uses a trial's run would otherwise make itself, in a thread started at the
     trainable's entry, while the trial starts and loads its data: the imports above and, on
-    CUDA, the device's context, cuBLAS's handle (the engine's own GEMM probe,
-    ``archsearch.cvfp.fast.device.gemm_caps``, whose answer it keeps) and Triton's driver.
+    CUDA, once the worker's allocator is configured (:meth:`allow_cuda`), the device's context,
+    cuBLAS's handle (the engine's own GEMM probe, ``archsearch.cvfp.fast.device.gemm_caps``,
+    whose answer it keeps) and Triton's driver.
     Joined at the run's first progress event (a run's start), so the run's phases never run
     beside it; its CUDA calls hold the engine's ``CAPTURE_LOCK`` (the lock every CUDA-graph
     capture and device-wide synchronisation takes), so nothing the engine does before that
@@ -112,8 +113,16 @@ class Warmup:
     else: the run then meets, and reports, the same problem itself."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.info = cuda, {"cuda": cuda, "seconds": None, "waited_s": None, "error": None}
+        self.cuda, self.info = cuda, {"cuda": cuda, "seconds": None, "waited_s": None, "error": None, "cuda_skipped": False}
         self._thread = threading.Thread(target=self._run, name="archsearch-warmup", daemon=True)
+        self._cuda_go = threading.Event()
+        self._skip_cuda = False
+
+    def allow_cuda(self) -> None:
+        """Let its CUDA part begin: only once the worker's allocator is configured (a shared
+        GPU's cap and allocator settings, archsearch.gpu_share.configure_worker, come before
+        the process's first CUDA allocation). Until then the thread only imports."""
+        self._cuda_go.set()
 
     def start(self) -> Warmup:
         self._thread.start()
@@ -137,6 +146,10 @@ class Warmup:
                 pass
         if not self.cuda:
             return
+        self._cuda_go.wait()
+        if self._skip_cuda:  # joined before allow_cuda: the trial went on without it
+            self.info["cuda_skipped"] = True
+            return
         import torch
 
         if not torch.cuda.is_available():
@@ -159,6 +172,9 @@ class Warmup:
         seconds the trial waited for it."""
         if self.info["waited_s"] is None:
             t = time.perf_counter()
+            if not self._cuda_go.is_set():
+                self._skip_cuda = True
+                self._cuda_go.set()
             self._thread.join()
             self.info["waited_s"] = time.perf_counter() - t
         return self.info
@@ -192,6 +208,8 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
     # a GPU shared with other trials: this worker's allocator capped to its share, before its
     # first CUDA allocation (archsearch.gpu_share)
     worker["gpu_share"] = configure_worker(gpus, cuda=plan.device == "cuda").to_dict()
+    if warmup is not None:
+        warmup.allow_cuda()  # the allocator is configured: the warm-up may make its first allocations
     torch.set_num_threads(max(1, int(config.get("cpus", 1))))
     node = ray.get_runtime_context().get_node_id()
     worker["resources"] = ray.get_runtime_context().get_assigned_resources()  # e.g. {"CPU": 1, "GPU": 0.25}: its share

@@ -26,6 +26,28 @@ def test_a_failing_warmup_is_recorded_and_raises_nothing(monkeypatch):
     assert info["seconds"] >= 0 and info["waited_s"] >= 0 and info["cuda"] is True
 
 
+def test_the_cuda_part_waits_for_the_allocator_and_a_join_before_it_skips_it(monkeypatch):
+    """Its CUDA part begins only once the worker's allocator is configured (allow_cuda, after
+    gpu_share.configure_worker); a trial that joins it before that goes on without it."""
+    import threading
+
+    monkeypatch.setattr(trainable, "WARM_MODULES", ())
+    monkeypatch.setattr(trainable, "CUDA_MODULES", ())
+    warm = Warmup(cuda=True).start()
+    warm._thread.join(timeout=0.5)
+    assert warm._thread.is_alive()  # waiting for allow_cuda, nothing of CUDA touched yet
+    assert warm.join()["cuda_skipped"] is True and warm.info["error"] is None
+
+    calls = []
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: calls.append(threading.current_thread().name) or False)
+    warm = Warmup(cuda=True).start()
+    warm.allow_cuda()
+    info = warm.join()
+    assert calls == ["archsearch-warmup"] and info["cuda_skipped"] is False and info["error"] is None
+
+
 def test_a_warmup_on_the_cpu_imports_the_engine_and_no_cuda_part():
     """In a fresh process (what a new trial worker is): once joined, the engine is imported,
     the Triton kernels' modules are not (they are for CUDA), and no error."""
