@@ -193,6 +193,20 @@ def fused_blocks_match_plain_blocks():
         assert rel(ftb.forward_packed(tok.detach(), bufs), tb(contexts, tok.detach())) < 1e-5
 
 
+def _forced_fused(cb):
+    """A FusedContextBlock whose phase 1 takes the fused iteration whatever the precision: the
+    product's gate gives fp32 runs the plain one (layers.FusedContextBlock.phase1_fast), and
+    these checks run in fp32 under the interpreter."""
+    from archsearch.cvfp.fast.layers import FusedContextBlock
+    from archsearch.cvfp.fast.phase1 import FusedPhase1
+
+    class Forced(FusedContextBlock):
+        def phase1_fast(self, emb, windows, cfg):
+            return FusedPhase1(self.layers, self.context_dim, emb, windows, cfg)
+
+    return Forced(cb)
+
+
 def _phase1_setup(N=50, L=2, C=6, k=2, E=8, V=30, batch=8, chunk_batches=2, precision="fp32"):
     from archsearch.config import run_config_from_dict
     from archsearch.cvfp.model import ContextBlock, TokenEmbedding, init_parameters
@@ -216,13 +230,13 @@ def fused_phase1_iteration_matches_plain():
     whole batches only, and fewer positions than one batch."""
     import math
 
-    from archsearch.cvfp.fast.layers import FusedContextBlock
     from archsearch.cvfp.phases import phase1_spans, plain_iteration
 
     for N, L, k, bad in ((50, 2, 2, False), (50, 2, 2, True), (40, 1, 1, False), (5, 3, 1, False)):
         cfg, emb, win, cb = _phase1_setup(N=N, L=L, k=k)
         C, B = cfg.model.context_dim, cfg.phase1.batch_size
-        fast = FusedContextBlock(cb).phase1_fast(emb, win, cfg)
+        fast = _forced_fused(cb).phase1_fast(emb, win, cfg)
+        assert fast is not None
         spans = phase1_spans(N, B, 2)  # N = 50: [(0, 16), (16, 32), (32, 48), (48, 50)]
         num_batches = math.ceil(N / B)
         g = torch.Generator().manual_seed(9)
@@ -251,14 +265,13 @@ def fused_phase1_iteration_matches_plain():
 @check
 def fused_phase1_training_matches_plain():
     """train_phase1 through the fused iteration against the plain one: contexts and history."""
-    from archsearch.cvfp.fast.layers import FusedContextBlock
     from archsearch.cvfp.phases import train_phase1
 
     cfg, emb, win, cb = _phase1_setup(N=45, chunk_batches=3)
     state = {k: v.clone() for k, v in cb.state_dict().items()}
     plain = train_phase1(cb, emb, win, cfg, torch.Generator().manual_seed(3))
     cb.load_state_dict(state)
-    fused = train_phase1(FusedContextBlock(cb), emb, win, cfg, torch.Generator().manual_seed(3))
+    fused = train_phase1(_forced_fused(cb), emb, win, cfg, torch.Generator().manual_seed(3))
     assert fused.iterations == plain.iterations == 3
     assert rel(fused.contexts, plain.contexts) < 1e-4
     for a, b in zip(fused.history[1:], plain.history[1:]):
