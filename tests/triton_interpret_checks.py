@@ -76,11 +76,53 @@ def res_relu_ln_forward_and_backward():
 
 
 @check
-def col_sum_is_a_column_sum():
-    from archsearch.cvfp.fast.kernels import col_sum
+def norm_forward_kernel_serves_the_layers_and_phase1_alike():
+    """The one forward kernel in its two forms: the layers' (z contiguous, y16 a column slice of
+    a wider buffer) and phase 1's (z a column slice of the (n, L*C) buffer, y16 contiguous),
+    against F.layer_norm and against each other bit for bit, on widths that are not powers of two
+    and row counts that are not multiples of the rows a program takes (16 here)."""
+    from archsearch.cvfp.fast.kernels import res_relu_ln_fwd
+    from archsearch.cvfp.fast.phase1_kernels import ln_fwd
 
-    x = torch.randn(37, 100, generator=torch.Generator().manual_seed(2))
-    assert torch.allclose(col_sum(x), x.sum(0), atol=1e-5)
+    g = torch.Generator().manual_seed(10)
+    eps = 1e-5
+    for n, D, dtype in ((7, 24, torch.float32), (33, 100, torch.float32), (17, 24, torch.bfloat16)):
+        r = torch.randn(n, D, generator=g)
+        zb, gamma, beta = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)
+        Z = torch.randn(n, 3 * D, generator=g).to(dtype)  # phase 1's buffer: layer 1's z is its middle third
+        z = Z[:, D : 2 * D]
+        want = F.layer_norm(r + F.relu(z.float() + zb), (D,), gamma, beta, eps)
+        packed = torch.full((n, D + 3), float("nan"), dtype=dtype)
+        y, mean, rstd = res_relu_ln_fwd(z.contiguous(), r, gamma, beta, eps, zb, packed[:, 3:])
+        y1, y16 = torch.full((n, D), float("nan")), torch.full((n, D), float("nan"), dtype=dtype)
+        mean1, rstd1 = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+        ln_fwd(z, zb, r, gamma, beta, eps, y1, y16, mean1, rstd1)
+        assert rel(y, want) < 1e-5, (n, D, dtype, rel(y, want))
+        for a, b in ((y, y1), (mean, mean1), (rstd, rstd1), (packed[:, 3:], y16)):
+            assert torch.equal(a, b), (n, D, dtype)
+        # y16 is y in the narrower dtype (the interpreter's bf16 rounding is not torch's: no bit check)
+        assert rel(y16.float(), y1) < (1e-2 if dtype == torch.bfloat16 else 1e-7), (n, D, dtype)
+        assert bool(packed[:, :3].isnan().all())  # the columns before the slice are left alone
+        x = r + F.relu(z.float() + zb)
+        assert rel(mean, x.mean(1)) < 1e-5 and rel(rstd, (x.var(1, unbiased=False) + eps).rsqrt()) < 1e-5
+
+
+@check
+def col_sum_is_a_column_sum_and_col_acc_adds_it():
+    from archsearch.cvfp.fast.kernels import col_sum
+    from archsearch.cvfp.fast.phase1_kernels import col_acc
+
+    g = torch.Generator().manual_seed(2)
+    for P, W in ((37, 100), (1, 72), (64, 5)):  # row blocks of 32 (a partial last one), column blocks of 64
+        x = torch.randn(P, W, generator=g)
+        s = col_sum(x)
+        assert torch.allclose(s, x.sum(0), atol=1e-5), (P, W)
+        out0 = torch.randn(W, generator=g)
+        out = out0.clone()
+        col_acc(x, out)
+        assert torch.equal(out, out0 + s), (P, W)  # the same sum, added
+        col_acc(x, out)
+        assert torch.equal(out, out0 + s + s), (P, W)
 
 
 @check

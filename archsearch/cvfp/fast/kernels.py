@@ -94,23 +94,34 @@ def ce_rows(logits, targets, loss, argmax, grad_scale: float = 1.0, write_grad: 
                           num_warps=warps or w)  # fmt: skip
 
 
-# the row count varies from batch to batch: one compiled kernel for all of them
-@triton.jit(do_not_specialize=["n"])
+# the row count varies from batch to batch: one compiled kernel for all of them. Phase 1's z stride
+# is not specialised either, as before the two forward kernels were merged: specialised, its loads
+# compile to other code (wider vectors), which may change the sums' order and so the bits
+@triton.jit(do_not_specialize=["n", "stride_z"])
 def _res_relu_ln_fwd_kernel(
-    z_ptr, zb_ptr, r_ptr, g_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, y16_ptr, stride16, n, eps,
+    z_ptr, stride_z, zb_ptr, r_ptr, g_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, y16_ptr, stride16, n, eps,
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_ZB: tl.constexpr, HAS_Y16: tl.constexpr,
+    DENSE_Z: tl.constexpr, DENSE_Y16: tl.constexpr,
 ):  # fmt: skip
     """y = LayerNorm(r + ReLU(z + zb)) for ROWS rows, in fp32 whatever z and r are stored in
     (zb: the Linear's bias, added here rather than in its GEMM); with HAS_Y16 also y in
-    y16's dtype, rows ``stride16`` apart (the next layer's GEMM input, in place)."""
+    y16's dtype. r and y are (n, D) contiguous; z's rows are ``stride_z`` apart and y16's
+    ``stride16`` apart, or, with DENSE_Z / DENSE_Y16, D apart, a stride known when compiling
+    (the layers' z, phase 1's y16; the other two are column slices of wider buffers)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    mask = (rows < n)[:, None] & cmask[None, :]
-    ofs = rows[:, None].to(tl.int64) * D + cols[None, :]
-    z = tl.load(z_ptr + ofs, mask=mask, other=0.0).to(tl.float32)
+    rmask = rows < n
+    mask = rmask[:, None] & cmask[None, :]
+    if DENSE_Z:
+        z_at = z_ptr + (rows64[:, None] * D + cols[None, :])
+    else:
+        z_at = z_ptr + rows64[:, None] * stride_z + cols[None, :]
+    z = tl.load(z_at, mask=mask, other=0.0).to(tl.float32)
     if HAS_ZB:
         z += tl.load(zb_ptr + cols, mask=cmask, other=0.0)[None, :]
+    ofs = rows64[:, None] * D + cols[None, :]
     x = tl.load(r_ptr + ofs, mask=mask, other=0.0).to(tl.float32) + tl.maximum(z, 0.0)
     mean = tl.sum(x, axis=1) / D
     d = tl.where(mask, x - mean[:, None], 0.0)
@@ -120,10 +131,10 @@ def _res_relu_ln_fwd_kernel(
     y = d * rstd[:, None] * gamma[None, :] + beta[None, :]
     tl.store(y_ptr + ofs, y, mask=mask)
     if HAS_Y16:
-        ofs16 = rows[:, None].to(tl.int64) * stride16 + cols[None, :]
+        ofs16 = ofs if DENSE_Y16 else rows64[:, None] * stride16 + cols[None, :]
         tl.store(y16_ptr + ofs16, y.to(y16_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=rows < n)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < n)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["n", "blocks_per_prog"])
@@ -178,23 +189,32 @@ def _ln_shape(D: int) -> tuple[int, int, int]:
     return block, rows, 4 if block * rows <= 4096 else 8
 
 
+def ln_fwd_into(z, zb, r, gamma, beta, eps: float, y, y16, mean, rstd, dense_z: bool, dense_y16: bool) -> None:
+    """The forward kernel's launch, for res_relu_ln_fwd and phase1_kernels.ln_fwd: y (and y16
+    where given) <- LN(r + ReLU(z + zb)) over the rows of (n, D) z; ``dense_z`` / ``dense_y16``:
+    that tensor's rows are D apart (the stride compiled in) rather than its stride(0) apart."""
+    n, D = z.shape
+    assert z.stride(1) == 1 and r.is_contiguous() and y.is_contiguous() and (not dense_z or z.stride(0) == D)
+    assert y16 is None or (y16.shape == (n, D) and y16.stride(1) == 1 and (not dense_y16 or y16.stride(0) == D))
+    block, rows, warps = _ln_shape(D)
+    _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, z.stride(0), gamma if zb is None else zb, r, gamma, beta, y, mean,
+                                                     rstd, y if y16 is None else y16, D if y16 is None else y16.stride(0),
+                                                     n, eps, D=D, BLOCK_D=block, ROWS=rows, HAS_ZB=zb is not None,
+                                                     HAS_Y16=y16 is not None, DENSE_Z=dense_z, DENSE_Y16=dense_y16,
+                                                     num_warps=warps)  # fmt: skip
+
+
 def res_relu_ln_fwd(z, r, gamma, beta, eps: float, zb=None, y16=None):
     """(y fp32, mean, rstd) of y = LayerNorm(r + ReLU(z + zb)) over the last axis of (n, D) z, r
-    (zb: an optional (D,) bias of z); ``y16``: an optional (n, D) view with unit column stride
-    (any row stride) that receives y in its own dtype too."""
+    (contiguous; zb: an optional (D,) bias of z); ``y16``: an optional (n, D) view with unit
+    column stride (any row stride) that receives y in its own dtype too."""
     import torch
 
     n, D = z.shape
-    block, rows, warps = _ln_shape(D)
     y = torch.empty(n, D, device=z.device, dtype=torch.float32)
     mean = torch.empty(n, device=z.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    if y16 is not None:
-        assert y16.shape == (n, D) and y16.stride(1) == 1
-    _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, gamma if zb is None else zb, r, gamma, beta, y, mean, rstd,
-                                                     y if y16 is None else y16, D if y16 is None else y16.stride(0), n, eps,
-                                                     D=D, BLOCK_D=block, ROWS=rows, HAS_ZB=zb is not None,
-                                                     HAS_Y16=y16 is not None, num_warps=warps)  # fmt: skip
+    ln_fwd_into(z, zb, r, gamma, beta, eps, y, y16, mean, rstd, dense_z=True, dense_y16=False)
     return y, mean, rstd
 
 
@@ -232,24 +252,32 @@ def res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, need_dr: bool = True, zb=None):
 
 
 @triton.jit(do_not_specialize=["P"])
-def _col_sum_kernel(x_ptr, out_ptr, P, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
-    """out[j] = sum over the P rows of x[:, j], for BLOCK_W columns per program, in a fixed order."""
+def _col_sum_kernel(x_ptr, out_ptr, P, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr):
+    """out[j] = sum over the P rows of x[:, j] (with ACC: out[j] += it), for BLOCK_W columns per
+    program, in a fixed order."""
     cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     cmask = cols < W
     acc = tl.zeros([BLOCK_P, BLOCK_W], tl.float32)
     for start in range(0, P, BLOCK_P):
         rows = start + tl.arange(0, BLOCK_P)
         acc += tl.load(x_ptr + rows[:, None] * W + cols[None, :], mask=(rows < P)[:, None] & cmask[None, :], other=0.0)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
+    if ACC:
+        tl.store(out_ptr + cols, tl.load(out_ptr + cols, mask=cmask, other=0.0) + tl.sum(acc, axis=0), mask=cmask)
+    else:
+        tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
-def col_sum(x):
-    """``x.sum(0)`` of a contiguous fp32 (P, W) matrix of partial sums, deterministic. For the
-    norm backward's 528 x 2304 partials on an H200, replayed from a CUDA graph: 8.0 us per call
-    against 9.4 us for torch's reduction over the leading axis (9151006:benchmarks/h200_v7_profile.json)."""
+def col_sum(x, out=None, accumulate: bool = False):
+    """``x.sum(0)`` of a contiguous fp32 (P, W) matrix of partial sums, deterministic, into a new
+    tensor or into ``out`` (contiguous (W,) fp32); with ``accumulate``, ``out += x.sum(0)``. For
+    the norm backward's 528 x 2304 partials on an H200, replayed from a CUDA graph: 8.0 us per
+    call against 9.4 us for torch's reduction over the leading axis (9151006:benchmarks/h200_v7_profile.json)."""
     import torch
 
     P, W = x.shape
-    out = torch.empty(W, device=x.device, dtype=torch.float32)
-    _col_sum_kernel[(triton.cdiv(W, 64),)](x, out, P, W=W, BLOCK_P=32, BLOCK_W=64, num_warps=4)
+    assert x.is_contiguous() and (out is not None or not accumulate)
+    if out is None:
+        out = torch.empty(W, device=x.device, dtype=torch.float32)
+    assert out.shape == (W,) and out.is_contiguous()
+    _col_sum_kernel[(triton.cdiv(W, 64),)](x, out, P, W=W, BLOCK_P=32, BLOCK_W=64, ACC=accumulate, num_warps=4)
     return out

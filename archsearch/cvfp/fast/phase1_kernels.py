@@ -7,7 +7,8 @@ kernels only (the GEMMs aside):
   noise (the first layer's residual) and in the GEMM dtype (its product's operand): the roll,
   the addition and the cast in one pass.
 - ``ln_fwd``: ``y = LN(r + ReLU(z + bias))`` for one layer, z read with any row stride (a
-  column slice of the chunk's (n, L*C) pre-activation buffer), y in fp32 and the GEMM dtype.
+  column slice of the chunk's (n, L*C) pre-activation buffer), y in fp32 and the GEMM dtype
+  (the fused layers' kernel, kernels.py).
 - ``batch_stats`` / ``batch_spread``: per 8000-position batch the column sums of ``out``, the
   sum of ``(out - prev)^2`` and the count of positions whose mean squared change is below the
   convergence threshold; then the sum of ``||out - mean(out)||^2`` (a second pass: a one-pass
@@ -19,7 +20,8 @@ kernels only (the GEMMs aside):
   zeros everywhere, and the kernel zeroes that batch's rows of the layer's context operand too
   (they may hold NaN, and 0 * NaN is NaN in the d W_context GEMM): such a batch is skipped
   exactly as the plain path skips it, without a host sync.
-- ``col_acc``: ``out += x.sum(0)`` of the per-program partial sums (d gamma, d beta, d bias).
+- ``col_acc``: ``out += x.sum(0)`` of the per-program partial sums (d gamma, d beta, d bias;
+  kernels.col_sum's kernel).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from archsearch.cvfp.fast.kernels import _ln_shape, sm_count
+from archsearch.cvfp.fast.kernels import _ln_shape, col_sum, ln_fwd_into, sm_count
 
 
 @triton.jit(do_not_specialize=["s", "n", "N"])
@@ -53,43 +55,11 @@ def inputs(prev, noise, out16, s: int, e: int) -> None:
     _inputs_kernel[(triton.cdiv(n, rows),)](prev, noise, out16, s, n, N, C=C, BLOCK_C=block, ROWS=rows, num_warps=warps)
 
 
-@triton.jit(do_not_specialize=["n", "stride_z"])
-def _ln_fwd_kernel(
-    z_ptr, stride_z, zb_ptr, r_ptr, g_ptr, b_ptr, y_ptr, y16_ptr, mean_ptr, rstd_ptr, n, eps,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_Y16: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    rmask = rows < n
-    mask = rmask[:, None] & cmask[None, :]
-    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    z += tl.load(zb_ptr + cols, mask=cmask, other=0.0)[None, :]
-    ofs = rows64[:, None] * D + cols[None, :]
-    x = tl.load(r_ptr + ofs, mask=mask, other=0.0).to(tl.float32) + tl.maximum(z, 0.0)
-    mean = tl.sum(x, axis=1) / D
-    d = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(d * d, axis=1) / D + eps)
-    gamma = tl.load(g_ptr + cols, mask=cmask, other=0.0)
-    beta = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-    y = d * rstd[:, None] * gamma[None, :] + beta[None, :]
-    tl.store(y_ptr + ofs, y, mask=mask)
-    if HAS_Y16:
-        tl.store(y16_ptr + ofs, y.to(y16_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=rmask)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
-
-
 def ln_fwd(z, zb, r, gamma, beta, eps: float, y, y16, mean, rstd) -> None:
     """y (and y16 where given) <- LN(r + ReLU(z + zb)); z (n, D) with unit column stride, any row
-    stride; r, y, y16 contiguous (n, D); mean, rstd (n,) fp32."""
-    n, D = z.shape
-    assert z.stride(1) == 1 and r.is_contiguous() and y.is_contiguous() and (y16 is None or y16.is_contiguous())
-    block, rows, warps = _ln_shape(D)
-    _ln_fwd_kernel[(triton.cdiv(n, rows),)](z, z.stride(0), zb, r, gamma, beta, y, y if y16 is None else y16, mean, rstd,
-                                            n, eps, D=D, BLOCK_D=block, ROWS=rows, HAS_Y16=y16 is not None,
-                                            num_warps=warps)  # fmt: skip
+    stride; r, y, y16 contiguous (n, D); mean, rstd (n,) fp32. The layers' kernel (kernels.py),
+    with z's row stride passed at run time and y16's rows D apart."""
+    ln_fwd_into(z, zb, r, gamma, beta, eps, y, y16, mean, rstd, dense_z=False, dense_y16=True)
 
 
 @triton.jit(do_not_specialize=["n", "B", "tiles", "thr"])
@@ -263,18 +233,6 @@ def ln_bwd(dy, loss, ok, z, zb, r, gamma, mean, rstd, dr, c16, part, B: int):
     return part
 
 
-@triton.jit(do_not_specialize=["P"])
-def _col_acc_kernel(x_ptr, out_ptr, P, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    cmask = cols < W
-    acc = tl.zeros([BLOCK_P, BLOCK_W], tl.float32)
-    for start in range(0, P, BLOCK_P):
-        rows = start + tl.arange(0, BLOCK_P)
-        acc += tl.load(x_ptr + rows[:, None] * W + cols[None, :], mask=(rows < P)[:, None] & cmask[None, :], other=0.0)
-    tl.store(out_ptr + cols, tl.load(out_ptr + cols, mask=cmask, other=0.0) + tl.sum(acc, axis=0), mask=cmask)
-
-
 def col_acc(x, out) -> None:
     """out += x.sum(0) for a contiguous fp32 (P, W) x and contiguous (W,) out, in a fixed order."""
-    P, W = x.shape
-    _col_acc_kernel[(triton.cdiv(W, 64),)](x, out, P, W=W, BLOCK_P=32, BLOCK_W=64, num_warps=4)
+    col_sum(x, out, accumulate=True)
