@@ -124,3 +124,28 @@ def is_out_of_memory(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+CUDA_ERROR_MARKS = ("CUDA error", "[CUDA]", "CUDA driver error", "CUBLAS_STATUS_", "CUDNN_STATUS_")
+"""How a CUDA failure reads: torch's ``CUDA error: ...``, Triton's ``Triton Error [CUDA]: ...``,
+the driver API's, cuBLAS's and cuDNN's status codes."""
+
+
+def is_cuda_failure(e: BaseException) -> bool:
+    """A CUDA error other than out of memory, anywhere in the exception's chain (torch's
+    AcceleratorError, or a message marked as CUDA's). Some are sticky (an illegal memory access,
+    a device-side assert, an unspecified launch failure): the process's CUDA context is unusable
+    and every later CUDA call fails. The message does not always tell which, so any CUDA error
+    counts: a new worker process costs seconds, a broken one would fail every later trial."""
+    import torch
+
+    if is_out_of_memory(e):
+        return False
+    accel = getattr(torch, "AcceleratorError", None)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (accel is not None and isinstance(e, accel)) or any(m in str(e) for m in CUDA_ERROR_MARKS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archsearch.config import RunConfig, resolve_precision, run_config_from_dict
-from archsearch.errors import is_out_of_memory
+from archsearch.errors import is_cuda_failure, is_out_of_memory
 from archsearch.result import RunResult, SizeRecord
 from archsearch.runcache import RunCache, run_key
 from archsearch.scaling import ScalingFit, fit_power_law
@@ -196,13 +196,17 @@ def train_run_once(family: Any, cfg: RunConfig, data: Any, seed: int, device: st
     run leaves nothing allocated behind. An out-of-memory failure while the family had a kept
     session is retried once after the clean-up (the kept session may be what filled the
     memory); a second failure is raised. A result that is not a RunResult is a TypeError
-    naming the family and the type."""
+    naming the family and the type. A CUDA failure (:func:`~archsearch.errors.is_cuda_failure`)
+    is raised as it is, with no clean-up: the CUDA context may be unusable (every CUDA call would
+    fail again), and the worker process is not used again (search/trainable.py)."""
     retried = False
     while True:
         try:
             run = family.train(cfg.family_config, data, seed, device, progress)
             break
         except Exception as e:
+            if is_cuda_failure(e):
+                raise
             kept = free_after_failure(family, e)
             if retried or not kept or not is_out_of_memory(e):
                 raise
@@ -239,7 +243,8 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
     size order with the same numbers; a stopped trial drops the runs started and not
     finished. A failure while staged that is out of memory drops the staged runs and trains
     that run and the rest one after another (as without staging, a notice says so); any other
-    is raised at its run's turn, as one run after another would."""
+    is raised at its run's turn, as one run after another would (a CUDA failure with no
+    clean-up, as in train_run_once)."""
     import numpy as np
     import torch
 
@@ -297,6 +302,13 @@ def run_trial(plan: TrialPlan, on_size: OnSize | None = None, progress: Callable
             out = next(staged)
             if not isinstance(out, BaseException):
                 return checked_result(cfg, out, "train_many")
+            if is_cuda_failure(out):  # no clean-up (train_run_once); the iterator's own may fail on CUDA again
+                try:
+                    staged.close()
+                except Exception:
+                    pass
+                staged = None
+                raise out
             staged.close()
             staged = None
             free_after_failure(family, out)

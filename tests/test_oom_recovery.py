@@ -178,3 +178,106 @@ def test_a_worker_whose_trial_ran_out_of_memory_runs_the_next_trial(tmp_path, ti
     # released after the failed run and after the failed trial (not after the completed one),
     # in the one worker that ran both
     assert len(pids) == 2 and len(set(pids)) == 1 and int(pids[0]) == trials["small"].user_attrs["worker_pid"]
+
+
+# -- a CUDA error that is not out of memory: the worker's context may be unusable -------------
+
+ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\n"
+                  "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might be incorrect.\n"
+                  "For debugging consider passing CUDA_LAUNCH_BLOCKING=1")  # fmt: skip
+
+
+def test_cuda_failures_are_told_from_out_of_memory_and_other_errors():
+    from archsearch.errors import is_cuda_failure
+
+    for text in (ILLEGAL_ACCESS, "CUDA error: device-side assert triggered", "CUDA error: unspecified launch failure",
+                 "Triton Error [CUDA]: an illegal memory access was encountered",
+                 "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, opa, opb, m, n, k, ...)`"):  # fmt: skip
+        assert is_cuda_failure(RuntimeError(text)), text
+    assert is_cuda_failure(torch.AcceleratorError("an illegal memory access was encountered"))
+    try:  # in the chain: a later error raised while handling it
+        try:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        except RuntimeError:
+            raise ValueError("the run's clean-up failed")
+    except ValueError as e:
+        assert is_cuda_failure(e)
+    for e in (OOM("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("CUDA error: out of memory"),
+              RuntimeError("Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!"),
+              ValueError("loss is NaN")):  # fmt: skip
+        assert not is_cuda_failure(e), e
+
+
+def test_a_cuda_failure_is_raised_with_no_clean_up_and_no_retry(plan, monkeypatch):
+    """Even with a kept session (an OOM would be trained again after freeing it) the run is not
+    retried, and nothing that would call CUDA runs: not the family's release, not the
+    allocator's clean-up."""
+    import archsearch.trial as trial_mod
+
+    graphs._SESSIONS.session = KeptSession()
+    calls = [0]
+
+    class Stepper(real_stepper):
+        def __call__(self, s, e):
+            calls[0] += 1
+            raise RuntimeError(ILLEGAL_ACCESS)
+
+    monkeypatch.setattr(engine, "EagerStepper", Stepper)
+    freed = []
+    monkeypatch.setattr(trial_mod, "free_memory", lambda: freed.append("free_memory"))
+    monkeypatch.setattr(trial_mod, "release_family", lambda family: freed.append("release") or False)
+    with pytest.raises(RuntimeError, match="^CUDA error: an illegal memory access was encountered"):
+        run_trial(plan)
+    assert calls[0] == 1 and freed == []
+    assert isinstance(graphs._SESSIONS.session, KeptSession)  # left as it was (the process is to end)
+
+
+CUDA_FAMILY = '''
+import dataclasses, os
+from examples.lstm_family import family as lstm
+
+
+def train(cfg, data, seed, device="cpu", progress=None):
+    if cfg.hidden == 32:
+        raise RuntimeError(ILLEGAL_ACCESS)
+    return lstm.train(cfg, data, seed, device, progress)
+
+
+def release():
+    with open(LOG, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return False
+
+
+family = dataclasses.replace(lstm, name="cuda_error_lstm", train=train, release=release)
+'''
+
+
+def test_a_worker_whose_trial_hit_a_cuda_error_runs_no_other_trial(tmp_path, tiny_corpus):
+    """Through archsearch run (real Ray, one trial at a time, real SQLite): the first config's
+    run raises CUDA's illegal-memory-access error; the trial fails as cuda_error with the
+    error's first line, nothing is freed in its worker (no family release), and the next
+    trial runs in another process."""
+    from helpers import cli, read_trials, tiny_space, write_space
+    from optuna.trial import TrialState
+
+    log = tmp_path / "release.log"
+    (tmp_path / "cuda_family.py").write_text(f"LOG = {str(log)!r}\nILLEGAL_ACCESS = {ILLEGAL_ACCESS!r}\n" + CUDA_FAMILY)
+    space = tiny_space(tiny_corpus, study={"name": "cuda"}, model={"family": f"{tmp_path / 'cuda_family.py'}:family", "context_length": 16, "max_epochs": 1},
+                       sampler={"type": "grid", "configs": {"broken": {"hidden": 32}, "next": {"hidden": 8}}},
+                       resources={"gpus": 0, "cpus": 1}, max_concurrent=1)  # fmt: skip
+    space.pop("phase1"), space.pop("phase2")  # CVFP sections
+    home = tmp_path / "home"
+    r = cli("run", str(write_space(tmp_path / "s.yaml", space)), "--quiet", env={"ARCHSEARCH_HOME": str(home)})
+    assert r.returncode == 1, r.stdout + r.stderr  # a trial failed
+    trials = sorted(read_trials(home / "archsearch.db", "cuda"), key=lambda t: t.datetime_start)
+    assert [t.user_attrs["config_name"] for t in trials] == ["broken", "next"]  # largest first
+    broken, after = trials
+    assert broken.state == TrialState.FAIL and broken.user_attrs["error_kind"] == "cuda_error"
+    assert broken.user_attrs["error"] == ("RuntimeError: CUDA error: an illegal memory access was encountered (a CUDA error: this "
+                                          "worker's CUDA context may be unusable, so the worker process runs no other trial)")  # fmt: skip
+    assert broken.params == {"hidden": 32}  # the trial's config (and config_name above)
+    assert after.state == TrialState.COMPLETE
+    assert after.user_attrs["worker_pid"] != broken.user_attrs["worker_pid"]  # a new process (an OOM keeps it: the test above)
+    assert not log.exists()  # the failed trial's worker freed nothing (no CUDA call after the error)
+    assert "Traceback" not in r.stderr

@@ -104,7 +104,7 @@ class Outcome:
     reason: str | None = None
     cached: bool = False
     kind: str | None = None
-    """For FAIL: what failed (the exception's type, out_of_memory, worker_died, interrupted)."""
+    """For FAIL: what failed (the exception's type, out_of_memory, cuda_error, worker_died, interrupted)."""
     started: float | None = None
     ended: float | None = None
     """Wall-clock times (epoch seconds) its worker started it and the driver recorded its end."""

@@ -4,7 +4,8 @@ It runs in a Ray worker, reads the prepared data and the run cache from their (a
 shared) paths, and reports once per size. It never touches the study: the driver alone
 writes to storage (which keeps SQLite safe and lets workers on other nodes run without a
 database connection). A Python exception in the trial is reported as a ``failed`` event
-with its cause; a crash of the worker itself reaches the driver through Ray.
+with its cause; a crash of the worker itself reaches the driver through Ray. After a CUDA
+failure the worker process is not used again (:class:`WorkerEnded`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ import traceback
 from contextlib import contextmanager
 from typing import Any
 
-from archsearch.errors import is_disk_full, is_out_of_memory
+from archsearch.errors import is_cuda_failure, is_disk_full, is_out_of_memory
 from archsearch.result import SizeRecord
 from archsearch.trial import TrialPlan, free_worker, run_trial
 
-__all__ = ["cvfp_trainable", "is_out_of_memory"]
+__all__ = ["WorkerEnded", "cvfp_trainable", "is_out_of_memory"]
+
+WORKER_ENDED = "a CUDA error: this worker's CUDA context may be unusable, so the worker process runs no other trial"
+
+
+class WorkerEnded(RuntimeError):
+    """Raised by the trainable after it reported a trial failed by a CUDA error: Ray Tune then
+    ends the trial's actor, and with it the worker process, instead of keeping it for the next
+    trial (it keeps only the actors of trials that ended without an error); the next trial
+    starts in a new process."""
 
 PROGRESS_S = 5.0
 """Phase-level progress reaches the driver at most this often."""
@@ -253,26 +263,34 @@ def cvfp_trainable(config: dict[str, Any]) -> None:
         report("progress", {"size_index": size_index, "size": size, "text": text})
 
     failure = None
+    broken = False  # a CUDA failure: this process runs no other trial
     limit = config.get("memory_gb")
     try:
         with memory_limit(limit):
             result = run_trial(plan, on_size=on_size, progress=progress)
     except Exception as e:  # the trial failed; the study goes on
         tb = traceback.format_exc(limit=8)
-        kind = "out_of_memory" if is_out_of_memory(e) else "disk_full" if is_disk_full(e) else type(e).__name__
+        broken = is_cuda_failure(e)
+        kind = "out_of_memory" if is_out_of_memory(e) else "disk_full" if is_disk_full(e) else "cuda_error" if broken else type(e).__name__
         error = f"{type(e).__name__}: {e}"
         if kind == "out_of_memory" and limit:
             error = f"the trial needs more memory than resources.memory_gb={limit:g} GB allows ({error})"
+        if broken:  # CUDA's message goes on with advice about CUDA_LAUNCH_BLOCKING: its first line
+            error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]} ({WORKER_ENDED})"
         failure = {"error": error[:2000], "kind": kind, "traceback": tb[-4000:]}
         e.__traceback__ = None  # its frames hold the run's tensors
     finally:
         if warmup is not None:  # a trial with no run to start (every run cached) or that failed before one
             worker["warmup"] = warmup.join()
         # this worker's next trial (or a co-tenant of its GPU) gets the memory back; after a
-        # failure nothing of the trial's is kept
-        free_worker(plan, failed=failure is not None)
+        # failure nothing of the trial's is kept. After a CUDA failure nothing is freed (it
+        # would call CUDA again): the process ends
+        if not broken:
+            free_worker(plan, failed=failure is not None)
     if failure is not None:
-        report("failed", failure)
+        report("failed", failure)  # returns once the driver has taken it
+        if broken:
+            raise WorkerEnded(failure["error"])
         return
     report("final", dict(result, worker=worker))
 
