@@ -58,8 +58,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
+from bench_timing import median_ms  # noqa: E402
 
 from archsearch.config import EngineConfig, run_config_from_dict  # noqa: E402
 from archsearch.cvfp import fast  # noqa: E402
@@ -227,24 +229,7 @@ def chunk_ms(case: Case) -> tuple[float, str]:
         def fn():
             phases.phase1_span(block, case.emb, case.win, inputs, prev, out_all, 0, n, nb, cfg)
 
-    for _ in range(2):
-        prep()
-        fn()
-    times = []
-    for _ in range(5):
-        prep()
-        if case.dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return median(times), f"{path}, {n} positions"
+    return median_ms(fn, 5, prep=prep, cuda=case.dev.type == "cuda"), f"{path}, {n} positions"
 
 
 def measure(L: int, C: int, k: int, N: int, dev, args, engine: dict, peak: float, profile: bool) -> dict:

@@ -46,11 +46,13 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from bench_timing import median_ms  # noqa: E402
 
 # (sync, rows, sub, warps); warps None = the module's default (4 up to C = 1024, else 8). The
 # "atomic" poll compiles to a plain acquire load already, so "volatile" differs little: only
@@ -159,23 +161,14 @@ def eager(P, W, G, B, eps: float, steps: int) -> torch.Tensor:
 
 
 def timed(fn, reps: int, cuda: bool = True) -> tuple[float, object]:
-    """(median seconds of ``reps`` calls after one warm-up, the last call's result)."""
-    out = fn()
-    times = []
-    for _ in range(reps):
-        if not cuda:  # --interpret: a smoke test of this script on the CPU
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-            continue
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2], out
+    """(median seconds of ``reps`` calls after one warm-up, the last call's result); with
+    ``cuda`` false (--interpret: a smoke test of this script on the CPU) by the wall clock."""
+    last = []
+
+    def call():
+        last[:] = [fn()]
+
+    return median_ms(call, reps, warmup=1, cuda=cuda) / 1e3, last[0]
 
 
 def summarise(path: str, top: int = 4, tol: float = 1e-4) -> None:

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_timing import median_ms  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from archsearch.config import run_config_from_dict  # noqa: E402
@@ -29,17 +31,7 @@ V, E = 50_257, 768
 
 def cuda_time(fn, reps: int = 10) -> float:
     """Median milliseconds of ``fn`` over ``reps`` runs (after two warm-ups)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, reps)
 
 
 def table(prof, n=30) -> str:
