@@ -2,6 +2,7 @@
 
 - :func:`triton_available`: the one capability check ("CUDA device and Triton installed").
 - :func:`gemm_caps`: what this build's CUDA GEMMs can write (probed once per device).
+- :func:`sm_count`: the device's multiprocessor count (the kernels' grids).
 - :data:`CAPTURE_LOCK` and :func:`graph_capture`: every CUDA-graph capture goes through them.
 """
 
@@ -49,6 +50,17 @@ def gemm_caps(device: torch.device) -> tuple[bool, bool]:
                 pass
         _GEMM_CAPS[device] = (f32_out, in_place)
     return _GEMM_CAPS[device]
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's multiprocessor count, asked once per device (2 off CUDA: Triton's
+    interpreter, in the CPU tests)."""
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return _SM_COUNT[device]
 
 
 CAPTURE_LOCK = threading.Lock()

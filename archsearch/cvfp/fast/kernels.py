@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from archsearch.cvfp.fast.device import sm_count
+
 
 @triton.jit
 def _ce_rows_kernel(
@@ -216,18 +218,6 @@ def res_relu_ln_fwd(z, r, gamma, beta, eps: float, zb=None, y16=None):
     rstd = torch.empty_like(mean)
     ln_fwd_into(z, zb, r, gamma, beta, eps, y, y16, mean, rstd, dense_z=True, dense_y16=False)
     return y, mean, rstd
-
-
-_SM_COUNT: dict = {}
-
-
-def sm_count(device) -> int:
-    """The device's multiprocessor count, asked once per device (2 off CUDA: the interpreter)."""
-    if device not in _SM_COUNT:
-        import torch
-
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return _SM_COUNT[device]
 
 
 def res_relu_ln_bwd(dy, z, r, gamma, mean, rstd, need_dr: bool = True, zb=None):

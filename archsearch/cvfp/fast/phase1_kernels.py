@@ -29,7 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from archsearch.cvfp.fast.kernels import _ln_shape, col_sum, ln_fwd_into, sm_count
+from archsearch.cvfp.fast.device import sm_count
+from archsearch.cvfp.fast.kernels import _ln_shape, col_sum, ln_fwd_into
 
 
 @triton.jit(do_not_specialize=["s", "n", "N"])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from archsearch.config import RunConfig
-from archsearch.cvfp.fast.device import graph_capture, triton_available
+from archsearch.cvfp.fast.device import graph_capture, sm_count, triton_available
 from archsearch.cvfp.model import ContextBlock, TokenEmbedding
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _fits(v: Variant, left: int, L: int, T: int, C: int, device: torch.device, i
     grid = v.runs * -(-C // v.rows)
     if interpret:  # the interpreter runs one program after another: one program per run
         return grid == v.runs
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     try:
         resident = resident_programs(device, L, C, v.rows, v.sub, v.warps, v.sync)
     except Exception as e:  # a variant that does not compile here: the next entry (a bug, so said)
@@ -183,7 +183,7 @@ def _batched_passes(blocks, emb, windows, cfg, plan: tuple[Variant, ...] = PLAN,
     device = windows.device
     outs: list[torch.Tensor] = []
     if not interpret:  # one tile per shape (see PLAN)
-        rows = tile_rows(C, torch.cuda.get_device_properties(device).multi_processor_count)
+        rows = tile_rows(C, sm_count(device))
         plan = tuple(v for v in plan if v.rows == rows)
     while len(outs) < len(blocks):
         left = len(blocks) - len(outs)

@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from archsearch.cvfp.fast.device import sm_count
+
 SYNC_MODES = ("atomic", "volatile", "flag")
 MAX_SPIN = 1 << 22  # polls of one wait before it gives up (seconds; a normal wait takes a few)
 MAX_BLOCKS_PER_SM = 16  # the lowest hardware limit since Volta (sm_75/86: 16; sm_80/90: 32)
@@ -226,7 +228,7 @@ def resident_programs(device, L: int, C: int, rows: int = 8, sub: int | None = N
     """How many programs of this variant the device is guaranteed to hold at once (all
     multiprocessors x compiled_info's per_sm); a grid-barrier launch must not exceed it."""
     per_sm = compiled_info(device, L, C, rows, sub, warps, sync)["per_sm"]
-    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    return sm_count(device) * per_sm
 
 
 def recurrent_batched(P, W, G, B, eps: float, rows: int = 8, sub: int | None = None, warps: int | None = None,
@@ -262,7 +264,7 @@ def recurrent_persistent(P, W, G, B, eps: float, rows: int | None = None, sync: 
     grid has one program per multiprocessor. None where no variant fits."""
     C = P.shape[-1]
     if rows is None:
-        sms = torch.cuda.get_device_properties(P.device).multi_processor_count
+        sms = sm_count(P.device)
         rows = next((r for r in (8, 16, 32) if triton.cdiv(C, r) <= sms), None)
         if rows is None:
             return None
