@@ -208,11 +208,15 @@ def test_cuda_failures_are_told_from_out_of_memory_and_other_errors():
         assert not is_cuda_failure(e), e
 
 
-def test_a_cuda_failure_is_raised_with_no_clean_up_and_no_retry(plan, monkeypatch):
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_cuda_failure_is_raised_with_no_clean_up_and_no_retry(plan, monkeypatch, staged):
     """Even with a kept session (an OOM would be trained again after freeing it) the run is not
     retried, and nothing that would call CUDA runs: not the family's release, not the
-    allocator's clean-up."""
+    allocator's clean-up; the same with the trial's runs staged (engine.stage_sizes, whose
+    iterator hands the error over; an OOM there would train the rest one after another)."""
     import archsearch.trial as trial_mod
+
+    plan.config["engine"]["stage_sizes"] = staged
 
     graphs._SESSIONS.session = KeptSession()
     calls = [0]
