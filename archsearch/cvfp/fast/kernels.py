@@ -196,8 +196,8 @@ def ln_fwd_into(z, zb, r, gamma, beta, eps: float, y, y16, mean, rstd, dense_z: 
     where given) <- LN(r + ReLU(z + zb)) over the rows of (n, D) z; ``dense_z`` / ``dense_y16``:
     that tensor's rows are D apart (the stride compiled in) rather than its stride(0) apart."""
     n, D = z.shape
-    assert z.stride(1) == 1 and r.is_contiguous() and y.is_contiguous() and (not dense_z or z.stride(0) == D)
-    assert y16 is None or (y16.shape == (n, D) and y16.stride(1) == 1 and (not dense_y16 or y16.stride(0) == D))
+    assert z.stride(1) == 1 and r.is_contiguous() and y.is_contiguous() and (not dense_z or z.is_contiguous())
+    assert y16 is None or (y16.shape == (n, D) and y16.stride(1) == 1 and (not dense_y16 or y16.is_contiguous()))
     block, rows, warps = _ln_shape(D)
     _res_relu_ln_fwd_kernel[(triton.cdiv(n, rows),)](z, z.stride(0), gamma if zb is None else zb, r, gamma, beta, y, mean,
                                                      rstd, y if y16 is None else y16, D if y16 is None else y16.stride(0),
