@@ -33,8 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def load_old(rev: str, into: Path):
-    """The old kernels' two modules from ``rev``, importable as old_kernels / old_phase1_kernels."""
-    show = lambda p: subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{p}"], check=True, capture_output=True, text=True).stdout  # noqa: E731
+    """The old kernels' two modules from ``rev`` (a commit, or a folder holding that commit's tree:
+    a machine without the repository's history), importable as old_kernels / old_phase1_kernels."""
+    if Path(rev).is_dir():
+        show = lambda p: (Path(rev) / p).read_text()  # noqa: E731
+    else:
+        show = lambda p: subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{p}"], check=True, capture_output=True, text=True).stdout  # noqa: E731
     (into / "old_kernels.py").write_text(show("archsearch/cvfp/fast/kernels.py"))
     p1 = show("archsearch/cvfp/fast/phase1_kernels.py").replace("from archsearch.cvfp.fast.kernels import", "from old_kernels import")
     (into / "old_phase1_kernels.py").write_text(p1)
@@ -158,7 +162,7 @@ def compare_sass(widths, n: int) -> dict:
 def main() -> None:
     global OLD, DEVICE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rev", default="5e3fe8c", help="the commit with the old kernels")
+    ap.add_argument("--rev", default="5e3fe8c", help="the commit with the old kernels, or a folder with its tree")
     ap.add_argument("--sass", action="store_true", help="compare sm_90 SASS (no GPU needed)")
     ap.add_argument("--out", default=None, help="JSON file (default: stdout only)")
     args = ap.parse_args()
