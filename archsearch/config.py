@@ -125,6 +125,14 @@ class EngineConfig:
     phases.plain_iteration whatever this says; false keeps that path on a GPU too (for A/B:
     scripts/bench_phase1.py times both). On an H200 1.5-1.7x faster per iteration than the
     fused layers' path (docs/engine.md)."""
+    phase2_fused: bool = True
+    """Phase 2's fused step on GPUs with Triton, for bf16 runs (cvfp/fast/phase2.py: forward,
+    tied-head cross-entropy, backward, clip and Adam without autograd, the TokenBlock's parameters,
+    gradients, moments and bf16 weights in flat buffers, the clip and Adam in two kernels;
+    standard TokenBlocks only; speed only). Where it does not apply (a CPU, no Triton,
+    ``fused_layers`` off, a non-standard TokenBlock, an fp32 or tf32 run) phase 2 takes the
+    autograd step whatever this says; false keeps that step on a GPU too (for A/B:
+    scripts/bench_phase2.py times both)."""
     recurrent: str = "auto"
     """How the recurrent validation pass runs (speed only): auto (persistent on GPUs with
     Triton, else eager) | persistent (one fused kernel for the whole pass) | graph (one

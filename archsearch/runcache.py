@@ -32,7 +32,8 @@ ENGINE_VERSION = 4  # 2: GPU bias added inside the fused norm (rounding), er_sec
 """Bump when the engine's computation changes, so older cached runs are not reused (every
 device's keys change; a change of the GPU paths only bumps GPU_ENGINE_VERSION instead)."""
 
-GPU_ENGINE_VERSION = 1  # 1 (rounding): phase 1's fused iteration the default (engine.phase1_fused)
+GPU_ENGINE_VERSION = 2  # 1 (rounding): phase 1's fused iteration the default (engine.phase1_fused);
+# 2 (rounding): phase 2's fused step the default (engine.phase2_fused)
 """Bump when only the GPU paths' computation changes (CVFP runs on a CUDA device): their keys
 change, a CPU run's key stays what it was."""
 

@@ -87,6 +87,22 @@ def test_phase1_fused_switch_is_speed_only_where_it_does_not_apply():
     assert tiny_cfg(2, 2).key() == tiny_cfg(2, 2, phase1_fused=False).key()
 
 
+def test_phase2_fused_switch_is_speed_only_where_it_does_not_apply():
+    """engine.phase2_fused (on by default) needs a bf16 run on CUDA with Triton: on a CPU the
+    default run is the autograd step's (phase2_fused=false) to the bit, and the switch is not
+    part of the run-cache key; a value other than true/false is a config error naming the field."""
+    from archsearch.errors import ConfigError
+
+    W, train, val = tiny_data(1)
+    assert tiny_cfg(2, 2).engine.phase2_fused is True
+    a = train_run(tiny_cfg(2, 2), W, train, val, seed=5)
+    b = train_run(tiny_cfg(2, 2, phase2_fused=False), W, train, val, seed=5)
+    assert numbers(a) == numbers(b)
+    assert tiny_cfg(2, 2).key() == tiny_cfg(2, 2, phase2_fused=False).key()
+    with pytest.raises(ConfigError, match="engine.phase2_fused"):
+        tiny_cfg(2, 2, phase2_fused="yes")
+
+
 def test_gpu_engine_version_changes_gpu_run_keys_only(monkeypatch):
     """Phase 1's fused iteration, the GPU default now, rounds otherwise than the path GPU runs took
     before it, so a GPU run's cache key carries GPU_ENGINE_VERSION; a CPU run's key is the one it

@@ -613,3 +613,99 @@ def test_phase1_iteration_copies_nothing_from_the_host_on_gpu(fused):
     assert not any(k.startswith("Memcpy HtoD") for k in counts), counts
     if fused:
         assert sum(v for k, v in counts.items() if k.startswith("Memcpy DtoH")) == 1, counts
+
+
+@pytest.mark.parametrize("L, C, k", [(6, 768, 1), (3, 768, 2)])
+def test_fused_phase2_step_matches_autograd_step_on_gpu(L, C, k):
+    """engine.phase2_fused's step (fast/phase2.py, captured) against today's autograd step
+    (graphs.Phase2Step, captured, fused torch Adam) on a real width: five steps (four full
+    batches, then a partial one replayed with row weights), every parameter and the summed loss;
+    the bf16 fused step must be as close to the fp32 autograd step as the bf16 autograd step
+    is (the phase-1 fused test's tolerance). k 2: the projected residuals."""
+    import copy
+
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.fast import head
+    from archsearch.cvfp.fast.graphs import Phase2Step
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
+    from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+    from archsearch.cvfp.model import TokenBlock, TokenEmbedding, init_parameters
+
+    dev = torch.device("cuda")
+    B, E, V = 4096, 768, 50257
+    n = 4 * B + 1000
+    cfgs = {p: run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
+                                     "engine": {"precision": p}}) for p in ("fp32", "bf16")}  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    emb = TokenEmbedding(torch.randn(V, E, device=dev, generator=g) * 0.1, k).to(dev)
+    ids = torch.randint(0, V, (n + 1,), device=dev, generator=g)
+    windows, targets = emb.windows(ids)[:n], ids[1:].contiguous()
+    cache = torch.randn(L, n, C, device=dev, generator=g)
+    tb0 = TokenBlock(cfgs["fp32"].model, E)
+    init_parameters(tb0, cfgs["fp32"].model, torch.Generator().manual_seed(1))
+    tb0 = tb0.to(dev)
+
+    def run(fused: bool, prec: str):
+        cfg = cfgs[prec]
+        tb = copy.deepcopy(tb0)
+        weight = head.head_weight(emb.weight, prec)
+        if fused:
+            step = FusedPhase2Step(FusedTokenBlock(tb), emb, weight, cfg, cache, windows, targets, graphed=True)
+        else:
+            opt = torch.optim.Adam(tb.parameters(), lr=cfg.phase2.lr, fused=True, capturable=True)
+            step = Phase2Step(FusedTokenBlock(tb), emb, weight, opt, cfg, cache, windows, targets)
+        step.prepare()
+        step.loss_sum.zero_()
+        for s in range(0, n, B):
+            step(s, min(s + B, n))
+        assert step.graph is not None
+        return [step.loss_sum.float().reshape(1)] + [p.detach().clone() for p in tb.parameters()]
+
+    def rel(a, b):
+        assert bool(torch.isfinite(a).all())
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    truth, plain, fused = run(False, "fp32"), run(False, "bf16"), run(True, "bf16")
+    names = ["loss_sum"] + [name for name, _ in tb0.named_parameters()]
+    moved = min(rel(f, t) for f, t in zip(fused[1:], [p.detach() for p in tb0.parameters()]))
+    assert moved > 1e-4, "the steps trained every parameter"
+    bad = {name: (rel(f, t), rel(p, t)) for name, f, p, t in zip(names, fused, plain, truth) if rel(f, t) > 1.5 * rel(p, t) + 1e-3}
+    assert not bad, f"(fused vs fp32, autograd bf16 vs fp32) relative differences: {bad}"
+
+
+@pytest.mark.parametrize("n", [9000, 3500])
+def test_fused_phase2_run_is_close_to_the_autograd_run_on_gpu(n):
+    """Whole bf16 runs with engine.phase2_fused on and off: the validation PPL within 0.5 %, the
+    epochs' losses alike; 9,000 positions are replayed from a graph (9 steps an epoch, a partial
+    last one), 3,500 (fewer than 4 batches) step eagerly. The fused run's GPU session then
+    gives the same numbers again, to the bit, when kept (another size in between) and when new."""
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.fast import graphs as EN
+    from archsearch.cvfp.run import train_run
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3000, 64, generator=g) * 0.5
+    train, val = torch.randint(0, 3000, (n,), generator=g), torch.randint(0, 3000, (1500,), generator=g)
+
+    def run(fused: bool, N: int = n):
+        cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 128, "num_input_tokens": 2},
+                                    "phase1": {"batch_size": 2000}, "phase2": {"batch_size": 1000, "max_epochs": 3, "patience": 3},
+                                    "engine": {"precision": "bf16", "phase2_fused": fused}})  # fmt: skip
+        return train_run(cfg, W, train[:N], val, seed=1, device="cuda")
+
+    EN.release_phase2_graphs()
+    plain, fused = run(False), run(True)
+    assert fused.val_ppl == pytest.approx(plain.val_ppl, rel=5e-3)
+    for a, b in zip(fused.history["phase2"], plain.history["phase2"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=5e-3) and a["val_loss"] == pytest.approx(b["val_loss"], rel=5e-3)
+    if n >= 4000:
+        session = EN._SESSIONS.session
+        from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+
+        assert isinstance(session.step, FusedPhase2Step)
+        run(True, 5500)
+        assert EN._SESSIONS.session is session
+        assert run(True).history["phase2"] == fused.history["phase2"]
+        EN.release_phase2_graphs()
+        assert run(True).history["phase2"] == fused.history["phase2"]
+    EN.release_phase2_graphs()

@@ -343,6 +343,69 @@ def fused_tied_head_matches_torch():
     assert int(hits) == int(((h.detach() @ hw.matrix.T).argmax(-1) == t).sum())
 
 
+def _phase2_setup(L=2, C=16, k=2, E=8, V=50, n=29, batch=8, seed=11, clip=0.5):
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.model import TokenBlock, TokenEmbedding, init_parameters
+
+    cfg = run_config_from_dict({"model": {"num_layers": L, "context_dim": C, "num_input_tokens": k},
+                                "phase2": {"batch_size": batch, "lr": 0.01, "grad_clip": clip},
+                                "engine": {"precision": "fp32", "phase2_fused": True}})  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    emb = TokenEmbedding(torch.randn(V, E, generator=g), k)
+    ids = torch.randint(0, V, (n + 1,), generator=g)
+    windows, targets = emb.windows(ids)[:n], ids[1:]
+    cache = torch.randn(L, n, C, generator=g)
+    tb = TokenBlock(cfg.model, E)
+    init_parameters(tb, cfg.model, torch.Generator().manual_seed(seed + 1))
+    return cfg, emb, (windows, targets, cache), tb
+
+
+@check
+def fused_phase2_step_matches_autograd_step():
+    """Two epochs of steps (batches of 8 over 29 positions: a short last batch) of the fused
+    phase-2 step (fp32, fast/phase2.py) against phases.EagerStepper (autograd, clip_grad_norm_,
+    torch's Adam): every parameter and the loss sums, with projected residuals (k 2) and
+    without (k 1), the clip active (grad_clip 0.5). Then the captured graph's form of the
+    step: every batch on all 8 rows of the buffers, the last one's stale rows weighted 0."""
+    import copy
+
+    from archsearch.cvfp.fast import head
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
+    from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+    from archsearch.cvfp.phases import EagerStepper
+
+    for k, graph_form in ((2, False), (1, False), (2, True)):
+        cfg, emb, train, tb = _phase2_setup(k=k)
+        windows, targets, cache = train
+        n, B = targets.shape[0], cfg.phase2.batch_size
+        plain_tb = copy.deepcopy(tb)
+        plain = EagerStepper(plain_tb, emb, emb.weight, cfg, train)
+        fused = FusedPhase2Step(FusedTokenBlock(tb), emb, head.head_weight(emb.weight, "fp32"), cfg, cache, windows, targets, graphed=False)
+        assert fused.B == B and fused.S is None
+        for epoch in range(2):
+            plain.loss_sum.zero_()
+            fused.loss_sum.zero_()
+            for s in range(0, n, B):
+                e = min(s + B, n)
+                plain(s, e)
+                if graph_form:  # what a replay computes: all B rows, weights 1/r and 0
+                    fused._fill(s, e)
+                    fused._set_rows(e - s)
+                    fused._compute(B)
+                else:
+                    fused(s, e)
+            assert abs(float(fused.loss_sum) - float(plain.loss_sum)) <= 1e-5 * abs(float(plain.loss_sum)), (k, epoch)
+        names = [name for name, _ in plain_tb.named_parameters()]
+        for name, a, b in zip(names, tb.parameters(), plain_tb.parameters()):
+            d = rel(a.detach(), b.detach())
+            assert d < 1e-5, (k, graph_form, name, d)
+        # the parameters are views of the flat buffer, which the optimizer kernel wrote
+        assert all(fused.P.data_ptr() <= p.data_ptr() < fused.P.data_ptr() + 4 * fused.numel for p in tb.parameters())
+        assert float(fused.adam[0]) == 2 * ((n + B - 1) // B)
+        moved = min(rel(a.detach(), b.detach()) for a, b in zip(tb.parameters(), _phase2_setup(k=k)[3].parameters()))
+        assert moved > 1e-3, moved  # the steps did train every parameter
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before triton is imported"
     names = sys.argv[1:] or list(CHECKS)

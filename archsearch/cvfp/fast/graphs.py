@@ -259,8 +259,13 @@ class Phase2Session:
         self.tblock = copy.deepcopy(tblock)
         self.emb = _TokenVectors(emb)
         self.weight = head.head_weight(emb.weight, cfg.engine.precision)
-        opt = torch.optim.Adam(self.tblock.parameters(), lr=cfg.phase2.lr, fused=True, capturable=True)
-        self.step = Phase2Step(self.tblock, self.emb, self.weight, opt, cfg, cache, windows, targets)
+        if phase2_fused(self.tblock, cfg, targets.device):  # re-points the block's parameters at its flat buffer
+            from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+
+            self.step = FusedPhase2Step(self.tblock, self.emb, self.weight, cfg, cache, windows, targets, graphed=True)
+        else:
+            opt = torch.optim.Adam(self.tblock.parameters(), lr=cfg.phase2.lr, fused=True, capturable=True)
+            self.step = Phase2Step(self.tblock, self.emb, self.weight, opt, cfg, cache, windows, targets)
         self.evaluation = Evaluation(self.tblock, self.emb, val, cfg, self.weight, graphed=True)
         self.step.prepare()
 
@@ -311,6 +316,14 @@ def _phase2_session(tblock, emb, train, val, cfg: RunConfig) -> Phase2Session:
     return session
 
 
+def phase2_fused(tblock, cfg: RunConfig, device: torch.device) -> bool:
+    """Whether phase 2 steps through fast/phase2.py (``engine.phase2_fused``, a bf16 run on CUDA with
+    Triton, the fused view of a standard TokenBlock) rather than :class:`Phase2Step`."""
+    from archsearch.cvfp.fast.phase2 import supported
+
+    return supported(tblock, cfg, device)
+
+
 def _phase2_graphed(train, cfg: RunConfig) -> bool:
     n = train[1].shape[0]
     return train[1].device.type == "cuda" and cfg.engine.phase2_graph and n >= 4 * cfg.phase2.batch_size
@@ -339,7 +352,12 @@ def phase2_backends(tblock, emb: TokenEmbedding, train, val, cfg: RunConfig, ses
             session = _phase2_session(tblock, emb, train, val, cfg)
         return session.step, session.evaluation
     windows, targets, cache = train
-    opt = torch.optim.Adam(tblock.parameters(), lr=cfg.phase2.lr, fused=targets.device.type == "cuda")
     weight = head.head_weight(emb.weight, cfg.engine.precision)
-    step = Phase2Step(tblock, emb, weight, opt, cfg, cache, windows, targets)
+    if phase2_fused(tblock, cfg, targets.device):
+        from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+
+        step = FusedPhase2Step(tblock, emb, weight, cfg, cache, windows, targets, graphed=False)
+    else:
+        opt = torch.optim.Adam(tblock.parameters(), lr=cfg.phase2.lr, fused=targets.device.type == "cuda")
+        step = Phase2Step(tblock, emb, weight, opt, cfg, cache, windows, targets)
     return step, Evaluation(tblock, emb, val, cfg, weight, graphed=cfg.engine.phase2_graph)
