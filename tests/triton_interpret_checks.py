@@ -365,8 +365,9 @@ def fused_phase2_step_matches_autograd_step():
     """Two epochs of steps (batches of 8 over 29 positions: a short last batch) of the fused
     phase-2 step (fp32, fast/phase2.py) against phases.EagerStepper (autograd, clip_grad_norm_,
     torch's Adam): every parameter and the loss sums, with projected residuals (k 2) and
-    without (k 1), the clip active (grad_clip 0.5). Then the captured graph's form of the
-    step: every batch on all 8 rows of the buffers, the last one's stale rows weighted 0."""
+    without (k 1), the clip active (grad_clip 0.5) and not (1e3). Then the captured graph's
+    form of the step: every batch on all 8 rows of the buffers, the last one's stale rows
+    weighted 0."""
     import copy
 
     from archsearch.cvfp.fast import head
@@ -374,8 +375,8 @@ def fused_phase2_step_matches_autograd_step():
     from archsearch.cvfp.fast.phase2 import FusedPhase2Step
     from archsearch.cvfp.phases import EagerStepper
 
-    for k, graph_form in ((2, False), (1, False), (2, True)):
-        cfg, emb, train, tb = _phase2_setup(k=k)
+    for k, graph_form, clip in ((2, False, 0.5), (1, False, 0.5), (2, True, 0.5), (1, False, 1e3)):
+        cfg, emb, train, tb = _phase2_setup(k=k, clip=clip)
         windows, targets, cache = train
         n, B = targets.shape[0], cfg.phase2.batch_size
         plain_tb = copy.deepcopy(tb)
@@ -398,11 +399,11 @@ def fused_phase2_step_matches_autograd_step():
         names = [name for name, _ in plain_tb.named_parameters()]
         for name, a, b in zip(names, tb.parameters(), plain_tb.parameters()):
             d = rel(a.detach(), b.detach())
-            assert d < 1e-5, (k, graph_form, name, d)
+            assert d < 1e-5, (k, graph_form, clip, name, d)
         # the parameters are views of the flat buffer, which the optimizer kernel wrote
         assert all(fused.P.data_ptr() <= p.data_ptr() < fused.P.data_ptr() + 4 * fused.numel for p in tb.parameters())
         assert float(fused.adam[0]) == 2 * ((n + B - 1) // B)
-        moved = min(rel(a.detach(), b.detach()) for a, b in zip(tb.parameters(), _phase2_setup(k=k)[3].parameters()))
+        moved = min(rel(a.detach(), b.detach()) for a, b in zip(tb.parameters(), _phase2_setup(k=k, clip=clip)[3].parameters()))
         assert moved > 1e-3, moved  # the steps did train every parameter
 
 
