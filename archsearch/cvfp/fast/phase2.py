@@ -37,6 +37,9 @@ from archsearch.cvfp.fast.device import gemm_caps, graph_capture
 from archsearch.cvfp.model import token_vectors
 from archsearch.cvfp.precision import gemm_dtype, precision_scope
 
+ALIGN = 64
+"""Every group of parameters in the flat buffers starts at a multiple of this many elements."""
+
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 """torch.optim.Adam's defaults, which the plain step uses."""
@@ -93,27 +96,36 @@ class FusedPhase2Step:
         self.C = C = tblock.context_dim
         f32 = torch.float32
         layers = list(tblock.layers)
-        # the flat layout: (parameter, offset) in the order _Layer takes them
-        order: list[torch.nn.Parameter] = []
+        # the flat layout: groups of parameters in the order _Layer takes them, each group
+        # starting at a multiple of ALIGN elements (the GEMMs' operands aligned as a fresh
+        # tensor's are; the gaps are zeros that no gradient reaches, so Adam keeps them 0)
+        groups: list[list[torch.nn.Parameter]] = []
         for layer in layers:
-            order += [layer.fc.weight] + ([layer.proj.weight, layer.proj.bias] if layer.proj is not None else [])
-            order += [layer.norm.weight, layer.norm.bias, layer.fc.bias]
-        assert len(order) == len(list(tblock.parameters())), "every TokenBlock parameter is in the flat layout"
-        total = sum(p.numel() for p in order)
+            groups.append([layer.fc.weight])
+            if layer.proj is not None:
+                groups += [[layer.proj.weight], [layer.proj.bias]]
+            groups.append([layer.norm.weight, layer.norm.bias, layer.fc.bias])
+        assert sum(len(grp) for grp in groups) == len(list(tblock.parameters())), "every TokenBlock parameter is in the flat layout"
+        offsets: dict[int, int] = {}
+        off = 0
+        for grp in groups:
+            off = -(-off // ALIGN) * ALIGN
+            for p in grp:
+                offsets[id(p)] = off
+                off += p.numel()
+        total = -(-off // ALIGN) * ALIGN
         self.numel = total
-        self.P = torch.empty(total, device=dev, dtype=f32)
+        self.P = torch.zeros(total, device=dev, dtype=f32)
         self.G = torch.zeros(total, device=dev, dtype=f32)
         self.M = torch.zeros(total, device=dev, dtype=f32)
         self.V2 = torch.zeros(total, device=dev, dtype=f32)
         self.S = torch.empty(total, device=dev, dtype=self.dtype) if self.dtype != f32 else None
-        offsets: dict[int, int] = {}
-        off = 0
         with torch.no_grad():
-            for p in order:
-                offsets[id(p)] = off
-                self.P[off : off + p.numel()].copy_(p.detach().reshape(-1))
-                p.data = self.P[off : off + p.numel()].view(p.shape)  # the module trains the flat buffer
-                off += p.numel()
+            for grp in groups:
+                for p in grp:
+                    o = offsets[id(p)]
+                    self.P[o : o + p.numel()].copy_(p.detach().reshape(-1))
+                    p.data = self.P[o : o + p.numel()].view(p.shape)  # the module trains the flat buffer
 
         def take(spec):
             """(fp32 view, GEMM-dtype view, gradient view) of one parameter or of a span of several."""

@@ -79,10 +79,15 @@ def adam_state(betas: tuple[float, float], device):
     them in Python floats)."""
     import torch
 
-    return torch.tensor([0.0, 1.0, 1.0, *betas], dtype=torch.float64, device=device)
+    state = torch.empty(5, dtype=torch.float64, device=device)  # filled by kernels: no host-to-device copy
+    state[3] = betas[0]
+    state[4] = betas[1]
+    reset_adam_state(state)
+    return state
 
 
 def reset_adam_state(state) -> None:
+    """Back to step 0 (in place: a captured graph holds the tensor)."""
     state[0] = 0.0
     state[1:3] = 1.0
 
