@@ -709,3 +709,43 @@ def test_fused_phase2_run_is_close_to_the_autograd_run_on_gpu(n):
         EN.release_phase2_graphs()
         assert run(True).history["phase2"] == fused.history["phase2"]
     EN.release_phase2_graphs()
+
+
+@pytest.mark.parametrize("graphed", [True, False])
+def test_fused_phase2_steps_copy_nothing_from_the_host_on_gpu(graphed):
+    """Fused phase-2 steps (fast/phase2.py), kernels compiled and the graph captured before: no
+    host-to-device copy and no device-to-host one (the step count, the clip and the loss sum stay
+    on the device), replayed or eager, a partial last batch included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.fast import head
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
+    from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+    from archsearch.cvfp.model import TokenBlock, TokenEmbedding, init_parameters
+
+    dev = torch.device("cuda")
+    cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": 256, "num_input_tokens": 2},
+                                "phase2": {"batch_size": 1000}, "engine": {"precision": "bf16"}})  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    emb = TokenEmbedding(torch.randn(3000, 128, device=dev, generator=g) * 0.1, 2).to(dev)
+    n = 4500
+    ids = torch.randint(0, 3000, (n + 1,), device=dev, generator=g)
+    cache = torch.randn(3, n, 256, device=dev, generator=g)
+    tb = TokenBlock(cfg.model, 128)
+    init_parameters(tb, cfg.model, torch.Generator().manual_seed(1))
+    step = FusedPhase2Step(FusedTokenBlock(tb.to(dev)), emb, head.head_weight(emb.weight, "bf16"), cfg, cache,
+                           emb.windows(ids)[:n], ids[1:].contiguous(), graphed=graphed)  # fmt: skip
+    step.prepare()
+    assert (step.graph is not None) == graphed
+    spans = [(s, min(s + 1000, n)) for s in range(0, n, 1000)]
+    for s, e in spans:  # every row count once (the eager path's kernels compile per shape of nothing, but cuBLAS may plan)
+        step(s, e)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for s, e in spans:
+            step(s, e)
+        torch.cuda.synchronize()
+    counts = {ev.key: ev.count for ev in prof.key_averages() if ev.key.startswith("Memcpy")}
+    assert not any(k.startswith(("Memcpy HtoD", "Memcpy DtoH")) for k in counts), counts
+    assert math.isfinite(float(step.loss_sum))

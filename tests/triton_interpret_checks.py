@@ -407,6 +407,32 @@ def fused_phase2_step_matches_autograd_step():
         assert moved > 1e-3, moved  # the steps did train every parameter
 
 
+@check
+def phase2_gather_and_loss_kernels():
+    """phase2_kernels.gather_tokens against model.token_vectors (into a strided GEMM input, with
+    and without the contiguous copy; the zero row of "before the stream" too), add_loss against
+    the weighted sum it stands for."""
+    from archsearch.cvfp.fast import phase2_kernels as K2
+    from archsearch.cvfp.model import TokenEmbedding, token_vectors
+
+    g = torch.Generator().manual_seed(12)
+    for k, n, E in ((1, 7, 8), (3, 21, 20)):
+        emb = TokenEmbedding(torch.randn(30, E, generator=g), k)
+        win = emb.windows(torch.randint(0, 30, (n,), generator=g)).contiguous()
+        want = token_vectors(emb.normed, win)
+        packed = torch.full((n, 5 + k * E), float("nan"))
+        out32 = torch.empty(n, k * E)
+        K2.gather_tokens(emb.normed, win, packed[:, 5:], out32)
+        assert torch.equal(packed[:, 5:], want) and torch.equal(out32, want) and bool(packed[:, :5].isnan().all())
+        packed2 = torch.zeros(n, k * E)
+        K2.gather_tokens(emb.normed, win, packed2)
+        assert torch.equal(packed2, want)
+    loss, w = torch.rand(3000, generator=g), torch.rand(3000, generator=g)
+    total = torch.full((), 2.5, dtype=torch.float64)
+    K2.add_loss(loss, w, torch.full((), 7.0, dtype=torch.float64), total)
+    assert abs(float(total) - (2.5 + 7.0 * float((loss.double() * w.double()).sum()))) < 1e-6 * float(total)
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before triton is imported"
     names = sys.argv[1:] or list(CHECKS)

@@ -205,8 +205,14 @@ class FusedPhase2Step:
         prec = "fp32" if self.cfg.engine.precision == "bf16" else self.cfg.engine.precision
         with torch.autocast(self.device.type, enabled=False), precision_scope(prec, self.device):
             # forward
-            vec = token_vectors(self.emb.normed, self.win[:r])  # (r, E*k) fp32: layer 0's residual where unprojected
-            self.packed[0][:r, C:].copy_(vec)
+            # the token vectors into layer 0's GEMM input; in fp32 too where they are its residual
+            first = self.layers[0]
+            vec = None if first.pw is not None else torch.empty(r, first.d_in, device=self.device, dtype=f32)
+            if self.dtype == f32:
+                vec = token_vectors(self.emb.normed, self.win[:r])  # (r, E*k)
+                self.packed[0][:r, C:].copy_(vec)
+            else:
+                self.K2.gather_tokens(self.emb.normed, self.win[:r], self.packed[0][:r, C:], vec)
             h = vec
             saved = []
             for i, lay in enumerate(self.layers):
@@ -232,7 +238,7 @@ class FusedPhase2Step:
                 ce_rows(logits, self.tgt[s:e], self.loss_rows[s:e], None, write_grad=True, vocab_size=self.weight.vocab_size,
                         row_scale=self.row_weight[s:e])  # fmt: skip
                 torch.mm(logits, Wh, out=self.grad_h[s:e])
-            self.loss_sum += torch.dot(self.loss_rows[:r], self.row_weight[:r]).double() * self.rows
+            self.K2.add_loss(self.loss_rows[:r], self.row_weight[:r], self.rows, self.loss_sum)
             # backward, last layer first
             dy = self.grad_h[:r]
             vec_grads, vec_dst = [], []

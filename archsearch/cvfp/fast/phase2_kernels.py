@@ -1,5 +1,6 @@
-"""Triton kernels of phase 2's fused step (fast/phase2.py): the gradient clip and Adam over
-flat buffers, in two launches (imported only where Triton is available).
+"""Triton kernels of phase 2's fused step (fast/phase2.py) (imported only where Triton is
+available): the gradient clip and Adam over flat buffers, in two launches; the token vectors
+gathered into the first layer's GEMM input; the step's loss added to the epoch's sum.
 
 1. ``_sq_partials_kernel``: per program the sum of squares of one contiguous span of the flat
    gradient (a fixed split: the total norm is summed in the same order every step); program 0
@@ -106,3 +107,56 @@ def clip_adam(p, g, m, v, p16, partials, state, lr: float, betas: tuple[float, f
     _clip_adam_kernel[(triton.cdiv(n, ADAM_BLOCK),)](p, g, m, v, p if p16 is None else p16, partials, state, n, lr, eps,
                                                      max_norm, 1.0 - b1, 1.0 - b2, NP=NP, BLOCK=ADAM_BLOCK, HAS_P16=p16 is not None,
                                                      num_warps=4)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["n"])
+def _gather_tokens_kernel(
+    table_ptr, win_ptr, out16_ptr, stride16, out32_ptr, n,
+    K: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr, HAS_32: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n
+    cols = tl.arange(0, BLOCK_E)
+    mask = rmask[:, None] & (cols < E)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    for j in tl.static_range(K):
+        ids = tl.load(win_ptr + rows * K + j, mask=rmask, other=0).to(tl.int64)
+        x = tl.load(table_ptr + ids[:, None] * E + cols[None, :], mask=mask, other=0.0)
+        tl.store(out16_ptr + r64 * stride16 + j * E + cols[None, :], x.to(out16_ptr.dtype.element_ty), mask=mask)
+        if HAS_32:
+            tl.store(out32_ptr + r64 * (K * E) + j * E + cols[None, :], x, mask=mask)
+
+
+def gather_tokens(table, windows, out16, out32=None) -> None:
+    """The token vectors of ``windows`` (n, k) ids: rows of the (V+1, E) fp32 ``table``,
+    concatenated (model.token_vectors), into ``out16`` (n, k*E) in its dtype (any row stride,
+    unit column stride: a layer's GEMM input in place) and, where given, ``out32`` (n, k*E)
+    contiguous fp32 too; one pass over the table's rows."""
+    n, K = windows.shape
+    E = table.shape[1]
+    assert table.is_contiguous() and windows.is_contiguous() and out16.shape == (n, K * E) and out16.stride(1) == 1
+    assert out32 is None or (out32.shape == (n, K * E) and out32.is_contiguous() and out32.dtype == table.dtype)
+    block = triton.next_power_of_2(E)
+    rows = max(1, min(16, 4096 // block))
+    _gather_tokens_kernel[(triton.cdiv(n, rows),)](table, windows, out16, out16.stride(0), out16 if out32 is None else out32, n,
+                                                    K=K, E=E, BLOCK_E=block, ROWS=rows, HAS_32=out32 is not None,
+                                                    num_warps=4)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["n"])
+def _loss_sum_kernel(loss_ptr, w_ptr, rows_ptr, sum_ptr, n, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        m = idx < n
+        acc += tl.load(loss_ptr + idx, mask=m, other=0.0) * tl.load(w_ptr + idx, mask=m, other=0.0)
+    step_loss = tl.sum(acc, axis=0)  # the step's loss (the weighted mean CE), fp32
+    tl.store(sum_ptr, tl.load(sum_ptr) + step_loss.to(tl.float64) * tl.load(rows_ptr))
+
+
+def add_loss(loss_rows, row_weight, rows, loss_sum) -> None:
+    """loss_sum (fp64) += rows (fp64, ()) * sum_i loss_rows[i] * row_weight[i] (the step's
+    weighted mean cross-entropy times its rows), one program."""
+    n = loss_rows.numel()
+    assert row_weight.numel() == n
+    _loss_sum_kernel[(1,)](loss_rows, row_weight, rows, loss_sum, n, BLOCK=1024, num_warps=4)
