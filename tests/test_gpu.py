@@ -739,7 +739,7 @@ def test_fused_phase2_steps_copy_nothing_from_the_host_on_gpu(graphed):
     step.prepare()
     assert (step.graph is not None) == graphed
     spans = [(s, min(s + 1000, n)) for s in range(0, n, 1000)]
-    for s, e in spans:  # every row count once (the eager path's kernels compile per shape of nothing, but cuBLAS may plan)
+    for s, e in spans:  # warm: every row count once
         step(s, e)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
