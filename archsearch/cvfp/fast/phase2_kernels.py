@@ -49,7 +49,7 @@ def _clip_adam_kernel(
     norm = tl.sqrt(tl.sum(parts, axis=0))
     inv_clip = tl.maximum((norm + 1e-6) / max_norm, 1.0)
     bc1 = (1.0 - tl.load(state_ptr + 1)).to(tl.float32)  # 1 - beta1 ** step
-    bc2_sqrt = tl.sqrt(1.0 - tl.load(state_ptr + 2)).to(tl.float32)
+    bc2_sqrt = tl.sqrt((1.0 - tl.load(state_ptr + 2)).to(tl.float32))
     beta2 = tl.load(state_ptr + 4).to(tl.float32)
     step_size = lr / bc1
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
