@@ -189,7 +189,6 @@ def measure(case: Case, variant: str, args, graphed: bool) -> dict:
         row["replay_ms"] = median([timed(case.dev, lambda i: graph.replay(), args.steps) for _ in range(args.repeats)])
     if args.profile_case == (case.L, case.C, case.k) and case.dev.type == "cuda":
         row["profile"] = profile(step, call, args.steps)
-    del step
     return row
 
 

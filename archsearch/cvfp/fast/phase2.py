@@ -217,8 +217,7 @@ class FusedPhase2Step:
             saved = []
             for i, lay in enumerate(self.layers):
                 x = self.packed[i][:r]
-                w32, w16, _ = lay.w
-                z = torch.mm(x, w16.t())  # (r, d_out), GEMM dtype, without the bias
+                z = torch.mm(x, lay.w[1].t())  # (r, d_out), GEMM dtype, without the bias
                 if lay.pw is not None:
                     res = torch.addmm(lay.pb[1], x[:, C:], lay.pw[1].t())  # (r, d_out), GEMM dtype
                 else:
