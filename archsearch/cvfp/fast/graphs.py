@@ -7,6 +7,8 @@ cross-entropy (head.py), the fused Adam with the clip folded in, and, where
 step and one of the whole validation pass. The graphs read their inputs from buffers of their
 own (per TokenLayer a GEMM input with the contexts in place: layers.forward_packed), so a
 later run of the same shape can replay them: :class:`Phase2Session` keeps them per thread.
+A bf16 run with ``engine.phase2_fused`` (:func:`phase2_fused`) steps through fast/phase2.py's
+FusedPhase2Step instead (the same interface, no autograd), captured and kept the same way.
 """
 
 from __future__ import annotations
