@@ -749,3 +749,63 @@ def test_fused_phase2_steps_copy_nothing_from_the_host_on_gpu(graphed):
     counts = {ev.key: ev.count for ev in prof.key_averages() if ev.key.startswith("Memcpy")}
     assert not any(k.startswith(("Memcpy HtoD", "Memcpy DtoH")) for k in counts), counts
     assert math.isfinite(float(step.loss_sum))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kept_phase2_session_replays_equal_a_new_one_step_by_step(fused):
+    """The kept-session check of test_kept_phase2_session_computes_what_a_new_one_does, step by
+    step and without phases 1 and the caches (synthetic data of its shapes: L2 C64 k2, E 64,
+    batches of 1,000, 8,999 and 5,499 positions): a new session's run, another size's run in
+    the same session, then the first run again; the TokenBlock's parameters after every step and
+    the validation sums after every epoch must be equal to the bit, and the failure names the
+    first step (or epoch) and parameter that differ. fused: engine.phase2_fused's step; else
+    graphs.Phase2Step."""
+    from archsearch.config import run_config_from_dict
+    from archsearch.cvfp.fast import graphs as EN
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
+    from archsearch.cvfp.model import TokenBlock, TokenEmbedding, init_parameters
+
+    dev = torch.device("cuda")
+    cfg = run_config_from_dict({"model": {"num_layers": 2, "context_dim": 64, "num_input_tokens": 2},
+                                "phase2": {"batch_size": 1000}, "engine": {"precision": "bf16", "phase2_fused": fused}})  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    emb = TokenEmbedding(torch.randn(3000, 64, device=dev, generator=g) * 0.5, 2).to(dev)
+    ids = torch.randint(0, 3000, (9000,), device=dev, generator=g)
+    vids = torch.randint(0, 3000, (1500,), device=dev, generator=g)
+    vwin = emb.windows(vids)
+    val = (vwin[:-1], vids[1:], torch.randn(2, 1499, 64, device=dev, generator=g))
+    tb0 = TokenBlock(cfg.model, 64)
+    init_parameters(tb0, cfg.model, torch.Generator().manual_seed(1))
+    tb0 = tb0.to(dev)
+
+    def data(N):
+        win = emb.windows(ids[:N])
+        return win[:-1], ids[1:N], torch.randn(2, N - 1, 64, device=dev, generator=torch.Generator(device=dev).manual_seed(N))
+
+    def run(N):
+        train = data(N)
+        tb = FusedTokenBlock(tb0)
+        session = EN.prepare_phase2(tb, emb, train, val, cfg)
+        step, evaluate = EN.phase2_backends(tb, emb, train, val, cfg, session)
+        params, evals = [], []
+        for _ in range(3):
+            for s in range(0, N - 1, 1000):
+                step(s, min(s + 1000, N - 1))
+                params.append([p.detach().clone() for p in step.tblock.parameters()])
+            r = evaluate()
+            evals.append((r.loss, r.acc, float(step.loss_sum)))
+            step.loss_sum.zero_()
+        return session, params, evals
+
+    names = [n for n, _ in tb0.named_parameters()]
+    EN.release_phase2_graphs()
+    session, fresh_p, fresh_e = run(9000)
+    assert type(session.step).__name__ == ("FusedPhase2Step" if fused else "Phase2Step")
+    run(5500)
+    kept, kept_p, kept_e = run(9000)
+    assert kept is session
+    for i, (a, b) in enumerate(zip(kept_p, fresh_p)):
+        diff = [n for n, x, y in zip(names, a, b) if not torch.equal(x, y)]
+        assert not diff, f"step {i} (epoch {i // 9 + 1}): parameters differ from the new session's: {diff}"
+    assert kept_e == fresh_e, f"validation (loss, acc, train loss sum) per epoch: kept {kept_e}, new {fresh_e}"
+    EN.release_phase2_graphs()

@@ -174,12 +174,16 @@ class FusedPhase2Step:
 
     @torch.no_grad()
     def reset_optimizer(self) -> None:
-        """Adam as new (moments and step count zeroed in place: the graph holds them), and the
-        shadow of the parameters, which a new run has just copied in, refreshed."""
-        self.M.zero_()
-        self.V2.zero_()
+        """Adam as new (moments and step count zeroed in place: the graph holds them), the
+        shadow of the parameters, which a new run has just copied in, refreshed, and every
+        buffer a step reads zeroed (gradients, batch buffers, head buffers), so that a run starts
+        from the same state whether its session is new (after the undone warm-up step) or kept."""
+        for t in (self.M, self.V2, self.G, self.partials, *self.packed, self.h16, self.grad_h, self.logits, self.loss_rows,
+                  self.win, self.tgt):  # fmt: skip
+            t.zero_()
         self.K2.reset_adam_state(self.adam)
         self._sync_shadow()
+        self._set_rows(self.B)
 
     def _set_rows(self, r: int) -> None:
         if r != self.rows_now:
