@@ -433,6 +433,33 @@ def phase2_gather_and_loss_kernels():
     assert abs(float(total) - (2.5 + 7.0 * float((loss.double() * w.double()).sum()))) < 1e-6 * float(total)
 
 
+@check
+def phase2_clip_adam_matches_torch():
+    """phase2_kernels.clip_adam over a flat buffer split among several norm programs (the last
+    one to finish sums the partials) against clip_grad_norm_ + torch.optim.Adam, three steps,
+    the clip active and not; the shadow is the parameters' copy in its dtype; the count of
+    programs done is back at 0 after each launch."""
+    from archsearch.cvfp.fast import phase2_kernels as K2
+
+    g = torch.Generator().manual_seed(13)
+    n = 3 * K2.SQ_BLOCK + 5
+    assert K2.partial_programs(n) == 4
+    for max_norm in (0.5, 1e4):
+        p0 = torch.randn(n, generator=g)
+        ref = p0.clone().requires_grad_()
+        opt = torch.optim.Adam([ref], lr=0.01)
+        p, m, v, shadow = p0.clone(), torch.zeros(n), torch.zeros(n), torch.empty(n, dtype=torch.float64)
+        scratch, state = K2.norm_scratch(n, p.device), K2.adam_state((0.9, 0.999), p.device)
+        for _ in range(3):
+            grad = torch.randn(n, generator=g) * 0.3
+            ref.grad = grad.clone()
+            torch.nn.utils.clip_grad_norm_([ref], max_norm)
+            opt.step()
+            K2.clip_adam(p, grad, m, v, shadow, scratch, state, 0.01, (0.9, 0.999), 1e-8, max_norm)
+            assert int(scratch[1]) == 0
+        assert rel(p, ref.detach()) < 1e-6 and torch.equal(shadow, p.double()) and float(state[0]) == 3.0, (max_norm, rel(p, ref.detach()))
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before triton is imported"
     names = sys.argv[1:] or list(CHECKS)

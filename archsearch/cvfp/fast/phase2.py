@@ -143,7 +143,7 @@ class FusedPhase2Step:
 
         self.K2 = phase2_kernels
         self.adam = phase2_kernels.adam_state(ADAM_BETAS, dev)  # step, beta1 ** step, beta2 ** step, betas
-        self.partials = torch.empty(phase2_kernels.partial_programs(total), device=dev, dtype=f32)
+        self.norm_scratch = phase2_kernels.norm_scratch(total, dev)  # the norm's partials, the clip's factor, a count
         self._sync_shadow()
 
         B = cfg.phase2.batch_size
@@ -178,7 +178,7 @@ class FusedPhase2Step:
         shadow of the parameters, which a new run has just copied in, refreshed, and every
         buffer a step reads zeroed (gradients, batch buffers, head buffers), so that a run starts
         from the same state whether its session is new (after the undone warm-up step) or kept."""
-        for t in (self.M, self.V2, self.G, self.partials, *self.packed, self.h16, self.grad_h, self.logits, self.loss_rows,
+        for t in (self.M, self.V2, self.G, *self.norm_scratch, *self.packed, self.h16, self.grad_h, self.logits, self.loss_rows,
                   self.win, self.tgt):  # fmt: skip
             t.zero_()
         self.K2.reset_adam_state(self.adam)
@@ -269,7 +269,7 @@ class FusedPhase2Step:
                         _gemm(dy, dr, lay.pw[1], 1.0)
             torch._foreach_copy_(vec_dst, vec_grads)
             p2 = self.cfg.phase2
-            self.K2.clip_adam(self.P, self.G, self.M, self.V2, self.S, self.partials, self.adam, p2.lr, ADAM_BETAS, ADAM_EPS,
+            self.K2.clip_adam(self.P, self.G, self.M, self.V2, self.S, self.norm_scratch, self.adam, p2.lr, ADAM_BETAS, ADAM_EPS,
                               p2.grad_clip)  # fmt: skip
 
     def prepare(self) -> None:

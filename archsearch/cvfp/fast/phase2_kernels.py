@@ -2,16 +2,17 @@
 available): the gradient clip and Adam over flat buffers, in two launches; the token vectors
 gathered into the first layer's GEMM input; the step's loss added to the epoch's sum.
 
-1. ``_sq_partials_kernel``: per program the sum of squares of one contiguous span of the flat
-   gradient (a fixed split: the total norm is summed in the same order every step); program 0
-   also counts Adam's step on the device (capturable: no host sync).
-2. ``_clip_adam_kernel``: every program sums the partials itself (a few hundred floats, read
-   from L2), forms the clip's inverse factor max(1, (norm + 1e-6) / max_norm) (the factor
-   min(1, max_norm / (norm + 1e-6)) of torch.nn.utils.clip_grad_norm_, applied as the fused Adam
-   applies a ``grad_scale``: the gradient divided by it), then torch's fused Adam update
-   (ATen's fused_adam_utils.cuh, weight decay 0, no amsgrad) on fp32 parameters, m and v, and
-   writes the updated parameters' copy in the GEMM dtype (the bf16 shadow) too. The bias
-   corrections 1 - beta ** step come from powers kept in fp64 on the device.
+1. ``_sq_norm_kernel``: per program the sum of squares of one contiguous span of the flat
+   gradient (a fixed split), then an atomic count of the programs done; the last one sums the
+   partials in a fixed order (so the norm is the same whichever program finishes last), forms
+   the clip's inverse factor max(1, (norm + 1e-6) / max_norm) (the factor min(1, max_norm /
+   (norm + 1e-6)) of torch.nn.utils.clip_grad_norm_, applied as the fused Adam applies a
+   ``grad_scale``: the gradient divided by it), counts Adam's step on the device (capturable:
+   no host sync) and resets the count of programs for the next launch.
+2. ``_clip_adam_kernel``: torch's Adam update (torch.optim.Adam's formula, weight decay 0, no
+   amsgrad) on fp32 parameters, m and v, the gradient divided by that factor; it writes the
+   updated parameters' copy in the GEMM dtype (the bf16 shadow) too. The bias corrections
+   1 - beta ** step come from powers kept in fp64 on the device.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SQ_BLOCK = 1024
-ADAM_BLOCK = 1024
-MAX_PARTIALS = 256
+SQ_BLOCK = 4096
+ADAM_BLOCK = 2048
+MAX_PARTIALS = 1024
 
 
-@triton.jit(do_not_specialize=["n", "per"])
-def _sq_partials_kernel(g_ptr, part_ptr, state_ptr, n, per, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "per", "max_norm"])
+def _sq_norm_kernel(g_ptr, part_ptr, count_ptr, state_ptr, n, per, max_norm, NP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * per
     acc = tl.zeros([BLOCK], tl.float32)
@@ -34,20 +35,24 @@ def _sq_partials_kernel(g_ptr, part_ptr, state_ptr, n, per, BLOCK: tl.constexpr)
         g = tl.load(g_ptr + idx, mask=idx < n, other=0.0)
         acc += g * g
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
-    if pid == 0:  # Adam's step count and beta1 ** step, beta2 ** step (fp64), read by the next kernel only
+    done = tl.atomic_add(count_ptr, 1)  # acq_rel: this program's partial is visible to the last one
+    if done == NP - 1:
+        parts = tl.load(part_ptr + tl.arange(0, NP), volatile=True)
+        norm = tl.sqrt(tl.sum(parts, axis=0))
+        tl.store(part_ptr + NP, tl.maximum((norm + 1e-6) / max_norm, 1.0))  # the clip's inverse factor
+        # Adam's step count and beta1 ** step, beta2 ** step (fp64)
         tl.store(state_ptr, tl.load(state_ptr) + 1.0)
         tl.store(state_ptr + 1, tl.load(state_ptr + 1) * tl.load(state_ptr + 3))
         tl.store(state_ptr + 2, tl.load(state_ptr + 2) * tl.load(state_ptr + 4))
+        tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit(do_not_specialize=["n"])
 def _clip_adam_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, p16_ptr, part_ptr, state_ptr, n, lr, eps, max_norm, one_minus_beta1, one_minus_beta2,
-    NP: tl.constexpr, BLOCK: tl.constexpr, HAS_P16: tl.constexpr,
+    p_ptr, g_ptr, m_ptr, v_ptr, p16_ptr, scale_ptr, state_ptr, n, lr, eps, one_minus_beta1, one_minus_beta2,
+    BLOCK: tl.constexpr, HAS_P16: tl.constexpr,
 ):  # fmt: skip
-    parts = tl.load(part_ptr + tl.arange(0, NP))
-    norm = tl.sqrt(tl.sum(parts, axis=0))
-    inv_clip = tl.maximum((norm + 1e-6) / max_norm, 1.0)
+    inv_clip = tl.load(scale_ptr)
     bc1 = (1.0 - tl.load(state_ptr + 1)).to(tl.float32)  # 1 - beta1 ** step
     bc2_sqrt = tl.sqrt((1.0 - tl.load(state_ptr + 2)).to(tl.float32))
     beta2 = tl.load(state_ptr + 4).to(tl.float32)
@@ -70,8 +75,17 @@ def _clip_adam_kernel(
 
 
 def partial_programs(n: int) -> int:
-    """Programs (a power of 2) of the norm's first pass over n elements."""
+    """Programs (a power of 2) of the norm's pass over n elements."""
     return min(MAX_PARTIALS, triton.next_power_of_2(triton.cdiv(n, SQ_BLOCK)))
+
+
+def norm_scratch(n: int, device):
+    """(partials, count) scratch of :func:`clip_adam` for n elements: partial_programs(n) + 1
+    fp32 (the partials, then the clip's factor) and one int32 count of programs done (0 between
+    launches)."""
+    import torch
+
+    return torch.zeros(partial_programs(n) + 1, device=device), torch.zeros(1, device=device, dtype=torch.int32)
 
 
 def adam_state(betas: tuple[float, float], device):
@@ -93,20 +107,21 @@ def reset_adam_state(state) -> None:
     state[1:3] = 1.0
 
 
-def clip_adam(p, g, m, v, p16, partials, state, lr: float, betas: tuple[float, float], eps: float, max_norm: float) -> None:
+def clip_adam(p, g, m, v, p16, scratch, state, lr: float, betas: tuple[float, float], eps: float, max_norm: float) -> None:
     """Clip by total norm, then one Adam step, over flat fp32 ``p`` (parameters), ``g`` (their
     gradient), ``m``, ``v`` (moments), all (n,); ``p16`` (n,) receives the new parameters in its
-    dtype (None: not written); ``partials`` (partial_programs(n),) fp32 scratch; ``state``:
+    dtype (None: not written); ``scratch``: :func:`norm_scratch` (n); ``state``:
     :func:`adam_state` of the same ``betas`` (its step and powers advanced here)."""
     n = p.numel()
-    NP = partials.numel()
+    partials, count = scratch
+    NP = partials.numel() - 1
     assert NP == partial_programs(n) and all(t.is_contiguous() and t.numel() == n for t in (p, g, m, v))
     per = triton.cdiv(triton.cdiv(n, NP), SQ_BLOCK) * SQ_BLOCK
-    _sq_partials_kernel[(NP,)](g, partials, state, n, per, BLOCK=SQ_BLOCK, num_warps=4)
+    _sq_norm_kernel[(NP,)](g, partials, count, state, n, per, max_norm, NP=NP, BLOCK=SQ_BLOCK, num_warps=8)
     b1, b2 = betas
-    _clip_adam_kernel[(triton.cdiv(n, ADAM_BLOCK),)](p, g, m, v, p if p16 is None else p16, partials, state, n, lr, eps,
-                                                     max_norm, 1.0 - b1, 1.0 - b2, NP=NP, BLOCK=ADAM_BLOCK, HAS_P16=p16 is not None,
-                                                     num_warps=4)  # fmt: skip
+    _clip_adam_kernel[(triton.cdiv(n, ADAM_BLOCK),)](p, g, m, v, p if p16 is None else p16, partials[NP:], state, n, lr, eps,
+                                                     1.0 - b1, 1.0 - b2, BLOCK=ADAM_BLOCK, HAS_P16=p16 is not None,
+                                                     num_warps=8)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n"])
