@@ -410,8 +410,9 @@ def fused_phase2_step_matches_autograd_step():
 @check
 def phase2_gather_and_loss_kernels():
     """phase2_kernels.gather_tokens against model.token_vectors (into a strided GEMM input, with
-    and without the contiguous copy; the zero row of "before the stream" too), add_loss against
-    the weighted sum it stands for."""
+    and without the contiguous copy; the zero row of "before the stream" too), fill_contexts
+    against the rows it copies (nothing else written), add_loss against the weighted sum it
+    stands for."""
     from archsearch.cvfp.fast import phase2_kernels as K2
     from archsearch.cvfp.model import TokenEmbedding, token_vectors
 
@@ -427,6 +428,17 @@ def phase2_gather_and_loss_kernels():
         packed2 = torch.zeros(n, k * E)
         K2.gather_tokens(emb.normed, win, packed2)
         assert torch.equal(packed2, want)
+    # a batch's contexts into every layer's GEMM input (one buffer), from an fp32 and a bf16 cache
+    L, n, C, rows = 3, 40, 6, 9
+    widths = [C + 5, C + 4, C + 3]
+    flat = torch.full((sum(rows * w + 7 for w in widths),), float("nan"))
+    starts = [sum(rows * w + 7 for w in widths[:i]) for i in range(L)]
+    packed = [flat[o : o + rows * w].view(rows, w) for o, w in zip(starts, widths)]
+    meta = K2.layer_inputs_meta(flat, packed)
+    for cache in (torch.randn(L, n, C, generator=g), torch.randn(L, n, C, generator=g).to(torch.bfloat16)):
+        K2.fill_contexts(cache, 31, 38, flat, meta)
+        for i, buf in enumerate(packed):
+            assert torch.equal(buf[:7, :C], cache[i, 31:38].float()) and bool(buf[7:].isnan().all()) and bool(buf[:, C:].isnan().all())
     loss, w = torch.rand(3000, generator=g), torch.rand(3000, generator=g)
     total = torch.full((), 2.5, dtype=torch.float64)
     K2.add_loss(loss, w, torch.full((), 7.0, dtype=torch.float64), total)

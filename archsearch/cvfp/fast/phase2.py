@@ -148,7 +148,13 @@ class FusedPhase2Step:
 
         B = cfg.phase2.batch_size
         self.B = rows = min(B, max(1, targets.shape[0]))
-        self.packed = [torch.empty(rows, C + lay.d_in, device=dev, dtype=self.dtype) for lay in self.layers]
+        # per layer its (rows, C + d_in) GEMM input: the batch's contexts, then the token (written by
+        # the previous layer's norm); all in one buffer, so that one kernel fills every layer's contexts
+        sizes = [-(-rows * (C + lay.d_in) // ALIGN) * ALIGN for lay in self.layers]
+        self.packed_flat = torch.zeros(sum(sizes), device=dev, dtype=self.dtype)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.packed = [self.packed_flat[o : o + rows * (C + lay.d_in)].view(rows, C + lay.d_in) for o, lay in zip(starts, self.layers)]
+        self.packed_meta = phase2_kernels.layer_inputs_meta(self.packed_flat, self.packed)
         E = self.layers[-1].d_out
         self.h16 = torch.empty(rows, E, device=dev, dtype=self.dtype)  # the last layer's output, the head's input
         self.grad_h = torch.empty(rows, E, device=dev, dtype=self.dtype)
@@ -178,7 +184,7 @@ class FusedPhase2Step:
         shadow of the parameters, which a new run has just copied in, refreshed, and every
         buffer a step reads zeroed (gradients, batch buffers, head buffers), so that a run starts
         from the same state whether its session is new (after the undone warm-up step) or kept."""
-        for t in (self.M, self.V2, self.G, *self.norm_scratch, *self.packed, self.h16, self.grad_h, self.logits, self.loss_rows,
+        for t in (self.M, self.V2, self.G, *self.norm_scratch, self.packed_flat, self.h16, self.grad_h, self.logits, self.loss_rows,
                   self.win, self.tgt):  # fmt: skip
             t.zero_()
         self.K2.reset_adam_state(self.adam)
@@ -194,9 +200,7 @@ class FusedPhase2Step:
 
     def _fill(self, s: int, e: int) -> None:
         r = e - s
-        C = self.C
-        for buf, ctx in zip(self.packed, self.cache[:, s:e]):
-            buf[:r, :C].copy_(ctx)
+        self.K2.fill_contexts(self.cache, s, e, self.packed_flat, self.packed_meta)
         self.win[:r].copy_(self.windows[s:e])
         self.tgt[:r].copy_(self.targets[s:e])
 

@@ -1,6 +1,7 @@
 """Triton kernels of phase 2's fused step (fast/phase2.py) (imported only where Triton is
-available): the gradient clip and Adam over flat buffers, in two launches; the token vectors
-gathered into the first layer's GEMM input; the step's loss added to the epoch's sum.
+available): the gradient clip and Adam over flat buffers, in two launches; a batch's contexts
+copied into every layer's GEMM input in one launch; the token vectors gathered into the first
+layer's GEMM input; the step's loss added to the epoch's sum.
 
 1. ``_sq_norm_kernel``: per program the sum of squares of one contiguous span of the flat
    gradient (a fixed split), then an atomic count of the programs done; the last one sums the
@@ -175,3 +176,43 @@ def add_loss(loss_rows, row_weight, rows, loss_sum) -> None:
     n = loss_rows.numel()
     assert row_weight.numel() == n
     _loss_sum_kernel[(1,)](loss_rows, row_weight, rows, loss_sum, n, BLOCK=1024, num_warps=4)
+
+
+@triton.jit(do_not_specialize=["stride_l", "stride_n", "s", "r"])
+def _fill_contexts_kernel(src_ptr, stride_l, stride_n, s, r, dst_ptr, meta_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                          ROWS: tl.constexpr):  # fmt: skip
+    layer = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < r)[:, None] & (cols < C)[None, :]
+    base = tl.load(meta_ptr + 2 * layer)
+    stride = tl.load(meta_ptr + 2 * layer + 1)
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(src_ptr + layer.to(tl.int64) * stride_l + (s + r64) * stride_n + cols[None, :], mask=mask, other=0.0)
+    tl.store(dst_ptr + base + r64 * stride + cols[None, :], x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_inputs_meta(flat, packed):
+    """The (L, 2) int64 device table of :func:`fill_contexts`: per layer its GEMM input's offset
+    in ``flat`` (elements) and row stride. Filled by kernels (no host-to-device copy)."""
+    import torch
+
+    meta = torch.empty(len(packed), 2, device=flat.device, dtype=torch.int64)
+    for i, buf in enumerate(packed):
+        assert buf.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() and buf.stride(1) == 1
+        meta[i, 0] = buf.storage_offset() - flat.storage_offset()
+        meta[i, 1] = buf.stride(0)
+    return meta
+
+
+def fill_contexts(cache, s: int, e: int, flat, meta) -> None:
+    """Rows s..e of the (L, n, C) context cache (any float dtype, unit column stride) into the
+    first C columns of the first e - s rows of every layer's GEMM input (views of ``flat``,
+    located by ``meta``: :func:`layer_inputs_meta`), cast to their dtype; one launch."""
+    L, _, C = cache.shape
+    assert cache.stride(2) == 1 and meta.shape == (L, 2)
+    r = e - s
+    block = triton.next_power_of_2(C)
+    rows = max(1, min(16, 4096 // block))
+    _fill_contexts_kernel[(triton.cdiv(r, rows), L)](cache, cache.stride(0), cache.stride(1), s, r, flat, meta, C=C,
+                                                     BLOCK_C=block, ROWS=rows, num_warps=4)  # fmt: skip
