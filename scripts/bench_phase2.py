@@ -14,7 +14,8 @@ as a run does (model.init_parameters), the block a run's fast path trains (its f
 Per case and variant: the step is built and captured as in a kept session (graphs.Phase2Step
 with ``torch.optim.Adam(fused=True, capturable=True)``, or FusedPhase2Step with ``graphed``),
 then ``--warmup`` steps, then ``--steps`` steps over the case's ``--batches`` batches in order,
-timed with CUDA events, ``--repeats`` times: ``step_ms`` is the median per step of a call as a
+timed with CUDA events, ``--repeats`` times, the variants' repeats interleaved (a drift of the
+GPU's clocks during the call falls on both alike): ``step_ms`` is the median per step of a call as a
 run makes it (the batch's contexts, windows and targets copied into the graph's buffers, then
 the replay); ``replay_ms`` the replays alone (the same batch, no copies). TFLOP/s count the
 matrix products of a step, 2 per multiply-add: B * (6 * tok + 4 * E * V) with tok the
@@ -166,30 +167,49 @@ def agreement(case: Case, variants: tuple[str, str], steps: int, graphed: bool) 
         del step, tb
     (la, pa), (lb, pb) = runs
     rels = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(pb, pa)]
+    names = [name for name, _ in case.initial.named_parameters()]
     moved = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(pb, [p.detach() for p in case.initial.parameters()])]
-    return {"variants": list(variants), "steps": steps, "max_param_rel": max(rels), "loss_rel": abs(lb - la) / abs(la),
-            "min_param_moved_rel": min(moved)}  # fmt: skip
+    return {"variants": list(variants), "steps": steps, "max_param_rel": max(rels), "max_param": names[rels.index(max(rels))],
+            "param_rel": dict(zip(names, rels)), "loss_rel": abs(lb - la) / abs(la), "min_param_moved_rel": min(moved)}  # fmt: skip
 
 
-def measure(case: Case, variant: str, args, graphed: bool) -> dict:
-    step, _ = case.step(variant, graphed)
+def measure(case: Case, variants, args, graphed: bool) -> dict:
+    """Per variant: its step built (and captured), warmed, then timed; the variants' repeats
+    interleaved (old, new, old, new, ...), so that a drift of the GPU's clocks during the call
+    falls on both alike."""
     nb = case.n // case.B
+    steps, calls = {}, {}
+    for v in variants:
+        step, _ = case.step(v, graphed)
+        steps[v] = step
 
-    def call(i):
-        s = (i % nb) * case.B
-        step(s, s + case.B)
+        def call(i, step=step):
+            s = (i % nb) * case.B
+            step(s, s + case.B)
 
-    for i in range(args.warmup):
-        call(i)
+        calls[v] = call
+        for i in range(args.warmup):
+            call(i)
     sync(case.dev)
-    steps = [timed(case.dev, call, args.steps) for _ in range(args.repeats)]
-    row = {"step_ms": median(steps), "step_ms_all": steps}
-    graph = getattr(step, "graph", None)
-    if graph is not None:
-        row["replay_ms"] = median([timed(case.dev, lambda i: graph.replay(), args.steps) for _ in range(args.repeats)])
-    if args.profile_case == (case.L, case.C, case.k) and case.dev.type == "cuda":
-        row["profile"] = profile(step, call, args.steps)
-    return row
+    times: dict = {v: [] for v in variants}
+    replays: dict = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            times[v].append(timed(case.dev, calls[v], args.steps))
+    for _ in range(args.repeats):
+        for v in variants:
+            graph = getattr(steps[v], "graph", None)
+            if graph is not None:
+                replays[v].append(timed(case.dev, lambda i, graph=graph: graph.replay(), args.steps))
+    rows = {}
+    for v in variants:
+        row = {"step_ms": median(times[v]), "step_ms_all": times[v]}
+        if replays[v]:
+            row["replay_ms"] = median(replays[v])
+        if args.profile_case == (case.L, case.C, case.k) and case.dev.type == "cuda":
+            row["profile"] = profile(steps[v], calls[v], args.steps)
+        rows[v] = row
+    return rows
 
 
 def profile(step, call, steps: int) -> dict:
@@ -269,13 +289,16 @@ def main() -> None:
             case = Case(L, C, k, dev, precision, B, args.batches, *((SMOKE["V"], SMOKE["E"]) if smoke else (V, E)))
             f = step_flops(L, C, k, B, case.E, case.V)
             row["flops_per_step"] = f
+            try:
+                measured = measure(case, variants, args, graphed)
+            except Exception:
+                err = traceback.format_exc(limit=8)[-4000:]
+                measured = {v: {"error": err} for v in variants}
             for v in variants:
-                try:
-                    r = measure(case, v, args, graphed)
+                r = measured[v]
+                if "error" not in r:
                     r["tflops"] = f / (r["step_ms"] * 1e-3) / 1e12
                     r["pct_peak"] = 100 * r["tflops"] / PEAK_TFLOPS[precision] if dev.type == "cuda" else math.nan
-                except Exception:
-                    r = {"error": traceback.format_exc(limit=8)[-4000:]}
                 row[v] = r
                 msg = r.get("error") or (f"{r['step_ms']:.3f} ms/step" + (f" (replay {r['replay_ms']:.3f})" if "replay_ms" in r else "")
                                          + f", {r['tflops']:.1f} TF/s ({r['pct_peak']:.1f} %)")  # fmt: skip
@@ -287,7 +310,8 @@ def main() -> None:
                 row["speedup"] = row[variants[0]]["step_ms"] / row[variants[1]]["step_ms"]
             row["agreement"] = agreement(case, variants, args.check_steps, graphed)
             a = row["agreement"]
-            print(f"{name:12} agreement over {a['steps']} steps: max param rel {a['max_param_rel']:.2e}, loss rel {a['loss_rel']:.2e}", flush=True)
+            print(f"{name:12} agreement over {a['steps']} steps: max param rel {a['max_param_rel']:.2e} ({a['max_param']}), "
+                  f"loss rel {a['loss_rel']:.2e}", flush=True)  # fmt: skip
         except Exception:
             row["error"] = traceback.format_exc(limit=8)[-4000:]
             print(f"{name:12} FAILED\n{row['error']}", flush=True)
