@@ -19,7 +19,9 @@ mean cross-entropy, backward, the gradient clip by total norm, Adam), without au
   softmax - onehot scaled by the row weight, over the logits), the d h GEMM;
 - backward: kernels.res_relu_ln_bwd per layer; d W by one GEMM each into the flat gradient;
   the token's gradient by a GEMM that adds the residual's gradient itself (addmm, beta 1);
-- the clip and Adam: phase2_kernels.clip_adam, two launches over the flat buffers.
+- the clip and Adam: phase2_kernels.clip_adam, two launches over the flat buffers;
+- a batch's contexts into every layer's GEMM input (one buffer for all layers) by one kernel,
+  the token vectors gathered straight into layer 0's (phase2_kernels).
 
 Where ``graphed`` (CUDA, graphs.Phase2Session), a full batch is captured once as a CUDA graph
 and replayed as graphs.Phase2Step is, the shorter last batch of an epoch with row weights 1/r
