@@ -52,6 +52,29 @@ def test_triton_recurrent_pass_matches_plain_steps(L, C, T):
     assert out is not None and float((out - ref).norm() / ref.norm()) < 1e-4
 
 
+@pytest.mark.parametrize("L, C, T", [(2, 64, 1500), (6, 768, 1000)])
+def test_persistent_pass_by_plan_gives_the_same_bits_every_time(L, C, T):
+    """The validation pass is a study's measurement: repeated on the same inputs it must give the
+    same bits. PLAN's 'flag' wait did not at L2/C64 (3 outputs in 5 repeats on an H200,
+    2026-12-01); PLAN now waits on the atomic counter."""
+    from archsearch.cvfp.fast import recurrent as REC
+    from archsearch.cvfp.fast.device import sm_count
+    from archsearch.cvfp.fast.recurrent_kernels import recurrent_batched
+
+    g = torch.Generator().manual_seed(L * 1000 + C)
+    P = (torch.randn(2, L, T, C, generator=g) * 0.5).cuda()
+    W = (torch.randn(2, L, C, C, generator=g) * 0.8 / C**0.5).cuda()
+    G, B = (1 + 0.1 * torch.randn(2, L, C, generator=g)).cuda(), (0.1 * torch.randn(2, L, C, generator=g)).cuda()
+    rows = REC.tile_rows(C, sm_count(torch.device("cuda")))
+    for R in (1, 2):
+        v = next(v for v in REC.PLAN if v.rows == rows and v.runs == R)
+        outs = [recurrent_batched(P[:R].contiguous(), W[:R].contiguous(), G[:R].contiguous(), B[:R].contiguous(), 1e-5,
+                                  rows=v.rows, sub=v.sub, warps=v.warps, sync=v.sync) for _ in range(8)]  # fmt: skip
+        assert outs[0] is not None
+        differ = [i for i, o in enumerate(outs) if not torch.equal(o, outs[0])]
+        assert not differ, (v, differ, max(float((o - outs[0]).abs().max()) for o in outs))
+
+
 @pytest.mark.parametrize("L, C, T", [(6, 768, 400), (9, 1152, 150)])
 def test_batched_recurrent_kernel_matches_one_pass_at_a_time(L, C, T):
     """Every synchronisation and tile of the persistent kernel with 1, 2 and 4 runs in one

@@ -41,7 +41,10 @@ SYNC (constexpr) says how step 3 is done:
     in the high half and the float's bits in the low half (an aligned 64-bit store is
     seen whole or not at all), so a program polls the whole slot with volatile loads until
     every word carries k: the value arrives with its flag, one round trip per poll, no
-    fence and no atomics.
+    fence and no atomics. It RACES: on an H200 (2026-12-01) the same pass at L2/C64, rows 8,
+    repeated 5 times gave 3 different outputs (scripts/check_determinism.py); the cause is not
+    found (a torn 64-bit load? the wait has no block-wide barrier). recurrent.PLAN uses
+    ``"atomic"``; this mode is kept for scripts/bench_recurrent.py.
 
 Residency: a program waits for every other program of its run, so all of them must be
 resident at once, or the first ones spin while the rest wait for a free multiprocessor.
