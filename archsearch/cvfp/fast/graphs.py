@@ -120,7 +120,25 @@ class Evaluation:
         return loss_stats(float(self.ce_sum), float(self.sq_sum), int(self.correct), self.targets.shape[0])
 
 
-class Phase2Step:
+class RowWeighted:
+    """The row weights of a captured step: the graph always reads B rows, and a batch of r rows
+    goes first, weighted 1/r, the others 0 (``row_weight``); ``rows`` holds r on the device for
+    the loss sum. Shared by Phase2Step and the fused step (fast/phase2.py)."""
+
+    def _init_rows(self, rows: int, device: torch.device) -> None:
+        self.row_weight = torch.full((rows,), 1.0 / rows, device=device)  # the graph's rows' loss weights
+        self.rows = torch.full((), float(rows), device=device, dtype=torch.float64)  # rows of weight > 0
+        self.rows_now = rows
+
+    def _set_rows(self, r: int) -> None:
+        if r != self.rows_now:
+            self.row_weight.fill_(1.0 / r)
+            self.row_weight[r:] = 0.0
+            self.rows.fill_(float(r))
+            self.rows_now = r
+
+
+class Phase2Step(RowWeighted):
     """One phase-2 optimiser step on positions s..e: forward, tied-head CE, backward, clip,
     Adam. On a GPU a full-batch step is captured once as a CUDA graph (:meth:`prepare`) and
     replayed (its inputs are copied into static buffers): the same kernels on the same
@@ -142,9 +160,7 @@ class Phase2Step:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.graph: torch.cuda.CUDAGraph | None = None
         B = cfg.phase2.batch_size
-        self.row_weight = torch.full((B,), 1.0 / B, device=device)  # the graph's rows' loss weights
-        self.rows = torch.full((), float(B), device=device, dtype=torch.float64)  # rows of weight > 0
-        self.rows_now = B
+        self._init_rows(B, device)
 
     def load(self, cache, windows, targets) -> None:
         """The training data the steps read (the graph reads copies of its batches)."""
@@ -213,13 +229,6 @@ class Phase2Step:
             self._compute(None, *self.static, weighted=True, packed=self.packed)
         self._capturing = False
         self.graph = graph
-
-    def _set_rows(self, r: int) -> None:
-        if r != self.rows_now:
-            self.row_weight.fill_(1.0 / r)
-            self.row_weight[r:] = 0.0
-            self.rows.fill_(float(r))
-            self.rows_now = r
 
     def __call__(self, s: int, e: int) -> None:
         if self.graph is not None:

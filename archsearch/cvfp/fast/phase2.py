@@ -36,6 +36,7 @@ import torch
 
 from archsearch.config import RunConfig
 from archsearch.cvfp.fast.device import gemm_caps, graph_capture
+from archsearch.cvfp.fast.graphs import RowWeighted
 from archsearch.cvfp.model import token_vectors
 from archsearch.cvfp.precision import gemm_dtype, precision_scope
 
@@ -83,7 +84,7 @@ class _Layer:
         self.vec = take((norm.weight, norm.bias, fc.bias))  # gamma, beta, fc bias: one span of 3 * d_out
 
 
-class FusedPhase2Step:
+class FusedPhase2Step(RowWeighted):
     """graphs.Phase2Step's interface (``tblock``, ``loss_sum``, ``__call__(s, e)``, ``load``,
     ``reset_optimizer``, ``prepare``) for the fused step. ``weight``: the head (head.HeadWeight);
     ``emb``: anything with the (V+1, E) token-vector table ``normed``."""
@@ -165,9 +166,7 @@ class FusedPhase2Step:
         self.loss_rows = torch.empty(rows, device=dev, dtype=f32)
         self.win = torch.zeros(rows, windows.shape[1], device=dev, dtype=windows.dtype)
         self.tgt = torch.zeros(rows, device=dev, dtype=targets.dtype)
-        self.row_weight = torch.full((rows,), 1.0 / rows, device=dev)
-        self.rows = torch.full((), float(rows), device=dev, dtype=torch.float64)
-        self.rows_now = rows
+        self._init_rows(rows, dev)
         self.loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -192,13 +191,6 @@ class FusedPhase2Step:
         self.K2.reset_adam_state(self.adam)
         self._sync_shadow()
         self._set_rows(self.B)
-
-    def _set_rows(self, r: int) -> None:
-        if r != self.rows_now:
-            self.row_weight.fill_(1.0 / r)
-            self.row_weight[r:] = 0.0
-            self.rows.fill_(float(r))
-            self.rows_now = r
 
     def _fill(self, s: int, e: int) -> None:
         r = e - s
