@@ -20,7 +20,7 @@ from typing import Any
 
 from archsearch import paths
 from archsearch.console import data_progress
-from archsearch.errors import ConfigError
+from archsearch.errors import ConfigError, is_disk_full
 from archsearch.plan import prepare_space_data, trial_plan
 from archsearch.space import Space, known_embed_dim, known_vocab_size
 from archsearch.timing import Laps
@@ -571,6 +571,10 @@ def run_search(
             pass
         except KeyboardInterrupt:
             summary.interrupted = True
+        except OSError as e:  # Tune's own experiment-state write in this process (it re-raises it)
+            if not is_disk_full(e):
+                raise
+            bridge.halt(f"the disk is full: {e}")  # as when the study or the run cache cannot write
         finally:
             watch.stop()
             summary.cluster_lost = bridge.lost

@@ -254,3 +254,26 @@ def test_workers_started_at_once_match_what_the_cluster_runs_at_once(tiny_corpus
 
     space = parse_space(tiny_space(tiny_corpus, max_concurrent=max_concurrent))
     assert _slots(_Cluster(**resources), space, gpus, cpus) == slots
+
+
+def test_a_full_disk_in_tunes_own_state_write_ends_the_run_as_disk_full(home, tiny_corpus, ray_local, monkeypatch):
+    """Tune writes its experiment state from the driver and re-raises a failed write out of
+    tuner.fit: a full disk there ends the run as the study's or the run cache's full disk does
+    (summary.disk_full, no traceback), and anything else still propagates."""
+    import errno
+
+    from archsearch.search import runner
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "_fit", full)
+    summary = run(tiny_space(tiny_corpus))
+    assert summary.disk_full and "the disk is full" in summary.disk_full and "No space left on device" in summary.disk_full
+
+    def other(*a, **k):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(runner, "_fit", other)
+    with pytest.raises(PermissionError):
+        run(tiny_space(tiny_corpus))
