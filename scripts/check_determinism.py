@@ -5,7 +5,8 @@
 Three checks, each repeated ``--repeats`` times on identical inputs in one process:
 
 - ``recurrent``: the validation pass's persistent kernel (recurrent_kernels.recurrent_batched,
-  the PLAN tile of each shape, 1 and 2 runs per launch) and the graphed per-step kernels
+  the PLAN tile of each shape, 1 and 2 runs per launch, with PLAN's wait and with the 'flag'
+  wait that raced) and the graphed per-step kernels
   (recurrent.triton_pass) on fixed random inputs: the number of distinct outputs and the
   largest difference from the first repeat;
 - ``phase2``: the kept-session test's model (tests/test_gpu.py) trained by ``train_run`` from the
@@ -42,6 +43,7 @@ def check_recurrent(repeats: int, device: torch.device) -> dict:
     from archsearch.cvfp.fast.device import sm_count
     from archsearch.cvfp.fast.recurrent_kernels import recurrent_batched
 
+    syncs = sorted({v.sync for v in REC.PLAN}) + ["flag"]  # the product's wait, then the one that raced
     out = {}
     for L, C, T in ((2, 64, 1500), (6, 768, 2000), (9, 768, 1000)):
         g = torch.Generator(device="cpu").manual_seed(L * 1000 + C)
@@ -51,14 +53,15 @@ def check_recurrent(repeats: int, device: torch.device) -> dict:
         B = (0.1 * torch.randn(2, L, C, generator=g)).to(device)
         rows = REC.tile_rows(C, sm_count(device))
         res = {}
-        for R in (1, 2):
-            outs = []
-            for _ in range(repeats):
-                o = recurrent_batched(P[:R].contiguous(), W[:R].contiguous(), G[:R].contiguous(), B[:R].contiguous(), 1e-5, rows=rows, sync="flag")
-                if o is None:
-                    break
-                outs.append(o.clone())
-            res[f"persistent_R{R}"] = distinct(outs) if outs else {"skipped": "does not fit"}
+        for sync in syncs:
+            for R in (1, 2):
+                outs = []
+                for _ in range(repeats):
+                    o = recurrent_batched(P[:R].contiguous(), W[:R].contiguous(), G[:R].contiguous(), B[:R].contiguous(), 1e-5, rows=rows, sync=sync)
+                    if o is None:
+                        break
+                    outs.append(o.clone())
+                res[f"persistent_{sync}_R{R}"] = distinct(outs) if outs else {"skipped": "does not fit"}
         outs = [REC.triton_pass(P[0], list(W[0]), list(zip(G[0], B[0])), 1e-5).clone() for _ in range(min(repeats, 3))]
         res["graphed"] = distinct(outs)
         out[f"L{L}_C{C}_T{T}"] = res
