@@ -144,6 +144,64 @@ def test_the_fused_phase1_buffers_are_counted():
     assert estimate_run_memory(cfg.replace(**{"engine.phase1_fused": False}), N, M, V, E).phase1 <= m.phase1
 
 
+def _owned_bytes(step, not_owned=("cache", "windows", "targets")) -> int:
+    """Bytes of the distinct storages of every tensor a step holds (its attributes, their lists
+    and tuples, its per-layer views), but the run's data it reads."""
+    storages: dict[int, int] = {}
+
+    def visit(v) -> None:
+        if isinstance(v, torch.Tensor):
+            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif type(v).__module__ == type(step).__module__:  # fast/phase2's own helpers (its _Layer views)
+            for x in vars(v).values():
+                visit(x)
+
+    for name, v in vars(step).items():
+        if name not in not_owned:
+            visit(v)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("k, C, N", [(2, 64, 400), (1, 40, 400), (2, 40, 30)])
+def test_the_fused_phase2_steps_buffers_are_counted(monkeypatch, k, C, N):
+    """bf16 runs step through fast/phase2.FusedPhase2Step: the estimate's step term is the bytes of
+    every buffer its constructor allocates (built here on the CPU for a small config: the flat
+    fp32 parameters, gradients and moments with their alignment, the bf16 shadow, the scratch,
+    the batch and head buffers), its flat buffer holds the block's parameters in place of the
+    block's own copy, and a kept fused session counts at least the shadow more than the
+    autograd step's."""
+    pytest.importorskip("triton")  # fast/phase2_kernels (its sizing helpers) imports it; no kernel runs here
+    from types import SimpleNamespace
+
+    from archsearch.cvfp.fast import head
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
+    from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+    from archsearch.cvfp.memory import fused_phase2_numel, phase2_step_bytes
+    from archsearch.cvfp.model import TokenBlock
+
+    V, E, M = 1_000, 32, 200  # V not a multiple of the head's 64-row padding
+    cfg = run_config_from_dict({"model": {"num_layers": 3, "context_dim": C, "num_input_tokens": k}, "phase2": {"batch_size": 40},
+                                "engine": {"precision": "bf16"}})  # fmt: skip
+    monkeypatch.setattr(head, "use_fused", lambda device: True)  # the head as a GPU run pads it
+    weight = head.head_weight(torch.randn(V, E), "bf16")
+    emb = SimpleNamespace(normed=torch.randn(V + 1, E))
+    tb = FusedTokenBlock(TokenBlock(cfg.model, E))
+    n = N - 1  # phase 2's training positions
+    cache = torch.randn(3, n, C, dtype=torch.bfloat16)
+    step = FusedPhase2Step(tb, emb, weight, cfg, cache, torch.randint(0, V, (n, k)), torch.randint(0, V, (n,)), graphed=False)
+    assert step.S is not None and step.S.dtype == torch.bfloat16
+    assert step.numel == fused_phase2_numel(C, [tb.layers[0].fc.in_features - C] + [la.fc.out_features for la in tb.layers])
+    assert all(p.untyped_storage().data_ptr() == step.P.untyped_storage().data_ptr() for p in tb.parameters())
+    assert phase2_step_bytes(cfg, N, V, E) == _owned_bytes(step)
+
+    fused, plain = (estimate_run_memory(c, 4 * 4096 + 1, M, V, E) for c in (cfg, cfg.replace(**{"engine.phase2_fused": False})))
+    assert fused.kept - plain.kept >= 2 * step.numel  # the bf16 shadow at least (the alignment and scratch besides)
+    assert phase2_step_bytes(cfg, N, V, E, triton=False) == phase2_step_bytes(cfg.replace(**{"engine.phase2_fused": False}), N, V, E)
+
+
 def test_an_allocation_beyond_the_cap_is_an_out_of_memory_error_the_fallbacks_take():
     """What PyTorch raises past set_per_process_memory_fraction (its message names what is
     allowed) is an out-of-memory error to the trial's fallbacks (trial.train_run_once, the

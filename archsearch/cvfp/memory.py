@@ -36,6 +36,14 @@ widths.
   captured step's per-layer GEMM inputs (B, C + d_i) g and the validation pass's
   (M, C + d_i) g; the captured step's activations with its (B, V) g logits, and the
   validation pass's per chunk (b, V) g logits (each graph keeps its own pool).
+  ``engine.phase2_fused`` (fast/phase2.py, bf16 runs) replaces the TokenBlock's copy, its
+  gradients and Adam's moments by four flat fp32 buffers of the block's parameters (each
+  group of them aligned, so a little longer) and adds their bf16 shadow, the norm's scratch
+  and Adam's step; its batch buffers are the step's GEMM inputs (one aligned buffer), windows,
+  targets, row weights, loss per row, and the head's input, its gradient and a chunk of
+  logits, held as buffers where the autograd step has them in its graph's pool
+  (:func:`phase2_step_bytes` counts them as its constructor allocates them); its warm-up step
+  keeps a copy of the flat parameters instead of allocating gradients and Adam's state.
 
 The sum of each stage's live tensors is counted as if all of them were live at once, and the
 largest stage is the run's peak: an upper estimate of ``torch.cuda.max_memory_allocated`` of
@@ -60,6 +68,12 @@ CHUNK_ROWS = 4096
 """fast/head.py forms the logits this many rows at a time."""
 WORKSPACE_BYTES = 256 * 2**20
 """cuBLAS workspaces (one per stream, the capture stream included) and kernels' scratch."""
+FLAT_ALIGN = 64
+"""fast/phase2.py starts every group of parameters in its flat buffers at a multiple of this
+many elements (its ALIGN)."""
+NORM_BLOCK, NORM_PARTIALS = 4096, 1024
+"""fast/phase2_kernels' norm pass: elements per program and at most this many programs (its
+SQ_BLOCK and MAX_PARTIALS), one fp32 partial sum each."""
 MAX_PROGRAMS = 4 * 256
 """fast/phase1_kernels' reductions run at most 4 programs per multiprocessor (256 SMs bound
 every GPU made so far): their partial sums are (programs, C) and (programs, 3 C) fp32."""
@@ -88,6 +102,56 @@ class RunMemory:
 def _gemm_bytes(precision: str) -> int:
     """Bytes per element of the products' inputs on a GPU (auto is bf16 there: config.resolve_precision)."""
     return 2 if precision in ("auto", "bf16") else 4
+
+
+def _aligned(n: int) -> int:
+    return -(-n // FLAT_ALIGN) * FLAT_ALIGN
+
+
+def fused_phase2_numel(context_dim: int, widths: list[int]) -> int:
+    """Elements of each of fast/phase2.py's flat buffers (parameters, gradients, moments, shadow):
+    per TokenLayer its groups fc.weight, [proj.weight, proj.bias] where the widths differ, and
+    (norm.weight, norm.bias, fc.bias), each starting at a multiple of FLAT_ALIGN."""
+    off = 0
+    for d_in, d_out in zip(widths[:-1], widths[1:]):
+        groups = [d_out * (context_dim + d_in)] + ([d_out * d_in, d_out] if d_in != d_out else []) + [3 * d_out]
+        for n in groups:
+            off = _aligned(off) + n
+    return _aligned(off)
+
+
+def _fused_phase2(cfg: RunConfig, triton: bool) -> bool:
+    """Whether phase 2 steps through fast/phase2.py (its ``supported``: engine.phase2_fused, bf16,
+    Triton, the fused layers' view of the block; auto is bf16 on a GPU)."""
+    e = cfg.engine
+    return triton and e.fused_layers and e.phase2_fused and _gemm_bytes(e.precision) == 2
+
+
+def phase2_step_bytes(cfg: RunConfig, train_tokens: int, vocab_size: int, embed_dim: int, *, triton: bool = True) -> int:
+    """Bytes of phase 2's step itself, beside the token-vector table and the head: for the
+    autograd step (graphs.Phase2Step) the TokenBlock's parameters, their gradients, Adam's two
+    moments, its GEMM inputs, windows, targets and row weights; for the fused step
+    (fast/phase2.FusedPhase2Step) every buffer its constructor allocates (the block's
+    parameters become views of its flat fp32 buffer, so that buffer stands for them)."""
+    m, B = cfg.model, cfg.phase2.batch_size
+    L, C, k, E = m.num_layers, m.context_dim, m.num_input_tokens, int(embed_dim)
+    g = _gemm_bytes(cfg.engine.precision)
+    widths = token_widths(E, k, L)
+    if not _fused_phase2(cfg, triton):
+        cat_cols = sum(C + d for d in widths[:-1])  # per TokenLayer its GEMM input's columns
+        return 4 * phase2_params(m, E) * 4 + g * B * cat_cols + 8 * B * (k + 1) + 4 * B
+    rows = min(B, max(1, int(train_tokens) - 1))  # the step's buffers: a batch of the N - 1 positions at most
+    T = fused_phase2_numel(C, widths)
+    programs = min(NORM_PARTIALS, 1 << (-(-T // NORM_BLOCK) - 1).bit_length())  # the next power of 2
+    V = int(vocab_size)
+    Vp = -(-V // HEAD_PAD_ROWS) * HEAD_PAD_ROWS
+    return (
+        4 * 4 * T + g * T  # parameters, gradients, Adam's m and v (fp32), the shadow (g)
+        + 4 * (programs + 1) + 4 + 8 * 5  # the norm's partials and clip factor, its count; Adam's step and powers (fp64)
+        + g * sum(_aligned(rows * (C + d)) for d in widths[:-1]) + 8 * 2 * L  # the GEMM inputs (one buffer) and their table
+        + 2 * g * rows * E + g * min(rows, CHUNK_ROWS) * Vp  # the head's input and its gradient, a chunk of logits
+        + 4 * rows + 8 * rows * (k + 1) + 4 * rows + 8 + 8  # loss per row, windows, targets, row weights, rows, loss sum
+    )
 
 
 def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, vocab_size: int, embed_dim: int,
@@ -158,16 +222,18 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
     Vp = -(-V // HEAD_PAD_ROWS) * HEAD_PAD_ROWS if triton else V
     B = p2.batch_size
     cat_cols = sum(C + d for d in widths[:-1])  # per TokenLayer its GEMM input's columns
+    fused2 = _fused_phase2(cfg, triton)
     session = (
-        4 * P2 * 4  # the TokenBlock's copy, Adam's two moments, its gradients
+        phase2_step_bytes(cfg, N, V, E, triton=triton)  # the step: the TokenBlock, its gradients, Adam's, its buffers
         + 4 * (V + 1) * E  # the token-vector table
         + g * Vp * E  # the head
-        + g * B * cat_cols + 8 * B * (k + 1) + 4 * B  # the step's GEMM inputs, windows, targets, row weights
-        + g * M * cat_cols + 8 * M * (k + 1)  # the validation pass's
+        + g * M * cat_cols + 8 * M * (k + 1)  # the validation pass's GEMM inputs, windows, targets
     )
 
-    def activations(rows: int, train: bool) -> int:
-        """A TokenBlock forward (and, for training, backward) over ``rows`` rows with its head."""
+    def activations(rows: int, train: bool, head_buffered: bool = False) -> int:
+        """A TokenBlock forward (and, for training, backward) over ``rows`` rows with its head
+        (``head_buffered``: the fused step's, whose head input, its gradient and logits are
+        buffers of the step, counted in :func:`phase2_step_bytes`)."""
         act = 4 * rows * Ek
         for d_in, d_out in zip(widths[:-1], widths[1:]):
             act += rows * d_out * (g + (g if d_in != d_out else 0) + 4) + 8 * rows  # z, projection, output, mean/rstd
@@ -176,14 +242,18 @@ def estimate_run_memory(cfg: RunConfig, train_tokens: int, val_tokens: int, voca
         logits = min(rows, CHUNK_ROWS) * Vp * g
         if not triton:  # F.cross_entropy over fp32 logits: a copy, log-softmax and its gradient
             logits = rows * V * (g + 4 * 3 if train else g + 4 * 2)
-        act += logits + rows * E * (2 * g + 8) + 8 * rows
+        act += (0 if head_buffered else logits + 2 * g * rows * E) + 8 * rows * E + 8 * rows
         if train:
             act += 3 * 4 * rows * max(widths)  # the backward's temporaries
         return act
 
     # the graphs' pools keep a step's and a validation chunk's temporaries for the session's life
-    pools = activations(B, True) + activations(min(b, M), False)
-    warmup = activations(B, True) + 4 * P2 * 3 + g * P2  # a new session's eager step: its activations, gradients, Adam's, g weights
+    step_act = activations(B, True, head_buffered=fused2)
+    pools = step_act + activations(min(b, M), False)
+    if fused2:  # a new session's eager step: its activations beside a copy of the flat parameters
+        warmup = step_act + 4 * fused_phase2_numel(C, widths)
+    else:  # its activations, gradients, Adam's, g weights
+        warmup = step_act + 4 * P2 * 3 + g * P2
     # after the passes (P freed), the run's phase-2 session is prepared beside the validation cache
     recurrence = resident + max(recurrence, NC + train_cache + LMC + session + pools + warmup)
     er = 12 * min(N, e.er_max_rows) * C + 8 * C * C + 8 * (2 * C * C + 6 * C)  # rows, their fp64 copy, the Gram, eigvalsh's workspace
