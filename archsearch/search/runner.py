@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -90,8 +93,13 @@ def init_ray(address: str | None, quiet: bool = True, temp_dir: str | None = Non
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
         temp_dir = temp_dir or ray_temp_dir()
+        keep = ray_sessions_kept()
         with _loopback_only(ray), _owner_mark(), _prompt_node_wait():
             ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, **local_init_options(), **kwargs)
+        node = ray._private.worker._global_node
+        if node is not None:
+            _EMBEDDED.update(session=Path(node.get_session_dir_path()), keep=keep)
+            _mark_session(_EMBEDDED["session"])
     return ray
 
 
@@ -225,6 +233,112 @@ def ray_temp_dir(note: bool = True) -> str:
     err_console.print(f"[yellow]note:[/yellow] {target} is too deep for Ray's socket paths; Ray reaches it through the link {link} "
                       f"({hint} to avoid it)", highlight=False, soft_wrap=True)  # fmt: skip
     return str(link)
+
+
+RAY_SESSIONS_VAR = "ARCHSEARCH_RAY_SESSIONS"
+RAY_SESSIONS_KEPT = 5
+"""Session folders of the embedded Ray a run leaves in its temp folder when it ends: the newest
+this many, and any whose driver still runs (``$ARCHSEARCH_RAY_SESSIONS`` overrides it; 0 keeps
+only those in use)."""
+_SESSION_NAME = re.compile(r"session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_(\d+)")
+"""Ray's name for a head node's session folder: ``session_<date>_<time>_<µs>_<driver pid>``."""
+_EMBEDDED: dict[str, Any] = {}
+"""The session folder of the embedded Ray :func:`init_ray` started in this process, and the
+sessions to keep once it stops (:func:`stop_embedded_ray` prunes the others)."""
+
+
+def ray_sessions_kept() -> int:
+    """How many session folders a run keeps (:data:`RAY_SESSIONS_KEPT`, or ``$ARCHSEARCH_RAY_SESSIONS``:
+    a whole number of 0 or more, else a usage error naming it)."""
+    raw = os.environ.get(RAY_SESSIONS_VAR, "").strip()
+    if not raw:
+        return RAY_SESSIONS_KEPT
+    if not (raw.isascii() and raw.isdigit()):
+        raise ConfigError(f"{RAY_SESSIONS_VAR}={raw!r}: not a whole number of 0 or more (how many of the embedded Ray's "
+                          f"session folders a run keeps; default {RAY_SESSIONS_KEPT})")  # fmt: skip
+    return int(raw)
+
+
+def _driver_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists here (another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # none, or a pid no process can have
+        return False
+    except OSError:  # another user's (EPERM)
+        return True
+    return True
+
+
+SESSION_MARK = "archsearch-driver"
+"""A file :func:`init_ray` writes into its embedded Ray's session folder: ``<host> <pid> <start
+time>`` of the driver, so that a run tells a session in use on another machine sharing the home
+(whose pids it cannot see), and a live driver from a dead one whose pid a later process took."""
+
+
+def _mark_session(session: Path) -> None:
+    try:
+        (session / SESSION_MARK).write_text(f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}\n")
+    except OSError:  # only the pruning reads it (a session without it is judged by its name's pid)
+        pass
+
+
+def _session_in_use(path: Path, pid: int) -> bool:
+    """Whether a session folder's driver may still run: by its mark where it has one (another
+    host's: yes), else by the pid its name ends with."""
+    try:
+        fd = os.open(path / SESSION_MARK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a link is not followed: left alone
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+            host, mark_pid, started = f.read(4096).split()
+    except FileNotFoundError:
+        return _driver_alive(pid)
+    except (OSError, ValueError):  # unreadable, a link, or not a mark: left alone
+        return True
+    if host != socket.gethostname() or not mark_pid.isdigit():
+        return True
+    if not _driver_alive(int(mark_pid)):
+        return False
+    now = _start_time(int(mark_pid))
+    return now is None or started == "None" or now == started  # another start time: the pid was reused
+
+
+def prune_ray_sessions(folder: str | Path, keep: int, in_use: tuple[Path, ...] = ()) -> list[Path]:
+    """Remove the embedded Ray's session folders in ``folder`` beyond the newest ``keep`` (by the
+    date and time in their names) whose driver (the pid their name ends with) is gone; a session
+    in ``in_use``, one whose driver runs (another ``archsearch run`` sharing the home, with its
+    own Ray; judged by its :data:`SESSION_MARK` where it has one: another host's stays),
+    anything not a folder of this user named as Ray names sessions, and every link
+    (``session_latest``) stay; no link is followed, in or under the folder. Returns the folders
+    removed. Never raises OSError: what cannot be read or removed is a logged warning."""
+    import logging
+
+    protected = {Path(p).name for p in in_use}
+    sessions = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                m = _SESSION_NAME.fullmatch(entry.name)
+                try:
+                    if m and entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
+                        sessions.append((entry.name, int(m.group(1)), Path(entry.path)))
+                except OSError:
+                    continue
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not look for old Ray sessions in %s: %s", folder, e)
+        return []
+    sessions.sort(reverse=True)  # newest first: the names' zero-padded date, time and microseconds
+    removed, failed = [], []
+    for name, pid, path in sessions[keep:]:
+        if name in protected or _session_in_use(path, pid):
+            continue
+        try:
+            shutil.rmtree(path)  # links inside are removed, not followed
+            removed.append(path)
+        except OSError as e:
+            failed.append(f"{path.name} ({e.strerror or e})")
+    if failed:
+        logging.getLogger(__name__).warning("could not remove %d old Ray session folder(s) in %s: %s", len(failed), folder, "; ".join(failed[:3]))
+    return removed
 
 
 def _short(path: Path, n: int = 120) -> str:
@@ -497,6 +611,8 @@ def run_search(
     # Ray's folder is removed again). The data is prepared (or loaded and verified) while Ray
     # starts; both take seconds.
     new_dirs = [] if address else [d for d in (paths.home(), paths.home() / "ray") if not d.exists()]
+    if not address:
+        ray_sessions_kept()  # a bad $ARCHSEARCH_RAY_SESSIONS: a usage error before anything is made
     ray_tmp = None if address else ray_temp_dir(note=view_mode != "quiet")
     started = False
     try:
@@ -702,6 +818,7 @@ def discard_embedded_ray(new_dirs: list[Path] = ()) -> None:
     so that the error leaves nothing behind."""
     import ray
 
+    _EMBEDDED.clear()  # its own session goes below; the others are left as they are
     node = ray._private.worker._global_node if ray.is_initialized() else None
     session = Path(node.get_session_dir_path()) if node is not None else None
     if ray.is_initialized():
@@ -728,14 +845,17 @@ def stop_embedded_ray() -> None:
     takes all of it, since its SIGTERM handler reports its own end to the GCS, which Ray has
     stopped by then. A local run has no autoscaling and the monitor keeps no state, so it is
     stopped with SIGKILL first; Ray then stops the rest as usual (the raylet first, which
-    stops the workers)."""
-    import sys
+    stops the workers).
 
+    Where :func:`init_ray` started this embedded Ray, its temp folder's old session folders are
+    then pruned (:func:`prune_ray_sessions`: the newest :func:`ray_sessions_kept` and those in use
+    stay); a cluster's (``--address``) are never touched."""
     if "ray" not in sys.modules:
         return
     import ray
 
     if not ray.is_initialized():
+        _prune_old_sessions()
         return
     node = ray._private.worker._global_node
     if node is not None and node.is_head():
@@ -749,6 +869,15 @@ def stop_embedded_ray() -> None:
                 except Exception:  # pragma: no cover - Ray's shutdown kills and waits again
                     pass
     ray.shutdown()
+    _prune_old_sessions()
+
+
+def _prune_old_sessions() -> None:
+    started = _EMBEDDED.copy()
+    _EMBEDDED.clear()
+    if started:
+        session = started["session"]
+        prune_ray_sessions(session.parent, started["keep"], in_use=(session,))
 
 
 def abandon_ray(code: int = 1) -> None:

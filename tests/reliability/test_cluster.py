@@ -108,15 +108,19 @@ def test_a_run_on_a_cluster_started_with_ray_start(tiny_corpus, short_dir):
     temp = short_dir / "r"
     ray_start(temp, "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", env=env)
     try:
+        # the cluster's sessions: its own (named after `ray start`'s pid, gone by now) and an old one
+        sessions = [p for p in temp.glob("session_2*") if p.is_dir()] + [temp / "session_2000-01-01_00-00-00_000001_4194305"]
+        sessions[-1].mkdir()
         home = short_dir / "h"
         space = write_space(short_dir / "s.yaml", tiny_space(tiny_corpus, sampler={"type": "grid", "configs": {"a": {"num_layers": 1, "context_dim": 8}}}))
         r = cli("run", str(space), "--address", f"127.0.0.1:{port}", "--quiet",
-                env={"ARCHSEARCH_HOME": str(home), "RAY_AUTH_MODE": "token"}, timeout=600)  # fmt: skip
+                env={"ARCHSEARCH_HOME": str(home), "RAY_AUTH_MODE": "token", "ARCHSEARCH_RAY_SESSIONS": "0"}, timeout=600)  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
         trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'archsearch.db'}").get_trials()
         assert [t.state for t in trials] == [TrialState.COMPLETE]
         assert trials[0].user_attrs["ray_node"]  # it ran on the cluster's node
         assert not (home / "ray").exists() or not list((home / "ray").glob("session_*"))  # the cluster's own folder is used
+        assert len(sessions) == 2 and all(p.is_dir() for p in sessions)  # with --address nothing is pruned
     finally:
         stop_cluster(temp)
 

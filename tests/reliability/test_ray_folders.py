@@ -122,3 +122,100 @@ def test_a_usage_error_found_after_ray_started_leaves_no_ray_folder(tmp_path, ti
     assert r.returncode == 2 and "resources.cpus: 999 CPU per trial" in r.stderr, r.stdout + r.stderr
     left = sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) if home.exists() else []
     assert not [p for p in left if not p.startswith("data")], left  # at most the prepared data
+
+
+def _dead_pid(i: int = 0) -> int:
+    """A pid no process can have (above the kernel's largest)."""
+    try:
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except OSError:
+        pid_max = 4194304
+    return pid_max + 1 + i
+
+
+def _session(folder: Path, second: int, pid: int) -> Path:
+    """A folder named as Ray names a session, started at 12:00:<second> (a log file inside)."""
+    path = folder / f"session_2026-12-01_12-00-{second:02d}_000123_{pid}"
+    (path / "logs").mkdir(parents=True)
+    (path / "logs" / "raylet.out").write_text("log\n")
+    return path
+
+
+def test_old_ray_sessions_are_pruned_but_the_newest_and_those_in_use(tmp_path, caplog):
+    """The newest ``keep`` sessions stay, and beyond them every session whose driver may still
+    run (its pid alive, its mark naming another host or a live start) or that the run names
+    in use; what is removed is removed without following links, what is not a session stays."""
+    folder, outside = tmp_path / "ray", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me\n")
+    newest = [_session(folder, 50 - i, _dead_pid(i)) for i in range(2)]
+    dead = [_session(folder, 10 + i, _dead_pid(10 + i)) for i in range(3)]
+    (dead[0] / "logs" / "escape").symlink_to(outside, target_is_directory=True)  # removed as a link, not followed
+    live = _session(folder, 5, os.getppid())  # another driver, alive (the test's parent process)
+    current = _session(folder, 1, _dead_pid(20))  # named in use by the run
+    other_host = _session(folder, 2, _dead_pid(21))
+    (other_host / runner.SESSION_MARK).write_text(f"not-{runner.socket.gethostname()} {_dead_pid(21)} 1\n")
+    reused = _session(folder, 3, os.getpid())  # its driver's pid now belongs to a later process
+    (reused / runner.SESSION_MARK).write_text(f"{runner.socket.gethostname()} {os.getpid()} 1\n")
+    marked_live = _session(folder, 4, _dead_pid(22))  # the mark, not the name, tells its driver
+    (marked_live / runner.SESSION_MARK).write_text(f"{runner.socket.gethostname()} {os.getpid()} {runner._start_time(os.getpid())}\n")
+    link = folder / f"session_2026-12-01_11-00-00_000001_{_dead_pid(30)}"
+    link.symlink_to(outside, target_is_directory=True)
+    (folder / "session_latest").symlink_to(newest[0], target_is_directory=True)
+    other = folder / "tiny-1764590400-123"  # Ray Tune's results folder of a run, not a session
+    other.mkdir()
+
+    removed = runner.prune_ray_sessions(folder, 2, in_use=(current,))
+    assert sorted(removed) == sorted([*dead, reused])
+    assert all(not p.exists() for p in removed)
+    assert all(p.is_dir() for p in (*newest, live, current, other_host, marked_live, other))
+    assert link.is_symlink() and (folder / "session_latest").is_symlink()
+    assert (outside / "precious").read_text() == "keep me\n"
+    assert not caplog.records
+    # keep 0: only the sessions that may be in use stay
+    assert sorted(runner.prune_ray_sessions(folder, 0)) == sorted([*newest, current])
+    assert {p.name for p in folder.iterdir()} == {p.name for p in (live, other_host, marked_live, link, other)} | {"session_latest"}
+
+
+def test_pruning_ray_sessions_never_fails_the_run(tmp_path, monkeypatch, caplog):
+    """An OSError while pruning is a logged warning naming the folder, never an error."""
+    folder = tmp_path / "ray"
+    assert runner.prune_ray_sessions(folder, 1) == []  # no folder
+    assert "could not look for old Ray sessions" in caplog.text
+    caplog.clear()
+    old = [_session(folder, i, _dead_pid(i)) for i in range(3)]
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(runner.shutil, "rmtree", refuse)
+    assert runner.prune_ray_sessions(folder, 1) == []
+    assert "could not remove 2 old Ray session folder(s)" in caplog.text and old[0].name in caplog.text
+    assert all(p.is_dir() for p in old)
+
+
+@pytest.mark.parametrize("value, kept", [(None, runner.RAY_SESSIONS_KEPT), ("0", 0), (" 12 ", 12), ("", runner.RAY_SESSIONS_KEPT)])
+def test_how_many_ray_sessions_a_run_keeps(monkeypatch, value, kept):
+    if value is None:
+        monkeypatch.delenv(runner.RAY_SESSIONS_VAR, raising=False)
+    else:
+        monkeypatch.setenv(runner.RAY_SESSIONS_VAR, value)
+    assert runner.ray_sessions_kept() == kept
+
+
+@pytest.mark.parametrize("value", ["-1", "five", "2.5", "²"])
+def test_a_bad_ARCHSEARCH_RAY_SESSIONS_is_a_usage_error(monkeypatch, value):
+    monkeypatch.setenv(runner.RAY_SESSIONS_VAR, value)
+    with pytest.raises(runner.ConfigError, match=runner.RAY_SESSIONS_VAR):
+        runner.ray_sessions_kept()
+
+
+def test_a_bad_ARCHSEARCH_RAY_SESSIONS_is_a_usage_error_that_writes_nothing(tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus))
+    r = cli("run", str(space), env={"ARCHSEARCH_HOME": str(home), runner.RAY_SESSIONS_VAR: "-1"}, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = " ".join(r.stderr.split())
+    assert f"{runner.RAY_SESSIONS_VAR}='-1'" in err and "whole number" in err, err
+    assert "Traceback" not in r.stderr
+    assert not home.exists()

@@ -43,17 +43,27 @@ def _children(pid: int) -> list[str]:
 def test_the_embedded_ray_prestarts_no_idle_worker_and_stops_every_process(tmp_path, monkeypatch):
     """No idle workers for the driver (a trial never runs in one). At the end the monitor is
     killed first (its SIGTERM handler would wait on the stopped GCS for Ray's whole grace
-    second); Ray stops the rest itself."""
+    second); Ray stops the rest itself; then the old session folders are pruned (the newest
+    ARCHSEARCH_RAY_SESSIONS stay, and those whose driver runs)."""
+    import os
+    from pathlib import Path
+
     import ray
     from ray._private import ray_constants
 
-    from archsearch.search.runner import init_ray, stop_embedded_ray
+    from archsearch.search.runner import RAY_SESSIONS_VAR, SESSION_MARK, init_ray, stop_embedded_ray
 
     from ray._private import services
 
     monkeypatch.setenv("ARCHSEARCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(RAY_SESSIONS_VAR, "1")
+    old = {pid: tmp_path / "home" / "ray" / f"session_2000-01-01_00-00-0{i}_000001_{pid}" for i, pid in enumerate((os.getppid(), 2**22 + 1))}
+    for folder in old.values():
+        (folder / "logs").mkdir(parents=True)
     ray_get_node = services.get_node
     init_ray(None)
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert (session / SESSION_MARK).is_file()
     assert services.get_node is ray_get_node  # the prompt wait for the raylet's registration is gone again
     node = ray._private.worker._global_node
     processes = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
@@ -63,6 +73,7 @@ def test_the_embedded_ray_prestarts_no_idle_worker_and_stops_every_process(tmp_p
     assert raylet_children and not [c for c in raylet_children if "ray::IDLE" in c], raylet_children
     stop_embedded_ray()
     assert not ray.is_initialized()
+    assert session.is_dir() and old[os.getppid()].is_dir() and not old[2**22 + 1].exists()  # a live driver's stays, a dead one's goes
     assert processes[ray_constants.PROCESS_TYPE_MONITOR][0].returncode == -signal.SIGKILL
     for kind, procs in processes.items():
         if kind != ray_constants.PROCESS_TYPE_REAPER:  # the reaper outlives the node by design and ends on its own
