@@ -40,6 +40,41 @@ def test_runs_allocate_no_more_than_estimated(model):
     release_phase2_graphs()
 
 
+def test_the_fused_phase2_step_allocates_what_the_estimate_counts():
+    """fast/phase2.FusedPhase2Step at the report's baseline shape (L6, C768, MiniLM's V and E):
+    what its constructor leaves allocated is memory.phase2_step_bytes less the block's own
+    parameters, which it re-points at its flat buffer (their storage freed), up to the
+    allocator's 512-byte rounding of each tensor."""
+    from types import SimpleNamespace
+
+    from archsearch.config import phase2_params
+    from archsearch.cvfp.fast import head
+    from archsearch.cvfp.fast.layers import FusedTokenBlock
+    from archsearch.cvfp.fast.phase2 import FusedPhase2Step
+    from archsearch.cvfp.memory import phase2_step_bytes
+    from archsearch.cvfp.model import TokenBlock
+
+    dev = torch.device("cuda")
+    cfg = run_config_from_dict({"model": {"num_layers": 6, "context_dim": 768}, "engine": {"precision": "bf16"}})
+    n = 20_000  # phase 2's training positions
+    _fresh()
+    tb = FusedTokenBlock(TokenBlock(cfg.model, E).to(dev))
+    weight = head.head_weight(torch.randn(V, E, device=dev), "bf16")
+    emb = SimpleNamespace(normed=torch.randn(V + 1, E, device=dev))
+    cache = torch.randn(6, n, 768, device=dev, dtype=torch.bfloat16)
+    windows, targets = torch.randint(0, V, (n, 1), device=dev), torch.randint(0, V, (n,), device=dev)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    step = FusedPhase2Step(tb, emb, weight, cfg, cache, windows, targets, graphed=True)
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    expected = phase2_step_bytes(cfg, n + 1, V, E) - 4 * phase2_params(cfg.model, E)
+    tensors = 20 + len(list(tb.parameters()))  # the step's (about 20) and the parameters' freed ones, each rounded
+    assert abs(grown - expected) <= 512 * tensors, (grown, expected)
+    del step, tb
+    _fresh()
+
+
 def test_the_driver_reads_gpu_memory_without_making_a_cuda_context():
     """What `archsearch run` reads in its driver for resources.gpus: auto (runner.local_gpu_memory):
     every visible device's memory, and no CUDA context (which would hold device memory for the
