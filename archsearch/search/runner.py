@@ -100,6 +100,9 @@ def init_ray(address: str | None, quiet: bool = True, temp_dir: str | None = Non
         if node is not None:
             _EMBEDDED.update(session=Path(node.get_session_dir_path()), keep=keep)
             _mark_session(_EMBEDDED["session"])
+            import atexit
+
+            atexit.register(_prune_old_sessions)  # where no stop_embedded_ray comes (the Python API's Ray stays up): at exit
     return ray
 
 
@@ -849,7 +852,8 @@ def stop_embedded_ray() -> None:
 
     Where :func:`init_ray` started this embedded Ray, its temp folder's old session folders are
     then pruned (:func:`prune_ray_sessions`: the newest :func:`ray_sessions_kept` and those in use
-    stay); a cluster's (``--address``) are never touched."""
+    stay; without a call here, at the interpreter's exit); a cluster's (``--address``) are never
+    touched."""
     if "ray" not in sys.modules:
         return
     import ray
@@ -873,6 +877,7 @@ def stop_embedded_ray() -> None:
 
 
 def _prune_old_sessions() -> None:
+    """Once: prune the temp folder of the embedded Ray that init_ray started (its own session stays)."""
     started = _EMBEDDED.copy()
     _EMBEDDED.clear()
     if started:
