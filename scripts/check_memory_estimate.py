@@ -54,7 +54,7 @@ from archsearch.config import run_config_from_dict  # noqa: E402
 from archsearch.cvfp import run as engine  # noqa: E402
 from archsearch.cvfp.fast import recurrent  # noqa: E402
 from archsearch.cvfp.fast.graphs import release_phase2_graphs  # noqa: E402
-from archsearch.cvfp.memory import WORKSPACE_BYTES, estimate_run_memory, trial_memory  # noqa: E402
+from archsearch.cvfp.memory import WORKSPACE_BYTES, estimate_run_memory, phase2_step_bytes, trial_memory  # noqa: E402
 from archsearch.resources import GPU_MEMORY_FRACTION, allocator_cap, gpus_for, process_bytes, trials_per_gpu  # noqa: E402
 
 CONFIGS = {  # (L, C, k): the report's four, and the corner of spaces/tpe_explore.yaml's search
@@ -232,7 +232,8 @@ def main() -> None:
                 kept[:] = [est.kept]
                 alloc, reserved = max(r["allocated"] for r in stages), max(r["reserved"] for r in stages)
                 runs.append({"train_tokens": n, "measured_allocated": alloc, "measured_reserved": reserved, "estimate_peak": est.peak,
-                             "estimate_bound": bound, "ratio": round(alloc / bound, 3), "estimate": est.to_dict(), "failed": failed,
+                             "estimate_bound": bound, "ratio": round(alloc / bound, 3), "failed": failed,
+                             "estimate": {**est.to_dict(), "phase2_step": phase2_step_bytes(cfg, n, V, E)},  # the step's term, in kept
                              "seconds": round(result.seconds, 2) if result else None, "stages": stages})  # fmt: skip
                 print(f"{name:>18} {n:>8}: allocated {alloc / GB:6.2f} GB, reserved {reserved / GB:6.2f} GB, estimate {bound / GB:6.2f} GB "
                       f"(x{alloc / bound:.2f}; the run's own {est.peak / GB:.2f} GB, kept after it {est.kept / GB:.2f} GB){' FAILED ' + failed if failed else ''}",
