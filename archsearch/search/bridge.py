@@ -52,7 +52,7 @@ from archsearch.errors import UserError, is_disk_full
 from archsearch.report.artifacts import TrialFile
 from archsearch.result import SizeRecord
 from archsearch.search import study as st
-from archsearch.search.distributions import search_distributions, suggest_all
+from archsearch.search.distributions import family_params, search_distributions, suggest_all
 from archsearch.search.notes import capped_text
 from archsearch.space import Space, config_label
 from archsearch.trial import TrialPlan
@@ -177,7 +177,7 @@ class StudyBridge:
                     return None if self.live else Searcher.FINISHED
                 self.asked_new += 1
             params = suggest_all(trial, self.dists)
-            name = trial.user_attrs.get("config_name") or config_label(params)  # a proposal: named as a grid's points
+            name = trial.user_attrs.get("config_name") or config_label(family_params(self.space, params))  # a proposal: named as a grid's points
             if "config_name" not in trial.user_attrs:
                 trial.set_user_attr("config_name", name)
             storage = self.study._storage
@@ -237,19 +237,24 @@ class StudyBridge:
     def distinct_evaluated(self) -> int:
         """Distinct configs with a COMPLETE or PRUNED trial of their own (repeats aside)."""
         done = (TrialState.COMPLETE, TrialState.PRUNED)
-        return len({st.config_key(st.trial_key_params(t)) for t in self.study.get_trials(deepcopy=False, states=done)
+        return len({self._key(st.trial_key_params(t)) for t in self.study.get_trials(deepcopy=False, states=done)
                     if t.user_attrs.get("repeat_of") is None})  # fmt: skip
+
+    def _key(self, params: dict[str, Any]) -> str:
+        """A config's identity for repeats: the params its run uses (family_params), floats
+        rounded (study.config_key)."""
+        return st.config_key(family_params(self.space, params))
 
     def _original_of(self, params: dict[str, Any], number: int) -> FrozenTrial | None:
         """The study's own trial of this config: COMPLETE first, then PRUNED, then one still
         pending or running; None when the config is new (failed trials do not count)."""
-        key = st.config_key(params)
+        key = self._key(params)
         rank = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 2}
         best: FrozenTrial | None = None
         for t in self.study.get_trials(deepcopy=False):
             if t.number == number or t.state not in rank or t.user_attrs.get("repeat_of") is not None:
                 continue
-            if st.config_key(st.trial_key_params(t)) == key and (best is None or rank[t.state] < rank[best.state]):
+            if self._key(st.trial_key_params(t)) == key and (best is None or rank[t.state] < rank[best.state]):
                 best = t
         return best
 
@@ -293,9 +298,9 @@ class StudyBridge:
             if not problems:
                 return trial
             trial.set_user_attr("pruned_reason", "infeasible: " + "; ".join(problems))
-            trial.set_user_attr("config_name", config_label(params))
+            trial.set_user_attr("config_name", config_label(family_params(self.space, params)))
             self.study.tell(trial, state=TrialState.PRUNED)
-            self.outcomes.append(Outcome(trial.number, config_label(params), params, "PRUNED", None, "infeasible: " + "; ".join(problems)))
+            self.outcomes.append(Outcome(trial.number, config_label(family_params(self.space, params)), params, "PRUNED", None, "infeasible: " + "; ".join(problems)))
         raise UserError(f"constraints: {MAX_INFEASIBLE} proposals in a row violated {self.space.constraints}; widen the constraints or narrow the parameters")
 
     # -- results -------------------------------------------------------------------------

@@ -70,6 +70,27 @@ def full_params(space: Space, params: dict[str, Any]) -> dict[str, Any]:
     return {name: params.get(name, _base_value(space, name)) for name in space.searched_fields if name in params or applies(name)}
 
 
+def family_params(space: Space, params: dict[str, Any]) -> dict[str, Any]:
+    """The params a trial's run uses: in a search over ``family``, a trial records every
+    searched field (Optuna's distributions are fixed), but its run takes only its family's
+    (another family's model fields do not apply, and phase1/phase2/engine are CVFP's). Two
+    proposals that differ only in fields their family does not use are one config: the
+    identity of repeats and the name a proposal gets. A space without a searched ``family``
+    keeps every param."""
+    from archsearch.config import DEFAULT_FAMILY, resolve_field
+
+    family = params.get("family", space.base.family)
+
+    def used(name: str) -> bool:
+        try:
+            section, _ = resolve_field(name, family)
+        except KeyError:
+            return False
+        return family == DEFAULT_FAMILY or section == "model"
+
+    return {k: v for k, v in params.items() if used(k)}
+
+
 class TrialConstraints:
     """Optuna 4's constraints_func for the space's rules on finished trials (``admissible``,
     ``capped: infeasible``): the values the bridge recorded (<= 0 feasible); trials without

@@ -283,3 +283,35 @@ def test_proposals_are_named_by_their_parameters_as_grid_points_are(tmp_path, ti
         assert len(pruned) == 3 and all(t.user_attrs["config_name"] == config_label(t.params) for t in pruned)
     finally:
         bridge.close()
+
+
+def test_a_cross_family_proposal_differing_only_in_another_familys_field_is_a_repeat(tmp_path, tiny_corpus, monkeypatch):
+    """In a search over ``family``, a gpt trial records CVFP's context_dim too (Optuna's
+    distributions are fixed) though its run ignores it: two gpt proposals that differ only
+    there are one config. The second is a repeat (answered from the study, left out of the
+    report), not a second trial with the same numbers under another name; the proposal is
+    named by the fields its run uses."""
+    import archsearch.search.bridge as bridge_mod
+
+    monkeypatch.setattr(bridge_mod, "MAX_REPEATS", 6)
+    space = parse_space(tiny_space(tiny_corpus, sampler={"type": "random", "seed": 0}, objective="final_ppl",
+                                   parameters={"family": ["cvfp", "gpt"], "num_layers": [1], "context_dim": [8, 16]}))  # fmt: skip
+    study, bridge = bridge_for(tmp_path, space, n_new=10)
+    try:
+        done = []
+        while (s := bridge.suggest(f"ray-{len(done)}")) not in (None, bridge_mod.Searcher.FINISHED):
+            done.append((complete(bridge, f"ray-{len(done)}", 100.0 + len(done)), s["plan"]["params"]))
+        families = [p["family"] for _, p in done]
+        assert sorted(families) == ["cvfp", "cvfp", "gpt"]  # cvfp at C=8 and C=16, gpt once
+        assert bridge.exhausted and "3 distinct configs evaluated" in bridge.exhausted
+        names = {t.number: t.user_attrs["config_name"] for t in study.get_trials()}
+        gpt = next(n for n, p in done if p["family"] == "gpt")
+        assert names[gpt] == "family=gpt,L=1"  # no C: the gpt run does not use it
+        repeats = [t for t in study.get_trials() if t.user_attrs.get("repeat_of") is not None]
+        assert any(t.params["family"] == "gpt" and t.user_attrs["repeat_of"] == gpt for t in repeats)
+    finally:
+        bridge.close()
+    from archsearch.report.sources import from_study
+
+    configs, _ = from_study(study)
+    assert sorted(c.name for c in configs) == sorted(names[n] for n, _ in done)  # each config once
