@@ -552,12 +552,18 @@ def studies(
         trials = study.get_trials(deepcopy=False)
         counts = Counter(t.state.name for t in trials)
         labels = study.user_attrs.get("objectives") or [d.name.lower() for d in study.directions]
-        best = []
+        best, none_feasible = [], False
         if counts.get("COMPLETE"):
-            for t in (study.best_trials if len(study.directions) > 1 else [study.best_trial])[:3]:
+            try:
+                chosen = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+            except ValueError:  # Optuna 5: every COMPLETE trial of a constrained study is infeasible
+                chosen, none_feasible = [], True
+            for t in chosen[:3]:
                 best.append({"number": t.number, "config": t.user_attrs.get("config_name"), "values": t.values})
-        rows.append({"study": s.study_name, "objectives": labels, "trials": len(trials), **counts, "best": best})
-        best_text = "; ".join(f"#{b['number']} {b['config']}: " + ", ".join(f"{v:.4g}" for v in b["values"]) for b in best) or "-"
+        rows.append({"study": s.study_name, "objectives": labels, "trials": len(trials), **counts, "best": best,
+                     **({"best_note": "no feasible COMPLETE trial"} if none_feasible else {})})  # fmt: skip
+        best_text = "; ".join(f"#{b['number']} {b['config']}: " + ", ".join(f"{v:.4g}" for v in b["values"]) for b in best) or (
+            "none feasible" if none_feasible else "-")  # fmt: skip
         table.add_row(s.study_name, ", ".join(labels), str(len(trials)),
                       *(str(counts.get(k, 0)) for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")), best_text)  # fmt: skip
     console.print(table)

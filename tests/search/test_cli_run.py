@@ -89,6 +89,20 @@ def test_studies_lists_counts_and_best(tmp_path):
     assert not (tmp_path / "missing.db").exists()
 
 
+def test_studies_lists_a_study_whose_every_complete_trial_is_infeasible(tmp_path):
+    """``capped: infeasible`` on a study whose every run hit a cap: Optuna has no best trial
+    (its best_trial raises); `archsearch studies` says none is feasible, exit 0, no traceback."""
+    study = optuna.create_study(study_name="all_capped", storage=f"sqlite:///{tmp_path / 'archsearch.db'}")
+    t = study.ask({"num_layers": optuna.distributions.IntDistribution(1, 3)})
+    t.set_user_attr("config_name", "a")
+    t.set_constraint("capped", 1.0)
+    study.tell(t, -0.5)
+    out = cli("studies", "--storage", f"sqlite:///{tmp_path / 'archsearch.db'}", "--json", str(tmp_path / "s.json"))
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "none feasible" in out.stdout
+    row = json.loads((tmp_path / "s.json").read_text())[0]
+    assert row["best"] == [] and row["best_note"] == "no feasible COMPLETE trial"
+
 @pytest.mark.slow
 def test_sigkill_of_the_driver_mid_trial_then_rerun_finishes_the_study(tmp_path):
     """Kill the driver while a trial trains; the same command again completes every config
