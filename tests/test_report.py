@@ -281,7 +281,7 @@ def test_header_names_date_versions_device_data_seeds_settings_and_times(tmp_pat
     assert rep.configs[0].sizes[0].val_er == 0.9 and rep.configs[0].sizes[0].val_loss_se == 0.01  # the SizeRecord layout
     md = md_of(rep)
     for text in ("| Report written | 20", "2026-12-01 09:00 UTC (100 s for the command, 80 s of it in trials)", "0.1.0 / engine 4",
-                 "| Device(s) | cpu |", "fingerprint abc123", "| Seeds | 42, 43 |", "`phase2.max_epochs=4`", "1 of these trials are repeats",
+                 "| Device(s) | cpu |", "fingerprint abc123", "| Seeds | 42, 43 (each size's PPL is the geometric mean", "`phase2.max_epochs=4`", "1 of these trials are repeats",
                  "| Sizes | 1,000, 2,000, 4,000, 8,000 tokens |", "40 s in all"):  # fmt: skip
         assert text in md, text
 

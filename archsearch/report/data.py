@@ -41,6 +41,17 @@ class SizeRow:
     """Training caps the size's runs hit (archsearch.result.CAP_FLAGS)."""
     phase1_convergence_rate: float | None = None
     best_epoch: float | None = None
+    precision: str | None = None
+    """The arithmetic the size's runs used (fp32, tf32, bf16; None: not recorded)."""
+    device: str | None = None
+    retried: dict[str, int] = field(default_factory=dict)
+    """The raised caps the size was trained again with (``capped: {retry: ...}``); empty:
+    its first runs stood."""
+    val_loss: float | None = None
+    """Mean validation loss (ln PPL; with several seeds their mean, so PPL = exp(val_loss))."""
+    seeds: list[int] = field(default_factory=list)
+    val_ppl_seeds: list[float] = field(default_factory=list)
+    """Each seed's PPL, in ``seeds`` order (empty with one seed)."""
 
     def ppl_interval(self) -> tuple[float, float] | None:
         if self.val_loss_se is None or not math.isfinite(self.val_loss_se):
@@ -175,6 +186,9 @@ class Report:
     """Rows of the conclusion table: criterion, config, reason (in numbers)."""
     pareto: list[dict[str, Any]] = field(default_factory=list)
     """Multi-objective studies: the front, each config with its values and intervals."""
+    protocol: list[str] = field(default_factory=list)
+    """Sentences on how the configs' runs differ in protocol (arithmetic, seeds, engine version,
+    data content, raised caps): numbers ranked side by side that were not made the same way."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -197,7 +211,8 @@ def law_of(cfg: ConfigResult, target_tokens: float = DEFAULT_TARGET) -> tuple[La
         return None
     fit = fit_power_law([s.tokens for s in cfg.sizes], [s.ppl for s in cfg.sizes], ln_se=[s.val_loss_se for s in cfg.sizes])
     ex = fit.extrapolate(target_tokens)
-    law = Law(fit.alpha, fit.A, fit.r2, fit.alpha_se, fit.alpha_low, fit.alpha_high, fit.ppl_factor_per_decade(),
+    # a line through two points fits them exactly: R^2 = 1 says nothing there
+    law = Law(fit.alpha, fit.A, fit.r2 if fit.n >= 3 else math.nan, fit.alpha_se, fit.alpha_low, fit.alpha_high, fit.ppl_factor_per_decade(),
               {t: fit.predict(t) for t in GAP_TOKENS}, list(fit.loo_alphas), list(fit.loo_intercepts),
               float(target_tokens), ex.ppl, ex.low, ex.high, fit.ci_method, bool(fit.ln_se))  # fmt: skip
     return law, fit
@@ -224,6 +239,18 @@ def _apart(a_low: float, a_high: float, b_low: float, b_high: float) -> bool:
 
 def intervals_overlap(a: Law, b: Law) -> bool:
     return not _apart(a.alpha_low, a.alpha_high, b.alpha_low, b.alpha_high)
+
+
+NO_INTERVAL = "no interval: the jackknife needs 3 sizes, these are 2"
+
+
+def has_interval(law: Law) -> bool:
+    return math.isfinite(law.alpha_low) and math.isfinite(law.alpha_high)
+
+
+def alpha_interval_text(law: Law) -> str:
+    """"[low, high]" of alpha, or why there is none (2 sizes), never "[nan, nan]"."""
+    return f"[{law.alpha_low:.4f}, {law.alpha_high:.4f}]" if has_interval(law) else f"({NO_INTERVAL})"
 
 
 def extrapolation_caveat(tokens: float, largest: int) -> str | None:
@@ -262,9 +289,11 @@ def target_of(meta: dict[str, Any]) -> float:
 
 
 def ranked_by(meta: dict[str, Any]) -> str:
-    """What a search's top configs are chosen by: its first objective where the report knows it."""
+    """What a search's top configs are chosen by: its first objective (the value each trial
+    told the study, in the study's direction), as the study names it."""
     first = str((meta.get("objectives") or ["alpha"])[0])
-    return "ppl_at" if first.startswith("ppl_at") else ("final_ppl" if first == "final_ppl" else "alpha")
+    directions = meta.get("directions") or []
+    return f"{first} ({directions[0]})" if directions else first
 
 
 CVFP_SETTINGS = ("num_layers", "context_dim", "num_input_tokens")
@@ -343,6 +372,47 @@ def rejudge(configs: Sequence[ConfigResult]) -> list[ConfigResult]:
     return out
 
 
+def _names(by: dict[str, list[str]]) -> str:
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in by.items())
+
+
+def protocol_notes(configs: Sequence[ConfigResult], meta: dict[str, Any]) -> list[str]:
+    """Where the configs' numbers were not made the same way: their runs' arithmetic
+    (``precision``, e.g. a study run on a CPU in fp32 and continued on a GPU in bf16: the
+    study's signature holds ``engine.precision: auto``, which each device resolves its own
+    way), their seeds, sizes trained again with raised caps, and, from the study's run
+    records, the engine versions and data fingerprints of its runs. Empty: one protocol."""
+    out = []
+    by_precision: dict[str, list[str]] = {}
+    by_seeds: dict[str, list[str]] = {}
+    for c in configs:
+        precisions = sorted({s.precision for s in c.sizes if s.precision})
+        if precisions:
+            by_precision.setdefault("/".join(precisions), []).append(c.name)
+        seeds = sorted({tuple(s.seeds) for s in c.sizes if s.seeds})
+        if seeds:
+            by_seeds.setdefault(" | ".join(",".join(map(str, x)) for x in seeds), []).append(c.name)
+    if len(by_precision) > 1:
+        out.append(f"the configs' runs used different arithmetic ({_names(by_precision)}): their PPLs differ by the "
+                   "arithmetic as well as by the architecture")  # fmt: skip
+    if len(by_seeds) > 1:
+        out.append(f"the configs were trained with different seeds ({_names({f'seeds {k}': v for k, v in by_seeds.items()})})")
+    retried = [c.name for c in configs if any(s.retried for s in c.sizes)]
+    if retried:
+        out.append(f"some sizes were trained again with raised caps (capped: retry) for {', '.join(retried)}: those sizes ran "
+                   "longer than the others' (see each config's table)")  # fmt: skip
+    runs = meta.get("runs") or []
+    engines = list(dict.fromkeys((r.get("engine_version"), r.get("gpu_engine_version")) for r in runs if r.get("engine_version") is not None))
+    if len(engines) > 1:
+        text = ", ".join(f"engine {e}" + (f" (GPU paths {g})" if g is not None else "") for e, g in engines)
+        out.append(f"the study's runs used different engine versions ({text}): trials of different runs may differ by the engine")
+    prints = list(dict.fromkeys(r.get("data_fingerprint") for r in runs if r.get("data_fingerprint")))
+    if len(prints) > 1:
+        out.append(f"the study's runs read data with different fingerprints ({', '.join(prints)}): the data's content changed "
+                   "between runs, so trials of different runs were trained or validated on different tokens")  # fmt: skip
+    return out
+
+
 def _flags(c: ConfigResult, law: Law | None) -> tuple[list[str], list[str]]:
     """(short flags, sentences) for one config."""
     short, text = [], []
@@ -359,21 +429,46 @@ def _flags(c: ConfigResult, law: Law | None) -> tuple[list[str], list[str]]:
         per = "; ".join(f"{k} at {sum(1 for s in c.sizes if k in s.capped)}/{len(c.sizes)} sizes" for k in kinds)
         text.append(f"its fit rests on runs that hit a training cap while still improving ({per}: "
                     f"{', '.join(f'{s.tokens:,}' for s in capped)} tokens); its α and extrapolations flatter an under-trained model")  # fmt: skip
+    retried = [s for s in c.sizes if s.retried]
+    if retried:
+        short.append("retried")
+        text.append("trained again with raised caps at " + "; ".join(
+            f"{s.tokens:,} tokens ({', '.join(f'{k}={v}' for k, v in s.retried.items())})" for s in retried)
+            + ": those sizes ran longer than the others")  # fmt: skip
     if law is not None and law.alpha_contains_zero:
         short.append("α∋0")
         text.append(f"its α interval [{law.alpha_low:.4f}, {law.alpha_high:.4f}] contains 0: these sizes do not show its PPL falling with data")
     return short, text
 
 
-def _sort_key(c: ConfigResult, laws: dict[str, Law], by: str) -> tuple:
-    law = laws.get(c.name)
-    if by == "ppl_at":
-        v = law.ppl_target if law else math.inf
-    elif by == "final_ppl":
-        v = c.largest.ppl
+def _first_objective(c: ConfigResult, laws: dict[str, Law], meta: dict[str, Any]) -> float:
+    """The config's first objective as the study ranks it (smaller is better): the value the
+    trial told the study, negated for ``maximize``; for records without values (published
+    numbers), the law's alpha or PPL at target, or the final PPL, as the objective's label says."""
+    directions = meta.get("directions") or ["minimize"]
+    if c.values:
+        v = float(c.values[0]) if directions[0] == "minimize" else -float(c.values[0])
     else:
-        v = law.alpha if law else math.inf
-    return (not c.feasible, v if math.isfinite(v) else math.inf)
+        first = str((meta.get("objectives") or ["alpha"])[0])
+        law = laws.get(c.name)
+        if first.startswith("ppl_at"):
+            v = law.ppl_target if law else math.inf
+        elif first == "final_ppl":
+            v = c.largest.ppl
+        else:
+            v = law.alpha if law else math.inf
+    return v if math.isfinite(v) else math.inf
+
+
+def _ranked(configs: Sequence[ConfigResult], value) -> list[ConfigResult]:
+    """``configs`` by ``value`` (smaller first), every feasible config before the infeasible
+    ones (marked so by the study, or admitted early: :func:`rejudge`), non-finite values last
+    within each group; ties keep the study's order."""
+    def key(c: ConfigResult) -> tuple[bool, float]:
+        v = value(c)
+        return (not c.feasible, v if v is not None and math.isfinite(v) else math.inf)
+
+    return sorted(configs, key=key)
 
 
 def build_report(configs: Sequence[ConfigResult], title: str = "Architecture comparison", meta: dict | None = None,
@@ -383,11 +478,14 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
     meta = dict(meta or {})
     target = target_of(meta)
     configs = rejudge([c for c in configs if c.sizes])
+    protocol = protocol_notes(configs, meta)
+    precision = {c.name: "/".join(sorted({s.precision for s in c.sizes if s.precision})) for c in configs}
+    mixed_precision = len(set(precision.values())) > 1
     fits = {c.name: law_of(c, target) for c in configs}
     laws = {n: lf[0] for n, lf in fits.items() if lf is not None}
-    by = ranked_by(meta)
+    pareto = _pareto(configs, laws, meta)  # over every config: the front's members need not be in the top
     if top is not None:
-        configs = sorted(configs, key=lambda c: _sort_key(c, laws, by))[:top]
+        configs = _ranked(configs, lambda c: _first_objective(c, laws, meta))[:top]
         laws = {c.name: laws[c.name] for c in configs if c.name in laws}
     flags: dict[str, list[str]] = {}
     summary = []
@@ -395,6 +493,8 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
         best = c.best
         law = laws.get(c.name)
         short, text = _flags(c, law)
+        if mixed_precision:  # the study mixes arithmetic: each row says its own
+            short.append(precision[c.name] or "precision?")
         if text:
             flags[c.name] = text
         summary.append(SummaryRow(c.name, c.phase1_params, law.alpha if law else None, law.r2 if law else None, best.ppl,
@@ -405,9 +505,9 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
     settings = settings_rows(configs)
 
     with_law = [c for c in configs if c.name in laws]
-    by_alpha = sorted(with_law, key=lambda c: laws[c.name].alpha)
-    by_ppl = sorted(configs, key=lambda c: c.best.ppl)
-    by_target = sorted(with_law, key=lambda c: laws[c.name].ppl_target)
+    by_alpha = _ranked(with_law, lambda c: laws[c.name].alpha)
+    by_ppl = _ranked(configs, lambda c: c.best.ppl)
+    by_target = _ranked(with_law, lambda c: laws[c.name].ppl_target)
     rankings: dict[str, list[dict[str, Any]]] = {
         "best_ppl": [{"config": c.name, "ppl": c.best.ppl, "tokens": c.best.tokens,
                       "ppl_low": (c.best.ppl_interval() or (None, None))[0], "ppl_high": (c.best.ppl_interval() or (None, None))[1]}
@@ -444,11 +544,10 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
     er = _er_relation(configs)
     conclusions = _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, caveats)
     recommendation = _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, target, flags)
-    pareto = _pareto(configs, laws, meta)
     families, matched = family_tables(configs, laws)
     return Report(title, summary, settings, list(configs), laws, gaps, rankings, recommendation, overlaps, meta,
                   families=families, matched=matched, caveats=caveats, flags=flags, resolved=resolved, er_relation=er,
-                  conclusions=conclusions, pareto=pareto)  # fmt: skip
+                  conclusions=conclusions, pareto=pareto, protocol=protocol)  # fmt: skip
 
 
 def _resolved(by_ppl, by_alpha, by_target, laws) -> dict[str, list[dict[str, Any]]]:
@@ -463,20 +562,24 @@ def _resolved(by_ppl, by_alpha, by_target, laws) -> dict[str, list[dict[str, Any
     for key, ranked, lo, hi in (("best_alpha", by_alpha, "alpha_low", "alpha_high"), ("ppl_at_target", by_target, "ppl_target_low", "ppl_target_high")):
         if len(ranked) >= 2:
             la = laws[ranked[0].name]
-            out[key] = [{"leader": ranked[0].name, "other": c.name,
-                         "resolved": _apart(getattr(la, lo), getattr(la, hi), getattr(laws[c.name], lo), getattr(laws[c.name], hi))}
+            ends = lambda law: (getattr(law, lo), getattr(law, hi))  # noqa: E731
+            out[key] = [{"leader": ranked[0].name, "other": c.name, "resolved": _apart(*ends(la), *ends(laws[c.name])),
+                         "intervals": all(math.isfinite(v) for v in (*ends(la), *ends(laws[c.name])))}
                         for c in ranked[1:]]  # fmt: skip
     return out
 
 
 def _resolved_text(rows: list[dict[str, Any]]) -> str:
     apart = [r["other"] for r in rows if r["resolved"]]
-    close = [r["other"] for r in rows if not r["resolved"]]
+    close = [r["other"] for r in rows if not r["resolved"] and r.get("intervals", True)]
+    missing = [r["other"] for r in rows if not r["resolved"] and not r.get("intervals", True)]
     parts = []
     if apart:
         parts.append(f"resolved against {', '.join(apart)}")
     if close:
         parts.append(f"not resolved against {', '.join(close)} (intervals overlap)")
+    if missing:
+        parts.append(f"not resolved against {', '.join(missing)} (no interval: the jackknife needs 3 sizes)")
     return "; ".join(parts)
 
 
@@ -500,7 +603,7 @@ def _overlap_count(rows: list[dict[str, Any]] | None) -> str:
     if not rows:
         return ""
     n_close = sum(1 for r in rows if not r["resolved"])
-    return f"; overlaps {n_close} of {len(rows)} others" if n_close else "; apart from every other"
+    return f"; not resolved against {n_close} of {len(rows)} others" if n_close else "; apart from every other"
 
 
 def _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, caveats) -> list[dict[str, str]]:
@@ -519,7 +622,7 @@ def _conclusions(by_ppl, by_alpha, by_target, laws, rankings, resolved, target, 
     if by_alpha:
         a = by_alpha[0]
         la = laws[a.name]
-        reason = f"α = {la.alpha:.4f} [{la.alpha_low:.4f}, {la.alpha_high:.4f}] (most negative)"
+        reason = f"α = {la.alpha:.4f} {alpha_interval_text(la)} (most negative)"
         reason += _overlap_count(resolved.get("best_alpha"))
         rows.append({"criterion": "data efficiency", "config": a.name, "reason": reason})
     if by_target:
@@ -680,12 +783,16 @@ def _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, 
     if by_alpha:
         a = by_alpha[0]
         la = laws[a.name]
-        text = f"Best data efficiency (most negative alpha): {a.name} (alpha = {la.alpha:.4f}, 95% interval [{la.alpha_low:.4f}, {la.alpha_high:.4f}])."
         rivals = [y if x == a.name else x for x, y in overlaps if a.name in (x, y)]
-        if rivals:
+        if not has_interval(la):
+            text = (f"Best data efficiency (most negative alpha): {a.name} (alpha = {la.alpha:.4f}, {NO_INTERVAL})."
+                    " Without intervals the alpha ranking is not resolved.")  # fmt: skip
+        elif rivals:
+            text = f"Best data efficiency (most negative alpha): {a.name} (alpha = {la.alpha:.4f}, 95% interval {alpha_interval_text(la)})."
             text += f" Its interval overlaps those of {', '.join(rivals)}: with these sizes the alpha ranking is not resolved."
         else:
-            text += " Its interval overlaps no other config's."
+            text = (f"Best data efficiency (most negative alpha): {a.name} (alpha = {la.alpha:.4f}, 95% interval {alpha_interval_text(la)})."
+                    " Its interval overlaps no other config's.")  # fmt: skip
         out.append(text)
     if by_target:
         t = by_target[0]
@@ -726,7 +833,8 @@ def _recommend(by_ppl, by_alpha, by_target, laws, overlaps, rankings, resolved, 
             if a.name in flags:
                 text += f"; {a.name}'s steeper alpha is not a recommendation: {flags[a.name][0]}"
             else:
-                text += f"; {a.name} if much more data is expected, to be confirmed at larger sizes since the alpha intervals " + ("overlap" if overlaps else "are apart")
+                why = ("the alpha intervals " + ("overlap" if overlaps else "are apart")) if all(has_interval(laws[c.name]) for c in by_alpha) else "alpha has no interval with 2 sizes"
+                text += f"; {a.name} if much more data is expected, to be confirmed at larger sizes since {why}"
             out.append(text + ".")
     flagged = [n for n in flags if n in {c.name for c in by_ppl[:1] + by_alpha[:1] + by_target[:1]}]
     for n in flagged:

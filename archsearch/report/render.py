@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from archsearch.report.data import GAP_TOKENS, Report, compare, fmt_ppl, short_count
+from archsearch.report.data import GAP_TOKENS, NO_INTERVAL, Report, compare, fmt_ppl, has_interval, short_count
 from archsearch.report.plots import ScalingSeries, _figure, band, plot_scaling, save
 
 
@@ -46,6 +46,23 @@ def _versions(run: dict[str, Any], devices: list[str]) -> str:
     return text
 
 
+def _capped_cell(s) -> str:
+    """A size's caps hit, and the raised caps it was trained again with (``capped: retry``)."""
+    text = ", ".join(s.capped)
+    if s.retried:
+        text += (" " if text else "") + "(retried with " + ", ".join(f"{k}={v}" for k, v in s.retried.items()) + ")"
+    return text or "-"
+
+
+def _seeds_text(seeds: list) -> str:
+    """The seeds, and with several how a size's numbers combine them (trial.combine_seeds)."""
+    text = ", ".join(str(x) for x in seeds) or "-"
+    if len(seeds) > 1:
+        text += (" (each size's PPL is the geometric mean over the seeds, exp of their mean loss, and its standard "
+                 "error includes their spread; the fit is on those per-size values; runs.csv has each seed's PPL)")  # fmt: skip
+    return text
+
+
 def header(rep: Report) -> list[str]:
     """What a reader needs to reproduce or weigh the numbers: when, with what, on what, how long."""
     m = rep.meta
@@ -66,11 +83,18 @@ def header(rep: Report) -> list[str]:
         ("Device(s)", ", ".join(m.get("devices") or ["-"])),
         ("Data", f"{m.get('data_source')}, fingerprint {last.get('data_fingerprint', '-')}"),
         ("Sizes", f"{', '.join(f'{s:,}' for s in m.get('sizes') or [])} {m.get('size_unit', '')}"),
-        ("Seeds", ", ".join(str(x) for x in last.get("seeds") or []) or "-"),
+        ("Seeds", _seeds_text(last.get("seeds") or [])),
         ("Settings other than the defaults", ", ".join(f"`{k}={v}`" for k, v in settings.items()) or ("none" if runs else "-")),
         ("Trial time", f"{m.get('wall_seconds', 0):.0f} s in all (sum over the reported trials)"),
     ]
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+
+
+def protocol_lines(rep: Report) -> list[str]:
+    """The ways the reported configs' numbers were not made alike (report.data.protocol_notes)."""
+    if not rep.protocol:
+        return []
+    return ["> ⚠ **Mixed protocols**: the configs below are ranked side by side, but " + "; ".join(rep.protocol) + ".", ""]
 
 
 def _setting(v: Any) -> str:
@@ -95,7 +119,7 @@ def settings_tables(rows: list[dict[str, Any]]) -> list[str]:
 
 def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compare_label: str = "", plots: list[str] = ()) -> str:
     m = rep.meta
-    out = [f"# {rep.title}", ""] + header(rep)
+    out = [f"# {rep.title}", ""] + header(rep) + protocol_lines(rep)
     if m.get("top"):
         out += [f"A search: the tables show the {len(rep.summary)} best configs by {m.get('ranked_by', 'alpha')} (of {m.get('n_configs')}).", ""]
 
@@ -116,12 +140,12 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
         for s in c.sizes:
             iv = s.ppl_interval()
             out.append((f"| {s.samples} " if samples else "") + f"| {s.tokens:,} | {s.ppl:.1f} |" + (f" {iv[0]:.1f}–{iv[1]:.1f} |" if iv else (" - |" if se else ""))
-                       + f" {_f(s.acc, pct=True)} | {_f(s.val_er, pct=True)} | {', '.join(s.capped) or '-'} |")  # fmt: skip
+                       + f" {_f(s.acc, pct=True)} | {_f(s.val_er, pct=True)} | {_capped_cell(s)} |")  # fmt: skip
         law = rep.laws.get(c.name)
         if law:
             how = "jackknife over sizes with the per-size standard errors" if law.measured_se else "jackknife over sizes"
             out += ["", f"**Scaling law**: PPL = {law.A:.4g} × tokens^{law.alpha:.4f}, α = {law.alpha:.4f} "
-                        f"(95% interval [{_f(law.alpha_low)}, {_f(law.alpha_high)}], {how}; s.e. {_f(law.alpha_se)}), R² = {law.r2:.4f}; "
+                        f"(95% interval [{_f(law.alpha_low)}, {_f(law.alpha_high)}], {how}; s.e. {_f(law.alpha_se)}), R² = {_f(law.r2)}; "
                         f"PPL at {short_count(law.target_tokens)} tokens {fmt_ppl(law.ppl_target)} [{fmt_ppl(law.ppl_target_low)}, {fmt_ppl(law.ppl_target_high)}]", ""]  # fmt: skip
         else:
             out.append("")
@@ -144,14 +168,22 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
 
     out += ["", "## Rankings", ""]
     r = rep.rankings
+    rejected = {c.name for c in rep.configs if not c.feasible}
+    if rejected:
+        out.append("Infeasible configs (marked †: infeasible or admitted early) are ranked after every feasible one.")
+        out.append("")
+
+    def name(x: dict[str, Any]) -> str:
+        return x["config"] + (" †" if x["config"] in rejected else "")
+
     if r.get("best_ppl"):
-        out.append("- Best absolute PPL (at its own size): " + ", ".join(f"{x['config']} ({x['ppl']:.1f} at {x['tokens']:,})" for x in r["best_ppl"]))
+        out.append("- Best absolute PPL (at its own size): " + ", ".join(f"{name(x)} ({x['ppl']:.1f} at {x['tokens']:,})" for x in r["best_ppl"]))
     if r.get("best_alpha"):
-        out.append("- Best α (95% interval): " + ", ".join(f"{x['config']} ({x['alpha']:.4f} [{_f(x['alpha_low'])}, {_f(x['alpha_high'])}])" for x in r["best_alpha"]))
+        out.append("- Best α (95% interval): " + ", ".join(f"{name(x)} ({x['alpha']:.4f} [{_f(x['alpha_low'])}, {_f(x['alpha_high'])}])" for x in r["best_alpha"]))
     if r.get("ppl_at_target"):
         t = r["ppl_at_target"][0]["target_tokens"]
         out.append(f"- Best PPL at {short_count(t)} tokens by the fitted law (95% interval): "
-                   + ", ".join(f"{x['config']} ({fmt_ppl(x['ppl'])} [{fmt_ppl(x['low'])}, {fmt_ppl(x['high'])}])" for x in r["ppl_at_target"]))  # fmt: skip
+                   + ", ".join(f"{name(x)} ({fmt_ppl(x['ppl'])} [{fmt_ppl(x['low'])}, {fmt_ppl(x['high'])}])" for x in r["ppl_at_target"]))  # fmt: skip
         if "target" in rep.caveats:
             out.append(f"  ⚠ Caveat: {rep.caveats['target']}.")
     if r.get("cost_performance"):
@@ -161,8 +193,12 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
                    f"{100 * front[0]['tolerance']:.0f}% of the best PPL): "
                    + ", ".join(f"{x['config']}{' ★' if x['pick'] else ''} ({x['params'] / 1e6:.2f}M, {x['ppl']:.1f}, {100 * x['ppl_vs_best']:+.1f}%)"
                                for x in front))  # fmt: skip
-    if rep.overlaps:
-        out.append("- Overlapping α intervals: " + ", ".join(f"{a} / {b}" for a, b in rep.overlaps))
+    with_iv = {n for n, law in rep.laws.items() if has_interval(law)}
+    pairs = [(a, b) for a, b in rep.overlaps if a in with_iv and b in with_iv]
+    if pairs:
+        out.append("- Overlapping α intervals: " + ", ".join(f"{a} / {b}" for a, b in pairs))
+    if len(with_iv) < len(rep.laws):
+        out.append(f"- α without an interval ({NO_INTERVAL}): " + ", ".join(n for n in rep.laws if n not in with_iv))
     labels = {"best_ppl": "Best PPL (per-size standard errors)", "best_alpha": "Best α", "ppl_at_target": "Best PPL at target"}
     for key, rows in rep.resolved.items():
         apart = [x["other"] for x in rows if x["resolved"]]
@@ -242,7 +278,9 @@ def summary_table(rep: Report) -> list[str]:
     if any(r.flags for r in rep.summary):
         out += ["", "Flags: `α∋0` the α interval contains 0; `capped` the fit rests on runs that hit a training cap; "
                     "`infeasible` the study's admissibility or capped rule rejected it; `admitted early` the admissibility rule "
-                    "admitted it against the best so far, not against the study's final best (ranked as infeasible)."]  # fmt: skip
+                    "admitted it against the best so far, not against the study's final best (ranked as infeasible); "
+                    "`retried` some sizes were trained again with raised caps; `fp32`, `bf16`, ... the runs' arithmetic, "
+                    "shown where the configs' differ."]  # fmt: skip
     if "target" in rep.caveats:
         out += ["", f"⚠ PPL at target: {rep.caveats['target']}."]
     return out + [""]
@@ -338,7 +376,9 @@ def runs_rows(rep: Report) -> list[dict[str, Any]]:
             rows.append({"config": c.name, "family": c.family, "trial": c.number, **{k: v for k, v in c.params.items()}, "phase1_params": c.phase1_params,
                          "samples": s.samples, "tokens": s.tokens, "val_ppl": s.ppl, "val_acc": s.acc, "val_er": s.val_er,
                          "train_er": s.train_er, "phase1_iterations": s.phase1_iterations,
-                         "val_loss_se": s.val_loss_se, "capped": ";".join(s.capped)})  # fmt: skip
+                         "val_loss": s.val_loss, "val_loss_se": s.val_loss_se, "capped": ";".join(s.capped),
+                         "retried": ";".join(f"{k}={v}" for k, v in s.retried.items()), "precision": s.precision,
+                         "seeds": ";".join(map(str, s.seeds)), "val_ppl_seeds": ";".join(repr(float(p)) for p in s.val_ppl_seeds)})  # fmt: skip
     return rows
 
 
@@ -410,7 +450,7 @@ def plotly_scaling(rep: Report) -> PlotlyFigure:
 
 def summary_note(rep: Report) -> str:
     """The header, summary table, flags and recommendation as a study note for optuna-dashboard."""
-    out = [f"# {rep.title}", ""] + header(rep) + summary_table(rep) + _family_section(rep)
+    out = [f"# {rep.title}", ""] + header(rep) + protocol_lines(rep) + summary_table(rep) + _family_section(rep)
     for name, flags in rep.flags.items():
         out += [f"- ⚠ {name}: {f}" for f in flags]
     out += ["", "## Recommendation", ""] + [f"- {x}" for x in rep.recommendation]

@@ -41,7 +41,13 @@ def size_row(s: dict[str, Any]) -> SizeRow:
                    samples=rec.size if rec.size_unit == "samples" else None, train_er=rec.metrics.get("train_er"),
                    phase1_iterations=rec.metrics.get("phase1_iterations"), val_loss_se=se, capped=list(rec.capped),
                    phase1_convergence_rate=rec.metrics.get("phase1_convergence_rate"),
-                   best_epoch=rec.metrics.get("phase2_best_epoch"))  # fmt: skip
+                   best_epoch=rec.metrics.get("phase2_best_epoch"), precision=rec.precision or None, device=rec.device or None,
+                   retried=dict(rec.retried or {}), val_loss=_finite_or_none(rec.val_loss),
+                   seeds=list(rec.seeds or []), val_ppl_seeds=list(rec.val_ppl_seeds or []))  # fmt: skip
+
+
+def _finite_or_none(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def from_study(study, storage_label: str = "") -> tuple[list[ConfigResult], dict[str, Any]]:
