@@ -70,7 +70,7 @@ def fit_lines(fit: dict[str, Any] | None) -> list[str]:
     if not fit:
         return ["scaling law: needs at least two sizes"]
     lines = [
-        f"scaling law: PPL = {fit['A']:.4g} * tokens^{fit['alpha']:.4f}   (R^2 = {fit['r2']:.4f}, n = {fit['n_sizes']})",
+        f"scaling law: PPL = {fit['A']:.4g} * tokens^{fit['alpha']:.4f}   (R^2 = {fmt(fit['r2'], '.4f')}, n = {fit['n_sizes']})",
         f"alpha = {fit['alpha']:.4f} +- {fmt(fit['alpha_se'], '.4f')} (OLS s.e.);  "
         f"{100 * fit['level']:.0f}% interval [{fmt(fit['alpha_low'], '.4f')}, {fmt(fit['alpha_high'], '.4f')}] ({fit['ci_method']})",
         f"10x more tokens multiplies PPL by {10 ** fit['alpha']:.3f}",

@@ -1,7 +1,8 @@
 """The scaling law PPL = A * tokens^alpha (cvfp.md 9): fit, interval, extrapolation.
 
 Pure numpy/scipy. ``alpha`` is the OLS slope of ln PPL on ln tokens, ``A = exp(intercept)``,
-``R^2`` the squared correlation, ``alpha_se`` the slope's OLS standard error.
+``R^2`` the squared correlation (NaN where every PPL is the same: nothing varies, so nothing
+is explained), ``alpha_se`` the slope's OLS standard error.
 
 The interval is a **leave-one-out (jackknife) interval over sizes**: the fit is repeated
 with each size left out, the jackknife standard error
@@ -156,7 +157,7 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     syy = float(((y - ym) ** 2).sum())
     slope = sxy / sxx
     intercept = ym - slope * xm
-    r2 = sxy * sxy / (sxx * syy) if syy > 0 else 1.0
+    r2 = sxy * sxy / (sxx * syy) if syy > 0 else math.nan  # equal PPLs: no variance to explain, R^2 undefined
     n = len(x)
     if n > 2:
         resid = y - (intercept + slope * x)

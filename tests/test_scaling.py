@@ -134,3 +134,15 @@ def test_missing_standard_errors_leave_the_jackknife_alone():
     ppl = REPORT["baseline"][0]
     fit = fit_power_law(TOKENS, ppl, ln_se=[0.02, None, 0.03, 0.01])
     assert fit.alpha_low == fit_power_law(TOKENS, ppl).alpha_low and fit.ln_se == ()
+
+
+def test_equal_ppls_give_a_flat_law_and_no_r2():
+    """Every size at the same PPL: alpha 0 and nothing varies, so R^2 is undefined (NaN), not
+    a perfect 1; the report flags the interval that contains 0."""
+    from archsearch.report.data import ConfigResult, SizeRow, build_report
+
+    fit = fit_power_law([1000, 2000, 4000], [100.0, 100.0, 100.0], ln_se=[0.05] * 3)
+    assert fit.alpha == pytest.approx(0.0, abs=1e-12) and math.isnan(fit.r2)
+    assert fit.alpha_low < 0 < fit.alpha_high  # the measured errors give it a width
+    rep = build_report([ConfigResult("flat", {}, 1000, [SizeRow(t, 100.0, val_loss_se=0.05) for t in (1000, 2000, 4000)])])
+    assert "α∋0" in rep.summary[0].flags and rep.to_dict()["summary"][0]["r2"] is None
