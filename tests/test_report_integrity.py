@@ -118,6 +118,16 @@ def test_configs_trained_in_different_arithmetic_or_with_raised_caps_are_flagged
     text = " ".join(rep.protocol)
     assert "engine 4 (GPU paths 1), engine 5 (GPU paths 2)" in text and "fingerprints (aaa, bbb)" in text
     assert build_report([cfg("a", [3000, 2000, 1500, 1000])], meta={"runs": runs[:1] * 2}).protocol == []
+    # rules changed between runs: one capped config made infeasible, another capped one not; one
+    # config judged by the admissibility rule, another not
+    capped_bad = cfg("capped_bad", [3000, 2000, 1500, 1000], infeasible="capped: infeasible: 1 of 4 sizes hit a training cap (...)")
+    capped_bad.sizes[-1].capped = ["max_epochs"]
+    capped_kept = cfg("capped_kept", [3000, 2100, 1600, 1100])
+    capped_kept.sizes[-1].capped = ["max_epochs"]
+    capped_kept.extra["admissibility"] = {"final_ppl": 1100, "best_final_ppl": 1100, "ppl_ratio": 1.0, "max_ppl_ratio": 1.5}
+    text = " ".join(build_report([capped_bad, capped_kept]).protocol)
+    assert "infeasible (capped: infeasible) but not capped_kept" in text
+    assert "different admissibility rules (not judged: capped_bad; max_ppl_ratio 1.5: capped_kept)" in text
 
 
 def _record(t: int, seed_ppls: list[float], precision: str = "fp32") -> dict:

@@ -401,6 +401,19 @@ def protocol_notes(configs: Sequence[ConfigResult], meta: dict[str, Any]) -> lis
     if retried:
         out.append(f"some sizes were trained again with raised caps (capped: retry) for {', '.join(retried)}: those sizes ran "
                    "longer than the others' (see each config's table)")  # fmt: skip
+    # the space's rules on finished trials are not part of a study's signature: a study continued
+    # with another capped or admissible rule judged its trials by two rules
+    capped_rule = [c.name for c in configs if c.infeasible and "capped: infeasible" in c.infeasible]
+    capped_kept = [c.name for c in configs if any(s.capped for s in c.sizes) and c.name not in capped_rule]
+    if capped_rule and capped_kept:
+        out.append(f"capped runs made {', '.join(capped_rule)} infeasible (capped: infeasible) but not {', '.join(capped_kept)}, "
+                   "which are capped too: the study's trials were judged by different capped rules")  # fmt: skip
+    ratios: dict[str, list[str]] = {}
+    for c in configs:
+        rule = (c.extra or {}).get("admissibility")
+        ratios.setdefault(f"max_ppl_ratio {rule['max_ppl_ratio']:g}" if rule else "not judged", []).append(c.name)
+    if len(ratios) > 1:
+        out.append(f"the configs were judged by different admissibility rules ({_names(ratios)})")
     runs = meta.get("runs") or []
     engines = list(dict.fromkeys((r.get("engine_version"), r.get("gpu_engine_version")) for r in runs if r.get("engine_version") is not None))
     if len(engines) > 1:
