@@ -181,3 +181,14 @@ def test_runs_csv_and_summary_json_trace_to_the_runs(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| Seeds | 42, 43 (each size's PPL is the geometric mean over the seeds" in md
 
+
+
+def test_an_extrapolated_ppl_below_1_is_called_impossible():
+    """The quickstart's steep laws put the PPL at 10M tokens near 3 with a lower end near 0.4:
+    below 1, where no model can be. The summary says so; a law that stays above 1 says nothing."""
+    steep = cfg("steep", [13032.2, 7134.3, 3417.7, 2130.8])
+    rep = build_report([steep, cfg("flat", [1100, 1050, 1000, 980])])
+    assert rep.laws["steep"].ppl_target_low < 1
+    assert "below 1 for steep:" in rep.caveats["below_1"] and "flat" not in rep.caveats["below_1"]
+    assert "⚠ PPL at target: the PPL at 10M tokens or its interval's lower end is below 1 for steep" in markdown(rep)
+    assert "below_1" not in build_report([cfg("flat", [1100, 1050, 1000, 980])]).caveats

@@ -253,6 +253,10 @@ def alpha_interval_text(law: Law) -> str:
     return f"[{law.alpha_low:.4f}, {law.alpha_high:.4f}]" if has_interval(law) else f"({NO_INTERVAL})"
 
 
+def _below_one(law: Law) -> bool:
+    return any(math.isfinite(v) and v < 1 for v in (law.ppl_target, law.ppl_target_low))
+
+
 def extrapolation_caveat(tokens: float, largest: int) -> str | None:
     """A caveat for a number at ``tokens`` when that is more than 10x the largest trained size."""
     if largest <= 0 or tokens <= EXTRAPOLATION_CAVEAT_FACTOR * largest:
@@ -539,6 +543,11 @@ def build_report(configs: Sequence[ConfigResult], title: str = "Architecture com
             caveats[short_count(t)] = text
     if (text := extrapolation_caveat(target, largest)) is not None:
         caveats["target"] = text
+    below = [c.name for c in configs if c.name in laws and _below_one(laws[c.name])]
+    if below:
+        caveats["below_1"] = (f"the PPL at {short_count(target)} tokens or its interval's lower end is below 1 for {', '.join(below)}: "
+                              "no model reaches a PPL below 1 (a loss below 0); the power law has no floor, so there it "
+                              "extrapolates past what is possible")  # fmt: skip
 
     anchor = median_size(configs) if configs else 1
     gaps = []

@@ -283,6 +283,8 @@ def summary_table(rep: Report) -> list[str]:
                     "shown where the configs' differ."]  # fmt: skip
     if "target" in rep.caveats:
         out += ["", f"⚠ PPL at target: {rep.caveats['target']}."]
+    if "below_1" in rep.caveats:
+        out += ["", f"⚠ PPL at target: {rep.caveats['below_1']}."]
     return out + [""]
 
 
