@@ -296,8 +296,8 @@ def ranked_by(meta: dict[str, Any]) -> str:
     """What a search's top configs are chosen by: its first objective (the value each trial
     told the study, in the study's direction), as the study names it."""
     first = str((meta.get("objectives") or ["alpha"])[0])
-    directions = meta.get("directions") or []
-    return f"{first} ({directions[0]})" if directions else first
+    directions = meta.get("directions") or ["minimize"]
+    return f"{first}, {'lowest' if directions[0] == 'minimize' else 'highest'} first"
 
 
 CVFP_SETTINGS = ("num_layers", "context_dim", "num_input_tokens")

@@ -121,7 +121,8 @@ def markdown(rep: Report, comparison: list[dict[str, Any]] | None = None, compar
     m = rep.meta
     out = [f"# {rep.title}", ""] + header(rep) + protocol_lines(rep)
     if m.get("top"):
-        out += [f"A search: the tables show the {len(rep.summary)} best configs by {m.get('ranked_by', 'alpha')} (of {m.get('n_configs')}).", ""]
+        out += [f"A search: the tables show the {len(rep.summary)} best configs of {m.get('n_configs')} by {m.get('ranked_by', 'alpha')} "
+                "(feasible ones first).", ""]  # fmt: skip
 
     out += summary_table(rep)
     out += _family_section(rep)

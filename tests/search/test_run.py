@@ -214,7 +214,7 @@ def test_search_report_has_history_and_importances(home, tiny_corpus, ray_local,
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "rep" / "history.png").exists() and (tmp_path / "rep" / "importances.png").exists()
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "the 3 best configs by alpha (of 4)" in md
+    assert "the 3 best configs of 4 by alpha, lowest first (feasible ones first)" in md
 
 
 def test_a_trial_whose_dashboard_plot_fails_still_completes(home, tiny_corpus, ray_local):
