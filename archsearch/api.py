@@ -82,7 +82,11 @@ def results(study: Any, storage: str | None = None):
     and ``capped_by`` (which: ``max_epochs``, ``phase1_max_iterations``), the trial's fit (``alpha``, ``alpha_low``,
     ``alpha_high``, ``alpha_se``, ``A``, ``r2``, ``ppl_at_target`` ...), ``value_<objective>``
     per objective, ``phase1_params``/``phase2_params``/``total_params``, ``device``,
-    ``wall_seconds``, ``reason`` (why pruned or failed), ``datetime_start``/``_complete``.
+    ``wall_seconds``, ``reason`` (why pruned or failed), ``repeat_of`` (a search's proposal of a
+    config the study already held: the original trial's number; such a trial has no size rows
+    of its own), ``datetime_start``/``_complete``. A config can have several trials (a failed
+    or interrupted attempt with the sizes it finished, then the one that completed; repeats):
+    filter ``state == "COMPLETE"`` and ``repeat_of`` empty for one set of sizes per config.
 
     ``study`` is a study name (in ``storage``, default the home's SQLite) or an optuna.Study."""
     try:
@@ -117,12 +121,12 @@ def results(study: Any, storage: str | None = None):
     columns = ["trial", "config", "family", *param_names, "state", "size", "size_unit", "tokens", "val_tokens", "ppl", "ppl_low", "ppl_high",
                "acc", "er", "train_er", "loss", "loss_se", "phase1_iterations", "seconds", "cached", "capped", "capped_by", *FIT_COLUMNS,
                *(f"value_{label}" for label in labels), "phase1_params", "phase2_params", "total_params", "device",
-               "wall_seconds", "reason", "datetime_start", "datetime_complete"]  # fmt: skip
+               "wall_seconds", "reason", "repeat_of", "datetime_start", "datetime_complete"]  # fmt: skip
     df = pd.DataFrame(rows, columns=columns)
     types = _param_dtypes(trials, param_names) | {
         "trial": "int64", "config": "string", "family": "string", "state": pd.CategoricalDtype(STATES), "size": "Int64", "size_unit": "string",
         "tokens": "Int64", "val_tokens": "Int64", "cached": "boolean", "capped": "boolean", "capped_by": "string", "phase1_params": "Int64", "phase2_params": "Int64",
-        "total_params": "Int64", "device": "string", "reason": "string",
+        "total_params": "Int64", "device": "string", "reason": "string", "repeat_of": "Int64",
         "datetime_start": "datetime64[ns]", "datetime_complete": "datetime64[ns]",
     }  # fmt: skip
     for col in ("ppl", "ppl_low", "ppl_high", "acc", "er", "train_er", "loss", "loss_se", "phase1_iterations", "seconds",
@@ -156,6 +160,7 @@ def _trial_columns(t, labels: list[str], param_names: list[str]) -> dict[str, An
     out.update({f"value_{label}": (values[i] if i < len(values) else None) for i, label in enumerate(labels)})
     out.update({k: ua.get(k) for k in ("phase1_params", "phase2_params", "total_params", "device", "wall_seconds")})
     out["reason"] = ua.get("pruned_reason") or ua.get("error") or ua.get("fail_reason")
+    out["repeat_of"] = ua.get("repeat_of")
     out["datetime_start"], out["datetime_complete"] = t.datetime_start, t.datetime_complete
     return out
 

@@ -189,3 +189,34 @@ def test_results_of_a_study_written_before_families(tmp_path):
     df = archsearch.results("quickstart", storage=f"sqlite:///{db}")
     assert len(df) == 4 * 4 and set(df["family"]) == {"cvfp"} and not df["capped"].any() and set(df["capped_by"]) == {""}
     assert df.loc[df["config"] == "baseline", "alpha"].iloc[0] == pytest.approx(-0.7102, abs=1e-4)
+
+
+def test_results_mark_repeats_so_one_trial_per_config_can_be_kept(tmp_path):
+    """A study (real SQLite) where config "a" was interrupted after two sizes, then completed,
+    then proposed again (a repeat, told the original's value, no sizes of its own): the rows of
+    its COMPLETE, non-repeat trial are one set of sizes, and fit to the trial's alpha; all of
+    "a"'s rows together hold the failed attempt's sizes twice."""
+    import optuna
+
+    from archsearch.result import SizeRecord
+
+    study = optuna.create_study(study_name="r", storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.set_user_attr("objectives", ["alpha"])
+    tokens, ppl = [1000, 2000, 4000], [900.0, 700.0, 560.0]
+    sizes = [SizeRecord(size=t, size_unit="tokens", train_tokens=t, val_tokens=500, val_loss=math.log(p), val_loss_se=0.01, val_ppl=p,
+                        val_acc=0.05, params={"phase1": 10, "phase2": 5, "total": 15}, seconds=1.0, device="cpu", precision="fp32",
+                        seeds=[42]).to_dict() for t, p in zip(tokens, ppl)]  # fmt: skip
+    dist = {"num_layers": optuna.distributions.IntDistribution(1, 3)}
+    alpha = archsearch.fit(tokens, ppl).alpha
+    for attrs, state in (({"sizes": sizes[:2]}, "FAIL"), ({"sizes": sizes, "alpha": alpha}, "COMPLETE"), ({"repeat_of": 1}, "COMPLETE")):
+        t = study.ask(dist)
+        t.set_user_attr("config_name", "a")
+        for k, v in attrs.items():
+            t.set_user_attr(k, v)
+        study.tell(t, alpha if state == "COMPLETE" else None, state=optuna.trial.TrialState[state])
+    df = archsearch.results(study)
+    assert str(df["repeat_of"].dtype) == "Int64" and list(df["repeat_of"].dropna()) == [1]
+    assert sorted(df[df.config == "a"]["tokens"].dropna()) == [1000, 1000, 2000, 2000, 4000]
+    done = df[(df.state == "COMPLETE") & df.repeat_of.isna()]
+    assert list(done["tokens"]) == tokens and list(done["trial"].unique()) == [1]
+    assert archsearch.fit(done.tokens, done.ppl).alpha == pytest.approx(done["alpha"].iloc[0])
