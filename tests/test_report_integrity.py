@@ -192,3 +192,33 @@ def test_an_extrapolated_ppl_below_1_is_called_impossible():
     assert "below 1 for steep:" in rep.caveats["below_1"] and "flat" not in rep.caveats["below_1"]
     assert "⚠ PPL at target: the PPL at 10M tokens or its interval's lower end is below 1 for steep" in markdown(rep)
     assert "below_1" not in build_report([cfg("flat", [1100, 1050, 1000, 980])]).caveats
+
+
+def test_the_pareto_plot_draws_the_reports_front(tmp_path):
+    """A two-objective study (real SQLite): "early" is on Optuna's front (feasible to Optuna) but
+    was admitted only because it came early; a repeat of "a" tells its value again. The plot's
+    points and front are the report's: no repeat point, no admitted-early member."""
+    from archsearch.report.render import pareto_points
+
+    study = optuna.create_study(study_name="mo", storage=f"sqlite:///{tmp_path / 'db.sqlite'}", directions=["minimize", "minimize"])
+    study.set_user_attr("objectives", ["final_ppl", "total_params"])
+    study.set_user_attr("sampler", "nsga2")
+    dist = {"num_layers": optuna.distributions.IntDistribution(1, 9)}
+    def judged(final: float, best: float) -> dict:
+        return {"admissibility": {"final_ppl": final, "best_final_ppl": best, "ppl_ratio": final / best, "max_ppl_ratio": 1.5}}
+
+    for name, final, params, extra in (("early", 3000.0, 1e3, judged(3000.0, 3000.0)), ("a", 1000.0, 1e6, judged(1000.0, 1000.0)),
+                                       ("b", 1200.0, 1e5, judged(1200.0, 1000.0)), ("a", 1000.0, 1e6, {"repeat_of": 1})):  # fmt: skip
+        t = study.ask(dist)
+        t.set_user_attr("config_name", name)
+        if "repeat_of" not in extra:
+            t.set_user_attr("sizes", [_record(n, [final * (8000 / n) ** 0.3] * 2) for n in TOKENS])
+            t.set_user_attr("total_params", int(params))
+        for k, v in extra.items():
+            t.set_user_attr(k, v)
+        study.tell(t, [final, params])
+    assert {t.number for t in study.best_trials} == {0, 1, 2, 3}  # Optuna: early and the repeat too
+    rep = study_report(study, "sqlite:///x")
+    assert [p["config"] for p in rep.pareto] == ["a", "b"] and rep.configs[0].admitted_early
+    trials, front = pareto_points(rep, study)
+    assert [t.number for t in trials] == [0, 1, 2] and [t.number for t in front] == [1, 2]

@@ -682,7 +682,7 @@ def _pareto(configs: Sequence[ConfigResult], laws: dict[str, Law], meta: dict[st
     out = []
     for c in front:
         law = laws.get(c.name)
-        out.append({"config": c.name, "values": dict(zip(meta.get("objectives") or [], c.values)),
+        out.append({"config": c.name, "trial": c.number, "values": dict(zip(meta.get("objectives") or [], c.values)),
                     "ppl_target": law.ppl_target if law else None, "ppl_target_low": law.ppl_target_low if law else None,
                     "ppl_target_high": law.ppl_target_high if law else None, "alpha_low": law.alpha_low if law else None,
                     "alpha_high": law.alpha_high if law else None, "total_params": c.total_params})  # fmt: skip

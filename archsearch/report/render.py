@@ -318,20 +318,27 @@ def plot_alpha_vs_params(rep: Report, path: Path) -> Path:
     return save(fig, path)
 
 
-def plot_pareto(rep: Report, study, path: Path) -> Path | None:
-    """Multi-objective studies: every COMPLETE trial, the Pareto set highlighted."""
+def pareto_points(rep: Report, study) -> tuple[list, list]:
+    """(every COMPLETE trial, the front) of a two-objective study as the Pareto plot draws them:
+    repeats (a config's value told again) are no points of their own; the front is the report's
+    (feasible configs, admitted-early ones out), as its table lists it, else Optuna's."""
     from optuna.trial import TrialState
 
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.user_attrs.get("repeat_of") is None]
+    best = {p["trial"] for p in rep.pareto if p.get("trial") is not None} or {t.number for t in study.best_trials}
+    return trials, [t for t in trials if t.number in best]
+
+
+def plot_pareto(rep: Report, study, path: Path) -> Path | None:
+    """Multi-objective studies: every COMPLETE trial, the Pareto set highlighted."""
+    trials, front = pareto_points(rep, study)
     if len(study.directions) != 2 or not trials:
         return None
-    best = {t.number for t in study.best_trials}
     names = rep.meta.get("objectives", ["objective 0", "objective 1"])
     fig, ax = _figure()
     xs = [t.values[0] for t in trials]
     ys = [t.values[1] for t in trials]
     ax.scatter(xs, ys, color="C7", label="trials")
-    front = [t for t in trials if t.number in best]
     px = [t.values[0] for t in front]
     py = [t.values[1] for t in front]
     ax.scatter(px, py, color="C3", label="Pareto set")
