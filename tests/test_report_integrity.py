@@ -222,3 +222,15 @@ def test_the_pareto_plot_draws_the_reports_front(tmp_path):
     assert [p["config"] for p in rep.pareto] == ["a", "b"] and rep.configs[0].admitted_early
     trials, front = pareto_points(rep, study)
     assert [t.number for t in trials] == [0, 1, 2] and [t.number for t in front] == [1, 2]
+
+
+def test_a_law_whose_ppl_rises_with_data_is_flagged():
+    """A config whose PPL grows with the data (a broken run, over-fitting) has alpha above 0:
+    not flagged by α∋0 when its interval lies above 0, nor when two sizes give no interval."""
+    rising = cfg("rising", [1000, 1150, 1330, 1530])
+    rep = build_report([rising, cfg("ok", [3000, 2000, 1500, 1000])])
+    rows = {r.config: r for r in rep.summary}
+    assert rep.laws["rising"].alpha_low > 0 and rows["rising"].flags == ["α>0"] and "α>0" not in rows["ok"].flags
+    assert "its PPL rises with more data" in rep.flags["rising"][0] and "`α>0` PPL rises with data" in markdown(rep)
+    two = build_report([cfg("rising", [1000, 1150], tokens=TOKENS[:2])])
+    assert two.summary[0].flags == ["α>0"] and "+0.2016 (no interval" in two.flags["rising"][0]

@@ -452,6 +452,11 @@ def _flags(c: ConfigResult, law: Law | None) -> tuple[list[str], list[str]]:
         text.append("trained again with raised caps at " + "; ".join(
             f"{s.tokens:,} tokens ({', '.join(f'{k}={v}' for k, v in s.retried.items())})" for s in retried)
             + ": those sizes ran longer than the others")  # fmt: skip
+    if law is not None and law.alpha > 0 and not law.alpha_contains_zero:
+        short.append("α>0")
+        where = f"its α interval [{law.alpha_low:.4f}, {law.alpha_high:.4f}] lies above 0" if has_interval(law) else f"its α is {law.alpha:+.4f} ({NO_INTERVAL})"
+        text.append(f"{where}: its PPL rises with more data at these sizes, so its law and extrapolations describe a model "
+                    "that gets worse with data (look at its runs before ranking it)")  # fmt: skip
     if law is not None and law.alpha_contains_zero:
         short.append("α∋0")
         text.append(f"its α interval [{law.alpha_low:.4f}, {law.alpha_high:.4f}] contains 0: these sizes do not show its PPL falling with data")

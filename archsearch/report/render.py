@@ -277,7 +277,7 @@ def summary_table(rep: Report) -> list[str]:
                    f"{'**' + p + '**' if r.best_ppl == best_ppl else p} | {r.best_tokens:,} | {_f(r.best_acc, pct=True)} | {_f(r.val_er, pct=True)} | "
                    f"{target} | {', '.join(r.flags) or '-'} |")  # fmt: skip
     if any(r.flags for r in rep.summary):
-        out += ["", "Flags: `α∋0` the α interval contains 0; `capped` the fit rests on runs that hit a training cap; "
+        out += ["", "Flags: `α∋0` the α interval contains 0; `α>0` PPL rises with data (α above 0); `capped` the fit rests on runs that hit a training cap; "
                     "`infeasible` the study's admissibility or capped rule rejected it; `admitted early` the admissibility rule "
                     "admitted it against the best so far, not against the study's final best (ranked as infeasible); "
                     "`retried` some sizes were trained again with raised caps; `fp32`, `bf16`, ... the runs' arithmetic, "
