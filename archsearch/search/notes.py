@@ -98,6 +98,8 @@ def note_flags(records: Sequence[SizeRecord], fit: dict[str, Any] | None, infeas
     low, high = (fit or {}).get("alpha_low"), (fit or {}).get("alpha_high")
     if low is not None and high is not None and low <= 0 <= high:
         flags.append(f"α interval [{low:.4f}, {high:.4f}] contains 0: these sizes do not show its PPL falling with data")
+    elif (fit or {}).get("alpha") is not None and fit["alpha"] > 0:
+        flags.append(f"α = {fit['alpha']:+.4f} above 0: its PPL rises with more data at these sizes")
     if infeasible:
         flags.append(f"infeasible: {infeasible}")
     return flags
@@ -112,6 +114,8 @@ def _extrapolate(records: Sequence[SizeRecord], target: float):
     from archsearch.scaling import fit_power_law
 
     try:
-        return fit_power_law([r.train_tokens for r in records], [r.val_ppl for r in records]).extrapolate(target)
+        # as the trial fits them (trial.fit_sizes) and the report does: with the per-size standard errors
+        return fit_power_law([r.train_tokens for r in records], [r.val_ppl for r in records],
+                             ln_se=[r.val_loss_se for r in records]).extrapolate(target)  # fmt: skip
     except FitError:
         return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from archsearch.result import SizeRecord
 from archsearch.scaling import fit_power_law
 from archsearch.search.notes import note_flags, size_rows, trial_note
@@ -73,3 +75,21 @@ def test_the_note_flags_capped_runs_an_alpha_interval_with_zero_and_infeasible()
     assert note.index("**Flags:**") < note.index("| Tokens |")
     assert note_flags(records(), fit, None) == []  # nothing to warn about: no flags section
     assert "Flags" not in trial_note(3, "baseline", "COMPLETE", {}, records(), fit, 1e7)
+
+
+def test_the_notes_ppl_at_target_interval_is_the_trials_and_the_reports():
+    """The note's PPL at the target carries the per-size standard errors, as the trial's fit
+    (trial.fit_sizes) and the report's law do: on an exact power law the jackknife alone has
+    no width, the measured errors give it one."""
+    from archsearch.report.data import ConfigResult, SizeRow, law_of
+    from archsearch.trial import fit_sizes
+
+    recs = records()
+    ex = fit_sizes(recs).extrapolate(1e7)
+    assert ex.high / ex.low > 1.01
+    note = trial_note(3, "baseline", "COMPLETE", {}, recs, fit_sizes(recs).to_dict(), 1e7)
+    assert f"(95% interval [{ex.low:.4g}, {ex.high:.4g}])" in note
+    law, _ = law_of(ConfigResult("b", {}, 50, [SizeRow(r.train_tokens, r.val_ppl, val_loss_se=r.val_loss_se) for r in recs]), 1e7)
+    assert (law.ppl_target_low, law.ppl_target_high) == (pytest.approx(ex.low), pytest.approx(ex.high))
+    # a rising law is flagged as the report flags it
+    assert any("above 0" in f for f in note_flags(recs, {"alpha": 0.2, "alpha_low": 0.1, "alpha_high": 0.3}, None))
