@@ -353,7 +353,9 @@ class TensorBoardTracker:
 
 class WandbTracker:
     """Offline W&B runs, one per trial, written when the trial ends (W&B keeps one live run
-    per process comfortably; trials overlap)."""
+    per process comfortably; trials overlap). Without W&B's system metadata
+    (``x_disable_meta``): it records the driver's command line (``--storage
+    postgresql://user:PASSWORD@…``), host and user name, which ``wandb sync`` would upload."""
 
     name = "wandb"
 
@@ -373,7 +375,7 @@ class WandbTracker:
         wandb = self.wandb
         run = wandb.init(project=self.project, group=self.study, name=f"{trial.number}_{trial.name}", dir=str(self.dir),
                          mode="offline", config=dict(trial.params, config_name=trial.name), reinit="create_new",
-                         settings=wandb.Settings(silent=True, console="off"))  # fmt: skip
+                         settings=wandb.Settings(silent=True, console="off", x_disable_meta=True))  # fmt: skip
         try:
             for rec in trial.sizes:
                 run.log(size_metrics(rec) | {"train_tokens": rec.train_tokens}, step=rec.train_tokens)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 from helpers import cli, read_trials, tiny_space, write_space
@@ -149,6 +152,34 @@ def test_wandb_offline_runs(tmp_path, tiny_corpus):
         assert any(k.startswith("scaling/") for h in run["history"] for k in h)  # the plot, as an image
     for d in (home / "wandb" / "wandb").glob("offline-run-*"):  # and the per-size table, as a file
         assert len(list((d / "files").glob("trial_*_sizes.csv"))) == 1 and list((d / "files" / "media").rglob("*.png"))
+
+
+WANDB_ARGV_CHILD = """
+import sys
+from pathlib import Path
+
+from archsearch.result import SizeRecord
+from archsearch.tracking import TrialLog, WandbTracker
+
+rec = SizeRecord(400, "tokens", 400, 300, 6.0, 0.1, 403.4, 0.1, {"total": 10}, 1.0, "cpu", "fp32", [42])
+WandbTracker({}, "st", Path(sys.argv[1])).finish(TrialLog("st", 0, "a", {"num_layers": 1}, "COMPLETE", [rec], None, {}, None, {}, []))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (W&B is optional)")
+def test_wandb_runs_hold_no_command_line(tmp_path):
+    """W&B's system metadata holds the driver's command line (``wandb sync`` uploads it), and
+    ``archsearch run --storage postgresql://user:PASSWORD@host/db`` has the password on it:
+    the tracker's offline runs are written without that metadata."""
+    home = tmp_path / "home"
+    r = subprocess.run([sys.executable, "-c", WANDB_ARGV_CHILD, str(home), "--storage", "postgresql://u:wb-Argv-S3cret@db.example/x"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, WANDB_API_KEY="wb-Env-S3cret" + "0" * 28))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = [p for p in (home / "wandb").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix == ".wandb" for p in files), files  # the run was written
+    for p in files:
+        data = p.read_bytes()
+        assert b"wb-Argv-S3cret" not in data and b"wb-Env-S3cret" not in data, p
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs the [tracking] extra (mlflow)")
