@@ -87,14 +87,15 @@ def init_ray(address: str | None, quiet: bool = True, temp_dir: str | None = Non
     if address:
         _probe(address)
         try:
-            ray.init(address=address, **kwargs)
+            with _masked_entrypoint(ray):
+                ray.init(address=address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]})") from None
     else:
         # "local": a new embedded instance, never a cluster that `ray start` left on this machine
         temp_dir = temp_dir or ray_temp_dir()
         keep = ray_sessions_kept()
-        with _loopback_only(ray), _owner_mark(), _prompt_node_wait():
+        with _loopback_only(ray), _owner_mark(), _prompt_node_wait(), _masked_entrypoint(ray):
             ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, **local_init_options(), **kwargs)
         node = ray._private.worker._global_node
         if node is not None:
@@ -104,6 +105,66 @@ def init_ray(address: str | None, quiet: bool = True, temp_dir: str | None = Non
 
             atexit.register(_prune_old_sessions)  # where no stop_embedded_ray comes (the Python API's Ray stays up): at exit
     return ray
+
+
+@contextmanager
+def _masked_entrypoint(ray):
+    """Ray records its driver's command line as the job's entrypoint (in the GCS's job table:
+    ``ray list jobs``, a cluster's dashboard); ``--storage postgresql://user:PASSWORD@…`` is
+    on it. While ``ray.init`` connects, the command line it reads goes through
+    :func:`archsearch.search.storage.mask_args` (Ray asks ``ray._private.utils.get_entrypoint_name``)."""
+    from subprocess import list2cmdline
+
+    from archsearch.search.storage import mask_args
+
+    utils = ray._private.utils
+    original = getattr(utils, "get_entrypoint_name", None)
+
+    def masked() -> str:
+        try:
+            with open("/proc/self/cmdline", "rb") as f:
+                args = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
+        except OSError:  # not Linux: what Python was given
+            args = [sys.executable, *sys.argv]
+        return ("(interactive_shell) " if hasattr(sys, "ps1") else "") + list2cmdline(mask_args(args))
+
+    if original is None:  # another Ray: nothing to patch
+        yield
+        return
+    utils.get_entrypoint_name = masked
+    try:
+        yield
+    finally:
+        utils.get_entrypoint_name = original
+
+
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+"""Environment variables Ray Tune copies from the driver into every trainable's runtime_env
+(``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``, for cloud checkpoint storage, which
+archsearch does not use), where Ray's runtime-env agent logs them in plain text
+(``session_*/logs/runtime_env_agent.log`` under the home). :func:`_no_credentials_to_trials`
+keeps them out: a local worker inherits the driver's environment anyway, a cluster's worker
+has its node's."""
+
+
+@contextmanager
+def _no_credentials_to_trials():
+    """While Tune runs: :data:`CREDENTIAL_VARS` not among the variables it copies into the
+    trainable's runtime_env (nothing else changes; the driver's own environment keeps them)."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # another Ray Tune layout: nothing to change
+        yield
+        return
+    original = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if original is None:
+        yield
+        return
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in original if v not in CREDENTIAL_VARS}
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = original
 
 
 NODE_POLL_S = 0.02
@@ -1075,7 +1136,7 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
             log_to_file=False,
         ),
     )
-    with _quiet_tune_errors():
+    with _quiet_tune_errors(), _no_credentials_to_trials():
         tuner.fit()
 
 

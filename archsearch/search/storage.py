@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,6 +122,28 @@ def redact(text: str, url: str | None) -> str:
     for s in secrets_of(url):
         text = text.replace(s, MASK)
     return text
+
+
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@]*)(?P<tail>@)")
+
+
+def mask_args(args: list[str]) -> list[str]:
+    """A command line fit to hand to others (Ray's job table records its driver's): in each
+    argument, from the first ``scheme://`` on (``--storage=postgresql://…``, an override
+    ``tracking.mlflow.tracking_uri=http://…`` or a URL of its own), a database URL as
+    :func:`mask_url` shows it and any other URL's ``user:password@`` as ``user:***@``."""
+    out = []
+    for arg in args:
+        m = _URL_START.search(arg)
+        if m is not None:
+            head, url = arg[: m.start()], arg[m.start() :]
+            shown = mask_url(url)
+            if shown == url:  # no database URL: any user:password@ in it hidden
+                shown = _USERINFO.sub(lambda u: f"{u['head']}{MASK}{u['tail']}", url)
+            arg = head + shown
+        out.append(arg)
+    return out
 
 
 def connect_url(url: str) -> str:

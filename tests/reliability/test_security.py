@@ -195,14 +195,18 @@ def test_studies_and_dry_run_hide_the_password(form, pg_url, tmp_path, tiny_corp
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["query", "percent_encoded"])
 def test_password_never_appears_in_output_reports_or_the_study(form, tmp_path, tiny_corpus, pg_url):
+    """Nor in any file the runs leave under the home (Ray's session logs among them), nor the
+    cloud credentials of the driver's environment, which Ray Tune would copy into each trial's
+    runtime_env and Ray's runtime-env agent would log."""
     url, password = pg_url(form)
     home = tmp_path / "home"
     space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus))
     outputs = []
+    cloud = {"AWS_ACCESS_KEY_ID": "AKIA-env-S3cret-id", "AWS_SECRET_ACCESS_KEY": "aws-env-S3cret-key", "AWS_SESSION_TOKEN": "aws-env-S3cret-token"}
     for args in (["run", str(space), "--storage", url, "--json", str(tmp_path / "run.json")], ["studies", "--storage", url],
                  ["report", "--storage", url, "--out", str(tmp_path / "report"), "--json", str(tmp_path / "summary.json")],
                  ["run", str(space), "--storage", url, "--dry-run"]):  # fmt: skip
-        r = cli(*args, env={"ARCHSEARCH_HOME": str(home), "COLUMNS": "1000"})
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(home), "COLUMNS": "1000", **cloud})
         assert r.returncode == 0, r.stdout + r.stderr
         outputs.append(r.stdout + r.stderr)
     assert "view it: archsearch dashboard --storage postgresql://" in outputs[0]
@@ -221,6 +225,12 @@ def test_password_never_appears_in_output_reports_or_the_study(form, tmp_path, t
     for text in [*outputs, *files, attrs]:
         for secret in (password, quote_all(password), password + "-wrong"):
             assert secret not in text
+    left = [p for p in home.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "runtime_env_agent.log" for p in left)  # Ray's logs are among them
+    for p in left:
+        data = p.read_bytes()
+        for secret in (password, quote_all(password), *cloud.values()):
+            assert secret.encode() not in data, (p, secret)
 
 
 def test_embedded_ray_starts_no_dashboard(home):  # home: Ray's folder goes under it
@@ -271,3 +281,85 @@ def test_no_unpickling_in_the_package():
         assert not re.search(r"\bpickle\.loads?\(|\btorch\.load\(|cloudpickle\.loads?\(", text), path
         for m in re.finditer(r"np\.load\(([^)]*)\)", text):
             assert "allow_pickle=False" in m.group(1), (path, m.group(0))
+
+
+def test_mask_args_hides_every_password_on_a_command_line():
+    from archsearch.search.storage import mask_args
+
+    args = ["archsearch", "run", "s.yaml", "--storage", "postgresql://u:p@ss word@h/db", "--storage=postgresql://u@h/db?password=pw-q",
+            "tracking.mlflow.tracking_uri=http://me:tok-3n@mlflow:5000/", "sqlite:////tmp/a@b.db", "postgresql://u:pw-port@h:x/db"]  # fmt: skip
+    shown = mask_args(args)
+    assert shown == ["archsearch", "run", "s.yaml", "--storage", "postgresql://u:***@h/db", "--storage=postgresql://u@h/db?password=***",
+                     "tracking.mlflow.tracking_uri=http://me:***@mlflow:5000/", "sqlite:////tmp/a@b.db", "postgresql://***"]  # fmt: skip
+
+
+RAY_JOB_CHILD = """
+import json, sys
+from archsearch.search.runner import init_ray
+
+ray = init_ray(None)
+jobs = ray._private.worker.global_worker.gcs_client.get_all_job_info()
+print(json.dumps([j.entrypoint for j in jobs.values()]))
+ray.shutdown()
+"""
+
+
+def test_rays_job_table_does_not_show_the_drivers_password(short_dir):
+    """Ray keeps its driver's command line as the job's entrypoint (``ray list jobs``, a
+    cluster's dashboard): ``--storage postgresql://user:PASSWORD@…`` reaches it masked."""
+    import subprocess
+    import sys
+
+    url = "postgresql://u:ray-Job-S3cret@db.example/x?sslmode=disable&password=ray-Q-S3cret"
+    r = subprocess.run([sys.executable, "-c", RAY_JOB_CHILD, "--storage", url], capture_output=True, text=True, timeout=300,
+                       env=dict(__import__("os").environ, ARCHSEARCH_HOME=str(short_dir / "h")))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (entrypoint,) = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "--storage postgresql://u:***@db.example/x?password=***&sslmode=disable" in entrypoint, entrypoint
+    assert "S3cret" not in entrypoint
+
+
+def test_tune_copies_no_cloud_credentials_into_the_trials_runtime_env(monkeypatch):
+    """Ray Tune copies the driver's AWS credentials into every trainable's runtime_env, which
+    Ray's runtime-env agent logs in plain text under the home (session_*/logs/runtime_env_agent.log);
+    while archsearch's Tune runs, they stay out (the real class cache Tune uses)."""
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    from archsearch.search.runner import CREDENTIAL_VARS, _no_credentials_to_trials
+
+    for var in CREDENTIAL_VARS:
+        monkeypatch.setenv(var, "aws-S3cret-" + var)
+    monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", "0")  # one Tune does propagate: still propagated
+
+    class Trainable:
+        pass
+
+    with _no_credentials_to_trials():
+        env = _ActorClassCache().get(Trainable)._default_options["runtime_env"]["env_vars"]
+    assert env.get("RAY_CHDIR_TO_TRIAL_DIR") == "0"
+    assert not any("S3cret" in v for v in env.values()), env
+    after = _ActorClassCache().get(type("Other", (), {}))._default_options["runtime_env"]["env_vars"]
+    assert all(var in after for var in CREDENTIAL_VARS)  # Ray's own behaviour is back outside the run
+
+
+def test_a_password_kept_off_the_command_line(pg_url, tmp_path):
+    """`ps` shows every user a process's command line: the README's way to keep the password
+    off it (libpq's PGPASSWORD, or ~/.pgpass) works with a URL that has none."""
+    url, password = pg_url("userinfo")
+    bare = url.replace(f":{password}@", "@")
+    assert password not in bare
+    from archsearch.search.storage import resolve_url
+
+    optuna.create_study(study_name="offline", storage=open_storage(resolve_url(url)))
+    home = tmp_path / "home"
+    r = cli("studies", "--storage", bare, env={"ARCHSEARCH_HOME": str(home), "PGPASSWORD": password, "COLUMNS": "1000"})
+    assert r.returncode == 0 and "offline" in r.stdout, r.stdout + r.stderr
+    pgpass = tmp_path / "pgpass"
+    host_port, db = bare.split("@", 1)[1].split("/", 1)
+    user = bare.split("//", 1)[1].split("@", 1)[0]
+    pgpass.write_text(f"{host_port}:{db}:{user}:{password}\n")  # host:port:database:user:password
+    pgpass.chmod(0o600)
+    r = cli("studies", "--storage", bare, env={"ARCHSEARCH_HOME": str(home), "PGPASSFILE": str(pgpass), "COLUMNS": "1000"})
+    assert r.returncode == 0 and "offline" in r.stdout, r.stdout + r.stderr
+    r = cli("studies", "--storage", bare, env={"ARCHSEARCH_HOME": str(home), "PGPASSWORD": password + "x", "COLUMNS": "1000"})
+    assert r.returncode == 2 and "password authentication failed" in r.stderr and password not in r.stderr
