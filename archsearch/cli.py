@@ -617,7 +617,10 @@ def report(
                 ref_configs, ref_meta = from_reference(REFERENCE)
                 ref, label = build_report(ref_configs, meta=ref_meta), "the published report (000_31be7403ba81866a)"
             elif Path(compare).is_file():
-                ref_configs, ref_meta = from_reference(compare)
+                try:
+                    ref_configs, ref_meta = from_reference(compare)
+                except ConfigError as e:  # too large, not JSON, not of report_000.json's form
+                    raise e.with_source(f"--compare {compare}") from None
                 ref, label = build_report(ref_configs, meta=ref_meta), compare
             elif compare in names:
                 ref, label = study_report(optuna.load_study(study_name=compare, storage=opt_storage), stg.shown_url(url, storage), top), f"study {compare}"

@@ -415,3 +415,55 @@ def test_settings_table_is_per_family_with_the_familys_own_field_names():
     u = cfg("mine", [2000, 1500, 1300, 1200], family="lstm_not_here", model={"family": "lstm_not_here", "hidden": 64})
     u.params = {"hidden": 64}
     assert build_report([u]).settings == [{"config": "mine", "family": "lstm_not_here", "hidden": 64}]
+
+
+BAD_REFERENCES = {  # a --compare FILE's content -> what the message says
+    "deep": ("[" * 100_000, "nested too deeply"),
+    "binary": (b"\x00\xff\xfe" * 10, "not UTF-8"),
+    "text": ("root:x:0:0:root:/root:/bin/bash\n", "not JSON (Expecting value at line 1, column 1)"),
+    "no sizes": ('{"configs": 5}', "configs: expected an object by config name"),
+    "bad rows": ('{"sizes": {"a": [{"tokens": -1, "ppl": "x"}, 3], "b": []}}', "sizes.a[0].tokens: expected a finite number > 0"),
+    "nan": ('{"sizes": {"a": [{"tokens": 1000, "ppl": NaN}]}}', "sizes.a[0].ppl: expected a finite number > 0, got nan"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REFERENCES))
+def test_a_bad_file_of_published_numbers_is_a_config_error_naming_it(case, tmp_path):
+    from archsearch.errors import ConfigError
+    from archsearch.report.sources import read_reference
+
+    content, needle = BAD_REFERENCES[case]
+    path = tmp_path / "ref.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError) as e:
+        read_reference(path)
+    assert str(path) in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_a_file_of_published_numbers_too_large_is_refused_unread(tmp_path, monkeypatch):
+    from archsearch.errors import ConfigError
+    from archsearch.report import sources
+
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(json.loads(sources.REFERENCE.read_text())))  # a good file ...
+    monkeypatch.setattr(sources, "REFERENCE_MAX_BYTES", path.stat().st_size - 1)  # ... one byte over the limit
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("read"))
+    with pytest.raises(ConfigError, match="bytes; a file of published numbers may have at most"):
+        sources.read_reference(path)
+
+
+def test_report_compare_with_a_bad_file_is_a_usage_error_that_writes_nothing(tmp_path):
+    """A tampered or wrong --compare file: exit 2 naming it, no traceback, no report folder."""
+    import shutil
+
+    from helpers import ROOT
+
+    db = tmp_path / "s.db"
+    shutil.copy(ROOT / "tests" / "fixtures" / "study_flat_records.db", db)
+    bad = tmp_path / "ref.json"
+    bad.write_text("[" * 100_000)
+    out = tmp_path / "report"
+    r = cli("report", "--storage", f"sqlite:///{db}", "--out", str(out), "--compare", str(bad), env={"ARCHSEARCH_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"--compare {bad}: not usable JSON (nested too deeply)" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()

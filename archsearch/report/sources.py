@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from archsearch.errors import ConfigError, shown
 from archsearch.report.data import ConfigResult, SizeRow
 from archsearch.result import SizeRecord
 
@@ -15,19 +16,104 @@ REFERENCE = Path(__file__).resolve().parent / "reference" / "report_000.json"
 """The report's published numbers, package data: installed with archsearch (wheel or editable)."""
 
 
+REFERENCE_MAX_BYTES = 16 * 2**20
+"""Largest file ``report --compare FILE`` reads (the shipped one is 3 KB)."""
+
+
+def _number(value: Any, positive: bool = True) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > 0 if positive else value >= 0
+
+
+def reference_problems(doc: Any) -> list[str]:
+    """What is wrong with a file of published numbers (the form of report_000.json): every
+    problem, by its key; [] when it is usable."""
+    if not isinstance(doc, dict):
+        return [f"expected a JSON object with 'sizes', got {shown(doc)}"]
+    problems = []
+    for key in ("summary", "configs", "phase1_iterations"):
+        if key in doc and not isinstance(doc[key], dict):
+            problems.append(f"{key}: expected an object by config name, got {shown(doc[key])}")
+    for key in ("title", "source"):
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            problems.append(f"{key}: expected text, got {shown(doc[key])}")
+    if doc.get("embed_dim") is not None and not (isinstance(doc["embed_dim"], int) and _number(doc["embed_dim"])):
+        problems.append(f"embed_dim: expected a whole number > 0, got {shown(doc['embed_dim'])}")
+    sizes = doc.get("sizes")
+    if not isinstance(sizes, dict) or not sizes:
+        return problems + [f"sizes: expected an object of config name -> list of sizes, got {shown(sizes)}"]
+    summaries = doc.get("summary") if isinstance(doc.get("summary"), dict) else {}
+    for name, rows in sizes.items():
+        where = f"sizes.{shown(name, 60).strip(chr(39))}"
+        if not isinstance(rows, list) or not rows:
+            problems.append(f"{where}: expected a non-empty list of {{tokens, ppl, ...}}, got {shown(rows)}")
+            continue
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                problems.append(f"{where}[{i}]: expected an object {{tokens, ppl, ...}}, got {shown(row)}")
+                continue
+            for key in ("tokens", "ppl"):
+                if not _number(row.get(key)):
+                    problems.append(f"{where}[{i}].{key}: expected a finite number > 0, got {shown(row.get(key))}")
+            for key in ("acc", "val_er"):
+                if row.get(key) is not None and not _number(row[key], positive=False):
+                    problems.append(f"{where}[{i}].{key}: expected a finite number >= 0, got {shown(row[key])}")
+            if row.get("samples") is not None and not (isinstance(row["samples"], int) and _number(row["samples"])):
+                problems.append(f"{where}[{i}].samples: expected a whole number > 0, got {shown(row['samples'])}")
+        summary = summaries.get(name, {})
+        if not isinstance(summary, dict):
+            problems.append(f"summary.{shown(name, 60).strip(chr(39))}: expected an object, got {shown(summary)}")
+        elif "phase1_params_m" in summary and not _number(summary["phase1_params_m"]):
+            problems.append(f"summary.{shown(name, 60).strip(chr(39))}.phase1_params_m: expected a finite number > 0, got {shown(summary['phase1_params_m'])}")
+    configs = doc.get("configs") if isinstance(doc.get("configs"), dict) else {}
+    for name, params in configs.items():
+        if not isinstance(params, dict):
+            problems.append(f"configs.{shown(name, 60).strip(chr(39))}: expected an object of parameters, got {shown(params)}")
+    return problems
+
+
+def read_reference(path: str | Path) -> dict[str, Any]:
+    """A file of published numbers, read and checked: a file that is too large, not UTF-8,
+    not JSON (or nested too deeply to parse) or not of report_000.json's form is a
+    :class:`~archsearch.errors.ConfigError` naming it and every problem, never a traceback."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > REFERENCE_MAX_BYTES:
+            raise ConfigError(f"{size:,} bytes; a file of published numbers may have at most {REFERENCE_MAX_BYTES:,}", source=str(path))
+        with open(path, "rb") as f:
+            raw = f.read(REFERENCE_MAX_BYTES + 1)
+        doc = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read it ({e.strerror or e})", source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start})", source=str(path)) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"not JSON ({e.msg} at line {e.lineno}, column {e.colno})", source=str(path)) from None
+    except RecursionError:
+        raise ConfigError("not usable JSON (nested too deeply)", source=str(path)) from None
+    problems = reference_problems(doc)
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return doc
+
+
 def from_reference(path: str | Path = REFERENCE) -> tuple[list[ConfigResult], dict[str, Any]]:
-    """The report's published per-size numbers (archsearch/report/reference/report_000.json)."""
-    doc = json.loads(Path(path).read_text())
+    """The report's published per-size numbers (archsearch/report/reference/report_000.json),
+    or a file of the same form (checked: :func:`read_reference`)."""
+    doc = read_reference(path)
     configs = []
+    summaries, params = doc.get("summary") or {}, doc.get("configs") or {}
     for name, rows in doc["sizes"].items():
-        summary = doc["summary"].get(name, {})
+        summary = summaries.get(name, {})
         configs.append(ConfigResult(
             name=name,
-            params=doc["configs"].get(name, {}),
+            params=params.get(name, {}),
             phase1_params=round(summary["phase1_params_m"] * 1e6) if "phase1_params_m" in summary else None,
             sizes=[SizeRow(tokens=r["tokens"], ppl=r["ppl"], acc=r.get("acc"), val_er=r.get("val_er"), samples=r.get("samples")) for r in rows],
             embed_dim=doc.get("embed_dim"),
-            extra={"phase1_iterations": doc.get("phase1_iterations", {}).get(name)},
+            extra={"phase1_iterations": (doc.get("phase1_iterations") or {}).get(name)},
         ))  # fmt: skip
     return configs, {"title": doc.get("title"), "source": doc.get("source"), "kind": "published"}
 
