@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ def run_key(cfg: RunConfig, stream_fingerprint: str, seed: int, device: str | No
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+ENTRY_MAX_BYTES = 4 * 2**20
+"""A run-cache entry holds one RunResult (a few KB); a larger file there is corrupted, not read."""
+
+
 def _digest(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
@@ -73,8 +78,17 @@ class RunCache:
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> RunResult | None:
+        """The run of ``key``, or None. An entry that is not a plain file of at most
+        :data:`ENTRY_MAX_BYTES`, not JSON (nested too deeply included), not for ``key`` or not
+        matching its checksum is logged as corrupted, removed and recomputed (never read as a
+        run, never an error of the trial; a FIFO or a device there is not opened)."""
         path = self._path(key)
         try:
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a plain file")
+            if st.st_size > ENTRY_MAX_BYTES:
+                raise ValueError(f"{st.st_size:,} bytes, more than an entry's {ENTRY_MAX_BYTES:,}")
             entry = json.loads(path.read_text())
             record = entry["record"]
             if entry.get("key") != key or entry.get("sha256") != _digest(record):
@@ -82,8 +96,8 @@ class RunCache:
             return RunResult.from_dict(record)
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            log.warning("run cache entry %s is corrupted (%s); removing it and recomputing", path, e)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as e:
+            log.warning("run cache entry %s is corrupted (%s: %s); removing it and recomputing", path, type(e).__name__, str(e)[:200])
             path.unlink(missing_ok=True)
             return None
 

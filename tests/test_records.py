@@ -4,6 +4,7 @@ written before these types (their flat per-size dicts) still read by the report.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 
 import pytest
@@ -82,3 +83,50 @@ def test_objectives_read_the_size_record_by_field():
     names = ("final_ppl", "final_acc", "val_er", "phase1_params", "phase2_params", "total_params", "alpha")
     values = objective_values([Objective(name=n, direction="minimize") for n in names], recs, None)
     assert values == [pytest.approx(math.exp(5.0)), pytest.approx(0.1), 0.5, 10.0, 20.0, 30.0, None]  # alpha: needs two sizes
+
+
+def _entry_cases(path, good: str):
+    """Ways a run-cache entry may be damaged or replaced (name -> write it at ``path``)."""
+    import json
+
+    entry = json.loads(good)
+
+    def write(text):
+        return lambda: path.write_text(text)
+
+    def fifo():
+        path.unlink()
+        os.mkfifo(path)
+
+    def link():
+        path.unlink()
+        path.symlink_to("/dev/zero")
+
+    return {
+        "nested": write("[" * 100_000),
+        "list": write(json.dumps([entry])),
+        "record_list": write(json.dumps(dict(entry, record=[1]))),
+        "other_key": write(json.dumps(dict(entry, key="0" * 64))),
+        "changed_number": write(good.replace('"val_loss": 4.0', '"val_loss": 3.0')),
+        "huge": write(good[:-1] + ', "pad": "' + "x" * (5 * 2**20) + '"}'),
+        "fifo": fifo,
+        "link_to_dev_zero": link,
+    }
+
+
+@pytest.mark.parametrize("case", ["nested", "list", "record_list", "other_key", "changed_number", "huge", "fifo", "link_to_dev_zero"])
+def test_a_damaged_run_cache_entry_is_removed_and_recomputed_never_read(case, tmp_path, caplog):
+    from archsearch.runcache import RunCache
+
+    cache = RunCache(tmp_path / "runs")
+    r = run(2, 4.0, 0.1)
+    key = "ab" + "0" * 62
+    cache.put(key, r)
+    assert cache.get(key) == r
+    path = cache._path(key)
+    _entry_cases(path, path.read_text())[case]()
+    with caplog.at_level("WARNING"):
+        assert cache.get(key) is None  # recomputed by the caller; no exception, no hang
+    assert "is corrupted" in caplog.text and not os.path.lexists(path)
+    cache.put(key, r)
+    assert cache.get(key) == r

@@ -277,16 +277,54 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise DataCorrupted(f"{path}: {META} is missing (incomplete or damaged prepared folder)")
     try:
+        if meta_path.stat().st_size > META_MAX_BYTES:
+            raise ValueError(f"{meta_path.stat().st_size:,} bytes, more than the {META_MAX_BYTES:,} a {META} may have")
         meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataCorrupted(f"{path}: {META} is unreadable ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
+        raise DataCorrupted(f"{path}: {META} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise DataCorrupted(f"{path}: {META} has format version {version!r}, expected {FORMAT_VERSION}")
     for key in ("files", "digests", "counts", "fingerprint", "model_fingerprint", "vocab_size", "embed_dim"):
         if key not in meta:
             raise DataCorrupted(f"{path}: {META} lacks {key!r}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataCorrupted(f"{path}: {META} is damaged ({problem})")
     return meta
+
+
+META_MAX_BYTES = 1 << 20
+"""A prepared folder's meta.json is a few KB; a larger one is damaged, not read."""
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What in a meta.json is not of the form this module writes (every value the loader and
+    the run keys read), or None: a damaged one is then DataCorrupted, not a KeyError or a
+    TypeError in a trial."""
+    files, counts, digests = meta["files"], meta["counts"], meta["digests"]
+    if not isinstance(files, dict):
+        return "'files' is not an object"
+    for name, record in files.items():
+        if not (isinstance(record, dict) and _count(record.get("bytes")) and isinstance(record.get("sha256"), str)):
+            return f"files.{name} is not {{bytes, sha256}}"
+    if not (isinstance(counts, dict) and all(_count(counts.get(k)) for k in ("train_tokens", "train_docs", "val_tokens"))):
+        return "'counts' lacks whole numbers train_tokens, train_docs, val_tokens"
+    if not (isinstance(digests, dict) and isinstance(digests.get("val_tokens"), str)):
+        return "'digests' lacks val_tokens"
+    for key in ("fingerprint", "model_fingerprint"):
+        if not isinstance(meta[key], str):
+            return f"{key!r} is not text"
+    for key in ("vocab_size", "embed_dim"):
+        if not (_count(meta[key]) and meta[key] > 0):
+            return f"{key!r} is not a whole number > 0"
+    if meta.get("tokenizer") is not None and not isinstance(meta["tokenizer"], dict):
+        return "'tokenizer' is not an object"
+    return None
 
 
 def load_prepared(path: str | Path, verify: bool = True) -> PreparedData:

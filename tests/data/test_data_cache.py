@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import re
 import shutil
 
 import numpy as np
@@ -105,18 +106,38 @@ def _delete_meta(path):
     (path / "meta.json").unlink()
 
 
+def _edit_meta(edit):
+    def damage(path):
+        f = path / "meta.json"
+        meta = json.loads(f.read_text())
+        edit(meta)
+        f.write_text(json.dumps(meta))
+
+    return damage
+
+
+def _nest_meta(path):
+    (path / "meta.json").write_text("[" * 100_000)
+
+
 @pytest.mark.parametrize(
     "damage, names, sizes_only_catch",
     [
         (_flip_tokens, "train_tokens.npy does not match its sha256", False),
         (_truncate_embedding, "embedding.safetensors has", True),
         (_delete_meta, "meta.json is missing", True),
+        # a damaged meta.json: DataCorrupted (rebuilt), never a KeyError, TypeError or RecursionError
+        (_nest_meta, "meta.json is unreadable (RecursionError", True),
+        (_edit_meta(lambda m: m.update(files=[1, 2])), "meta.json is damaged ('files' is not an object)", True),
+        (_edit_meta(lambda m: m["files"]["val_tokens.npy"].pop("bytes")), "files.val_tokens.npy is not {bytes, sha256}", True),
+        (_edit_meta(lambda m: m["counts"].update(train_tokens="12")), "'counts' lacks whole numbers", True),
+        (_edit_meta(lambda m: m.update(embed_dim=None)), "'embed_dim' is not a whole number > 0", True),
     ],
 )
 def test_damaged_folder_is_detected_and_rebuilt(tmp_path, tiny_tokenizer, small, damage, names, sizes_only_catch):
     fingerprint = small.fingerprint
     damage(small.path)
-    with pytest.raises(DataCorrupted, match=names):
+    with pytest.raises(DataCorrupted, match=re.escape(names)):
         load_prepared(small.path, verify=True)
     if sizes_only_catch:
         with pytest.raises(DataCorrupted):
