@@ -48,6 +48,24 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+FILE_PART_CHARS = 100
+"""Longest config name a file name holds as it is (a trial's plot and table, its TensorBoard folder)."""
+
+
+def file_part(name: str, limit: int = FILE_PART_CHARS) -> str:
+    """A config's name as part of a file name: itself where it is short and of safe characters
+    (letters, digits, ``_-.=,+``: a named config, a label ``L=3,C=768,k=1``); else every other
+    character as ``_``, cut to ``limit``, with 8 hex digits of its sha256 so that names stay
+    distinct. A search's label grows with its parameters (past the 255 bytes of a file name)
+    and a user family's categorical may hold ``/``: neither leaves the folder or fails the write."""
+    import hashlib
+
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "_-.=,+") else "_" for c in name)
+    if safe == name and len(name) <= limit:
+        return name
+    return f"{safe[: limit - 9]}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
 def write_problem(path: Path) -> str | None:
     """Why a file cannot be created at ``path`` (its folder may not exist yet), or None:
     a regular file where a folder is needed, a read-only filesystem, no permission."""

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from archsearch.errors import shown
+from archsearch.paths import file_part
 from archsearch.result import SizeRecord
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ class TensorBoardTracker:
 
     def _writer(self, number: int, name: str):
         if number not in self.writers:
-            self.writers[number] = self.Writer(log_dir=str(self.root / f"trial_{number}_{name}"))
+            self.writers[number] = self.Writer(log_dir=str(self.root / f"trial_{number}_{file_part(name)}"))
         return self.writers[number]
 
     def size(self, number: int, name: str, params: dict[str, Any], rec: SizeRecord) -> None:

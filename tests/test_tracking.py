@@ -251,3 +251,20 @@ def test_bad_tracking_values_are_quoted_short_and_masked():
     assert len(problems) == 3 and all(len(p) < 200 for p in problems), problems
     assert "... (5,002 chars): unknown tracker" in problems[0] and "<a list of 100,000 items>" in problems[1]
     assert "hunter2" not in problems[2] and "u:***@h" in problems[2]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None,
+                    reason="needs the [tracking] extra (tensorboard)")  # fmt: skip
+def test_tensorboard_folders_of_long_or_odd_config_names_stay_under_the_study(tmp_path):
+    """A search's label past a file name's 255 bytes, or a '/' from a user family's categorical."""
+    from archsearch.tracking import TensorBoardTracker
+
+    rec = SizeRecord(400, "tokens", 400, 300, 6.0, 0.1, 403.4, 0.1, {"total": 10}, 1.0, "cpu", "fp32", [42])
+    tracker = TensorBoardTracker({"log_dir": str(tmp_path / "tb")}, "st", tmp_path / "home")
+    names = [",".join(f"phase1.param_{i}=0.{i:020d}" for i in range(12)), "cell=../../../escaped"]
+    for number, name in enumerate(names):
+        tracker.size(number, name, {}, rec)
+    tracker.close()
+    folders = sorted(p for p in (tmp_path / "tb" / "st").iterdir())
+    assert len(folders) == 2 and all(len(p.name) <= 255 and any(p.iterdir()) for p in folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]  # nothing beside it

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from archsearch.paths import file_part
 from archsearch.report.plots import ScalingSeries, plot_scaling
 from archsearch.search.notes import size_rows
 
@@ -35,12 +36,13 @@ def write_trial_files(folder: Path, number: int, name: str, records: Sequence[Si
     """Draw the plot and write the table of a trial's per-size ``records`` (smallest first)
     and ``fit`` (``ScalingFit.to_dict()`` form, or None) into ``folder``."""
     fit = fit or {}
-    png = folder / f"trial_{number}_{name}_scaling.png"
+    part = file_part(name)  # a long search label or a "/" in it: still one file in the folder
+    png = folder / f"trial_{number}_{part}_scaling.png"
     series = ScalingSeries(name, [r.train_tokens for r in records], [r.val_ppl for r in records],
                            fit.get("alpha"), fit.get("A"), fit.get("alpha_low"), fit.get("alpha_high"),
                            fit.get("loo_alphas") or (), fit.get("loo_intercepts") or ())  # fmt: skip
     plot_scaling([series], png, title=f"trial {number}: {name}")
-    table = folder / f"trial_{number}_{name}_sizes.csv"
+    table = folder / f"trial_{number}_{part}_sizes.csv"
     rows = size_rows(records)
     with table.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

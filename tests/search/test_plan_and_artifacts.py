@@ -122,3 +122,24 @@ def test_trial_config_is_the_named_one(tiny_corpus):
     assert chosen_config(sp, "b") == ("b", {"num_layers": 2, "context_dim": 8, "num_input_tokens": 2})
     with pytest.raises(ConfigError, match="--config 'c': the space has a, b"):
         chosen_config(sp, "c")
+
+
+def test_a_long_label_or_a_slash_in_a_config_name_stays_one_file_in_the_folder(tmp_path):
+    """A search names a trial by its label, which grows with the searched parameters (here
+    past the 255 bytes of a file name), and a user family's categorical may hold '/': the
+    trial's plot and table are still written, inside the folder, and their names differ."""
+    from archsearch.paths import file_part
+    from archsearch.report.artifacts import write_trial_files
+    from archsearch.result import SizeRecord
+
+    rec = SizeRecord.from_dict({"size": 400, "size_unit": "tokens", "train_tokens": 400, "val_tokens": 300, "val_loss": 4.5,
+                                "val_loss_se": 0.01, "val_ppl": 90.0, "val_acc": 0.1, "params": {"total": 30}, "seconds": 2.0,
+                                "device": "cpu", "precision": "fp32", "seeds": [1]})  # fmt: skip
+    long = ",".join(f"phase1.param_{i}=0.{i:020d}" for i in range(12))
+    names = [long, long[:-1] + "9", "cell=../../escaped", "cell=/abs/x"]
+    folder = tmp_path / "files"
+    folder.mkdir()
+    written = [f.path for n in names for f in write_trial_files(folder, 3, n, [rec], None)]
+    assert len(set(written)) == 8 and all(p.parent == folder and p.is_file() and len(p.name) <= 255 for p in written)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(p.name for p in written)
+    assert file_part("L=3,C=768,k=1") == "L=3,C=768,k=1" and file_part("baseline") == "baseline"  # the usual names as they are
