@@ -73,3 +73,42 @@ def test_the_removed_table_page_is_sent_to_the_table(app):
     app, sid = app
     status, headers, _ = get(app, f"/dashboard/studies/{sid}/trialTable")
     assert status.startswith("302") and headers["Location"] == f"/dashboard/studies/{sid}/smartSelection"
+
+
+def _request(app, method: str, path: str, body: bytes = b"", ctype: str = "", **headers):
+    out = {}
+
+    def start(status, hdrs, exc_info=None):
+        out["status"], out["headers"] = status, dict(hdrs)
+
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080",
+               "HTTP_HOST": "127.0.0.1:8080", "wsgi.input": io.BytesIO(body), "wsgi.url_scheme": "http", "HTTP_ACCEPT_ENCODING": "",
+               "CONTENT_TYPE": ctype, "CONTENT_LENGTH": str(len(body)), "wsgi.errors": io.StringIO(), **headers}  # fmt: skip
+    b"".join(app(environ, start))
+    return out["status"], out["headers"]
+
+
+def test_a_cross_site_page_cannot_change_a_study(app, tmp_path):
+    """The Host check keeps out pages that reach the dashboard by another name (DNS rebinding);
+    a page on another site may still send requests to 127.0.0.1:PORT itself. What a browser
+    sends it without asking (a form, or fetch's no-cors: POST with a text/plain, form or
+    multipart body) changes nothing, since optuna-dashboard reads only application/json
+    bodies; DELETE, PUT and JSON bodies need a CORS preflight, which gets no permission."""
+    from archsearch.search.dashboard import allowed_hosts, host_check
+
+    wsgi, sid = app
+    guarded = host_check(wsgi, allowed_hosts("127.0.0.1", 8080), "127.0.0.1:8080")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'd.db'}")
+    page = {"HTTP_ORIGIN": "http://evil.example", "HTTP_REFERER": "http://evil.example/x"}
+    rename = json.dumps({"study_name": "pwned"}).encode()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, _ = _request(guarded, "POST", f"/api/studies/{sid}/rename", rename, ctype, **page)
+        assert not status.startswith("2"), (ctype, status)
+        status, _ = _request(guarded, "POST", "/api/studies", json.dumps({"study_name": "new", "directions": ["minimize"]}).encode(), ctype, **page)
+        assert not status.startswith("2"), (ctype, status)
+    status, headers = _request(guarded, "OPTIONS", f"/api/studies/{sid}", b"", "", HTTP_ACCESS_CONTROL_REQUEST_METHOD="DELETE", **page)
+    assert not any(k.lower().startswith("access-control-allow") for k in headers), headers
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)] == ["s"]
+    status, _ = _request(guarded, "POST", f"/api/studies/{sid}/rename", rename, "application/json")  # the dashboard's own request works
+    assert status.startswith("2"), status
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)] == ["pwned"]
