@@ -299,7 +299,7 @@ from archsearch.search.runner import init_ray
 
 ray = init_ray(None)
 jobs = ray._private.worker.global_worker.gcs_client.get_all_job_info()
-print(json.dumps([j.entrypoint for j in jobs.values()]))
+print(json.dumps([[j.entrypoint, str(j)] for j in jobs.values()]))
 ray.shutdown()
 """
 
@@ -314,9 +314,9 @@ def test_rays_job_table_does_not_show_the_drivers_password(short_dir):
     r = subprocess.run([sys.executable, "-c", RAY_JOB_CHILD, "--storage", url], capture_output=True, text=True, timeout=300,
                        env=dict(__import__("os").environ, ARCHSEARCH_HOME=str(short_dir / "h")))  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    (entrypoint,) = json.loads(r.stdout.strip().splitlines()[-1])
+    ((entrypoint, job),) = json.loads(r.stdout.strip().splitlines()[-1])
     assert "--storage postgresql://u:***@db.example/x?password=***&sslmode=disable" in entrypoint, entrypoint
-    assert "S3cret" not in entrypoint
+    assert "S3cret" not in job  # the whole job record
 
 
 def test_tune_copies_no_cloud_credentials_into_the_trials_runtime_env(monkeypatch):
