@@ -665,6 +665,7 @@ def run_search(
     url = stg.resolve_url(storage or space.storage)
     stg.check_writable(url)
     check_search_options(space)
+    st.check_heartbeat_vars()  # it judges stale trials by them
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     if address:
@@ -675,6 +676,9 @@ def run_search(
     # Ray's folder is removed again). The data is prepared (or loaded and verified) while Ray
     # starts; both take seconds.
     new_dirs = [] if address else [d for d in (paths.home(), paths.home() / "ray") if not d.exists()]
+    from archsearch.search.study import check_heartbeat_vars
+
+    check_heartbeat_vars()  # a bad $ARCHSEARCH_HEARTBEAT_S / $ARCHSEARCH_GRACE_S: a usage error before anything is made
     if not address:
         ray_sessions_kept()  # a bad $ARCHSEARCH_RAY_SESSIONS: a usage error before anything is made
     ray_tmp = None if address else ray_temp_dir(note=view_mode != "quiet")
@@ -1215,6 +1219,7 @@ def dry_run(space: Space, *, storage: str | None = None, study_name: str | None 
     url = stg.resolve_url(storage or space.storage)
     stg.check_writable(url)
     check_search_options(space)
+    st.check_heartbeat_vars()  # it judges stale trials by them
     name = study_name or space.study_name
     n_new = _n_new(space, n_trials)
     wanted = {n: full_params(space, p) for n, p in space.configs.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import time
@@ -26,12 +27,46 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from archsearch.errors import ConfigError
+from archsearch.errors import ConfigError, shown
 from archsearch.search.distributions import full_params, make_pruner, make_sampler
 from archsearch.space import Space
 
-HEARTBEAT_S = float(os.environ.get("ARCHSEARCH_HEARTBEAT_S", 10))
-GRACE_S = float(os.environ.get("ARCHSEARCH_GRACE_S", 60))
+MAX_SECONDS_VAR = 86_400.0
+"""Largest ``ARCHSEARCH_HEARTBEAT_S`` / ``ARCHSEARCH_GRACE_S`` (a day)."""
+
+
+def _seconds_var(name: str, default: float) -> tuple[float, str | None]:
+    """(seconds, problem) of an environment variable: its value where it is a finite number
+    in (0, a day], else the default and why it is not (read at import, never raising there;
+    :func:`check_heartbeat_vars` makes the problem a usage error before a run writes anything)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default, None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS_VAR):
+        return default, f"{name}={shown(raw)}: expected seconds, a number > 0 and at most {MAX_SECONDS_VAR:,.0f}"
+    return value, None
+
+
+HEARTBEAT_S, _HEARTBEAT_PROBLEM = _seconds_var("ARCHSEARCH_HEARTBEAT_S", 10.0)
+GRACE_S, _GRACE_PROBLEM = _seconds_var("ARCHSEARCH_GRACE_S", 60.0)
+
+
+def check_heartbeat_vars() -> None:
+    """ConfigError naming every bad ``ARCHSEARCH_HEARTBEAT_S`` / ``ARCHSEARCH_GRACE_S``: not a
+    number (a traceback at import before), 0, negative or NaN (a heartbeat loop without pause,
+    writing to the storage as fast as it can; a grace no heartbeat can meet, which fails
+    another host's live trials as stale), or a grace not longer than the heartbeat (the same,
+    between two heartbeats)."""
+    problems = [p for p in (_HEARTBEAT_PROBLEM, _GRACE_PROBLEM) if p]
+    if not problems and GRACE_S <= HEARTBEAT_S:
+        problems.append(f"ARCHSEARCH_GRACE_S={GRACE_S:g} must be longer than ARCHSEARCH_HEARTBEAT_S={HEARTBEAT_S:g}: "
+                        "a live driver's trials would be taken as stale between two of its heartbeats")  # fmt: skip
+    if problems:
+        raise ConfigError(problems)
 
 A_OWNER = "archsearch:owner"
 A_HEARTBEAT = "archsearch:heartbeat"

@@ -538,3 +538,20 @@ def test_pure_python_loader_keeps_the_limits(text, needle, monkeypatch, tmp_path
     monkeypatch.setattr(space_mod, "_CSafeLoader", None)
     with pytest.raises(ConfigError, match=re.escape(needle)):
         space_mod.load_space(_space(tmp_path, text))
+
+
+@pytest.mark.parametrize("env, needles", [
+    ({"ARCHSEARCH_HEARTBEAT_S": "abc"}, ["ARCHSEARCH_HEARTBEAT_S='abc': expected seconds"]),  # a traceback at import before
+    # a heartbeat loop without pause, writing to the storage; a grace that fails every other host's live trial as stale
+    ({"ARCHSEARCH_HEARTBEAT_S": "0", "ARCHSEARCH_GRACE_S": "nan"}, ["ARCHSEARCH_HEARTBEAT_S='0': expected seconds",
+                                                                     "ARCHSEARCH_GRACE_S='nan': expected seconds"]),
+    ({"ARCHSEARCH_GRACE_S": "5"}, ["ARCHSEARCH_GRACE_S=5 must be longer than ARCHSEARCH_HEARTBEAT_S=10"]),
+])  # fmt: skip
+def test_bad_heartbeat_variables_are_a_usage_error_that_writes_nothing(env, needles, tmp_path, tiny_corpus):
+    home = tmp_path / "home"
+    space = write_space(tmp_path / "s.yaml", tiny_space(tiny_corpus))
+    for args in (["run", str(space)], ["run", str(space), "--dry-run"]):
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(home), **env})
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert all(n in r.stderr for n in needles) and "Traceback" not in r.stderr, r.stderr
+    assert not home.exists()
