@@ -122,14 +122,19 @@ def _key(key: Any) -> str:
     return shown(str(key), 60).strip("'")
 
 
-_CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
+_CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^\s/]*)(?P<tail>@)")
+"""``scheme://user:password@``, the password up to the last ``@`` before the path (a raw ``@`` in it included)."""
+_SECRET_QUERY = re.compile(r"(?i)(?P<head>[?&][^=&\s#]*(?:pass|pwd|secret|token|auth|credential|key)[^=&\s#]*=)(?P<value>[^&\s#]+)")
+"""A password-like query parameter (``?token=…``, ``&api_key=…``), as storage URLs' are masked."""
 
 
 def _mask(value: Any) -> Any:
-    """Text with the password of every ``scheme://user:password@`` in it hidden (tracking
-    URIs, and the errors that quote them, may carry credentials)."""
+    """Text with the password of every ``scheme://user:password@`` in it and the value of every
+    password-like query parameter hidden (tracking URIs, and the errors that quote them, may
+    carry credentials)."""
     if isinstance(value, str):
-        return _CREDENTIALS.sub(lambda m: f"{m['head']}***{m['tail']}", value)
+        value = _CREDENTIALS.sub(lambda m: f"{m['head']}***{m['tail']}", value)
+        return _SECRET_QUERY.sub(lambda m: f"{m['head']}***", value)
     return value
 
 

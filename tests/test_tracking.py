@@ -268,3 +268,17 @@ def test_tensorboard_folders_of_long_or_odd_config_names_stay_under_the_study(tm
     folders = sorted(p for p in (tmp_path / "tb" / "st").iterdir())
     assert len(folders) == 2 and all(len(p.name) <= 255 and any(p.iterdir()) for p in folders)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]  # nothing beside it
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("API request to http://me:hunter2@mlflow:5000/api/2.0/x failed", "hunter2"),
+    ("API request to https://me:p@ss@w0rd@mlflow.example/api failed", "ss@w0rd"),  # a raw '@' in the password
+    ("API request to https://mlflow.example/api?token=tok-S3cret&x=1 failed", "tok-S3cret"),
+    ("https://mlflow.example/?x=1&api_key=key-S3cret", "key-S3cret"),
+])  # fmt: skip
+def test_tracking_errors_hide_every_form_of_a_credential(text, secret):
+    from archsearch.tracking import _mask
+
+    shown = _mask(text)
+    assert secret not in shown and "***" in shown, shown
+    assert "failed" in shown or "x=1" in shown  # the rest of the message stays
