@@ -694,7 +694,14 @@ def main(argv: list[str] | None = None) -> None:
 
             err_console.print(f"[bold red]error:[/bold red] {escape(str(damaged))}", highlight=False, soft_wrap=True)
             sys.exit(damaged.exit_code)
-        raise
+        # a bug's traceback, as Python prints it (exit 1), but with the command line's
+        # passwords masked: a driver's error or an Engine's repr may quote a storage URL
+        import traceback
+
+        from archsearch.search.storage import redact_command_line
+
+        sys.stderr.write(redact_command_line("".join(traceback.format_exception(e)), list(argv if argv is not None else sys.argv[1:])))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

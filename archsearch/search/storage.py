@@ -146,6 +146,19 @@ def mask_args(args: list[str]) -> list[str]:
     return out
 
 
+def redact_command_line(text: str, args: list[str]) -> str:
+    """``text`` (a traceback) with the credentials of every URL on the command line ``args``
+    masked (each form :func:`redact` knows), and any other ``user:password@`` or password-like
+    query parameter in it (archsearch.tracking's masking)."""
+    from archsearch.tracking import _mask
+
+    for arg in args:
+        m = _URL_START.search(arg)
+        if m is not None:
+            text = redact(text, arg[m.start() :])
+    return _mask(text)
+
+
 def connect_url(url: str) -> str:
     """The URL handed to SQLAlchemy: the parse above, rendered with proper percent-encoding
     (so the server gets the password :func:`mask_url` hides, whole)."""

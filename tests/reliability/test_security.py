@@ -363,3 +363,25 @@ def test_a_password_kept_off_the_command_line(pg_url, tmp_path):
     assert r.returncode == 0 and "offline" in r.stdout, r.stdout + r.stderr
     r = cli("studies", "--storage", bare, env={"ARCHSEARCH_HOME": str(home), "PGPASSWORD": password + "x", "COLUMNS": "1000"})
     assert r.returncode == 2 and "password authentication failed" in r.stderr and password not in r.stderr
+
+
+def test_a_bugs_traceback_masks_the_command_lines_passwords(monkeypatch, capsys, tmp_path):
+    """An unexpected error (a bug) still prints its traceback and exits 1, but a storage URL
+    its message quotes (an Engine's repr shows ?password= unmasked) has its password masked."""
+    from archsearch import cli
+    from archsearch.search import storage
+
+    url = "postgresql://u:tb-S3cret@db.example/x?password=tb-Q-S3cret"
+
+    def broken(given, label="--storage"):
+        from sqlalchemy.engine import make_url
+
+        raise RuntimeError(f"unexpected: {given} / Engine({make_url(given)!r}) / tb-S3cret / http://me:tb-H-S3cret@mlflow/")
+
+    monkeypatch.setattr(storage, "existing_storage", broken)
+    monkeypatch.setenv("ARCHSEARCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["studies", "--storage", url])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" in err and "RuntimeError: unexpected" in err
+    assert "S3cret" not in err, err
