@@ -60,12 +60,15 @@ def combine_seeds(runs: list[RunResult], size: int, size_unit: str, cached: list
     PPL is the geometric mean over seeds (the fit is on ln PPL), so ``val_ppl`` = exp(mean
     val_loss); every other number, the metrics and the phase seconds are arithmetic means;
     ``capped`` is the union of the runs' caps. The standard error of the size's mean loss
-    combines the two sources of noise, each of a mean over n seeds:
+    combines the two sources of noise:
 
-        val_loss_se = sqrt(mean_i(se_i^2) / n + var_between / n)
+        val_loss_se = sqrt(mean_i(se_i^2) + var_between / n)
 
     with se_i the run's own standard error (its validation tokens) and var_between the
-    sample variance of the runs' losses across seeds (0 with one seed)."""
+    sample variance of the runs' losses across seeds (0 with one seed). Every seed is scored
+    on the same validation tokens, so their sampling noise is shared, not averaged away: more
+    seeds shrink only the seed-to-seed part (counting the shared part whole errs on the wide
+    side where the seeds' per-token errors are not fully correlated)."""
     n = len(runs)
     first = runs[0]
     losses = [r.val_loss for r in runs]
@@ -77,7 +80,7 @@ def combine_seeds(runs: list[RunResult], size: int, size_unit: str, cached: list
         train_tokens=first.train_tokens,
         val_tokens=first.val_tokens,
         val_loss=_mean(losses),
-        val_loss_se=math.sqrt(within / n + between / n),
+        val_loss_se=math.sqrt(within + between / n),
         val_ppl=math.exp(_mean([math.log(r.val_ppl) for r in runs])),
         val_acc=_mean([r.val_acc for r in runs]),
         params=dict(first.params),

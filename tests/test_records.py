@@ -28,13 +28,17 @@ def test_combine_seeds_geometric_ppl_and_both_noise_sources_in_the_standard_erro
     assert rec.val_loss == pytest.approx(5.1) and rec.val_acc == pytest.approx(0.2)
     between = ((5.0 - 5.1) ** 2 + (5.2 - 5.1) ** 2 + 0.0) / 2
     within = (0.02**2 + 0.04**2 + 0.03**2) / 3
-    assert rec.val_loss_se == pytest.approx(math.sqrt(within / 3 + between / 3))
+    assert rec.val_loss_se == pytest.approx(math.sqrt(within + between / 3))
     assert rec.metrics == {"val_er": pytest.approx(1.0), "phase1_iterations": pytest.approx(8.0)}
     assert rec.phase_seconds == {"phase1": pytest.approx(2.0), "phase2": pytest.approx(2.0)}
     assert rec.capped == ["max_epochs"] and rec.seeds == [1, 2, 3] and not rec.cached
     assert rec.val_ppl_seeds == [r.val_ppl for r in runs]
     lo, hi = rec.ppl_interval()
     assert lo < rec.val_ppl < hi
+    # seeds that agree on the same validation tokens leave that stream's noise as it is: more
+    # seeds do not make a finite validation set more precise
+    same = combine_seeds([run(1, 5.0, 0.02), run(2, 5.0, 0.02), run(3, 5.0, 0.02)], 1000, "tokens", [False] * 3)
+    assert same.val_loss_se == pytest.approx(0.02)
     one = combine_seeds(runs[:1], 1000, "tokens", [True])
     assert one.val_loss_se == pytest.approx(0.02) and one.cached  # one seed: its own standard error
 
