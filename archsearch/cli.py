@@ -351,7 +351,7 @@ def validate(
 def run(
     space: Path = SpaceArg,
     overrides: Optional[list[str]] = OverridesArg,
-    storage: Optional[str] = typer.Option(None, help="study storage URL (default: the space's, else sqlite:///studies/archsearch.db)"),
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: the space's, else $ARCHSEARCH_HOME/archsearch.db, ARCHSEARCH_HOME being ./studies unless set)"),
     study: Optional[str] = typer.Option(None, "--study", help="study name (default: the space's study.name)"),
     n_trials: Optional[int] = typer.Option(None, "--n-trials", help="new trials a search adds (default: the space's n_trials)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: an embedded local Ray)"),
@@ -502,14 +502,23 @@ def check_port(host: str, port: int) -> None:
 
 @app.command()
 def dashboard(
-    storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: $ARCHSEARCH_HOME/archsearch.db, ARCHSEARCH_HOME being ./studies unless set)"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)"),
     port: int = typer.Option(8080, help="port"),
     artifact_dir: Optional[Path] = typer.Option(None, help="trial artifacts (default: beside the storage)"),
     allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="also answer requests addressed to this NAME or NAME:PORT (repeatable)"),
     any_host: bool = typer.Option(False, "--any-host", help="answer requests whatever their Host header (no DNS-rebinding protection)"),
 ) -> None:
-    """Serve optuna-dashboard on a study storage (only to requests addressed to it)."""
+    """Serve optuna-dashboard on a study storage (only to requests addressed to it).
+
+    Runs until Ctrl-C. Exit 2: bad option, a port in use, no such storage.
+
+    Examples:
+
+    \b
+      archsearch dashboard
+      archsearch dashboard --storage sqlite:///docs/quickstart/study.db --port 8081
+    """
     from optuna.artifacts import FileSystemArtifactStore
 
     from archsearch.search import storage as stg
@@ -530,10 +539,17 @@ def dashboard(
 
 @app.command(short_help="List the studies of a storage with their best values.")
 def studies(
-    storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: $ARCHSEARCH_HOME/archsearch.db, ARCHSEARCH_HOME being ./studies unless set)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the list here"),
 ) -> None:
-    """List the studies of a storage with trial counts and best values."""
+    """List the studies of a storage with trial counts and best values.
+
+    Examples:
+
+    \b
+      archsearch studies
+      archsearch studies --storage sqlite:///docs/tpe_explore/study.db
+    """
     from collections import Counter
 
     import optuna
@@ -575,7 +591,7 @@ def studies(
 
 @app.command(short_help="Write a study's report and its dashboard views.")
 def report(
-    storage: Optional[str] = typer.Option(None, help="study storage URL (default: sqlite:///studies/archsearch.db)"),
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: $ARCHSEARCH_HOME/archsearch.db, ARCHSEARCH_HOME being ./studies unless set)"),
     study: Optional[str] = typer.Option(None, "--study", help="study name (default: the only study of the storage)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: $ARCHSEARCH_HOME/reports/<study>)"),
     compare: Optional[str] = typer.Option(None, help="'reference' (the report's published numbers), a JSON file in that format, or another study's name"),
@@ -583,7 +599,14 @@ def report(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the output paths"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write summary.json here"),
 ) -> None:
-    """Write a study's report (report.md, summary.json, runs.csv, plots) and its dashboard views."""
+    """Write a study's report (report.md, summary.json, runs.csv, plots) and its dashboard views.
+
+    Examples (after archsearch run spaces/quickstart.yaml):
+
+    \b
+      archsearch report --study quickstart
+      archsearch report --study quickstart --compare reference
+    """
     import optuna
 
     from archsearch import paths

@@ -2,7 +2,7 @@
 
 CVFP (the default family) keeps its four sections: model shape (``model``), the two training
 phases (``phase1``, ``phase2``) and the engine; every default is the reference value of
-``shared/reference/cvfp.md``. Another family (``model: {family: gpt, ...}``, see
+``docs/model.md``. Another family (``model: {family: gpt, ...}``, see
 :mod:`archsearch.families`) takes all of its fields under ``model``; a mapping under ``model``
 named after a family (``model: {family: cvfp, gpt: {d_model: 64}}``) holds that family's
 settings for the configs or searched parameters that switch to it (``family: gpt``).

@@ -1,4 +1,4 @@
-"""The CVFP model (shared/reference/cvfp.md sections 1-3), as plain nn.Modules.
+"""The CVFP model (docs/model.md: inputs, ContextBlock, TokenBlock), as plain nn.Modules.
 
 Shapes: B positions in a batch, C context width, E embedding width, k input tokens,
 L layers, V vocabulary, d_i the TokenBlock's widths (E*k shrinking to E).

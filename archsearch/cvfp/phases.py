@@ -1,4 +1,4 @@
-"""The CVFP training protocol (shared/reference/cvfp.md sections 4-7) as plain loops.
+"""The CVFP training protocol (docs/model.md: phase 1, between the phases, phase 2, ER) as plain loops.
 
 Phase 1 trains the ContextBlock towards a fixed point (§4); the two context caches feed
 phase 2 (§5); phase 2 trains the TokenBlock with early stopping (§7), one optimiser step at

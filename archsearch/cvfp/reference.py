@@ -1,4 +1,4 @@
-"""A plain, slow transcription of shared/reference/cvfp.md, used only as a test oracle.
+"""A plain, slow transcription of the CVFP specification (docs/model.md), used only as a test oracle.
 
 Nothing here is shared with the engine but the config dataclasses: layers are written
 out with explicit tensors, token vectors are built position by position, phase 1 walks

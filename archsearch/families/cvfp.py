@@ -72,5 +72,5 @@ def gpu_memory(cfg: RunConfig, train_tokens: list[int], val_tokens: int, vocab_s
 family = Family(
     name="cvfp", config=RunConfig, param_counts=param_counts, train=train, version=1, release=release, gpu_memory=gpu_memory,
     train_many=train_many,
-    description="Context Vector Fixed-Point model (shared/reference/cvfp.md); versioned by runcache.ENGINE_VERSION",
+    description="Context Vector Fixed-Point model (docs/model.md); versioned by runcache.ENGINE_VERSION",
 )  # fmt: skip
