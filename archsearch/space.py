@@ -534,6 +534,28 @@ def _drop_duplicates(holder: dict[str, Any], where: str, shown: str, merged: dic
     return [f"{shown}: {where}.{name} is now the same as {first}; it runs once, as {first}" for name, first in dropped]
 
 
+def _added_config_notes(raw: dict[str, Any], overrides: Iterable[str]) -> list[str]:
+    """A note for each override that names a config the space file does not have
+    (``sampler.configs.baselin.num_layers=3``): it adds that config, with the base values for
+    everything it does not set, which a misspelt name would otherwise do silently."""
+    notes: list[str] = []
+    seen: set[str] = set()
+    for item in overrides:
+        parts = item.partition("=")[0].strip().split(".")
+        if len(parts) < 3 or (parts[0], parts[1]) not in (("sampler", "configs"), ("warm_start", "configs")):
+            continue
+        section = raw.get(parts[0])
+        named = section.get("configs") if isinstance(section, dict) else None
+        where = f"{parts[0]}.configs"
+        if not isinstance(named, dict) or not named or parts[2] in named or f"{where}.{parts[2]}" in seen:
+            continue
+        seen.add(f"{where}.{parts[2]}")
+        known = ", ".join(str(k) for k in list(named)[:20]) + (", ..." if len(named) > 20 else "")
+        notes.append(f"{'.'.join(parts)[:120]}: adds the config {parts[2][:80]} to {where} (the space file names {known}); "
+                     "its other fields keep the base values")  # fmt: skip
+    return notes
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -542,8 +564,10 @@ def load_space(path: str | Path, overrides: Iterable[str] = ()) -> Space:
     raw = load_yaml(path)
     overrides = list(overrides)
     try:
+        added = _added_config_notes(raw, overrides)
         raw = apply_overrides(raw, overrides)
         raw, notes, merged = apply_run_overrides(raw, overrides)
+        notes = added + notes
         space = parse_space(raw, str(path))
     except ConfigError as e:
         raise e.with_source(str(path)) from None

@@ -85,6 +85,21 @@ def test_a_run_field_override_replaces_the_configs_value_and_says_so(tmp_path):
     assert not (tmp_path / "home" / "archsearch.db").exists()  # a dry run writes nothing
 
 
+def test_an_override_naming_a_config_the_space_lacks_adds_it_with_a_note(tmp_path):
+    """README: "override it by name: sampler.configs.baseline.num_layers=3". A misspelt name
+    adds a config with the base values for the rest (here C = 768): never silently."""
+    r = cli("validate", "spaces/quickstart.yaml", "sampler.configs.baselin.num_layers=3", "sampler.configs.baseline.context_dim=32",
+            "--json", str(tmp_path / "v.json"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "v.json").read_text())
+    params = {c["name"]: c["params"] for c in out["configs"]}
+    assert params["baselin"] == {"num_layers": 3} and params["baseline"]["context_dim"] == 32
+    note = ("sampler.configs.baselin.num_layers: adds the config baselin to sampler.configs (the space file names baseline, "
+            "input_tokens_2, context_dim_96, layers_3); its other fields keep the base values")  # fmt: skip
+    assert out["notes"] == [note]  # the existing config's override is no news
+    assert f"note: {note}" in " ".join(r.stderr.split()), r.stderr
+
+
 def test_a_run_field_override_fixes_a_searched_field(tmp_path):
     r = cli("validate", "spaces/tpe_explore.yaml", "model.num_input_tokens=2", "--json", str(tmp_path / "v.json"))
     assert r.returncode == 0, r.stderr
