@@ -25,20 +25,18 @@ FIT_COLUMNS = ("alpha", "alpha_low", "alpha_high", "alpha_se", "A", "r2", "targe
 def load(space_or_path: Any, overrides: Iterable[str] = ()):
     """A validated :class:`~archsearch.space.Space` from a path, a mapping (the YAML as a dict)
     or a Space; ``overrides`` are the CLI's dotted ``key=value`` strings (or a mapping)."""
-    from archsearch.space import Space, apply_overrides, load_space, parse_space
+    from archsearch.space import Space, load_space, override_space
 
     import copy
 
     items = [f"{k}={_yaml(v)}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides or ())
+    # a mapping or a Space gets the overrides as a file does (a run field's to every config)
     if isinstance(space_or_path, Space):
         if items:
-            return parse_space(apply_overrides(copy.deepcopy(space_or_path.raw), items), space_or_path.path)
+            return override_space(copy.deepcopy(space_or_path.raw), items, space_or_path.path)
         return space_or_path
     if isinstance(space_or_path, Mapping):
-        try:
-            return parse_space(apply_overrides(copy.deepcopy(dict(space_or_path)), items), "<space>")
-        except ConfigError as e:
-            raise e.with_source("<space>") from None
+        return override_space(copy.deepcopy(dict(space_or_path)), items, "<space>")
     if isinstance(space_or_path, (str, Path)):
         return load_space(space_or_path, items)
     raise ConfigError(f"space: expected a path, a mapping or a Space, got {type(space_or_path).__name__}")

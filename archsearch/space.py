@@ -561,17 +561,21 @@ def _added_config_notes(raw: dict[str, Any], overrides: Iterable[str]) -> list[s
 
 def load_space(path: str | Path, overrides: Iterable[str] = ()) -> Space:
     """Read, override and validate a space file."""
-    raw = load_yaml(path)
+    return override_space(load_yaml(path), overrides, str(path))
+
+
+def override_space(raw: dict[str, Any], overrides: Iterable[str] = (), path: str = "<space>") -> Space:
+    """Override and validate a space dict as the commands do (a file's, a mapping of the
+    Python API): the overrides applied, a run field's to every config, each effect a note."""
     overrides = list(overrides)
     try:
         added = _added_config_notes(raw, overrides)
         raw = apply_overrides(raw, overrides)
         raw, notes, merged = apply_run_overrides(raw, overrides)
-        notes = added + notes
-        space = parse_space(raw, str(path))
+        space = parse_space(raw, path)
     except ConfigError as e:
-        raise e.with_source(str(path)) from None
-    space.notes, space.merged = notes, merged
+        raise e.with_source(path) from None
+    space.notes, space.merged = added + notes, merged
     return space
 
 

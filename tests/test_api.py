@@ -52,6 +52,23 @@ def test_fit_is_the_power_law_fit():
         archsearch.fit([1000], [10.0])
 
 
+@pytest.mark.parametrize("form", ["path", "mapping", "space"])
+def test_load_gives_overrides_the_meaning_the_commands_give(form):
+    """README: an override means the same in run, validate, trial and the Python API. A run
+    field's override replaces each named config's value (and notes it) whether the space is
+    a path, a mapping (the YAML as a dict: once left to shadow the override) or a Space."""
+    import yaml
+
+    path = ROOT / "spaces" / "quickstart.yaml"
+    space = {"path": str(path), "mapping": yaml.safe_load(path.read_text()), "space": archsearch.load(path)}[form]
+    for overrides in (["model.num_layers=3"], {"model.num_layers": 3}):
+        sp = archsearch.load(space, overrides)
+        assert sorted(sp.configs) == ["baseline", "context_dim_96", "input_tokens_2"]  # layers_3 = baseline now
+        assert {p["num_layers"] for p in sp.configs.values()} == {3}
+        assert sp.notes[0].startswith("model.num_layers=3: replaces the value of sampler.configs baseline (2)")
+        assert sp.merged == {"layers_3": "baseline"}
+
+
 def test_run_with_bad_overrides_raises_and_writes_nothing(tmp_path, home, tiny_corpus):
     with pytest.raises(ConfigError) as e:
         archsearch.run(tiny_space(tiny_corpus), overrides={"phase1.lr": -1, "max_concurrent": 0})
