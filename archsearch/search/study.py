@@ -148,6 +148,28 @@ def signature(space: Space) -> dict[str, Any]:
     }
 
 
+def signature_differences(stored: dict[str, Any], sig: dict[str, Any], limit: int = 10) -> str:
+    """The fields where a study's stored signature and this space's differ, by the space
+    file's dotted names (``phase1.lr: 0.002 in the study, 0.01 here``), at most ``limit``."""
+    def text(v: Any) -> str:
+        t = "unset" if v is None else json.dumps(v, sort_keys=True, default=str)
+        return t if len(t) <= 80 else t[:77] + "..."
+
+    found: list[str] = []
+
+    def walk(old: Any, new: Any, path: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in dict.fromkeys([*new, *old]):
+                walk(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        elif json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
+            name = path.removeprefix("base.")  # the run settings: model.*, phase1.*, ... as in the file
+            found.append(f"{name}: {text(old)} in the study, {text(new)} here")
+
+    walk(stored, sig, "")
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more if found else "its signature's format"
+
+
 def signature_hash(sig: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -213,11 +235,10 @@ def create_or_load(space: Space, storage, study_name: str) -> optuna.Study:
             )
         stored = stored_signature(study)
         if stored and stored.get("hash") != signature_hash(sig):
-            diff = [k for k in sig if json.dumps(sig[k], sort_keys=True, default=str) != json.dumps(stored["value"].get(k), sort_keys=True, default=str)]
             raise ConfigError(
-                f"study {study_name!r} was made with other {', '.join(diff)} than this space file; its trials would "
-                "not be comparable. Use another --study name (or the space the study was made with)."
-            )
+                f"study {study_name!r} was made with other settings than this space file ({signature_differences(stored['value'], sig)}); "
+                "its trials would not be comparable. Use another --study name (or the space the study was made with)."
+            )  # fmt: skip
         return study
     try:
         study = optuna.create_study(study_name=study_name, storage=storage, directions=space.directions, sampler=sampler, pruner=pruner)

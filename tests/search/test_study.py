@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -130,3 +131,18 @@ def test_a_study_with_the_signature_among_its_user_attributes_is_still_checked(t
     other["data"]["sizes"] = {"tokens": [400, 900]}
     with pytest.raises(ConfigError, match="data"):
         st.create_or_load(parse_space(other), storage, "s")
+
+
+def test_a_changed_space_names_each_changed_field_with_both_values(tmp_path, tiny_corpus, grid):
+    """A second run into the study with a changed space: the error names the fields as the
+    space file writes them (not "other base than this space file"), with both values."""
+    study = new_study(tmp_path, grid)
+    other = tiny_space(tiny_corpus)
+    other["phase1"] = {**other.get("phase1", {}), "lr": 0.0123}
+    other["seeds"] = [7]
+    with pytest.raises(ConfigError) as e:
+        st.create_or_load(parse_space(other), study._storage, "s")
+    text = str(e.value)
+    assert f"phase1.lr: {st.signature(grid)['base']['phase1']['lr']} in the study, 0.0123 here" in text
+    assert f"seeds: {json.dumps(grid.seeds)} in the study, [7] here" in text
+    assert "base" not in text and "Use another --study name" in text
