@@ -601,7 +601,9 @@ def report(
 ) -> None:
     """Write a study's report (report.md, summary.json, runs.csv, plots) and its dashboard views.
 
-    Examples (after archsearch run spaces/quickstart.yaml):
+    The examples read the quickstart's study (archsearch run spaces/quickstart.yaml).
+
+    Examples:
 
     \b
       archsearch report --study quickstart
