@@ -230,8 +230,8 @@ def test_the_examples_in_help_work(command, tmp_path):
 
 def test_the_examples_in_help_of_studies_report_and_dashboard_work(tmp_path):
     """studies, report and dashboard show examples that run as printed from the repository
-    root once the quickstart has run (its study: docs/quickstart's copy in a fresh home); the
-    shipped example studies they read are left unchanged."""
+    root once the quickstart has run (its study: docs/quickstart's copy in a fresh home; the
+    dashboard on a free port); the shipped example studies they read are left unchanged."""
     import hashlib
     import shutil
     import time
@@ -254,7 +254,13 @@ def test_the_examples_in_help_of_studies_report_and_dashboard_work(tmp_path):
     examples = _examples("dashboard")
     assert len(examples) >= 2
     for args in examples:
-        port = int(args[args.index("--port") + 1]) if "--port" in args else 8080
+        import socket
+
+        with socket.socket() as sock:  # a free port in place of the printed one (8080 may be taken here)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        args = [*args[: args.index("--port")], *args[args.index("--port") + 2 :]] if "--port" in args else args
+        args = [*args, "--port", str(port)]
         proc = subprocess.Popen([sys.executable, "-m", "archsearch.cli", *args], cwd=ROOT, env=dict(os.environ, **env),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         try:
