@@ -674,7 +674,11 @@ def parse_space(raw: dict[str, Any], path: str = "<space>") -> Space:
         problems += e.problems
     if data is not None:
         fitted = [o.name for o in objectives if o.needs_fit]
-        if fitted and len(data.sizes) < 2:
+        if not data.sizes:  # nothing to train: the one section a space file needs
+            what = "data.sizes" if isinstance(raw.get("data"), dict) else "data"
+            problems.append(f"{what}: missing or empty; a space file needs at least data: {{source: wiki, sizes: {{tokens: [1000, 2000, 4000]}}}} "
+                            "(the training sizes, in tokens or samples)")  # fmt: skip
+        elif fitted and len(data.sizes) < 2:
             problems.append(f"data.sizes: objective {fitted[0]!r} fits a law across sizes and needs at least two, got {len(data.sizes)}")
 
     seeds = raw.get("seeds", [42])

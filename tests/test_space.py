@@ -123,3 +123,19 @@ def test_bad_admissibility_and_capped_rules_are_named():
     assert sp.capped == "retry" and sp.capped_retry == {"phase1.max_iterations": 80, "phase2.max_epochs": 20}
     with pytest.raises(ConfigError, match="the grid sampler cannot learn constraints"):
         parse_space({"sampler": "grid", "data": data, "admissible": {"max_ppl_ratio": 2}})
+
+
+@pytest.mark.parametrize("raw, where", [
+    ({}, "data"),  # an empty file
+    ({"study": {"name": "x"}}, "data"),
+    ({"data": {"source": "wiki"}}, "data.sizes"),
+    ({"objective": "final_ppl", "data": {"source": "wiki"}}, "data.sizes"),  # once valid, with 0 runs
+    ({"objective": "final_ppl", "data": {"source": "wiki", "sizes": {"tokens": []}}}, "data.sizes"),
+])
+def test_a_space_without_sizes_is_refused_naming_data(raw, where):
+    """README: every section but data is optional. A space with no training sizes names the
+    missing section (not an objective's need for two sizes), whatever the objective."""
+    with pytest.raises(ConfigError) as e:
+        parse_space(raw)
+    assert e.value.problems == [f"{where}: missing or empty; a space file needs at least data: "
+                                "{source: wiki, sizes: {tokens: [1000, 2000, 4000]}} (the training sizes, in tokens or samples)"]  # fmt: skip
