@@ -453,11 +453,13 @@ def _print_summary(sp, summary) -> None:
     from rich.table import Table
 
     table = Table(title=f"study {summary.study_name}: this run ({summary.seconds:.0f} s)")
-    for col in ("#", "config", "state", *(o.label for o in sp.objectives), "cached", "note"):
+    for col in ("#", "config", "state", *(o.label for o in sp.objectives), "cached"):
         table.add_column(col)
+    table.add_column("note", overflow="fold")  # why a trial failed or was pruned, wrapped (not cut mid-word)
     for o in sorted(summary.outcomes, key=lambda o: o.number):
         vals = [f"{v:.4g}" for v in o.values] if o.values else ["-"] * len(sp.objectives)
-        table.add_row(str(o.number), o.name, o.state, *vals, "yes" if o.cached else "", (o.reason or "")[:60])
+        reason = o.reason or ""
+        table.add_row(str(o.number), o.name, o.state, *vals, "yes" if o.cached else "", reason if len(reason) <= 300 else reason[:299] + "…")
     if summary.outcomes:
         console.print(table)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))

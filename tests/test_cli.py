@@ -347,3 +347,21 @@ def test_trial_picks_a_named_config(tmp_path):
     env = {"ARCHSEARCH_HOME": str(tmp_path / "home")}
     r = cli("trial", "spaces/quickstart.yaml", *TINY, "--config", "nope", env=env)
     assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_the_run_summary_shows_a_trial_s_whole_reason():
+    """The summary's note column carries why a trial failed: wrapped, not cut at 60 characters
+    mid-word ('queued again for the next ru')."""
+    from types import SimpleNamespace
+
+    from archsearch.cli import _print_summary
+    from archsearch.console import console
+    from archsearch.search.runner import RunSummary
+    from archsearch.space import load_space
+
+    reason = "interrupted before it finished; queued again for the next run"
+    outcome = SimpleNamespace(number=1, name="input_tokens_2", state="FAIL", values=None, cached=False, reason=reason)
+    summary = RunSummary(study_name="s", storage="sqlite:///x.db", outcomes=[outcome], counts={"FAIL": 1})
+    with console.capture() as cap:
+        _print_summary(load_space(ROOT / "spaces" / "quickstart.yaml"), summary)
+    assert reason in " ".join(w.strip("│ ") for w in cap.get().split())
