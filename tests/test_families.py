@@ -164,6 +164,24 @@ def test_builtin_and_plugin_families_are_found(tmp_path, monkeypatch):
     assert get_family("examples/lstm_family.py:family").name == "lstm"
 
 
+def test_a_module_family_is_found_in_the_current_directory_without_it_on_the_path(tmp_path, monkeypatch):
+    """The ``archsearch`` console script, unlike ``python -m``, has no current directory on
+    sys.path; README: ``archsearch run examples/lstm_space.yaml`` works from the repository
+    root. A package:module of the current directory is found there (at the path's end)."""
+    from pathlib import Path
+
+    package = tmp_path / "myfams_here"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "lstm.py").write_text((Path(__file__).parents[1] / "examples" / "lstm_family.py").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert get_family("myfams_here.lstm:family").name == "lstm"
+    assert sys.path[-1] == str(tmp_path)
+    with pytest.raises(FamilyError, match="no module named 'nosuch_family_pkg'"):  # still named when it is nowhere
+        get_family("nosuch_family_pkg.x:family")
+
+
 def test_entry_point_family(tmp_path, monkeypatch):
     """A distribution that declares ``archsearch.families`` makes its family known by name."""
     (tmp_path / "myfam.py").write_text("from examples.lstm_family import family\n")

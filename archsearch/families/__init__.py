@@ -61,6 +61,7 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -192,7 +193,7 @@ def _import_attr(target: str, spec: str) -> Any:
                 sys.modules.pop(mod_name, None)
                 raise
         else:
-            module = importlib.import_module(module_name)
+            module = _import_here_too(module_name)
     except FamilyError:
         raise
     except ModuleNotFoundError as e:
@@ -205,6 +206,22 @@ def _import_attr(target: str, spec: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise FamilyError(f"model.family: {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _import_here_too(module_name: str) -> Any:
+    """``importlib.import_module``, then, if its top package is not on the path, once more with
+    the current directory at the end of ``sys.path``: what ``python -m`` and Ray's workers (the
+    driver's directory) give, and the ``archsearch`` console script does not, so that
+    ``examples.lstm_family:family`` names the file from the repository root as the README says."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        if e.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+    sys.path.append(here)  # kept: the run's later imports of this module (a worker's pickles) find it
+    importlib.invalidate_caches()
+    return importlib.import_module(module_name)
 
 
 def protocol_problems(fam: Any) -> list[str]:
