@@ -238,7 +238,8 @@ def existing_storage(storage: str | None, label: str = "--storage"):
     try:
         opt_storage = open_storage(url, create=False)
     except FileNotFoundError:
-        raise ConfigError(f"{label} {mask_url(url)}: no such study storage (run a study first)") from None
+        where = f"{label} {mask_url(url)}" if storage else f"the default storage {mask_url(url)} ($ARCHSEARCH_HOME/archsearch.db; {label} names another)"
+        raise ConfigError(f"{where}: no such study storage (run a study first)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return url, opt_storage
 

@@ -103,6 +103,21 @@ def test_studies_lists_a_study_whose_every_complete_trial_is_infeasible(tmp_path
     row = json.loads((tmp_path / "s.json").read_text())[0]
     assert row["best"] == [] and row["best_note"] == "no feasible COMPLETE trial"
 
+
+def test_a_missing_default_storage_is_named_as_the_default(tmp_path):
+    """A newcomer's first `archsearch studies` (or report) before any run gave no
+    --storage: the message says the default was looked for, and where, not '--storage ...'."""
+    home = tmp_path / "home"
+    for args in (["studies"], ["report"]):
+        r = cli(*args, env={"ARCHSEARCH_HOME": str(home)})
+        assert r.returncode == 2, (args, r.stderr)
+        err = " ".join(r.stderr.split())
+        assert f"error: the default storage sqlite:///{home / 'archsearch.db'} ($ARCHSEARCH_HOME/archsearch.db; --storage names another): " \
+               "no such study storage (run a study first)" in err, err
+        assert "Traceback" not in r.stderr
+    assert not home.exists()
+
+
 @pytest.mark.slow
 def test_sigkill_of_the_driver_mid_trial_then_rerun_finishes_the_study(tmp_path):
     """Kill the driver while a trial trains; the same command again completes every config
