@@ -1140,8 +1140,60 @@ def _fit(ray, trainable, bridge, space: Space, gpus: float, cpus: float, results
             log_to_file=False,
         ),
     )
-    with _quiet_tune_errors(), _no_credentials_to_trials():
+    with _quiet_tune_errors(), _no_credentials_to_trials(), _interruptible_resource_updates():
         tuner.fit()
+
+
+RESOURCE_WAIT_S = 0.1
+"""How often Ray Tune's thread looks up from a resource update it waits on (ClusterWatch's
+exception reaches it within this)."""
+
+
+@contextmanager
+def _interruptible_resource_updates():
+    """While Tune runs: its periodic refresh of the cluster's resources (``ray.cluster_resources``,
+    a blocking call into the GCS, every TUNE_STATE_REFRESH_PERIOD seconds) runs in a daemon
+    helper thread while Tune's thread waits on it in steps of RESOURCE_WAIT_S. If the GCS dies
+    during that call, the call blocks for about a minute, and ClusterLost, which ClusterWatch
+    raises in Tune's thread, would wait for it (a run that noticed the lost cluster at once still
+    hung for 60 s); now the exception arrives at the next step and the run ends (abandon_ray
+    leaves the helper behind). A refresh that is not due returns at once in Tune's thread."""
+    try:
+        from ray.tune.utils import resource_updater
+    except ImportError:  # another Ray Tune layout: nothing to change
+        yield
+        return
+    cls = getattr(resource_updater, "_ResourceUpdater", None)
+    original = getattr(cls, "update_avail_resources", None)
+    if original is None:
+        yield
+        return
+
+    def update(self, *args, **kwargs):
+        due = kwargs.get("force") or time.time() - getattr(self, "_last_resource_refresh", float("-inf")) >= getattr(self, "_refresh_period", 0)
+        if not due:
+            return original(self, *args, **kwargs)
+        box: dict[str, Any] = {}
+
+        def call():
+            try:
+                box["value"] = original(self, *args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - re-raised in Tune's thread
+                box["error"] = e
+
+        helper = threading.Thread(target=call, name="archsearch-tune-resources", daemon=True)
+        helper.start()
+        while helper.is_alive():
+            helper.join(RESOURCE_WAIT_S)  # Python-level steps: an async exception (ClusterLost) gets in
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    cls.update_avail_resources = update
+    try:
+        yield
+    finally:
+        cls.update_avail_resources = original
 
 
 @contextmanager
